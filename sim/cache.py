@@ -1,0 +1,112 @@
+"""The GPU expert cache: a fixed number of slots, one global pool or one pool per MoE layer.
+
+A slot is empty, loading (ready at a known time), resident, or in use. A loading or in-use slot
+is never evicted; a token's own experts at a layer are in use together (DESIGN.md §3).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from sim.errors import SimError
+from sim.policies.base import EvictionPolicy
+
+ABSENT, LOADING, RESIDENT = 0, 1, 2
+
+
+class ExpertCache:
+    """Slot bookkeeping; the eviction policy only chooses victims among evictable keys."""
+
+    def __init__(
+        self,
+        num_moe_layers: int,
+        num_experts: int,
+        eviction: EvictionPolicy,
+        *,
+        slots: int | None = None,
+        per_layer: int | None = None,
+    ) -> None:
+        if (slots is None) == (per_layer is None):
+            raise SimError("ExpertCache needs exactly one of slots (global pool) or per_layer")
+        self.num_experts = num_experts
+        n = num_moe_layers * num_experts
+        if per_layer is not None:
+            self.pool_of = [key // num_experts for key in range(n)]
+            self.capacity = [int(per_layer)] * num_moe_layers
+        else:
+            self.pool_of = [0] * n
+            self.capacity = [int(slots)]
+        self.per_layer = per_layer
+        self.total_slots = sum(self.capacity)
+        self.state = [ABSENT] * n
+        self.in_use = [0] * n
+        self.ready_at = [0.0] * n
+        self.occupancy = [0] * len(self.capacity)
+        self.eviction = eviction
+        self.evictions = 0
+        self.on_evict: Callable[[int], None] | None = None  # set by the engine (wasted-prefetch accounting)
+        self._can_evict = self.can_evict
+
+    @property
+    def num_pools(self) -> int:
+        return len(self.capacity)
+
+    def can_evict(self, key: int) -> bool:
+        return self.state[key] == RESIDENT and not self.in_use[key]
+
+    def present(self, key: int) -> bool:
+        return self.state[key] != ABSENT
+
+    def resident_count(self) -> int:
+        return sum(self.occupancy)
+
+    def reserve(self, key: int, g: int) -> bool:
+        """Find a slot for ``key`` (evicting if the pool is full); False if every slot is pinned."""
+        pool = self.pool_of[key]
+        if self.occupancy[pool] >= self.capacity[pool]:
+            victim = self.eviction.victim(pool, g, self._can_evict)
+            if victim is None:
+                return False
+            if not self.can_evict(victim) or self.pool_of[victim] != pool:
+                raise SimError(f"eviction policy {self.eviction.name} chose non-evictable key {victim}")
+            self.remove(victim)
+            self.evictions += 1
+        return True
+
+    def start_loading(self, key: int, ready_at: float, g: int) -> None:
+        pool = self.pool_of[key]
+        self.state[key] = LOADING
+        self.ready_at[key] = ready_at
+        self.occupancy[pool] += 1
+        self.eviction.inserted(key, pool, g)
+
+    def insert_resident(self, key: int, g: int) -> None:
+        """Place ``key`` without a transfer (preloaded at start)."""
+        self.start_loading(key, 0.0, g)
+        self.state[key] = RESIDENT
+
+    def loaded(self, key: int) -> None:
+        self.state[key] = RESIDENT
+
+    def remove(self, key: int) -> None:
+        if self.on_evict is not None:
+            self.on_evict(key)
+        pool = self.pool_of[key]
+        self.state[key] = ABSENT
+        self.occupancy[pool] -= 1
+        self.eviction.removed(key, pool)
+
+    def touch(self, key: int, g: int) -> None:
+        self.eviction.accessed(key, self.pool_of[key], g)
+
+    def check(self) -> None:
+        """Invariants (used by tests): occupancy matches states and never exceeds capacity."""
+        counts = [0] * self.num_pools
+        for key, s in enumerate(self.state):
+            if s != ABSENT:
+                counts[self.pool_of[key]] += 1
+        if counts != self.occupancy:
+            raise AssertionError(f"occupancy {self.occupancy} != states {counts}")
+        for p, (c, cap) in enumerate(zip(counts, self.capacity)):
+            if c > cap:
+                raise AssertionError(f"pool {p} holds {c} > {cap} slots")

@@ -1,0 +1,270 @@
+"""The SimPy engine: the GPU compute stream drives layer-steps; the copy stream moves experts.
+
+Processes are per hardware agent (anchors-sim §7.4): one process for the GPU compute stream (the
+decode driver: prefill, then decode steps of each request in turn), one for the host-to-device
+copy stream (sim/link.py). The host controller (policies, demand fetches) acts at the events the
+host really sees: a layer's routing arriving after ``decision_delay``, and copies completing.
+
+Per MoE layer-step: the layer's attention and router (plus dense layers since the last MoE layer)
+run; the routing reaches the host ``decision_delay`` later; resident experts are hits, loading ones
+are late, absent ones are demand-fetched; the compute stream stalls until all of the layer's
+experts are resident, then runs their FFNs (one grouped kernel over the slot pool). If a step
+needs more experts at one layer than its pool has slots (a long prefill), it runs in waves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import simpy
+
+from sim.cache import LOADING, RESIDENT, ExpertCache
+from sim.costmodel import CostModel
+from sim.hardware import HardwareSpec
+from sim.link import CopyEngine
+from sim.policies.base import DEMAND, Cancel, EvictionPolicy, PolicyContext, PrefetchPolicy
+from sim.schedule import Schedule
+from sim.spec import ModelSpec
+
+
+@dataclass
+class RunLog:
+    """Raw observations of one run; sim/metrics.py turns them into the results row."""
+
+    request_start: list[float] = field(default_factory=list)
+    token_times: list[list[float]] = field(default_factory=list)  # per request: emission times
+    run_time: float = 0.0
+    hits: int = 0
+    late: int = 0
+    misses: int = 0
+    late_wait: float = 0.0
+    stall: float = 0.0
+    stall_per_layer: np.ndarray | None = None
+    coverage: list[float] = field(default_factory=list)  # per step
+    bytes_moved: int = 0
+    copies: int = 0
+    link_busy: float = 0.0
+    useful_prefetch_bytes: int = 0
+    wasted_prefetch_bytes: int = 0
+    evictions: int = 0
+    compute_spans: list[tuple[float, float, str]] | None = None
+    copy_spans: list[tuple[float, float, int, bool]] | None = None
+    occupancy: list[tuple[float, int]] | None = None
+
+
+class Simulation:
+    """One replay of a trace under one policy on one hardware/memory configuration."""
+
+    def __init__(
+        self,
+        schedule: Schedule,
+        model: ModelSpec,
+        hw: HardwareSpec,
+        cost: CostModel,
+        *,
+        eviction: EvictionPolicy,
+        prefetch: PrefetchPolicy,
+        predictor=None,
+        slots: int | None = None,
+        per_layer: int | None = None,
+        seed: int = 0,
+        timeline: bool = False,
+        lookahead_depths: tuple[int, ...] = (),
+    ) -> None:
+        self.schedule = schedule
+        self.model, self.hw, self.cost = model, hw, cost
+        self.env = simpy.Environment()
+        self.log = RunLog()
+        self.g = 0
+        self.expert_bytes = model.bytes_per_expert()
+        self.decision_delay = float(hw.decision_delay_s)
+        self.timeline = timeline
+        sch = schedule
+        self.cache = ExpertCache(sch.M, sch.E, eviction, slots=slots, per_layer=per_layer)
+        self.prefetched = [False] * (sch.M * sch.E)
+        self.cache.on_evict = self._evicted
+        if predictor is not None:
+            predictor.attach(sch.trace, sch, lookahead_depths, seed)
+        self.ctx = PolicyContext(
+            num_moe_layers=sch.M,
+            num_experts=sch.E,
+            top_k=model.top_k,
+            future=sch.future,
+            num_layer_steps=sch.num_layer_steps,
+            next_use=sch.next_use,
+            cached=self.cache.present,
+            layer_step=sch.layer_step,
+            predictor=predictor,
+            extra={"schedule": sch, "seed": seed},
+        )
+        eviction.attach(self.ctx, self.cache.num_pools)
+        prefetch.attach(self.ctx)
+        self.eviction, self.prefetch = eviction, prefetch
+        if timeline:
+            self.log.compute_spans, self.log.copy_spans, self.log.occupancy = [], [], []
+        self.copy = CopyEngine(
+            self.env,
+            self.cache,
+            nbytes=self.expert_bytes,
+            transfer_time=cost.h2d(self.expert_bytes),
+            copy_latency=float(hw.copy_latency_s),
+            issue_overhead=float(hw.copy_issue_overhead_s),
+            copies_in_flight=int(hw.copies_in_flight),
+            on_done=self._copy_done,
+            current_g=lambda: self.g,
+            prefetched=self.prefetched,
+            record=self.log.copy_spans,
+        )
+        cls = type(prefetch)
+        self._has_layer_start = cls.on_layer_start is not PrefetchPolicy.on_layer_start
+        self._has_routed = cls.on_routed is not PrefetchPolicy.on_routed
+        self._has_done = cls.on_transfer_done is not PrefetchPolicy.on_transfer_done
+        self._wait_keys: set[int] = set()
+        self._wait_ev: simpy.Event | None = None
+
+    # ------------------------------------------------------------ callbacks
+    def _evicted(self, key: int) -> None:
+        if self.prefetched[key]:
+            self.prefetched[key] = False
+            self.log.wasted_prefetch_bytes += self.expert_bytes
+
+    def _copy_done(self, key: int, is_prefetch: bool) -> None:
+        wk = self._wait_keys
+        if key in wk:
+            wk.discard(key)
+            if not wk and self._wait_ev is not None:
+                self._wait_ev.succeed()
+        if self._has_done:
+            self._apply(self.prefetch.on_transfer_done(key))
+        if self.log.occupancy is not None:
+            self.log.occupancy.append((self.env.now, self.cache.resident_count()))
+
+    def _apply(self, actions) -> None:
+        copy = self.copy
+        for a in actions:
+            if type(a) is Cancel:
+                p = copy.queue.priority(a.key)
+                if p is not None and p != DEMAND:
+                    copy.queue.cancel(a.key)
+            else:
+                copy.request(a.key, a.priority)
+
+    # --------------------------------------------------------------- driver
+    def run(self) -> RunLog:
+        proc = self.env.process(self._driver())
+        self.env.run(until=proc)
+        log = self.log
+        log.run_time = self.env.now
+        log.bytes_moved = self.copy.bytes_moved
+        log.copies = self.copy.copies
+        log.link_busy = self.copy.busy_time
+        log.evictions = self.cache.evictions
+        log.wasted_prefetch_bytes += sum(self.prefetched) * self.expert_bytes
+        return log
+
+    def _driver(self):
+        env, sch, cache, copy, log = self.env, self.schedule, self.cache, self.copy, self.log
+        prefetch = self.prefetch
+        state, in_use, ready_at, prefetched = cache.state, cache.in_use, cache.ready_at, self.prefetched
+        pre, exp, needed_all = sch.pre, sch.exp, sch.needed
+        dd = self.decision_delay
+        M = sch.M
+        spans = log.compute_spans
+        stall_layer = np.zeros(M)
+        xbytes = self.expert_bytes
+        keeps = prefetch.keeps_cache
+        caps = cache.capacity
+        per_layer = cache.per_layer is not None
+        for r, (s_first, s_end) in enumerate(sch.request_steps):
+            t_req = env.now
+            log.request_start.append(t_req)
+            times: list[float] = []
+            log.token_times.append(times)
+            self._apply(prefetch.on_request_start(r))
+            copy.try_issue()
+            for s_idx in range(s_first, s_end):
+                step = sch.steps[s_idx]
+                g0 = step.g0
+                # per-step coverage: share of the step's needed experts resident as it starts
+                tot = hit0 = 0
+                for m in range(M):
+                    for key in needed_all[g0 + m]:
+                        tot += 1
+                        hit0 += state[key] == RESIDENT
+                log.coverage.append(hit0 / tot if tot else 1.0)
+                for m in range(M):
+                    g = g0 + m
+                    self.g = g
+                    if self._has_layer_start:
+                        self._apply(prefetch.on_layer_start(sch.layer_step(g)))
+                        copy.try_issue()
+                    t = env.now
+                    yield env.timeout(pre[g] + dd)
+                    if spans is not None:
+                        spans.append((t, env.now, f"attn+router L{sch.model.moe_layers[m]}"))
+                    needed = needed_all[g]
+                    cap = caps[m if per_layer else 0]
+                    waves = [needed] if len(needed) <= cap else [needed[i:i + cap] for i in range(0, len(needed), cap)]
+                    for wave in waves:
+                        wait = None
+                        for key in wave:
+                            in_use[key] += 1
+                            st = state[key]
+                            if st == RESIDENT:
+                                log.hits += 1
+                                cache.touch(key, g)
+                            elif st == LOADING:
+                                log.late += 1
+                                log.late_wait += ready_at[key] - env.now
+                                cache.touch(key, g)
+                                if wait is None:
+                                    wait = set()
+                                wait.add(key)
+                            else:
+                                log.misses += 1
+                                copy.request(key, DEMAND)
+                                if wait is None:
+                                    wait = set()
+                                wait.add(key)
+                            if prefetched[key] and st != 0:
+                                prefetched[key] = False
+                                log.useful_prefetch_bytes += xbytes
+                        if self._has_routed and wave is waves[0]:
+                            self._apply(prefetch.on_routed(sch.layer_step(g), needed))
+                        copy.try_issue()
+                        if wait:
+                            t = env.now
+                            self._wait_keys = wait
+                            self._wait_ev = env.event()
+                            yield self._wait_ev
+                            self._wait_ev = None
+                            for key in wait:  # arrived on demand: count the use now
+                                cache.touch(key, g)
+                            stall = env.now - t
+                            log.stall += stall
+                            stall_layer[m] += stall
+                            if spans is not None:
+                                spans.append((t, env.now, f"stall L{sch.model.moe_layers[m]}"))
+                        t = env.now
+                        dur = exp[g] if len(waves) == 1 else exp[g] * len(wave) / len(needed)
+                        yield env.timeout(dur)
+                        if spans is not None:
+                            spans.append((t, env.now, f"experts L{sch.model.moe_layers[m]}"))
+                        for key in wave:
+                            in_use[key] -= 1
+                        if not keeps:
+                            for key in wave:
+                                if state[key] == RESIDENT and not in_use[key]:
+                                    cache.remove(key)
+                        copy.try_issue()
+                    if log.occupancy is not None:
+                        log.occupancy.append((env.now, cache.resident_count()))
+                if step.tail:
+                    t = env.now
+                    yield env.timeout(step.tail)
+                    if spans is not None:
+                        spans.append((t, env.now, "head"))
+                times.append(env.now)
+            self._apply(prefetch.on_request_end(r))
+        log.stall_per_layer = stall_layer

@@ -1,0 +1,170 @@
+"""Policy interfaces: plain objects that see events and answer with actions.
+
+No clock, no SimPy, no torch: the simulator and the GPU runtime host the very same objects.
+Experts are named by an integer key ``m * num_experts + e`` (m = MoE-layer ordinal).
+Time is never visible; order is: policies see a logical *layer-step* index ``g`` that counts
+(step, MoE layer) pairs of the run in execution order, and the host decides at each event.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Protocol, Sequence
+
+DEMAND = 0  # priority of demand fetches: before every prefetch
+
+
+@dataclass(frozen=True, slots=True)
+class Fetch:
+    """Copy ``key`` to the GPU. Lower priority values go first; 0 is reserved for demand."""
+
+    key: int
+    priority: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel:
+    """Drop a queued (not yet issued) fetch of ``key``; no-op if it is already on the link."""
+
+    key: int
+
+
+Action = Fetch | Cancel
+
+
+class LayerStep(Protocol):
+    """What a policy may know about one (step, MoE layer) of the run."""
+
+    g: int  # global layer-step index
+    request: int  # request ordinal in the trace
+    step: int  # step within the request (0 = prefill)
+    m: int  # MoE-layer ordinal
+
+
+@dataclass
+class PolicyContext:
+    """Read-only facts a policy may use; built by the host (simulator or runtime).
+
+    ``future`` answers what the trace says will be needed at layer-step ``g`` (for oracles and
+    Belady only: an online policy must not call it). ``cached`` tells whether a key is resident
+    or on its way, ``layer_step`` describes a layer-step.
+    """
+
+    num_moe_layers: int
+    num_experts: int
+    top_k: int
+    future: Callable[[int], Sequence[int]]
+    num_layer_steps: int
+    next_use: Callable[[int, int], int]  # (key, after g) -> next g that needs key, or a huge number
+    cached: Callable[[int], bool]
+    layer_step: Callable[[int], Any]
+    predictor: Any = None  # sim.policies.predictors.Predictor or None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def key(self, m: int, e: int) -> int:
+        return m * self.num_experts + e
+
+
+class EvictionPolicy:
+    """Chooses which resident expert leaves when a slot is needed.
+
+    The cache tells it about inserts, accesses and removals per pool; ``victim`` gets a predicate
+    that is False for slots that must not be evicted (loading or in use).
+    """
+
+    name = "base"
+
+    def attach(self, ctx: PolicyContext, num_pools: int) -> None:
+        self.ctx = ctx
+        self.num_pools = num_pools
+
+    def inserted(self, key: int, pool: int, g: int) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def accessed(self, key: int, pool: int, g: int) -> None:
+        pass
+
+    def removed(self, key: int, pool: int) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def victim(self, pool: int, g: int, can_evict: Callable[[int], bool]) -> int | None:  # pragma: no cover
+        raise NotImplementedError
+
+
+class PrefetchPolicy:
+    """Decides what to fetch ahead of need. The default fetches nothing (on-demand)."""
+
+    name = "base"
+    #: whole-layer streaming drops a layer's experts after use (no cache between steps)
+    keeps_cache = True
+
+    def attach(self, ctx: PolicyContext) -> None:
+        self.ctx = ctx
+
+    def on_request_start(self, request: int) -> list[Action]:
+        return []
+
+    def on_layer_start(self, ls: LayerStep) -> list[Action]:
+        """Before the layer's routing is known (its attention is about to run)."""
+        return []
+
+    def on_routed(self, ls: LayerStep, needed: Sequence[int]) -> list[Action]:
+        """The layer's routing is known on the host; ``needed`` are its keys (fetched on demand)."""
+        return []
+
+    def on_transfer_done(self, key: int) -> list[Action]:
+        return []
+
+    def on_request_end(self, request: int) -> list[Action]:
+        return []
+
+
+class Registry:
+    """Name -> class, filled at import time; errors list the known names."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._items: dict[str, type] = {}
+
+    def register(self, name: str) -> Callable[[type], type]:
+        def deco(cls: type) -> type:
+            if name in self._items:
+                raise ValueError(f"{self.kind} '{name}' registered twice")
+            cls.name = name
+            self._items[name] = cls
+            return cls
+
+        return deco
+
+    def get(self, name: str) -> type:
+        try:
+            return self._items[name]
+        except KeyError:
+            from sim.errors import SimError
+
+            raise SimError(f"unknown {self.kind} '{name}'; known: {', '.join(sorted(self._items))}") from None
+
+    def create(self, name: str, **kwargs: Any) -> Any:
+        cls = self.get(name)
+        try:
+            return cls(**kwargs)
+        except TypeError as e:
+            from sim.errors import SimError
+
+            raise SimError(f"{self.kind} '{name}': bad arguments {kwargs}: {e}") from None
+
+    def names(self) -> list[str]:
+        return sorted(self._items)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._items
+
+
+EVICTION = Registry("eviction policy")
+PREFETCH = Registry("prefetch policy")
+PREDICTORS = Registry("predictor")
+
+
+def unique(keys: Iterable[int]) -> list[int]:
+    """Order-preserving de-duplication."""
+    return list(dict.fromkeys(keys))

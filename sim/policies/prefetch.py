@@ -1,0 +1,164 @@
+"""Prefetch policies: on-demand, whole-layer streaming, next-layer gate lookahead, history, oracle."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from sim.errors import SimError
+from sim.policies.base import DEMAND, PREFETCH, Action, Cancel, Fetch, LayerStep, PolicyContext, PrefetchPolicy
+
+
+@PREFETCH.register("none")
+class OnDemand(PrefetchPolicy):
+    """Fetch only what a layer needs when its routing is known (Mixtral-offloading with LRU)."""
+
+
+@PREFETCH.register("stream")
+class WholeLayerStreaming(PrefetchPolicy):
+    """Every expert of a layer, every step, dropped after use: what accelerate's device_map offload does."""
+
+    keeps_cache = False
+
+    def on_layer_start(self, ls: LayerStep) -> list[Action]:
+        base = ls.m * self.ctx.num_experts
+        return [Fetch(base + e, DEMAND) for e in range(self.ctx.num_experts)]
+
+
+class _Tracked(PrefetchPolicy):
+    """Remembers which layer-step each queued prefetch was for, and cancels it once that layer has
+    routed: a prefetch still in the host queue then is either promoted to demand by the host (if
+    needed) or useless."""
+
+    def attach(self, ctx: PolicyContext) -> None:
+        super().attach(ctx)
+        self._for: dict[int, list[int]] = {}
+
+    def _issue(self, target_g: int, keys: Sequence[int], priority: int) -> list[Action]:
+        cached = self.ctx.cached
+        acts = [Fetch(k, priority) for k in keys if not cached(k)]
+        if acts:
+            self._for.setdefault(target_g, []).extend(a.key for a in acts)
+        return acts
+
+    def _expire(self, g: int) -> list[Action]:
+        keys = self._for.pop(g, None)
+        return [Cancel(k) for k in keys] if keys else []
+
+
+@PREFETCH.register("lookahead")
+class GateLookahead(_Tracked):
+    """Next-layer gate lookahead of depth D: while layer l runs, fetch what the predictor says
+    layers l+1..l+D need (the predictor: the trace's recorded ``lookahead_<d>``, a noisy oracle
+    or the oracle). Nearer layers first."""
+
+    def __init__(self, depth: int = 1) -> None:
+        if depth < 1:
+            raise SimError(f"lookahead depth must be >= 1, got {depth}")
+        self.depth = int(depth)
+
+    def on_routed(self, ls: LayerStep, needed: Sequence[int]) -> list[Action]:
+        acts = self._expire(ls.g)
+        pred = self.ctx.predictor
+        M = self.ctx.num_moe_layers
+        for d in range(1, self.depth + 1):
+            keys = pred.lookahead(ls.g, d)
+            if keys:
+                tm = keys[0] // self.ctx.num_experts
+                acts += self._issue(ls.g + (tm - ls.m) if tm < M else ls.g, keys, d)
+        return acts
+
+
+@PREFETCH.register("oracle")
+class OraclePrefetch(_Tracked):
+    """Perfect knowledge: after each routing decision, fetch the experts of the next ``depth``
+    layer-steps (across token boundaries), nearest first."""
+
+    def __init__(self, depth: int = 2) -> None:
+        if depth < 1:
+            raise SimError(f"oracle depth must be >= 1, got {depth}")
+        self.depth = int(depth)
+
+    def on_request_start(self, request: int) -> list[Action]:
+        return []
+
+    def on_layer_start(self, ls: LayerStep) -> list[Action]:
+        # the very first layer-step of the run has no earlier decision point
+        if ls.g == 0:
+            return self._issue(0, self.ctx.future(0), 1)
+        return []
+
+    def on_routed(self, ls: LayerStep, needed: Sequence[int]) -> list[Action]:
+        acts = self._expire(ls.g)
+        for j in range(1, self.depth + 1):
+            acts += self._issue(ls.g + j, self.ctx.future(ls.g + j), j)
+        return acts
+
+
+@PREFETCH.register("history")
+class HistoryPrefetch(_Tracked):
+    """MoE-Infinity-style: match the request's expert-activation matrix (EAM, layers x experts
+    counts) so far against those of past requests (cosine similarity), and prefetch the best
+    match's most used experts for the next ``layers_ahead`` layers. Before any request has ended,
+    the request's own EAM stands in. Matching runs once per step, at its first MoE layer."""
+
+    def __init__(self, layers_ahead: int = 2, per_layer: int | None = None, max_history: int = 64) -> None:
+        if layers_ahead < 1:
+            raise SimError(f"history layers_ahead must be >= 1, got {layers_ahead}")
+        self.layers_ahead = int(layers_ahead)
+        self.per_layer = per_layer
+        self.max_history = int(max_history)
+
+    def attach(self, ctx: PolicyContext) -> None:
+        super().attach(ctx)
+        M, E = ctx.num_moe_layers, ctx.num_experts
+        self._past: list[np.ndarray] = []
+        self._past_norm: np.ndarray | None = None
+        self._cur = np.zeros((M, E), dtype=np.float64)
+        self._match = self._cur
+        self._n = int(self.per_layer or ctx.top_k)
+        self._rank: np.ndarray | None = None
+
+    def on_request_start(self, request: int) -> list[Action]:
+        self._cur = np.zeros_like(self._cur)
+        self._rank = None
+        return []
+
+    def on_request_end(self, request: int) -> list[Action]:
+        eam = self._cur / max(self._cur.sum(), 1.0)
+        self._past.append(eam)
+        if len(self._past) > self.max_history:
+            self._past.pop(0)
+        p = np.stack([x.reshape(-1) for x in self._past])
+        self._past_norm = p / np.maximum(np.linalg.norm(p, axis=1, keepdims=True), 1e-12)
+        return []
+
+    def _rematch(self) -> None:
+        cur = self._cur.reshape(-1)
+        if self._past_norm is not None and cur.any():
+            sims = self._past_norm @ (cur / np.linalg.norm(cur))
+            best = int(np.argmax(sims))  # first maximum: deterministic
+            match = self._past[best]
+        else:
+            match = self._cur
+        # experts per layer ranked by use in the matched EAM (stable: ties by expert id)
+        self._rank = np.argsort(-match, axis=1, kind="stable")[:, : self._n]
+        self._has = match[np.arange(match.shape[0])[:, None], self._rank] > 0
+
+    def on_routed(self, ls: LayerStep, needed: Sequence[int]) -> list[Action]:
+        E = self.ctx.num_experts
+        cur = self._cur
+        for key in needed:
+            cur[key // E, key % E] += 1.0
+        if ls.m == 0 or self._rank is None:
+            self._rematch()
+        acts = self._expire(ls.g)
+        M = self.ctx.num_moe_layers
+        for j in range(1, self.layers_ahead + 1):
+            tm = ls.m + j
+            if tm >= M:
+                break
+            keys = [tm * E + int(e) for e, ok in zip(self._rank[tm], self._has[tm]) if ok]
+            acts += self._issue(ls.g + j, keys, j)
+        return acts
