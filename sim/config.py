@@ -1,0 +1,72 @@
+"""Hydra structured configs of the simulator app (schemas live in the ConfigStore group ``schema``,
+so that ``policy=glob(*)`` never sweeps a schema; ecosystem.md §1.4)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class PolicyConf:
+    """A policy preset bundles eviction, prefetch, predictor and decoding mode (DESIGN.md §3)."""
+
+    name: str = MISSING
+    eviction: str = "lru"
+    eviction_args: dict[str, Any] = field(default_factory=dict)
+    prefetch: str = "none"
+    prefetch_args: dict[str, Any] = field(default_factory=dict)
+    predictor: Optional[str] = None  # recorded | noisy | oracle
+    predictor_args: dict[str, Any] = field(default_factory=dict)
+    decoding: str = "autoregressive"
+    suite: list[str] = field(default_factory=list)  # non-empty: run each named preset instead
+
+
+@dataclass
+class TraceConf:
+    """``path`` replays a trace file; without it a seeded synthetic trace of the model is built."""
+
+    path: Optional[str] = None
+    requests: int = 4
+    prompt_tokens: int = 32
+    decode_tokens: int = 128
+    seed: int = 0
+    lookahead_depth: int = 4
+
+
+@dataclass
+class CacheConf:
+    """Expert slots: from the memory budget (both null), one global pool of ``slots``, or
+    ``per_layer`` slots in each MoE layer's own partition."""
+
+    slots: Optional[int] = None
+    per_layer: Optional[int] = None
+    max_context_tokens: Optional[int] = None  # KV cache sized for this; default: the trace's longest request
+
+
+@dataclass
+class SimConf:
+    model: Any = MISSING
+    hardware: Any = MISSING
+    policy: Any = MISSING
+    trace: Any = MISSING
+    cache: CacheConf = field(default_factory=CacheConf)
+    seed: int = 0
+    timeline_out: Optional[str] = None
+    results_name: str = "results"
+    progress: bool = True
+    experiment: Any = None
+
+
+def register_configs() -> None:
+    """Idempotent: every app and test calls it before composing."""
+    from sim.spec import register_schemas
+
+    register_schemas()
+    cs = ConfigStore.instance()
+    cs.store(name="sim_schema", node=SimConf)
+    cs.store(group="schema", name="policy", node=PolicyConf)
+    cs.store(group="schema", name="trace", node=TraceConf)
