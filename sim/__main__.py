@@ -1,0 +1,62 @@
+"""`python -m sim` (also `moe-sim`): replay a routing trace under one policy or a suite, print one
+table, and write the results (Parquet + JSON) beside the resolved config in the Hydra run dir."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from sim.config import register_configs
+from sim.errors import SimError
+from traces import TraceError
+
+log = logging.getLogger("sim")
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path="pkg://conf", config_name="sim")
+def app(cfg: DictConfig) -> float:
+    from pathlib import Path
+
+    from sim.report import format_table, write_results
+    from sim.run import simulate
+    from sim.timeline import chrome_trace, write_json_atomic
+
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    timelines = []
+
+    def on_policy(p, sim, runlog, row):
+        if cfg.timeline_out:
+            timelines.append((p.name, sim, runlog))
+
+    try:
+        rows = simulate(cfg, on_policy=on_policy)
+    except (SimError, TraceError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    write_results(rows, out_dir, cfg.results_name)
+    for name, sim, runlog in timelines:
+        path = Path(cfg.timeline_out)
+        if len(timelines) > 1:
+            path = path.with_name(f"{path.stem}.{name}{path.suffix or '.json'}")
+        write_json_atomic(
+            chrome_trace(runlog.compute_spans, runlog.copy_spans, runlog.occupancy,
+                         num_experts=sim.model.num_experts, moe_layers=sim.model.moe_layers),
+            path,
+        )
+    print(format_table(rows))
+    print(f"results: {out_dir / (cfg.results_name + '.parquet')}")
+    ok = [r["tpot_ms"] for r in rows if r.get("status") == "ok"]
+    return float(min(ok)) if ok else float("inf")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

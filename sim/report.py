@@ -1,0 +1,67 @@
+"""Results tables: one tidy row per run, written as Parquet and JSON, and the printed table."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import pandas as pd
+
+from sim.metrics import TABLE_COLUMNS
+
+PRINTED = TABLE_COLUMNS + ["status"]
+
+
+def to_frame(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
+    return pd.DataFrame(list(rows))
+
+
+def write_results(rows: Sequence[dict[str, Any]], out_dir: str | os.PathLike, name: str = "results") -> tuple[Path, Path]:
+    """``<name>.parquet`` and ``<name>.json`` in ``out_dir``, each written atomically."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    df = to_frame(rows)
+    pq_path, js_path = out / f"{name}.parquet", out / f"{name}.json"
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=out)
+    os.close(fd)
+    try:
+        df.to_parquet(tmp, index=False)
+        os.replace(tmp, pq_path)
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=out)
+        with os.fdopen(fd, "w") as f:
+            json.dump([_jsonable(r) for r in rows], f, indent=1, default=str)
+        os.replace(tmp, js_path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return pq_path, js_path
+
+
+def _jsonable(row: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for k, v in row.items():
+        if isinstance(v, float) and not math.isfinite(v):
+            v = None
+        elif hasattr(v, "tolist"):
+            v = v.tolist()
+        out[k] = v
+    return out
+
+
+def format_table(rows: Sequence[dict[str, Any]], extra: Sequence[str] = ()) -> str:
+    """policy, TPOT ms, tokens/s, hit rate, GB moved, stall share, x bound (+ ``extra`` columns)."""
+    df = to_frame(rows)
+    cols = [c for c in list(extra) + PRINTED if c in df.columns]
+    df = df[cols].copy()
+    fmt = {"tpot_ms": "{:.2f}", "tokens_per_s": "{:.2f}", "hit_rate": "{:.3f}", "gb_moved": "{:.2f}",
+           "stall_share": "{:.3f}", "x_bound": "{:.2f}"}
+    for c, f in fmt.items():
+        if c in df.columns:
+            df[c] = [("-" if (v is None or (isinstance(v, float) and math.isnan(v))) else f.format(v)) for v in df[c]]
+    df = df.rename(columns={"tpot_ms": "TPOT ms", "tokens_per_s": "tokens/s", "hit_rate": "hit rate",
+                            "gb_moved": "GB moved", "stall_share": "stall share", "x_bound": "x bound"})
+    return df.to_string(index=False)
