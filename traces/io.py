@@ -363,6 +363,8 @@ def _list_column(table: pa.Table, name: str, where: str, k: int, int_ids: bool) 
             r = _first(live & (lens != lens[live][0]))
             raise TraceError(f"{where}: row {r} field '{name}': has {int(lens[r])} ids, other rows {int(lens[live][0])}")
         width = int(lens[live][0]) if live.any() else k
+        if width == 0:
+            raise TraceError(f"{where}: row 0 field '{name}': empty list")
         a = np.full((len(col), width), -1)
         if live.any():
             a[live] = col.flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
@@ -390,15 +392,27 @@ def read_trace(path: str | os.PathLike) -> Trace:
         meta = json.loads(raw)
     except json.JSONDecodeError as e:
         raise TraceError(f"{where}: metadata '{META_KEY.decode()}' is not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise TraceError(f"{where}: metadata '{META_KEY.decode()}' is a JSON {type(meta).__name__}, expected an object")
     version = meta.get("schema_version")
     if version != SCHEMA_VERSION:
         raise TraceError(f"{where}: metadata field 'schema_version' is {version!r}, this tool reads {SCHEMA_VERSION}")
     if "shape" not in meta:
         raise TraceError(f"{where}: metadata has no 'shape' field")
-    shape = ModelShape.from_dict(meta["shape"], where=f"{where}: metadata field 'shape'")
+    if not isinstance(meta["shape"], dict):
+        raise TraceError(f"{where}: metadata field 'shape' is {meta['shape']!r}, expected an object")
+    try:
+        shape = ModelShape.from_dict(meta["shape"], where=f"{where}: metadata field 'shape'")
+    except TraceError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise TraceError(f"{where}: metadata field 'shape' is invalid: {meta['shape']!r} ({e})") from None
     for name in REQUIRED:
         if name not in table.column_names:
             raise TraceError(f"{where}: missing column '{name}'")
+    for name in ("request_id", "position", "step", "layer"):
+        if not pa.types.is_integer(table.column(name).type):
+            raise TraceError(f"{where}: field '{name}' has type {table.column(name).type}, expected an integer column")
     if meta.get("num_rows", table.num_rows) != table.num_rows:
         raise TraceError(f"{where}: metadata field 'num_rows' says {meta['num_rows']}, the file has {table.num_rows} rows")
     for name in table.column_names:
@@ -434,6 +448,8 @@ def read_trace(path: str | os.PathLike) -> Trace:
         m = LOOKAHEAD_RE.match(name)
         if m:
             d = int(m.group(1))
+            if d < 1:
+                raise TraceError(f"{where}: field '{name}': lookahead depth must be >= 1")
             a, null = _list_column(table, name, where, k, True)
             rows.lookahead[d], rows.lookahead_null[d] = a, null
     if ("draft" in table.column_names) != ("draft_match" in table.column_names):
