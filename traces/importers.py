@@ -1,0 +1,743 @@
+"""`python -m traces import`: convert other tools' per-token routing logs (JSON Lines, CSV) to a trace.
+
+Why: routing is often already logged by a serving stack (vLLM-based loggers write records
+``{layer, token_idx, topk_ids, topk_weights}``; SGLang's recorder dumps top-k ids per token per
+layer, see ecosystem.md §3.1). Such logs are one record per (token, layer), often grouped by layer,
+sometimes ragged (a few rows missing in some layers), with string request names. This module turns
+them into the project's trace with the same validation as every other path
+(``traces.io.trace_from_rows``) and records where the data came from in the metadata.
+
+Library use::
+
+    from traces.importers import import_log
+    trace = import_log("logs/", "jsonl", prefill_tokens=32, num_experts=64)
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import gzip
+import io
+import json
+import re
+import sys
+import warnings
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import IO, Any, Iterable, Sequence
+
+import numpy as np
+
+from traces.errors import TraceError
+from traces.io import Rows, trace_from_rows, write_trace
+from traces.shape import ModelShape
+from traces.trace import DECODE, PREFILL, Trace
+
+FORMATS = ("jsonl", "csv")
+EXTENSIONS = {"jsonl": (".jsonl", ".ndjson", ".json"), "csv": (".csv",)}
+
+#: Candidate field names per role, tried in this order when no name is given (the first one
+#: present in the first record / CSV header wins). The first candidate is the vLLM-logger name.
+DEFAULT_FIELDS: dict[str, tuple[str, ...]] = {
+    "request": ("request_id", "req_id", "rid", "problem_id"),
+    "layer": ("layer", "layer_id", "layer_idx"),
+    "token": ("token_idx", "token", "token_id", "position", "pos"),
+    "experts": ("topk_ids", "expert_ids", "experts"),
+    "weights": ("topk_weights", "gate_weights", "weights"),
+    "phase": ("phase",),
+}
+REQUIRED_ROLES = ("layer", "token", "experts")
+_INT32_MAX = int(np.iinfo(np.int32).max)
+_INT16_MAX = int(np.iinfo(np.int16).max)
+_SPLIT = re.compile(r"[\s,;]+")
+
+
+class RaggedLogWarning(UserWarning):
+    """Some tokens were not logged in every MoE layer; the importer truncated those requests."""
+
+
+# ----------------------------------------------------------------------------- helpers
+def _tool_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("moe-offload-sim")
+    except Exception:
+        pass
+    try:
+        import tomllib
+
+        pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+        return str(tomllib.loads(pyproject.read_text())["project"]["version"])
+    except Exception:
+        return "unknown"
+
+
+def _natural_key(s: str) -> list[Any]:
+    return [(0, int(p), p) if p.isdigit() else (1, 0, p) for p in re.split(r"(\d+)", s) if p]
+
+
+def _strip_gz(name: str) -> str:
+    return name[:-3] if name.lower().endswith(".gz") else name
+
+
+def _format_of(path: Path) -> str | None:
+    name = _strip_gz(path.name).lower()
+    for fmt, exts in EXTENSIONS.items():
+        if name.endswith(exts):
+            return fmt
+    return None
+
+
+def discover(src: str | Path, fmt: str | None) -> tuple[list[Path], list[str], str]:
+    """The files to read, their names relative to ``src`` (natural sort order), and the format.
+
+    A directory is searched recursively for files with the format's extensions (``.gz`` too);
+    hidden files are skipped. The order is deterministic: natural sort of the relative path, so
+    ``req2`` comes before ``req10``.
+    """
+    src = Path(src)
+    if fmt is not None and fmt not in FORMATS:
+        raise TraceError(f"{src}: unknown format {fmt!r}, expected one of {list(FORMATS)}")
+    if src.is_file():
+        files = [src]
+        names = [src.name]
+    elif src.is_dir():
+        found = []
+        for p in src.rglob("*"):
+            rel = p.relative_to(src).as_posix()
+            if not p.is_file() or any(part.startswith(".") for part in p.relative_to(src).parts):
+                continue
+            f = _format_of(p)
+            if f is None or (fmt is not None and f != fmt):
+                continue
+            found.append((rel, p, f))
+        if not found:
+            want = ", ".join(EXTENSIONS[fmt]) if fmt else ", ".join(e for v in EXTENSIONS.values() for e in v)
+            raise TraceError(f"{src}: empty source, no routing log files ({want}, optionally .gz) in this directory")
+        found.sort(key=lambda x: _natural_key(x[0]))
+        kinds = sorted({f for _, _, f in found})
+        if fmt is None and len(kinds) > 1:
+            raise TraceError(f"{src}: the directory holds both {kinds[0]} and {kinds[1]} files; pick one with --format")
+        fmt = fmt or kinds[0]
+        files = [p for _, p, _ in found]
+        names = [r for r, _, _ in found]
+    else:
+        raise TraceError(f"{src}: no such file or directory")
+    if fmt is None:
+        fmt = _format_of(src)
+        if fmt is None:
+            raise TraceError(f"{src}: cannot tell the format from the file name; give --format {{jsonl,csv}}")
+    return files, names, fmt
+
+
+def _open_text(path: Path) -> IO[str]:
+    if path.name.lower().endswith(".gz"):
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", newline="")
+    return open(path, encoding="utf-8", newline="")
+
+
+def parse_layers(spec: str) -> tuple[int, ...]:
+    """'1,3,5-7' -> (1, 3, 5, 6, 7): the --moe-layers syntax."""
+    out: list[int] = []
+    try:
+        for part in spec.split(","):
+            part = part.strip()
+            if not part:
+                continue
+            if "-" in part:
+                a, b = part.split("-", 1)
+                out.extend(range(int(a), int(b) + 1))
+            else:
+                out.append(int(part))
+    except ValueError:
+        raise TraceError(f"--moe-layers: cannot parse {spec!r} (expected e.g. '1,3,5-23')") from None
+    return tuple(sorted(set(out)))
+
+
+# ----------------------------------------------------------------------------- collection
+@dataclass
+class _Cols:
+    """Raw per-row values in source order, plus where each row came from."""
+
+    request: list[Any] = field(default_factory=list)
+    layer: list[Any] = field(default_factory=list)
+    token: list[Any] = field(default_factory=list)
+    experts: list[Any] = field(default_factory=list)  # one list per row
+    weights: list[Any] = field(default_factory=list)
+    phase: list[Any] = field(default_factory=list)
+    file: list[int] = field(default_factory=list)
+    line: list[int] = field(default_factory=list)
+
+
+class _Locator:
+    """Turns a row index (source order) into 'FILE: line N' for error messages."""
+
+    def __init__(self, files: Sequence[Path], file_idx: np.ndarray, line: np.ndarray) -> None:
+        self.files, self.file_idx, self.line = files, file_idx, line
+
+    def __call__(self, row: int) -> str:
+        return f"{self.files[int(self.file_idx[row])]}: line {int(self.line[row])}"
+
+    def fail(self, row: int, fld: str | None, msg: str) -> TraceError:
+        f = f" field '{fld}':" if fld else ""
+        return TraceError(f"{self(row)}:{f} {msg}")
+
+
+def _resolve(role: str, given: str | None, keys: Iterable[str]) -> str | None:
+    """The field name for ``role``: the given one ('' = do not read this role), else the first default present."""
+    if given is not None:
+        return given or None
+    keys = set(keys)
+    for cand in DEFAULT_FIELDS[role]:
+        if cand in keys:
+            return cand
+    return None
+
+
+def _read_jsonl(path: Path, fi: int, fields: dict[str, str | None] | None, given: dict[str, str | None],
+                cols: _Cols) -> dict[str, str | None] | None:
+    """Append the records of one JSON Lines file to ``cols``; resolve field names on the first record."""
+    loads = json.loads
+    with _open_text(path) as f:
+        for lineno, text in enumerate(f, 1):
+            if not text.strip():
+                continue
+            try:
+                rec = loads(text)
+            except ValueError as e:
+                raise TraceError(f"{path}: line {lineno}: not valid JSON ({e})") from None
+            if type(rec) is not dict:
+                raise TraceError(f"{path}: line {lineno}: expected a JSON object, got {type(rec).__name__}")
+            if fields is None:
+                fields = {role: _resolve(role, given.get(role), rec.keys()) for role in DEFAULT_FIELDS}
+                _check_required(fields, path, lineno, rec.keys())
+            rf, wf, pf = fields["request"], fields["weights"], fields["phase"]
+            try:
+                layer = rec[fields["layer"]]  # type: ignore[index]
+                token = rec[fields["token"]]  # type: ignore[index]
+                experts = rec[fields["experts"]]  # type: ignore[index]
+                req = rec[rf] if rf is not None else fi
+                w = rec[wf] if wf is not None else None
+                ph = rec[pf] if pf is not None else None
+            except KeyError as e:
+                raise TraceError(f"{path}: line {lineno}: field '{e.args[0]}': missing") from None
+            cols.layer.append(layer)
+            cols.token.append(token)
+            cols.experts.append(experts)
+            cols.request.append(req)
+            cols.weights.append(w)
+            cols.phase.append(ph)
+            cols.file.append(fi)
+            cols.line.append(lineno)
+    return fields
+
+
+def _check_required(fields: dict[str, str | None], path: Path, line: int, keys: Iterable[str]) -> None:
+    for role in REQUIRED_ROLES:
+        if fields[role] is None:
+            raise TraceError(
+                f"{path}: line {line}: field for {role} missing: none of {list(DEFAULT_FIELDS[role])} is present"
+                f" (found {sorted(keys)}); name it with --{role}-field"
+            )
+
+
+def _parse_list(cell: str, conv: Any) -> list[Any]:
+    s = cell.strip()
+    if s[:1] in "[(" and s[-1:] in "])":
+        s = s[1:-1]
+    return [conv(x) for x in _SPLIT.split(s.strip()) if x]
+
+
+def _read_csv(path: Path, fi: int, fields: dict[str, str | None] | None, given: dict[str, str | None],
+              cols: _Cols) -> dict[str, str | None] | None:
+    """Append the rows of one CSV file to ``cols``; list cells like '[3, 5]', '3 5' or '3;5'."""
+    with _open_text(path) as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header is None:
+            return fields
+        header = [h.strip() for h in header]
+        if fields is None:
+            fields = {role: _resolve(role, given.get(role), header) for role in DEFAULT_FIELDS}
+            _check_required(fields, path, 1, header)
+        idx: dict[str, int | None] = {}
+        for role, name in fields.items():
+            if name is None:
+                idx[role] = None
+            elif name in header:
+                idx[role] = header.index(name)
+            else:
+                raise TraceError(f"{path}: line 1: field '{name}': missing from the CSV header {header}")
+        il, it, ie = idx["layer"], idx["token"], idx["experts"]
+        ir, iw, ip = idx["request"], idx["weights"], idx["phase"]
+        width = len(header)
+        for row in reader:
+            lineno = reader.line_num
+            if not row or (len(row) == 1 and not row[0].strip()):
+                continue
+            if len(row) < width:
+                missing = header[len(row)]
+                raise TraceError(f"{path}: line {lineno}: field '{missing}': missing (row has {len(row)} of {width} columns)")
+            cols.layer.append(row[il].strip())  # type: ignore[index]
+            cols.token.append(row[it].strip())  # type: ignore[index]
+            cols.experts.append(row[ie])  # type: ignore[index]
+            cols.request.append(row[ir].strip() if ir is not None else fi)
+            cols.weights.append(row[iw] if iw is not None else None)
+            cols.phase.append(row[ip].strip() if ip is not None else None)
+            cols.file.append(fi)
+            cols.line.append(lineno)
+    return fields
+
+
+# ----------------------------------------------------------------------------- conversion
+def _int_column(values: list[Any], loc: _Locator, fld: str, from_text: bool) -> np.ndarray:
+    """Integers (JSON ints, not bools/floats; or decimal text from CSV) as int64."""
+    if from_text:
+        try:
+            return np.array([int(v) for v in values], dtype=np.int64)
+        except (ValueError, OverflowError):
+            pass
+        for i, v in enumerate(values):
+            try:
+                x = int(v)
+                if not -(2**63) <= x < 2**63:
+                    raise ValueError
+            except ValueError:
+                raise loc.fail(i, fld, f"{v!r} is not an integer") from None
+        raise AssertionError("unreachable")
+    if set(map(type, values)) <= {int}:
+        try:
+            return np.array(values, dtype=np.int64)
+        except OverflowError:
+            pass
+    for i, v in enumerate(values):
+        if type(v) is not int or not -(2**63) <= v < 2**63:
+            raise loc.fail(i, fld, f"{v!r} is not an integer")
+    raise AssertionError("unreachable")
+
+
+def _list_column(values: list[Any], loc: _Locator, fld: str, width: int | None, from_text: bool,
+                 is_float: bool, why: str | None = None) -> np.ndarray:
+    """Per-row lists of ids (ints) or weights (numbers) as an (n, width) array."""
+    conv = float if is_float else int
+    kind = "number" if is_float else "integer"
+    if from_text:
+        lists = []
+        for i, cell in enumerate(values):
+            try:
+                lists.append(_parse_list(cell, conv))
+            except ValueError:
+                raise loc.fail(i, fld, f"{cell!r} is not a list of {kind}s (expected e.g. '[3, 5]', '3 5' or '3;5')") from None
+    else:
+        lists = values
+        for i, v in enumerate(values):
+            if type(v) is not list:
+                raise loc.fail(i, fld, f"{v!r} is not a list of {kind}s")
+    lens = np.fromiter(map(len, lists), dtype=np.int64, count=len(lists))
+    want = int(lens[0]) if width is None else width
+    bad = lens != want
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise loc.fail(i, fld, f"has {int(lens[i])} entries, expected {want} ({why or 'as in the first record'})")
+    if want == 0:
+        raise loc.fail(0, fld, "empty list: a routing record needs at least one expert id")
+    flat = [x for row in lists for x in row]
+    types = set(map(type, flat))
+    ok = {int, float} if is_float else {int}
+    if not types <= ok:
+        for i, row in enumerate(lists):
+            for x in row:
+                if type(x) not in ok:
+                    raise loc.fail(i, fld, f"{row!r} holds {x!r}, not an {kind}")
+    try:
+        arr = np.array(flat, dtype=np.float64 if is_float else np.int64)
+    except OverflowError:
+        for i, row in enumerate(lists):
+            if any(not -(2**63) <= x < 2**63 for x in row):
+                raise loc.fail(i, fld, f"{row!r}: id out of range") from None
+        raise
+    return arr.reshape(len(lists), want)
+
+
+def _request_keys(values: list[Any], loc: _Locator, fld: str, from_text: bool) -> tuple[np.ndarray, dict[str, int] | None]:
+    """Integer request ids (as logged) or, for string names, ids 0.. in order of first appearance."""
+    if from_text:
+        if all(re.fullmatch(r"\s*[+-]?\d+\s*", v) for v in values):
+            return _int_column(values, loc, fld, True), None
+        names = values
+    else:
+        types = set(map(type, values))
+        if types <= {int}:
+            return _int_column(values, loc, fld, False), None
+        for i, v in enumerate(values):
+            if type(v) not in (int, str):
+                raise loc.fail(i, fld, f"{v!r} is not an integer or string request id")
+        names = [str(v) for v in values]
+    mapping: dict[str, int] = {}
+    ids = np.fromiter((mapping.setdefault(v, len(mapping)) for v in names), dtype=np.int64, count=len(names))
+    return ids, mapping
+
+
+def _phase_codes(values: list[Any], loc: _Locator, fld: str) -> np.ndarray:
+    table = {"prefill": PREFILL, "decode": DECODE}
+    out = np.empty(len(values), dtype=np.int8)
+    for i, v in enumerate(values):
+        code = table.get(v.lower()) if isinstance(v, str) else None
+        if code is None:
+            raise loc.fail(i, fld, f"{v!r} is not 'prefill' or 'decode'")
+        out[i] = code
+    return out
+
+
+def import_log(
+    src: str | Path,
+    fmt: str | None = None,
+    *,
+    request_field: str | None = None,
+    layer_field: str | None = None,
+    token_field: str | None = None,
+    experts_field: str | None = None,
+    weights_field: str | None = None,
+    phase_field: str | None = None,
+    prefill_tokens: int | None = None,
+    num_experts: int | None = None,
+    top_k: int | None = None,
+    num_layers: int | None = None,
+    moe_layers: Sequence[int] | None = None,
+    num_shared_experts: int = 0,
+    model_name: str = "unknown",
+    meta: dict[str, Any] | None = None,
+    date: str | None = None,
+) -> Trace:
+    """Read a routing log (a file or a directory of files) and return a validated trace.
+
+    One record per (request, token, layer) with the token's top-k expert ids and optionally its
+    gate weights and phase. A field name left as None is looked up among ``DEFAULT_FIELDS``; the
+    request field is optional (without it each file is one request). Ragged logs are truncated per
+    request to the longest prefix of tokens logged in every MoE layer (with a ``RaggedLogWarning``
+    and the count in ``meta["import"]["dropped_rows"]``). Ids are reordered by gate weight
+    (descending, stable). Shape fields left as None are inferred from the data. Tokens are decode
+    unless the phase field or ``prefill_tokens`` says otherwise; prefill tokens have step 0 and
+    decode tokens steps 1, 2, ... in token order. Anything malformed raises ``TraceError`` naming
+    the file, line and field.
+    """
+    files, names, fmt = discover(src, fmt)
+    if prefill_tokens is not None and prefill_tokens < 0:
+        raise TraceError(f"--prefill-tokens must be >= 0, got {prefill_tokens}")
+    if prefill_tokens is not None and phase_field:
+        raise TraceError("give either a phase field or --prefill-tokens, not both")
+    given = {"request": request_field, "layer": layer_field, "token": token_field,
+             "experts": experts_field, "weights": weights_field,
+             "phase": "" if prefill_tokens is not None else phase_field}
+    reader = _read_jsonl if fmt == "jsonl" else _read_csv
+    cols = _Cols()
+    fields: dict[str, str | None] | None = None
+    for fi, path in enumerate(files):
+        try:
+            fields = reader(path, fi, fields, given, cols)
+        except UnicodeDecodeError as e:
+            raise TraceError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        except (OSError, EOFError, csv.Error) as e:
+            raise TraceError(f"{path}: cannot read ({e})") from None
+    if fields is None or not cols.layer:
+        raise TraceError(f"{src}: empty source, no routing records in {len(files)} file(s)")
+    text = fmt == "csv"
+    n = len(cols.layer)
+    loc = _Locator(files, np.asarray(cols.file, dtype=np.int32), np.asarray(cols.line, dtype=np.int64))
+    lf, tf, ef = fields["layer"], fields["token"], fields["experts"]
+    rf, wf, pf = fields["request"], fields["weights"], fields["phase"]
+
+    # ---- columns
+    layer = _int_column(cols.layer, loc, lf, text)  # type: ignore[arg-type]
+    token = _int_column(cols.token, loc, tf, text)  # type: ignore[arg-type]
+    for a, fld, hi in ((layer, lf, _INT16_MAX), (token, tf, _INT32_MAX)):
+        bad = (a < 0) | (a > hi)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise loc.fail(i, fld, f"{int(a[i])} out of range [0, {hi}]")
+    ids = _list_column(cols.experts, loc, ef, top_k, text, False,  # type: ignore[arg-type]
+                       None if top_k is None else f"--top-k {top_k}")
+    k = ids.shape[1]
+    weights = None
+    if wf is not None:
+        weights = _list_column(cols.weights, loc, wf, k, text, True, f"one per expert id in '{ef}'")
+        bad = ~np.isfinite(weights).all(axis=1)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise loc.fail(i, wf, f"non-finite gate weight in {weights[i].tolist()}")
+    if rf is not None:
+        req, req_names = _request_keys(cols.request, loc, rf, text)
+    else:
+        req = np.asarray(cols.request, dtype=np.int64)
+        req_names = {names[i]: int(i) for i in np.unique(req)}
+    phase = _phase_codes(cols.phase, loc, pf) if pf is not None else None
+    del cols
+
+    # ---- ids
+    bad = (ids < 0).any(axis=1)
+    if num_experts is not None:
+        bad |= (ids >= num_experts).any(axis=1)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        hi = num_experts if num_experts is not None else "num_experts"
+        raise loc.fail(i, ef, f"expert id(s) {ids[i].tolist()} out of range [0, {hi})")
+    if k > 1:
+        s = np.sort(ids, axis=1)
+        bad = (s[:, 1:] == s[:, :-1]).any(axis=1)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise loc.fail(i, ef, f"duplicate expert ids {ids[i].tolist()}")
+    reordered = 0
+    if weights is not None and k > 1:
+        order = np.argsort(-weights, axis=1, kind="stable")
+        reordered = int((order != np.arange(k)[None, :]).any(axis=1).sum())
+        ids = np.take_along_axis(ids, order, axis=1)
+        weights = np.take_along_axis(weights, order, axis=1)
+
+    # ---- shape
+    inferred = []
+    E = num_experts if num_experts is not None else int(ids.max()) + 1
+    if E > _INT16_MAX:
+        raise TraceError(f"{src}: num_experts {E} does not fit the trace's int16 expert ids")
+    if num_experts is None:
+        inferred.append("num_experts")
+    if top_k is None:
+        inferred.append("top_k")
+    if moe_layers is not None:
+        moe = np.asarray(sorted(set(int(x) for x in moe_layers)), dtype=np.int64)
+        bad = ~np.isin(layer, moe)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise loc.fail(i, lf, f"layer {int(layer[i])} is not one of the given MoE layers {moe.tolist()}")
+    else:
+        moe = np.unique(layer)
+        inferred.append("moe_layers")
+    if num_layers is not None:
+        bad = layer >= num_layers
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise loc.fail(i, lf, f"layer {int(layer[i])} out of range for --num-layers {num_layers}")
+        L = num_layers
+    else:
+        L = int(max(int(layer.max()), int(moe.max()))) + 1
+        inferred.append("num_layers")
+    shape = ModelShape(name=model_name, num_layers=L, moe_layers=tuple(moe.tolist()), num_experts=E,
+                       top_k=k, num_shared_experts=num_shared_experts)
+    M = len(moe)
+
+    inv = {i: name for name, i in (req_names or {}).items()}
+
+    def label(rid: int) -> str:
+        return inv.get(rid, str(rid))
+
+    # ---- sort by (request, token, layer); duplicates
+    order = np.lexsort((layer, token, req))
+    req_s, tok_s, lay_s = req[order], token[order], layer[order]
+    dup = (req_s[1:] == req_s[:-1]) & (tok_s[1:] == tok_s[:-1]) & (lay_s[1:] == lay_s[:-1])
+    if dup.any():
+        j = int(np.flatnonzero(dup)[0])
+        a, b = sorted((int(order[j]), int(order[j + 1])))
+        raise loc.fail(
+            b, lf, f"request {label(int(req_s[j]))} token {int(tok_s[j])} layer"
+            f" {int(lay_s[j])} logged twice (first at {loc(a)})"
+        )
+
+    # ---- ragged: keep each request's longest prefix of tokens present in every MoE layer
+    tok_start = np.flatnonzero(np.r_[True, (req_s[1:] != req_s[:-1]) | (tok_s[1:] != tok_s[:-1])])
+    tok_len = np.diff(np.r_[tok_start, n])
+    tok_req, tok_pos = req_s[tok_start], tok_s[tok_start]
+    req_start = np.flatnonzero(np.r_[True, tok_req[1:] != tok_req[:-1]])
+    req_of_tok = np.repeat(np.arange(len(req_start)), np.diff(np.r_[req_start, len(tok_start)]))
+    incomplete = tok_len != M
+    first_bad = np.full(len(req_start), np.iinfo(np.int64).max, dtype=np.int64)
+    np.minimum.at(first_bad, req_of_tok[incomplete], tok_pos[incomplete])
+    keep_tok = tok_pos < first_bad[req_of_tok]
+    keep_row = np.repeat(keep_tok, tok_len)
+
+    if phase is not None:
+        ph_s = phase[order]
+        incons = ph_s != np.repeat(ph_s[tok_start], tok_len)
+        if incons.any():
+            j = int(np.flatnonzero(incons)[0])
+            raise loc.fail(int(order[j]), pf, "differs between the layer records of one token")
+
+    dropped_by_req = np.bincount(req_of_tok[~keep_tok], weights=tok_len[~keep_tok], minlength=len(req_start)).astype(np.int64)
+    dropped = int(dropped_by_req.sum())
+    kept_tokens = np.bincount(req_of_tok[keep_tok], minlength=len(req_start))
+    empty_reqs = [int(tok_req[req_start[r]]) for r in np.flatnonzero(kept_tokens == 0)]
+    if not keep_tok.any():
+        raise TraceError(
+            f"{src}: no request has a token logged in every MoE layer {moe.tolist()}; all {n} rows would be dropped"
+        )
+
+    # ---- kept tokens: phase and step
+    kt = np.flatnonzero(keep_tok)
+    k_req = req_of_tok[kt]
+    k_first = np.flatnonzero(np.r_[True, k_req[1:] != k_req[:-1]])
+    k_first_of_tok = np.repeat(k_first, np.diff(np.r_[k_first, len(kt)]))
+    t_ord = np.arange(len(kt)) - k_first_of_tok
+    kpos = tok_pos[kt]
+    jump = np.diff(kpos) - 1
+    gap = (k_req[1:] == k_req[:-1]) & (jump > 0)
+    n_gaps, gap_positions = int(gap.sum()), int(jump[gap].sum())
+    if phase is not None:
+        tphase = phase[order][tok_start[kt]]
+        bad = (tphase[1:] == PREFILL) & (tphase[:-1] == DECODE) & (k_req[1:] == k_req[:-1])
+        if bad.any():
+            j = int(np.flatnonzero(bad)[0]) + 1
+            raise loc.fail(int(order[tok_start[kt[j]]]), pf, "a prefill token follows a decode token of the same request")
+        phase_from = "field"
+    elif prefill_tokens is not None:
+        tphase = np.where(t_ord < prefill_tokens, PREFILL, DECODE).astype(np.int8)
+        phase_from = "prefill_tokens"
+    else:
+        tphase = np.full(len(kt), DECODE, dtype=np.int8)
+        phase_from = "all decode (no phase in the log)"
+    is_dec = (tphase == DECODE).astype(np.int64)
+    cum = np.cumsum(is_dec)
+    before = (cum - is_dec)[k_first]
+    dec_ord = cum - np.repeat(before, np.diff(np.r_[k_first, len(kt)]))
+    tstep = np.where(tphase == DECODE, dec_ord, 0).astype(np.int32)
+    del t_ord
+
+    rows_idx = order[keep_row]
+    rows = Rows(
+        request_id=req[rows_idx],
+        position=token[rows_idx].astype(np.int32),
+        step=np.repeat(tstep, M),
+        phase=np.repeat(tphase, M),
+        layer=layer[rows_idx].astype(np.int16),
+        expert_ids=ids[rows_idx],
+        gate_weights=None if weights is None else weights[rows_idx].astype(np.float32),
+    )
+
+    imp: dict[str, Any] = {
+        "source": str(src),
+        "files": names,
+        "format": fmt,
+        "fields": {role: fields[role] for role in DEFAULT_FIELDS},
+        "tool": "traces.importers",
+        "tool_version": _tool_version(),
+        "date": date or datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "rows_read": n,
+        "dropped_rows": dropped,
+        "phase_from": phase_from,
+        "prefill_tokens": prefill_tokens,
+        "shape_inferred": inferred,
+        "weights_reordered_rows": reordered,
+        "position_gaps": n_gaps,
+    }
+    if dropped:
+        imp["dropped_rows_by_request"] = {
+            label(int(tok_req[req_start[r]])): int(dropped_by_req[r])
+            for r in np.flatnonzero(dropped_by_req)
+        }
+    if empty_reqs:
+        imp["dropped_requests"] = [label(r) for r in empty_reqs]
+    if req_names is not None:
+        imp["request_names"] = req_names
+        imp["request_names_from"] = "field" if rf is not None else "file"
+    if dropped:
+        worst = np.argsort(-dropped_by_req, kind="stable")[:3]
+        detail = ", ".join(
+            f"request {label(int(tok_req[req_start[r]]))}: {int(dropped_by_req[r])}"
+            for r in worst if dropped_by_req[r]
+        )
+        warnings.warn(
+            f"{src}: ragged log: {dropped} of {n} rows dropped (tokens from the first one missing in some MoE"
+            f" layer on; {detail}{', ...' if (dropped_by_req > 0).sum() > 3 else ''})"
+            + (f"; {len(empty_reqs)} request(s) left empty and removed" if empty_reqs else ""),
+            RaggedLogWarning,
+            stacklevel=2,
+        )
+    if n_gaps:
+        warnings.warn(
+            f"{src}: {n_gaps} gap(s) in the token positions of kept tokens ({gap_positions} position(s) logged in no"
+            " layer at all); kept as logged, with the gaps",
+            RaggedLogWarning,
+            stacklevel=2,
+        )
+    out_meta = dict(meta or {})
+    out_meta["import"] = imp
+    out_meta = json.loads(json.dumps(out_meta))  # exactly what a read-back gives (string keys, lists)
+    return trace_from_rows(rows, shape, out_meta, where=str(src))
+
+
+# ----------------------------------------------------------------------------- CLI
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    d = DEFAULT_FIELDS
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.description = (
+        "Convert a per-token routing log (one record per request, token and layer) into a trace.\n"
+        "JSON Lines: one object per line, e.g. {\"request_id\": \"q1\", \"layer\": 3, \"token_idx\": 0,\n"
+        "  \"topk_ids\": [5, 1], \"topk_weights\": [0.7, 0.3]} (the vLLM-logger names).\n"
+        "CSV: a header row, one row per token and layer, the id list in one cell: '[5, 1]', '5 1' or\n"
+        "  '5;1'; rows may be grouped by token or by layer.\n"
+        "Field names not given are looked up among the defaults below, first match wins.\n"
+        "Ragged logs: each request is truncated to the tokens before the first one missing in some\n"
+        "MoE layer (warned; counted in metadata import.dropped_rows). A token logged in no layer at\n"
+        "all leaves a gap in the positions (warned; import.position_gaps). String request ids get\n"
+        "ids 0, 1, ... by first appearance (names kept in import.request_names). Ids are ordered\n"
+        "by gate weight, descending; tokens are decode (steps 1, 2, ...) unless a phase field or\n"
+        "--prefill-tokens says otherwise."
+    )
+    p.add_argument("src", help="log file or directory of log files (.jsonl/.ndjson/.json or .csv, optionally .gz); "
+                   "files are read in natural name order, and without a request field each file is one request")
+    p.add_argument("-o", "--output", required=True, help="trace file to write (.parquet), written atomically")
+    p.add_argument("--format", choices=FORMATS, default=None, help="input format (default: from the file extension)")
+    g = p.add_argument_group("field names")
+    g.add_argument("--request-field", help=f"request/problem id, int or string (default: first of {list(d['request'])}; "
+                   "if none is present, or with --request-field '', each file is one request)")
+    g.add_argument("--layer-field", help=f"decoder layer index (default: first of {list(d['layer'])})")
+    g.add_argument("--token-field", help=f"token index/position in the request (default: first of {list(d['token'])})")
+    g.add_argument("--experts-field", help=f"list of top-k expert ids (default: first of {list(d['experts'])})")
+    g.add_argument("--weights-field", help=f"list of gate weights, optional (default: first of {list(d['weights'])})")
+    g.add_argument("--phase-field", help="'prefill'/'decode' per record, optional (default: 'phase' if present and --prefill-tokens "
+                   "is not given)")
+    g.add_argument("--prefill-tokens", type=int, default=None,
+                   help="the first N tokens of each request are prefill (step 0); the rest decode, steps 1, 2, ...")
+    s = p.add_argument_group("model shape (inferred from the data when not given)")
+    s.add_argument("--model-name", default="unknown", help="model name stored in the trace's shape")
+    s.add_argument("--num-experts", type=int, help="routed experts per layer (default: max id + 1)")
+    s.add_argument("--top-k", type=int, help="experts per token (default: the id lists' length)")
+    s.add_argument("--num-layers", type=int, help="decoder layers (default: max layer + 1)")
+    s.add_argument("--moe-layers", help="MoE decoder layers, e.g. '1-23' or '0,2,4' (default: the layers seen)")
+    s.add_argument("--shared-experts", type=int, default=0, help="shared experts per MoE layer (default 0)")
+
+
+def run(args: argparse.Namespace) -> int:
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", RaggedLogWarning)
+        warnings.showwarning = _show_warning
+        trace = import_log(
+            args.src,
+            args.format,
+            request_field=args.request_field,
+            layer_field=args.layer_field,
+            token_field=args.token_field,
+            experts_field=args.experts_field,
+            weights_field=args.weights_field,
+            phase_field=args.phase_field,
+            prefill_tokens=args.prefill_tokens,
+            num_experts=args.num_experts,
+            top_k=args.top_k,
+            num_layers=args.num_layers,
+            moe_layers=parse_layers(args.moe_layers) if args.moe_layers else None,
+            num_shared_experts=args.shared_experts,
+            model_name=args.model_name,
+        )
+    path = write_trace(trace, args.output)
+    s, imp = trace.shape, trace.meta["import"]
+    print(
+        f"{path}: {trace.num_requests} requests, {int(trace.lengths.sum())} tokens, {trace.num_rows} rows "
+        f"({imp['dropped_rows']} dropped); {s.num_layers} layers, MoE layers {list(s.moe_layers)}, "
+        f"{s.num_experts} experts, top-{s.top_k}"
+    )
+    return 0
+
+
+def _show_warning(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+    print(f"warning: {message}", file=sys.stderr)
