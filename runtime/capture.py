@@ -33,7 +33,7 @@ import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -509,3 +509,147 @@ def _model_spec_dict(loaded: LoadedModel) -> dict[str, Any] | None:
     if spec is None or not hasattr(spec, "to_dict"):
         return None
     return spec.to_dict()
+
+
+# =========================================================================== Hydra app
+@dataclass
+class PromptsConf:
+    path: Optional[str] = None  # text file (one prompt per line) or .jsonl; null: the built-in set
+    field: str = "text"  # JSONL field
+    limit: Optional[int] = None
+    max_tokens: Optional[int] = None  # truncate longer prompts
+
+
+@dataclass
+class DraftConf:
+    enabled: bool = False
+    bits: int = 4
+    group_size: int = 128
+    kernel: str = "reference"
+
+
+@dataclass
+class CaptureConf:
+    """Structured config of `python -m runtime.capture` (ConfigStore name ``capture_schema``)."""
+
+    model: Any = None  # a conf/model preset (random weights built from its config.json)
+    source: Optional[str] = None  # checkpoint dir, config.json, cached hub name or tiny-<family>
+    layers: Optional[int] = None  # depth reduction for `source` (presets: model.layers)
+    dtype: str = "auto"
+    device: str = "auto"
+    seed: int = 0
+    revision: Optional[str] = None
+    experts_implementation: Optional[str] = None
+    max_memory: Optional[str] = None
+    offload_folder: Optional[str] = None
+    prompts: PromptsConf = field(default_factory=PromptsConf)
+    max_new_tokens: int = 32
+    batch_size: int = 8
+    lookahead: int = 2
+    draft: DraftConf = field(default_factory=DraftConf)
+    stop_at_eos: bool = True
+    out: str = "trace.parquet"
+    progress: Optional[bool] = None
+    created: Optional[str] = None
+    deterministic: bool = True
+
+
+def register_configs() -> None:
+    """Idempotent: the capture schema plus the model schema the presets pull in."""
+    from hydra.core.config_store import ConfigStore
+
+    try:
+        from sim.spec import register_schemas
+
+        register_schemas()
+    except ImportError:  # pragma: no cover - sim ships with the project
+        pass
+    ConfigStore.instance().store(name="capture_schema", node=CaptureConf)
+
+
+def _is_preset(value: str) -> bool:
+    from runtime.models import conf_dir
+
+    return bool(value) and "/" not in value and (conf_dir() / "model" / f"{value}.yaml").is_file()
+
+
+def rewrite_model_args(argv: list[str]) -> list[str]:
+    """``model=X`` where X is not a conf/model preset (a directory, a config.json, a cached hub name,
+    tiny-<family>) becomes ``~model source=X``, and ``model.layers=N`` then becomes ``layers=N``:
+    resolved before composition (DESIGN.md §3)."""
+    out: list[str] = []
+    source = False
+    for a in argv:
+        if a.startswith("model=") and "," not in a:
+            v = a.split("=", 1)[1]
+            if not _is_preset(v):
+                out += ["~model", f"source={v}"]
+                source = True
+                continue
+        out.append(a)
+    if source:
+        out = [f"layers={a.split('=', 1)[1]}" if a.startswith(("model.layers=", "+model.layers=")) else a for a in out]
+    return out
+
+
+def run_capture(cfg: Any) -> Path:
+    """Load, capture, write; ``cfg`` is the composed capture config. Returns the trace path."""
+    from omegaconf import OmegaConf
+
+    from runtime.models import conf_dir, load_model
+    from runtime.prompts import load_prompts
+    from traces.io import write_trace
+
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    prompts = load_prompts(cfg.prompts.path, cfg.prompts.field, cfg.prompts.limit)
+    if cfg.source:
+        source, layers = cfg.source, cfg.layers
+    elif cfg.get("model") is not None:
+        m = cfg.model
+        if not m.get("hf_config"):
+            raise CaptureError(f"model preset {m.get('name')!r} has no hf_config (no transformers config to build)")
+        source, layers = str(conf_dir() / "model" / m.hf_config), m.get("layers")
+    else:
+        raise CaptureError("no model: pass model=PRESET or model=CHECKPOINT_DIR")
+    loaded = load_model(
+        source, layers=layers, dtype=cfg.dtype, device=cfg.device, seed=cfg.seed, revision=cfg.revision,
+        max_memory=cfg.max_memory, offload_folder=cfg.offload_folder,
+        experts_implementation=cfg.experts_implementation,
+    )
+    if not cfg.source:
+        loaded.provenance["preset"] = cfg.model.name
+        loaded.provenance["source"] = f"conf/model/{cfg.model.hf_config}"
+        loaded.shape = type(loaded.shape)(**{**loaded.shape.to_dict(), "name": cfg.model.name})
+    s = CaptureSettings(
+        max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, lookahead=cfg.lookahead,
+        draft=cfg.draft.enabled, draft_bits=cfg.draft.bits, draft_group_size=cfg.draft.group_size,
+        draft_kernel=cfg.draft.kernel, stop_at_eos=cfg.stop_at_eos, max_prompt_tokens=cfg.prompts.max_tokens,
+        progress=cfg.progress,
+    )
+    trace = capture(loaded, prompts.texts, s, prompts_origin=prompts.origin, created=cfg.created)
+    trace.meta["config"] = OmegaConf.to_container(cfg, resolve=True)
+    return write_trace(trace, Path(cfg.out))
+
+
+def _app(cfg: Any) -> None:
+    try:
+        path = run_capture(cfg)
+    except TraceError as e:  # ModelLoadError, CaptureError, bad prompt files
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"trace: {path}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m runtime.capture key=value ...` (also the moe-capture console script)."""
+    import hydra
+
+    register_configs()
+    sys.argv = [sys.argv[0]] + rewrite_model_args(list(sys.argv[1:] if argv is None else argv))
+    hydra.main(version_base="1.3", config_path="pkg://conf", config_name="capture")(_app)()
+
+
+if __name__ == "__main__":
+    main()
