@@ -104,24 +104,25 @@ class Simulation:
         if timeline:
             self.log.compute_spans, self.log.copy_spans, self.log.occupancy = [], [], []
         self.copy = CopyEngine(
-            self.env,
             self.cache,
             nbytes=self.expert_bytes,
             transfer_time=cost.h2d(self.expert_bytes),
-            copy_latency=float(hw.copy_latency_s),
             issue_overhead=float(hw.copy_issue_overhead_s),
             copies_in_flight=int(hw.copies_in_flight),
-            on_done=self._copy_done,
             current_g=lambda: self.g,
             prefetched=self.prefetched,
+            on_done=self._copy_done if (timeline or self._needs_done(prefetch)) else None,
+            on_release=self._release,
             record=self.log.copy_spans,
         )
         cls = type(prefetch)
         self._has_layer_start = cls.on_layer_start is not PrefetchPolicy.on_layer_start
         self._has_routed = cls.on_routed is not PrefetchPolicy.on_routed
         self._has_done = cls.on_transfer_done is not PrefetchPolicy.on_transfer_done
-        self._wait_keys: set[int] = set()
-        self._wait_ev: simpy.Event | None = None
+
+    @staticmethod
+    def _needs_done(prefetch: PrefetchPolicy) -> bool:
+        return type(prefetch).on_transfer_done is not PrefetchPolicy.on_transfer_done
 
     # ------------------------------------------------------------ callbacks
     def _evicted(self, key: int) -> None:
@@ -129,16 +130,11 @@ class Simulation:
             self.prefetched[key] = False
             self.log.wasted_prefetch_bytes += self.expert_bytes
 
-    def _copy_done(self, key: int, is_prefetch: bool) -> None:
-        wk = self._wait_keys
-        if key in wk:
-            wk.discard(key)
-            if not wk and self._wait_ev is not None:
-                self._wait_ev.succeed()
+    def _copy_done(self, key: int, t: float) -> None:
         if self._has_done:
             self._apply(self.prefetch.on_transfer_done(key))
         if self.log.occupancy is not None:
-            self.log.occupancy.append((self.env.now, self.cache.resident_count()))
+            self.log.occupancy.append((t, self.cache.resident_count()))
 
     def _apply(self, actions) -> None:
         copy = self.copy
@@ -163,108 +159,143 @@ class Simulation:
         log.wasted_prefetch_bytes += sum(self.prefetched) * self.expert_bytes
         return log
 
+    def _release(self, keys: tuple[int, ...]) -> None:
+        """A computation is over: its experts leave the in-use state (streaming drops them)."""
+        cache = self.cache
+        in_use, state = cache.in_use, cache.state
+        for key in keys:
+            in_use[key] -= 1
+        if not self.prefetch.keeps_cache:
+            for key in keys:
+                if state[key] == RESIDENT and not in_use[key]:
+                    cache.remove(key)
+
     def _driver(self):
+        """The GPU compute stream. Compute that needs no decision is not waited for at once: it is
+        carried (``carry``) into the next timeout, so a layer-step costs one event when its experts
+        hit; the experts of a carried computation stay in use until it ends (the copy stream
+        releases them at that time, in order)."""
         env, sch, cache, copy, log = self.env, self.schedule, self.cache, self.copy, self.log
         prefetch = self.prefetch
         state, in_use, ready_at, prefetched = cache.state, cache.in_use, cache.ready_at, self.prefetched
-        pre, exp, needed_all = sch.pre, sch.exp, sch.needed
+        pre, exp, needed_all, infos = sch.pre, sch.exp, sch.needed, sch.infos
         dd = self.decision_delay
         M = sch.M
+        layer_names = [f"L{x}" for x in sch.model.moe_layers]
         spans = log.compute_spans
+        occupancy = log.occupancy
         stall_layer = np.zeros(M)
         xbytes = self.expert_bytes
-        keeps = prefetch.keeps_cache
         caps = cache.capacity
         per_layer = cache.per_layer is not None
+        has_start, has_routed = self._has_layer_start, self._has_routed
+        touch = cache.touch
+        advance, try_issue, request = copy.advance, copy.try_issue, copy.request
+        carry = 0.0
         for r, (s_first, s_end) in enumerate(sch.request_steps):
-            t_req = env.now
-            log.request_start.append(t_req)
+            if carry:
+                yield env.timeout(carry)
+                carry = 0.0
+            advance(env.now)
+            log.request_start.append(env.now)
             times: list[float] = []
             log.token_times.append(times)
             self._apply(prefetch.on_request_start(r))
-            copy.try_issue()
+            try_issue()
             for s_idx in range(s_first, s_end):
                 step = sch.steps[s_idx]
                 g0 = step.g0
                 # per-step coverage: share of the step's needed experts resident as it starts
+                t_start = env.now + carry
                 tot = hit0 = 0
-                for m in range(M):
-                    for key in needed_all[g0 + m]:
+                for g in range(g0, g0 + M):
+                    for key in needed_all[g]:
                         tot += 1
-                        hit0 += state[key] == RESIDENT
+                        st = state[key]
+                        hit0 += st == RESIDENT or (st == LOADING and ready_at[key] <= t_start)
                 log.coverage.append(hit0 / tot if tot else 1.0)
                 for m in range(M):
                     g = g0 + m
                     self.g = g
-                    if self._has_layer_start:
-                        self._apply(prefetch.on_layer_start(sch.layer_step(g)))
-                        copy.try_issue()
-                    t = env.now
-                    yield env.timeout(pre[g] + dd)
+                    if has_start:
+                        if carry:
+                            yield env.timeout(carry)
+                            carry = 0.0
+                        advance(env.now)
+                        self._apply(prefetch.on_layer_start(infos[g]))
+                        try_issue()
+                    t = env.now + carry
+                    yield env.timeout(carry + pre[g] + dd)
+                    carry = 0.0
+                    now = env.now
+                    advance(now)
                     if spans is not None:
-                        spans.append((t, env.now, f"attn+router L{sch.model.moe_layers[m]}"))
+                        spans.append((t, now, f"attn+router {layer_names[m]}"))
                     needed = needed_all[g]
                     cap = caps[m if per_layer else 0]
-                    waves = [needed] if len(needed) <= cap else [needed[i:i + cap] for i in range(0, len(needed), cap)]
-                    for wave in waves:
+                    waves = (needed,) if len(needed) <= cap else tuple(needed[i:i + cap] for i in range(0, len(needed), cap))
+                    last = len(waves) - 1
+                    for w, wave in enumerate(waves):
                         wait = None
+                        missed: list[int] = []
                         for key in wave:
                             in_use[key] += 1
                             st = state[key]
                             if st == RESIDENT:
                                 log.hits += 1
-                                cache.touch(key, g)
-                            elif st == LOADING:
-                                log.late += 1
-                                log.late_wait += ready_at[key] - env.now
-                                cache.touch(key, g)
-                                if wait is None:
-                                    wait = set()
-                                wait.add(key)
+                                touch(key, g)
                             else:
-                                log.misses += 1
-                                copy.request(key, DEMAND)
+                                if st == LOADING:
+                                    log.late += 1
+                                    log.late_wait += ready_at[key] - now
+                                    touch(key, g)
+                                else:
+                                    log.misses += 1
+                                    request(key, DEMAND)
+                                    missed.append(key)
                                 if wait is None:
                                     wait = set()
                                 wait.add(key)
-                            if prefetched[key] and st != 0:
+                            if st and prefetched[key]:
                                 prefetched[key] = False
                                 log.useful_prefetch_bytes += xbytes
-                        if self._has_routed and wave is waves[0]:
-                            self._apply(prefetch.on_routed(sch.layer_step(g), needed))
-                        copy.try_issue()
+                        if has_routed and w == 0:
+                            self._apply(prefetch.on_routed(infos[g], needed))
+                        try_issue()
+                        stall = 0.0
                         if wait:
-                            t = env.now
-                            self._wait_keys = wait
-                            self._wait_ev = env.event()
-                            yield self._wait_ev
-                            self._wait_ev = None
-                            for key in wait:  # arrived on demand: count the use now
-                                cache.touch(key, g)
-                            stall = env.now - t
+                            # the stall needs no event of its own: nothing is decided when the
+                            # experts land, so it is carried into the next timeout with the compute
+                            t_ready = copy.ready_time(wait)
+                            for key in missed:  # arrived on demand: count the use now
+                                touch(key, g)
+                            stall = t_ready - now
                             log.stall += stall
                             stall_layer[m] += stall
                             if spans is not None:
-                                spans.append((t, env.now, f"stall L{sch.model.moe_layers[m]}"))
-                        t = env.now
-                        dur = exp[g] if len(waves) == 1 else exp[g] * len(wave) / len(needed)
-                        yield env.timeout(dur)
+                                spans.append((now, t_ready, f"stall {layer_names[m]}"))
+                            now = t_ready
+                        dur = exp[g] if last == 0 else exp[g] * len(wave) / len(needed)
                         if spans is not None:
-                            spans.append((t, env.now, f"experts L{sch.model.moe_layers[m]}"))
-                        for key in wave:
-                            in_use[key] -= 1
-                        if not keeps:
-                            for key in wave:
-                                if state[key] == RESIDENT and not in_use[key]:
-                                    cache.remove(key)
-                        copy.try_issue()
-                    if log.occupancy is not None:
-                        log.occupancy.append((env.now, cache.resident_count()))
+                            spans.append((now, now + dur, f"experts {layer_names[m]}"))
+                        copy.hold(wave, now + dur)
+                        if w < last:
+                            yield env.timeout(stall + dur)
+                            now = env.now
+                            advance(now)
+                        else:
+                            carry = stall + dur
+                    if occupancy is not None:
+                        occupancy.append((now, cache.resident_count()))
                 if step.tail:
-                    t = env.now
-                    yield env.timeout(step.tail)
                     if spans is not None:
-                        spans.append((t, env.now, "head"))
-                times.append(env.now)
+                        spans.append((env.now + carry, env.now + carry + step.tail, "head"))
+                    carry += step.tail
+                times.append(env.now + carry)
+            if carry:
+                yield env.timeout(carry)
+                carry = 0.0
+            advance(env.now)
             self._apply(prefetch.on_request_end(r))
+            try_issue()
         log.stall_per_layer = stall_layer

@@ -3,9 +3,9 @@
 CUDA streams are first-in-first-out: an issued copy can be neither cancelled nor overtaken. So the
 host keeps its own queue (demand before prefetch, cancellable while not yet issued) and issues at
 most ``copies_in_flight`` copies to the stream (DESIGN.md §5). The link is modelled as a
-busy-until timestamp: an issued copy starts when the host has issued it and the link is free, and
-takes ``copy_latency + bytes / bandwidth(bytes)``. Copies therefore complete in issue order, so
-one long-lived SimPy process sleeps until the head of the stream completes.
+busy-until timestamp: an issued copy starts when the host has issued it (``issue_overhead`` of host
+time each) and the link is free, and takes ``copy_latency + bytes / bandwidth(bytes)``. Copies
+therefore complete in issue order.
 """
 
 from __future__ import annotations
@@ -14,9 +14,7 @@ import heapq
 from collections import deque
 from typing import Callable
 
-import simpy
-
-from sim.cache import LOADING, ExpertCache
+from sim.cache import LOADING, RESIDENT, ExpertCache
 from sim.policies.base import DEMAND
 
 
@@ -70,105 +68,148 @@ class CopyQueue:
 
 
 class CopyEngine:
-    """The host-to-device copy stream; issues from the queue and completes copies in order."""
+    """The host-to-device copy stream as an exact timestamp model, advanced lazily.
+
+    Between two host decisions the copy stream has no choices of its own: it completes copies in
+    order and issues the next queued one when a copy frees room in the stream (or a slot frees). So
+    instead of one SimPy event per transfer, the host calls ``advance(t)`` at each decision point
+    and the stream replays, in time order, every completion, issue and slot release up to ``t``;
+    when the compute stream must wait for experts, ``ready_time`` runs the same replay forward to
+    the moment they have all landed. Issue times, link occupancy and evictions are exactly those of
+    an event-per-transfer model (a test checks this against a brute-force reference).
+    """
 
     def __init__(
         self,
-        env: simpy.Environment,
         cache: ExpertCache,
         *,
         nbytes: int,
         transfer_time: float,
-        copy_latency: float,
         issue_overhead: float,
         copies_in_flight: int,
-        on_done: Callable[[int, bool], None],
         current_g: Callable[[], int],
         prefetched: list[bool],
+        on_done: Callable[[int, float], None] | None = None,
+        on_release: Callable[[tuple[int, ...]], None] | None = None,
         record: list | None = None,
     ) -> None:
-        self.env = env
         self.cache = cache
         self.queue = CopyQueue()
         self.nbytes = nbytes
         self.duration = transfer_time  # latency + bytes / bandwidth(bytes), one expert
-        self.copy_latency = copy_latency
         self.issue_overhead = issue_overhead
         self.max_in_flight = max(1, int(copies_in_flight))
-        self.in_flight: deque[tuple[float, int, bool, float]] = deque()  # (end, key, is_prefetch, start)
+        self.in_flight: deque[tuple[float, int]] = deque()  # (end, key), in issue (= completion) order
+        self.clock = 0.0  # the stream's state is exact up to this time
         self.link_free = 0.0
         self.host_free = 0.0
-        self.on_done = on_done
         self.current_g = current_g
         self.prefetched = prefetched  # per key: arrived by prefetch and not used yet
+        self.on_done = on_done
+        self.on_release = on_release
         self.record = record  # timeline spans (start, end, key, is_prefetch) when enabled
-        self.bytes_moved = 0
         self.copies = 0
         self.busy_time = 0.0
-        self.blocked = False
-        self._wake: simpy.Event | None = None
-        self.process = env.process(self._run())
+        self.blocked = False  # the queue head waits for a slot
+        self._pending: tuple[int, ...] | None = None  # experts in use until _pending_until
+        self._pending_until = 0.0
 
-    # ---------------------------------------------------------------- host side
+    # ------------------------------------------------------------ host side
     def request(self, key: int, priority: int) -> None:
         """Queue a fetch unless ``key`` is already on the GPU or on its way."""
-        if self.cache.state[key] != 0:  # loading or resident
-            return
-        self.queue.push(key, priority)
+        if self.cache.state[key] == 0:  # absent
+            self.queue.push(key, priority)
 
     def cancel(self, key: int) -> None:
         self.queue.cancel(key)
 
+    def hold(self, keys: tuple[int, ...], until: float) -> None:
+        """``keys`` are in use by a computation that ends at ``until`` (released then, in order)."""
+        if self._pending is not None:
+            raise AssertionError("a computation is still holding experts")
+        self._pending = keys
+        self._pending_until = until
+
     def try_issue(self) -> None:
-        """Issue queued copies while the stream has room and a slot can be found."""
-        queue, cache, inflight = self.queue, self.cache, self.in_flight
-        issued = False
+        """Issue queued copies at ``self.clock`` while the stream has room and a slot is found."""
+        queue, inflight = self.queue, self.in_flight
+        entry = queue._entry
+        if not entry or len(inflight) >= self.max_in_flight:
+            return
+        cache, heap = self.cache, queue._heap
+        state = cache.state
         self.blocked = False
-        while len(inflight) < self.max_in_flight:
-            head = queue.peek()
-            if head is None:
-                break
-            key, prio = head
-            if cache.state[key] != 0:
+        while entry and len(inflight) < self.max_in_flight:
+            p, s_, key = heap[0]
+            if entry.get(key) != (p, s_):
+                heapq.heappop(heap)
+                continue
+            if state[key] != 0:
                 queue.pop()
                 continue
-            if not cache.reserve(key, self.current_g()):
+            g = self.current_g()
+            if not cache.reserve(key, g):
                 self.blocked = True
-                break
+                return
             queue.pop()
-            now = self.env.now
-            host = (now if now > self.host_free else self.host_free) + self.issue_overhead
+            host = (self.clock if self.clock > self.host_free else self.host_free) + self.issue_overhead
             self.host_free = host
             start = host if host > self.link_free else self.link_free
             end = start + self.duration
             self.link_free = end
             self.busy_time += end - start
-            self.bytes_moved += self.nbytes
             self.copies += 1
-            cache.start_loading(key, end, self.current_g())
-            self.prefetched[key] = prio != DEMAND
-            inflight.append((end, key, prio != DEMAND, start))
+            cache.start_loading(key, end, g)
+            self.prefetched[key] = p != DEMAND
+            inflight.append((end, key))
             if self.record is not None:
-                self.record.append((start, end, key, prio != DEMAND))
-            issued = True
-        if issued:
-            if self._wake is not None and not self._wake.triggered:
-                self._wake.succeed()
+                self.record.append((start, end, key, p != DEMAND))
 
-    # -------------------------------------------------------------- the stream
-    def _run(self):
-        env, inflight, cache = self.env, self.in_flight, self.cache
-        while True:
-            if not inflight:
-                self._wake = env.event()
-                yield self._wake
-                self._wake = None
-                continue
-            end, key, is_prefetch, _ = inflight[0]
-            if end > env.now:
-                yield env.timeout(end - env.now)
-            inflight.popleft()
-            if cache.state[key] == LOADING:
-                cache.loaded(key)
-            self.on_done(key, is_prefetch)
+    @property
+    def bytes_moved(self) -> int:
+        return self.copies * self.nbytes
+
+    def advance(self, t: float) -> None:
+        """Replay completions, releases and issues up to time ``t`` (never backwards)."""
+        if t < self.clock:
+            raise AssertionError(f"copy stream asked to go back from {self.clock} to {t}")
+        inflight, cache, entry = self.in_flight, self.cache, self.queue._entry
+        cap = self.max_in_flight
+        if entry and len(inflight) < cap:
             self.try_issue()
+        while True:
+            nxt = inflight[0][0] if inflight else None
+            if self._pending is not None and self._pending_until <= t and (nxt is None or self._pending_until <= nxt):
+                if self._pending_until > self.clock:
+                    self.clock = self._pending_until
+                keys, self._pending = self._pending, None
+                if self.on_release is not None:
+                    self.on_release(keys)
+            elif nxt is not None and nxt <= t:
+                end, key = inflight.popleft()
+                self.clock = end
+                if cache.state[key] == LOADING:
+                    cache.loaded(key)
+                if self.on_done is not None:
+                    self.on_done(key, end)
+            else:
+                break
+            if entry and len(inflight) < cap:
+                self.try_issue()
+        self.clock = t
+
+    def ready_time(self, keys: set[int]) -> float:
+        """Run the stream forward until every key in ``keys`` is resident; return that time.
+
+        Only valid while the host makes no decision in between (the compute stream is waiting)."""
+        state, inflight = self.cache.state, self.in_flight
+        for k in keys:
+            while state[k] != RESIDENT:
+                if inflight:
+                    self.advance(inflight[0][0])
+                elif self._pending is not None:
+                    self.advance(self._pending_until)
+                else:
+                    missing = sorted(x for x in keys if state[x] != RESIDENT)
+                    raise AssertionError(f"experts {missing} can never arrive: queue blocked with nothing in flight")
+        return self.clock

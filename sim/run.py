@@ -47,16 +47,22 @@ def load_trace(tcfg: Any, model: ModelSpec) -> Trace:
         trace = read_trace(tcfg.path)
         check_trace_matches(trace, model, str(tcfg.path))
         return trace
+    from dataclasses import replace
+
     from traces.synth import synth_params_for, synthesize
 
-    params = synth_params_for(
-        model.shape_only(),
+    try:
+        params = synth_params_for(model.name)
+    except TraceError:
+        params = synth_params_for("tiny")  # dials of a generic family; the shape comes from the model
+    params = replace(
+        params,
         requests=int(tcfg.requests),
         prompt_tokens=int(tcfg.prompt_tokens),
         decode_tokens=int(tcfg.decode_tokens),
         lookahead_depth=int(tcfg.lookahead_depth),
     )
-    return synthesize(params, seed=int(tcfg.seed))
+    return synthesize(params, seed=int(tcfg.seed), shape=model.shape_only())
 
 
 def check_trace_matches(trace: Trace, model: ModelSpec, where: str) -> None:

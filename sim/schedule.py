@@ -99,6 +99,10 @@ class Schedule:
                     self.g_step.append(s_idx)
             self.request_steps.append((first, len(self.steps)))
         self.num_layer_steps = len(self.needed)
+        self.infos = [
+            LayerStepInfo(g, self.steps[si].request, self.steps[si].step, g - self.steps[si].g0)
+            for g, si in enumerate(self.g_step)
+        ]
         self._uses: dict[int, list[int]] | None = None
 
     # ---------------------------------------------------------------- future
@@ -124,8 +128,7 @@ class Schedule:
         return lst[i] if i < len(lst) else NEVER
 
     def layer_step(self, g: int) -> LayerStepInfo:
-        s = self.steps[self.g_step[g]]
-        return LayerStepInfo(g, s.request, s.step, g - s.g0)
+        return self.infos[g]
 
     def tokens_of(self, g: int) -> tuple[int, int, int]:
         """(request, first token, end token) of layer-step ``g``'s step."""

@@ -9,21 +9,19 @@ Time is never visible; order is: policies see a logical *layer-step* index ``g``
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Protocol, Sequence
+from typing import Any, Callable, Iterable, NamedTuple, Protocol, Sequence
 
 DEMAND = 0  # priority of demand fetches: before every prefetch
 
 
-@dataclass(frozen=True, slots=True)
-class Fetch:
+class Fetch(NamedTuple):
     """Copy ``key`` to the GPU. Lower priority values go first; 0 is reserved for demand."""
 
     key: int
     priority: int = 1
 
 
-@dataclass(frozen=True, slots=True)
-class Cancel:
+class Cancel(NamedTuple):
     """Drop a queued (not yet issued) fetch of ``key``; no-op if it is already on the link."""
 
     key: int

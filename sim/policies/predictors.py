@@ -26,6 +26,7 @@ class Predictor:
         self.depths = list(depths)
         self._target = {d: trace.lookahead_target(d) for d in self.depths}
         self._arrays = {d: self._array(d, seed) for d in self.depths}
+        self._lists = {d: a.tolist() for d, a in self._arrays.items()}  # plain lists: fast scalar reads
 
     def _array(self, d: int, seed: int) -> np.ndarray:  # pragma: no cover - interface
         raise NotImplementedError
@@ -39,7 +40,7 @@ class Predictor:
             return ()
         base = tm * self.E
         if s.t1 - s.t0 == 1:
-            return tuple(base + int(x) for x in self._arrays[d][s.request, s.t0, m] if x >= 0)
+            return tuple(base + x for x in self._lists[d][s.request][s.t0][m] if x >= 0)
         ids = np.unique(self._arrays[d][s.request, s.t0:s.t1, m])
         return tuple(base + int(x) for x in ids if x >= 0)
 
