@@ -21,6 +21,7 @@ import simpy
 
 from sim.cache import LOADING, RESIDENT, ExpertCache
 from sim.costmodel import CostModel
+from sim.errors import SimError
 from sim.hardware import HardwareSpec
 from sim.link import CopyEngine
 from sim.policies.base import DEMAND, Cancel, EvictionPolicy, PolicyContext, PrefetchPolicy
@@ -115,6 +116,11 @@ class Simulation:
             on_release=self._release,
             record=self.log.copy_spans,
         )
+        if not prefetch.keeps_cache and min(self.cache.capacity) < sch.E:
+            raise SimError(
+                f"policy '{prefetch.name}' streams whole layers: it needs at least num_experts={sch.E} slots "
+                f"per pool, the cache has {min(self.cache.capacity)}"
+            )
         cls = type(prefetch)
         self._has_layer_start = cls.on_layer_start is not PrefetchPolicy.on_layer_start
         self._has_routed = cls.on_routed is not PrefetchPolicy.on_routed
@@ -188,6 +194,7 @@ class Simulation:
         xbytes = self.expert_bytes
         caps = cache.capacity
         per_layer = cache.per_layer is not None
+        keeps = prefetch.keeps_cache
         has_start, has_routed = self._has_layer_start, self._has_routed
         touch = cache.touch
         advance, try_issue, request = copy.advance, copy.try_issue, copy.request
@@ -259,6 +266,19 @@ class Simulation:
                             if st and prefetched[key]:
                                 prefetched[key] = False
                                 log.useful_prefetch_bytes += xbytes
+                        held = wave
+                        if not keeps:
+                            # streaming moves the whole layer and computes once all of it landed
+                            base = m * self.schedule.E
+                            extra = tuple(x for x in range(base, base + self.schedule.E) if x not in wave)
+                            for key in extra:
+                                in_use[key] += 1
+                                if state[key] != RESIDENT:
+                                    request(key, DEMAND)
+                                    if wait is None:
+                                        wait = set()
+                                    wait.add(key)
+                            held = wave + extra
                         if has_routed and w == 0:
                             self._apply(prefetch.on_routed(infos[g], needed))
                         try_issue()
@@ -278,7 +298,7 @@ class Simulation:
                         dur = exp[g] if last == 0 else exp[g] * len(wave) / len(needed)
                         if spans is not None:
                             spans.append((now, now + dur, f"experts {layer_names[m]}"))
-                        copy.hold(wave, now + dur)
+                        copy.hold(held, now + dur)
                         if w < last:
                             yield env.timeout(stall + dur)
                             now = env.now
