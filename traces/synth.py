@@ -32,8 +32,8 @@ tokens in position order):
   consecutive layers thus co-occur through the shared cluster, the way a slowly changing hidden
   state couples consecutive routers, and a co-occurrence predictor fitted on other requests
   beats chance (k/E) several-fold on fine-grained models. This dial is emergent, not exact.
-* **Fresh picks** are weighted sampling without replacement (Gumbel top-k) of the weights above
-  within the chosen class.
+* **Fresh picks** are weighted sampling without replacement (the top k of weight / Exp(1), i.e.
+  Gumbel top-k) of the weights above within the chosen class.
 * **Lookahead** ``lookahead_<d>`` (d = 1..``lookahead_depth``), on the source layer's row: each
   of the target layer's true ids is kept (in place) with probability
   r_d = k/E + (``lookahead_recall`` - k/E) * ``lookahead_decay``**(d-1) and otherwise replaced
@@ -294,7 +294,7 @@ def _noisy_copy(rng: np.random.Generator, truth: np.ndarray, p_keep: float, E: i
     out = truth.astype(np.int64, copy=True)
     r, c = np.nonzero(~keep)
     out[r, c] = rng.integers(0, E, size=r.size)
-    rows = np.unique(r)
+    rows = np.flatnonzero((~keep).any(1))
     lower = np.tril(np.ones((k, k), dtype=bool), -1)
     for _ in range(10_000):
         if rows.size == 0:
@@ -380,9 +380,9 @@ def synthesize_with_internals(
     g = _rng(seed, _STRUCTURE)
     if params.global_skew > 0:
         base = g.dirichlet(np.full(E, 1.0 / params.global_skew), size=M)
-        logbase = np.log(np.maximum(base, 1e-300))
+        base = np.maximum(base, 1e-300)
     else:
-        logbase = np.zeros((M, E))
+        base = np.ones((M, E))
     C = params.clusters
     csize = params.cluster_size or max(1, E // C)
     # balanced: per layer a random permutation dealt round-robin, so every expert is preferred by
@@ -428,8 +428,9 @@ def synthesize_with_internals(
     m_of = np.tile(np.arange(M), R)
     r_of = np.repeat(np.arange(R), M)
     rows = np.arange(n)
-    logbase_rows = logbase[m_of]
-    logboost = math.log1p(params.affinity)
+    # pick weight of every expert for each (layer, cluster); a fresh pick is weighted sampling
+    # without replacement: the top of weight / Exp(1) (the exponential form of Gumbel top-k)
+    weight = base[:, None, :] * (1.0 + params.affinity * preferred)  # (M, C, E)
     hot_rows = hot.reshape(n, S, E)
     reuse_rows = reuse[m_of][:, None]
     hot_share_rows = hot_share[m_of][:, None]
@@ -440,15 +441,15 @@ def synthesize_with_internals(
     for t in range(T):
         keep = g.random((n, k)) < reuse_rows if t else np.zeros((n, k), dtype=bool)
         want_hot = g.random((n, k)) < hot_share_rows
-        score = logbase_rows + logboost * preferred[m_of, clusters[r_of, t]] + g.gumbel(size=(n, E))
+        score = weight[m_of, clusters[r_of, t]] / g.standard_exponential(size=(n, E))
         if t:
-            score[rows[:, None], prev] = -np.inf  # fresh picks avoid the previous token's experts
+            score[rows[:, None], prev] = -1.0  # fresh picks avoid the previous token's experts
         is_hot = hot_rows[:, t // params.segment_tokens]
-        s_hot = np.where(is_hot, score, -np.inf)
-        s_cold = np.where(is_hot, -np.inf, score)
+        s_hot = np.where(is_hot, score, -1.0)
+        s_cold = np.where(is_hot, -1.0, score)
         top_hot, top_cold = _top_desc(s_hot, k), _top_desc(s_cold, k)
-        avail_hot = np.isfinite(s_hot).sum(1)
-        avail_cold = np.isfinite(s_cold).sum(1)
+        avail_hot = (s_hot >= 0).sum(1)
+        avail_cold = (s_cold >= 0).sum(1)
         dropped = ~keep
         n_fresh = dropped.sum(1)
         n_hot = np.minimum((want_hot & dropped).sum(1), avail_hot)
