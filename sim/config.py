@@ -58,6 +58,7 @@ class SimConf:
     timeline_out: Optional[str] = None
     results_name: str = "results"
     progress: bool = True
+    plugins: list[str] = field(default_factory=list)  # modules to import first (they register policies)
     experiment: Any = None
 
 

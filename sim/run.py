@@ -66,14 +66,24 @@ def load_trace(tcfg: Any, model: ModelSpec) -> Trace:
 
 
 def check_trace_matches(trace: Trace, model: ModelSpec, where: str) -> None:
-    s = trace.shape
-    for field in ("num_experts", "top_k", "moe_layers"):
-        a, b = getattr(s, field), getattr(model, field)
-        if tuple(np.atleast_1d(a)) != tuple(np.atleast_1d(b)):
-            raise TraceError(
-                f"{where}: trace field '{field}' is {list(np.atleast_1d(a))} but model '{model.name}' has "
-                f"{list(np.atleast_1d(b))}; pick the matching model= preset (or model.layers=N for a depth-reduced trace)"
-            )
+    """Every routing field of the trace's shape must equal the model's (no silent truncation)."""
+
+    def show(v):
+        v = list(v) if isinstance(v, tuple) else v
+        if isinstance(v, list) and len(v) > 6:
+            return f"{len(v)} layers {v[:3]}...{v[-1:]}"
+        return v
+
+    bad = [
+        f"'{f}' is {show(getattr(trace.shape, f))} in the trace but {show(getattr(model, f))} in model '{model.name}'"
+        for f in ("num_experts", "top_k", "moe_layers")
+        if getattr(trace.shape, f) != getattr(model, f)
+    ]
+    if bad:
+        raise TraceError(
+            f"{where}: trace does not match the model: {'; '.join(bad)}. Pick the matching model= preset "
+            "(or model.layers=N for a depth-reduced trace)"
+        )
 
 
 def policy_presets(pcfg: Any) -> list[DictConfig]:
@@ -92,6 +102,17 @@ def policy_presets(pcfg: Any) -> list[DictConfig]:
         raw.pop("defaults", None)
         out.append(OmegaConf.merge(OmegaConf.structured(PolicyConf), raw))
     return out
+
+
+def load_plugins(modules: list[str]) -> None:
+    """Import user modules that register policies, predictors or eviction policies."""
+    import importlib
+
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            raise SimError(f"plugins: cannot import module '{name}' ({e})") from None
 
 
 def config_id(keys: dict[str, Any]) -> str:
@@ -190,6 +211,7 @@ def bound_for(prep: Prepared, pool_of: list[int], capacity: list[int]):
 def simulate(cfg: DictConfig, *, on_policy=None) -> list[dict[str, Any]]:
     """All results rows of one config (one per policy of a suite). Infeasible budgets give a row
     with ``status = infeasible`` and the reason; other errors propagate."""
+    load_plugins(cfg.get("plugins") or [])
     presets = policy_presets(cfg.policy)
     try:
         prep = prepare(cfg)

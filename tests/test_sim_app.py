@@ -1,0 +1,129 @@
+"""The `python -m sim` app: configs compose, results are written, bad input gets a clear error."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from hydra import compose, initialize_config_dir
+
+from sim.config import register_configs
+from sim.errors import InfeasibleError, SimError
+from sim.run import conf_dir, simulate
+from traces import TraceError, write_trace
+
+register_configs()
+SMALL = ["trace.requests=2", "trace.prompt_tokens=4", "trace.decode_tokens=12"]
+
+
+def cfg_of(*overrides: str):
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        return compose(config_name="sim", overrides=list(overrides))
+
+
+def run_app(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "sim", f"hydra.run.dir={tmp_path}", *args],
+        capture_output=True, text=True, timeout=300,
+    )
+
+
+def test_main_job_writes_table_results_and_config(tmp_path):
+    out = run_app(tmp_path, "model=tiny", *SMALL)
+    assert out.returncode == 0, out.stderr
+    for col in ("policy", "TPOT ms", "tokens/s", "hit rate", "GB moved", "stall share", "x bound"):
+        assert col in out.stdout
+    df = pd.read_parquet(tmp_path / "results.parquet")
+    assert list(df.policy) == ["stream", "lru", "lfu", "fifo", "belady", "lookahead", "history", "oracle"]
+    assert (df.status == "ok").all() and (df.source == "sim").all()
+    assert (df.x_bound >= 1 - 1e-9).all()
+    assert json.loads((tmp_path / "results.json").read_text())[0]["policy"] == "stream"
+    assert (tmp_path / ".hydra" / "config.yaml").is_file()
+
+
+def test_same_config_same_rows_bit_for_bit():
+    cfg = cfg_of("model=tiny", "policy=baselines", *SMALL)
+    a, b = simulate(cfg), simulate(cfg)
+    for ra, rb in zip(a, b):
+        ra.pop("wall_s"), rb.pop("wall_s")
+        assert ra == rb
+
+
+def test_bound_is_at_most_every_policy_end_to_end():
+    rows = simulate(cfg_of("model=mixtral-8x7b", "model.layers=4", "policy=baselines", *SMALL))
+    for r in rows:
+        assert r["x_bound_e2e"] >= 1 - 1e-9, r["policy"]
+
+
+def test_timeline_out_is_chrome_trace(tmp_path):
+    out = run_app(tmp_path, "model=tiny", "policy=lookahead", f"timeline_out={tmp_path}/tl.json", *SMALL)
+    assert out.returncode == 0, out.stderr
+    ev = json.loads((tmp_path / "tl.json").read_text())["traceEvents"]
+    pids = {e["pid"] for e in ev}
+    assert {1, 2, 3} <= pids
+    assert any(e.get("cat") == "prefetch" for e in ev)
+    assert all(e["dur"] >= 0 for e in ev if e["ph"] == "X")
+
+
+def test_unknown_preset_is_an_error(tmp_path):
+    out = run_app(tmp_path, "hardware=rtx9090")
+    assert out.returncode != 0
+    assert "rtx9090" in out.stderr and "hardware" in out.stderr
+
+
+def test_impossible_budget_says_by_how_much(tmp_path):
+    with pytest.raises(InfeasibleError, match=r"GB"):
+        from sim.run import prepare
+
+        prepare(cfg_of("model=mixtral-8x7b", "hardware.memory_gb=3", *SMALL))
+    out = run_app(tmp_path, "model=mixtral-8x7b", "hardware.memory_gb=3", "policy=lru", *SMALL)
+    assert out.returncode == 0  # a single run still writes its infeasible row
+    df = pd.read_parquet(tmp_path / "results.parquet")
+    assert df.status.tolist() == ["infeasible"] and "GB" in df.reason[0]
+
+
+def test_trace_that_contradicts_the_model_is_an_error(tmp_path):
+    from dataclasses import replace
+
+    from traces.synth import synth_params_for, synthesize
+
+    t = synthesize(replace(synth_params_for("tiny"), requests=1, prompt_tokens=2, decode_tokens=3), seed=0)
+    path = tmp_path / "tiny.parquet"
+    write_trace(t, path)
+    with pytest.raises(TraceError, match="moe_layers.*4 layers|does not match"):
+        simulate(cfg_of("model=mixtral-8x7b", f"trace.path={path}", "policy=lru"))
+    rows = simulate(cfg_of("model=tiny", f"trace.path={path}", "policy=lru"))
+    assert rows[0]["status"] == "ok" and rows[0]["trace"] == str(path)
+    out = run_app(tmp_path / "run", "model=mixtral-8x7b", f"trace.path={path}", "policy=lru")
+    assert out.returncode == 2 and "does not match the model" in out.stderr
+
+
+def test_malformed_trace_file_is_an_error(tmp_path):
+    bad = tmp_path / "bad.parquet"
+    bad.write_bytes(b"not parquet")
+    with pytest.raises(TraceError, match="bad.parquet"):
+        simulate(cfg_of("model=tiny", f"trace.path={bad}", "policy=lru"))
+
+
+def test_unknown_policy_in_config_is_an_error():
+    with pytest.raises(SimError, match="unknown eviction policy"):
+        simulate(cfg_of("model=tiny", "policy=lru", "policy.eviction=nope", *SMALL))
+
+
+def test_cache_layouts_and_hypothetical_link():
+    base = simulate(cfg_of("model=tiny", "policy=lru", "cache.per_layer=4", *SMALL))[0]
+    assert base["layout"] == "per_layer" and base["slots"] == 4 * 4
+    slow = simulate(cfg_of("model=tiny", "policy=lru", "cache.per_layer=4", "hardware.h2d_gbps=1", *SMALL))[0]
+    assert slow["tpot_ms"] > base["tpot_ms"]
+    g = simulate(cfg_of("model=tiny", "policy=lru", "cache.slots=5", *SMALL))[0]
+    assert g["layout"] == "global" and g["slots"] == 5
+
+
+def test_depth_reduced_model_runs():
+    rows = simulate(cfg_of("model=qwen3-30b-a3b", "model.layers=3", "policy=lookahead", *SMALL))
+    assert rows[0]["status"] == "ok" and np.isfinite(rows[0]["tpot_ms"])
