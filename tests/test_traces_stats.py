@@ -182,7 +182,7 @@ def test_cooccurrence_recall_by_hand():
 
 
 # ----------------------------------------------------------- recorded predictors
-def test_predictor_recall_and_acceptance_by_hand():
+def test_predictor_recall_and_acceptance_by_hand(tmp_path):
     shape = ModelShape("dense0", 4, (1, 2, 3), 4, 2)  # decoder layer 0 dense
     truth = [[[0, 1], [1, 2], [2, 3]]]  # one token, MoE layers 1, 2, 3
     la1 = [[[1, 3], [2, 3], None]]  # layer 1 -> 2: 1/2; layer 2 -> 3: 1; layer 3: null
@@ -198,14 +198,7 @@ def test_predictor_recall_and_acceptance_by_hand():
     assert rec["draft"].overall == pytest.approx(2 / 3)
     assert stats.acceptance(tr) == 0.5
     # the hand-built trace is a valid trace file
-    assert read_trace(write_trace(tr, _tmp(tr))).equals(tr)
-
-
-def _tmp(tr: Trace):
-    import tempfile
-    from pathlib import Path
-
-    return Path(tempfile.mkdtemp()) / "hand.parquet"
+    assert read_trace(write_trace(tr, tmp_path / "hand.parquet")).equals(tr)
 
 
 # -------------------------------------------------------------- all together + CLI

@@ -368,9 +368,11 @@ class TraceStats:
         head = [
             f"model {sc['model']}: {sc['num_experts']} experts, top-{sc['top_k']}, chance k/E = {sc['chance']:.3f}",
             f"{sc['tokens']} {self.settings['phase']} tokens in {sc['requests']} requests; "
-            f"acceptance (mean draft_match) = {sc['acceptance']:.3f}"
-            if sc["acceptance"] is not None and math.isfinite(sc["acceptance"])
-            else f"{sc['tokens']} {self.settings['phase']} tokens in {sc['requests']} requests; no draft column",
+            + (
+                "no draft column" if not sc["has_draft"]
+                else f"acceptance (mean draft_match) = {sc['acceptance']:.3f}" if math.isfinite(sc["acceptance"])
+                else "acceptance n/a (no tokens)"
+            ),
             f"reuse window {self.settings['window']}, skew window {self.settings['skew_window']}, "
             f"LRU cache sizes {self.settings['cache_sizes']} (per layer, cold at request start)",
         ]
@@ -424,6 +426,7 @@ def compute_stats(
         "requests": trace.num_requests,
         "tokens": s.tokens,
         "acceptance": acceptance(s),
+        "has_draft": trace.draft is not None,
     }
     settings = {"phase": phase, "window": window, "skew_window": skew_window, "cache_sizes": sizes}
     return TraceStats(per_layer=df, scalars=scalars, settings=settings)
