@@ -194,20 +194,20 @@ class ModelSpec(ModelShape):
         """Bytes of one routed expert stored in ``dtype`` (default: the spec's expert_dtype).
 
         bf16: 2 bytes per weight. int4: 4-bit weights + one bf16 scale per 128 weights along each
-        row's input dimension (what the INT4 draft keeps resident). mxfp4: 4-bit values + one byte
-        scale per 32 weights (4.25 bits/weight, as GPT-OSS ships). Biases stay bf16.
+        row's input dimension, a row padded to whole groups (the layout of runtime.quant, what the
+        INT4 draft keeps resident). mxfp4: 4-bit values + one byte scale per 32 weights (4.25
+        bits/weight, as GPT-OSS ships). Biases stay bf16.
         """
         dtype = self.expert_dtype if dtype is None else dtype
         h, i = self.hidden_size, self.expert_intermediate_size
         bias = BF16_BYTES * self.expert_bias_params
         if dtype == "bf16":
             return BF16_BYTES * self.expert_params + bias
-        if dtype == "int4":
-            groups = 2 * _rows_groups(i, h, INT4_GROUP) + _rows_groups(h, i, INT4_GROUP)
-            return self.expert_params // 2 + BF16_BYTES * groups + bias
-        if dtype == "mxfp4":
-            blocks = 2 * _rows_groups(i, h, MXFP4_BLOCK) + _rows_groups(h, i, MXFP4_BLOCK)
-            return self.expert_params // 2 + blocks + bias
+        if dtype in ("int4", "mxfp4"):
+            g = INT4_GROUP if dtype == "int4" else MXFP4_BLOCK
+            scale_bytes = BF16_BYTES if dtype == "int4" else 1
+            groups = 2 * _rows_groups(i, h, g) + _rows_groups(h, i, g)  # gate and up (i x h), down (h x i)
+            return groups * (g // 2 + scale_bytes) + bias  # g 4-bit values + one scale per group
         raise SimError(f"model '{self.name}': unknown expert dtype {dtype!r}; known: {list(EXPERT_DTYPES)}")
 
     @property

@@ -247,8 +247,10 @@ def test_expert_dtypes() -> None:
     # MXFP4 as shipped: 4.25 bits per weight + bf16 biases (2*2880 + 2880 values)
     assert oss.bytes_per_expert() == 24_883_200 * 17 // 32 + 2 * 8640 == 13_236_480
     assert oss.bytes_per_expert("bf16") == 49_783_680
-    # int4 with a partial last group: 2880 = 22.5 groups of 128 -> 23 scales per row
-    assert oss.bytes_per_expert("int4") == 24_883_200 // 2 + 2 * (3 * 2880 * 23) + 2 * 8640
+    # int4 with a partial last group: 2880 = 22.5 groups of 128 -> 23 groups per row, padded (runtime.quant)
+    assert oss.bytes_per_expert("int4") == 3 * 2880 * 23 * (64 + 2) + 2 * 8640
+    tiny = ModelSpec.from_preset("tiny")  # hidden 64 < 128: one padded group per gate/up row
+    assert tiny.bytes_per_expert("int4") == (2 * 128 * 1 + 64 * 1) * (64 + 2)
     assert oss.routed_expert_bytes_total() == 24 * 32 * 13_236_480
     with pytest.raises(SimError, match="unknown expert dtype"):
         mix.bytes_per_expert("fp8")
@@ -404,3 +406,15 @@ def test_config_json_loads_and_a_reduced_copy_runs_in_transformers(model_id: str
     total = sum(p.numel() for p in model.parameters())
     assert experts == spec.num_routed_experts_total * (spec.expert_params + spec.expert_bias_params)
     assert total - experts == spec.non_expert_params
+
+
+@pytest.mark.parametrize(("hidden", "inter"), [(64, 128), (2880, 2880), (128, 256)])
+def test_int4_bytes_match_the_runtime_quantizer(hidden: int, inter: int) -> None:
+    """bytes_per_expert('int4') is what runtime.quant keeps resident for one expert."""
+    torch = pytest.importorskip("torch")
+    quant = pytest.importorskip("runtime.quant")
+    spec = ModelSpec.from_preset("tiny").to_dict() | {"hidden_size": hidden, "expert_intermediate_size": inter}
+    spec = ModelSpec.from_dict(spec)
+    gate_up = quant.quantize(torch.randn(2 * inter, hidden), bits=4, group_size=128)  # reduction over hidden
+    down = quant.quantize(torch.randn(hidden, inter), bits=4, group_size=128)  # reduction over inter
+    assert spec.bytes_per_expert("int4") == gate_up.nbytes + down.nbytes
