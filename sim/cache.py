@@ -6,8 +6,6 @@ is never evicted; a token's own experts at a layer are in use together (DESIGN.m
 
 from __future__ import annotations
 
-from typing import Callable
-
 from sim.errors import SimError
 from sim.policies.base import EvictionPolicy
 
@@ -44,7 +42,8 @@ class ExpertCache:
         self.occupancy = [0] * len(self.capacity)
         self.eviction = eviction
         self.evictions = 0
-        self.on_evict: Callable[[int], None] | None = None  # set by the engine (wasted-prefetch accounting)
+        self.prefetched = [False] * n  # arrived by prefetch and not used yet (the host clears it on use)
+        self.wasted_prefetches = 0  # prefetched experts evicted before any use
         self._can_evict = self.can_evict
 
     @property
@@ -63,14 +62,15 @@ class ExpertCache:
     def reserve(self, key: int, g: int) -> bool:
         """Find a slot for ``key`` (evicting if the pool is full); False if every slot is pinned."""
         pool = self.pool_of[key]
-        if self.occupancy[pool] >= self.capacity[pool]:
-            victim = self.eviction.victim(pool, g, self._can_evict)
-            if victim is None:
-                return False
-            if not self.can_evict(victim) or self.pool_of[victim] != pool:
-                raise SimError(f"eviction policy {self.eviction.name} chose non-evictable key {victim}")
-            self.remove(victim)
-            self.evictions += 1
+        if self.occupancy[pool] < self.capacity[pool]:
+            return True
+        victim = self.eviction.victim(pool, g, self._can_evict)
+        if victim is None:
+            return False
+        if self.state[victim] != RESIDENT or self.in_use[victim] or self.pool_of[victim] != pool:
+            raise SimError(f"eviction policy {self.eviction.name} chose non-evictable key {victim}")
+        self.remove(victim)
+        self.evictions += 1
         return True
 
     def start_loading(self, key: int, ready_at: float, g: int) -> None:
@@ -89,8 +89,9 @@ class ExpertCache:
         self.state[key] = RESIDENT
 
     def remove(self, key: int) -> None:
-        if self.on_evict is not None:
-            self.on_evict(key)
+        if self.prefetched[key]:
+            self.prefetched[key] = False
+            self.wasted_prefetches += 1
         pool = self.pool_of[key]
         self.state[key] = ABSENT
         self.occupancy[pool] -= 1

@@ -83,8 +83,7 @@ class Simulation:
         self.timeline = timeline
         sch = schedule
         self.cache = ExpertCache(sch.M, sch.E, eviction, slots=slots, per_layer=per_layer)
-        self.prefetched = [False] * (sch.M * sch.E)
-        self.cache.on_evict = self._evicted
+        self.prefetched = self.cache.prefetched
         if predictor is not None:
             predictor.attach(sch.trace, sch, lookahead_depths, seed)
         self.ctx = PolicyContext(
@@ -94,28 +93,28 @@ class Simulation:
             future=sch.future,
             num_layer_steps=sch.num_layer_steps,
             next_use=sch.next_use,
-            cached=self.cache.present,
+            cached=self.cache.state.__getitem__,  # truthy when loading or resident
             layer_step=sch.layer_step,
             predictor=predictor,
             extra={"schedule": sch, "seed": seed},
         )
+
         eviction.attach(self.ctx, self.cache.num_pools)
         prefetch.attach(self.ctx)
         self.eviction, self.prefetch = eviction, prefetch
         if timeline:
             self.log.compute_spans, self.log.copy_spans, self.log.occupancy = [], [], []
-        self.copy = CopyEngine(
+        self.copy = copy = CopyEngine(
             self.cache,
             nbytes=self.expert_bytes,
             transfer_time=cost.h2d(self.expert_bytes),
             issue_overhead=float(hw.copy_issue_overhead_s),
             copies_in_flight=int(hw.copies_in_flight),
-            current_g=lambda: self.g,
-            prefetched=self.prefetched,
             on_done=self._copy_done if (timeline or self._needs_done(prefetch)) else None,
             on_release=self._release,
             record=self.log.copy_spans,
         )
+        self.ctx.queued = copy.queue._entry.__contains__  # the policies' view of the host queue
         if not prefetch.keeps_cache and min(self.cache.capacity) < sch.E:
             raise SimError(
                 f"policy '{prefetch.name}' streams whole layers: it needs at least num_experts={sch.E} slots "
@@ -131,11 +130,6 @@ class Simulation:
         return type(prefetch).on_transfer_done is not PrefetchPolicy.on_transfer_done
 
     # ------------------------------------------------------------ callbacks
-    def _evicted(self, key: int) -> None:
-        if self.prefetched[key]:
-            self.prefetched[key] = False
-            self.log.wasted_prefetch_bytes += self.expert_bytes
-
     def _copy_done(self, key: int, t: float) -> None:
         if self._has_done:
             self._apply(self.prefetch.on_transfer_done(key))
@@ -143,14 +137,15 @@ class Simulation:
             self.log.occupancy.append((t, self.cache.resident_count()))
 
     def _apply(self, actions) -> None:
-        copy = self.copy
+        queue, state = self.copy.queue, self.cache.state
+        entry = queue._entry
         for a in actions:
             if type(a) is Cancel:
-                p = copy.queue.priority(a.key)
-                if p is not None and p != DEMAND:
-                    copy.queue.cancel(a.key)
-            else:
-                copy.request(a.key, a.priority)
+                e = entry.get(a.key)
+                if e is not None and e[0] != DEMAND:
+                    del entry[a.key]
+            elif state[a.key] == 0:
+                queue.push(a.key, a.priority)
 
     # --------------------------------------------------------------- driver
     def run(self) -> RunLog:
@@ -162,7 +157,7 @@ class Simulation:
         log.copies = self.copy.copies
         log.link_busy = self.copy.busy_time
         log.evictions = self.cache.evictions
-        log.wasted_prefetch_bytes += sum(self.prefetched) * self.expert_bytes
+        log.wasted_prefetch_bytes = (self.cache.wasted_prefetches + sum(self.prefetched)) * self.expert_bytes
         return log
 
     def _release(self, keys: tuple[int, ...]) -> None:
@@ -178,30 +173,35 @@ class Simulation:
 
     def _driver(self):
         """The GPU compute stream. Compute that needs no decision is not waited for at once: it is
-        carried (``carry``) into the next timeout, so a layer-step costs one event when its experts
-        hit; the experts of a carried computation stay in use until it ends (the copy stream
-        releases them at that time, in order)."""
+        carried (``carry``) into the next timeout, so a layer-step costs one event whether or not
+        its experts hit; the experts of a carried computation stay in use until it ends (the copy
+        stream releases them at that time, in order). Counters are locals in this hot loop and
+        are written to the log at the end."""
         env, sch, cache, copy, log = self.env, self.schedule, self.cache, self.copy, self.log
         prefetch = self.prefetch
         state, in_use, ready_at, prefetched = cache.state, cache.in_use, cache.ready_at, self.prefetched
         pre, exp, needed_all, infos = sch.pre, sch.exp, sch.needed, sch.infos
         dd = self.decision_delay
-        M = sch.M
+        M, E = sch.M, sch.E
         layer_names = [f"L{x}" for x in sch.model.moe_layers]
         spans = log.compute_spans
         occupancy = log.occupancy
-        stall_layer = np.zeros(M)
-        xbytes = self.expert_bytes
+        coverage = log.coverage
+        stall_layer = [0.0] * M
         caps = cache.capacity
         per_layer = cache.per_layer is not None
         keeps = prefetch.keeps_cache
         has_start, has_routed = self._has_layer_start, self._has_routed
-        touch = cache.touch
-        advance, try_issue, request = copy.advance, copy.try_issue, copy.request
+        evict_pol, pool_of = cache.eviction, cache.pool_of
+        accessed = evict_pol.accessed
+        advance, try_issue, request, ready_time, hold = copy.advance, copy.try_issue, copy.request, copy.ready_time, copy.hold
+        timeout = env.timeout
+        hits = late = misses = useful = 0
+        late_wait = stall_total = 0.0
         carry = 0.0
         for r, (s_first, s_end) in enumerate(sch.request_steps):
             if carry:
-                yield env.timeout(carry)
+                yield timeout(carry)
                 carry = 0.0
             advance(env.now)
             log.request_start.append(env.now)
@@ -220,19 +220,19 @@ class Simulation:
                         tot += 1
                         st = state[key]
                         hit0 += st == RESIDENT or (st == LOADING and ready_at[key] <= t_start)
-                log.coverage.append(hit0 / tot if tot else 1.0)
+                coverage.append(hit0 / tot if tot else 1.0)
                 for m in range(M):
                     g = g0 + m
-                    self.g = g
+                    self.g = copy.g = g
                     if has_start:
                         if carry:
-                            yield env.timeout(carry)
+                            yield timeout(carry)
                             carry = 0.0
                         advance(env.now)
                         self._apply(prefetch.on_layer_start(infos[g]))
                         try_issue()
                     t = env.now + carry
-                    yield env.timeout(carry + pre[g] + dd)
+                    yield timeout(carry + pre[g] + dd)
                     carry = 0.0
                     now = env.now
                     advance(now)
@@ -240,37 +240,43 @@ class Simulation:
                         spans.append((t, now, f"attn+router {layer_names[m]}"))
                     needed = needed_all[g]
                     cap = caps[m if per_layer else 0]
-                    waves = (needed,) if len(needed) <= cap else tuple(needed[i:i + cap] for i in range(0, len(needed), cap))
+                    if len(needed) <= cap:
+                        waves = (needed,)
+                    else:
+                        waves = tuple(needed[i:i + cap] for i in range(0, len(needed), cap))
                     last = len(waves) - 1
                     for w, wave in enumerate(waves):
                         wait = None
-                        missed: list[int] = []
+                        missed = None
                         for key in wave:
                             in_use[key] += 1
                             st = state[key]
                             if st == RESIDENT:
-                                log.hits += 1
-                                touch(key, g)
+                                hits += 1
+                                accessed(key, pool_of[key], g)
                             else:
                                 if st == LOADING:
-                                    log.late += 1
-                                    log.late_wait += ready_at[key] - now
-                                    touch(key, g)
+                                    late += 1
+                                    late_wait += ready_at[key] - now
+                                    accessed(key, pool_of[key], g)
                                 else:
-                                    log.misses += 1
+                                    misses += 1
                                     request(key, DEMAND)
-                                    missed.append(key)
+                                    if missed is None:
+                                        missed = [key]
+                                    else:
+                                        missed.append(key)
                                 if wait is None:
-                                    wait = set()
-                                wait.add(key)
+                                    wait = {key}
+                                else:
+                                    wait.add(key)
                             if st and prefetched[key]:
                                 prefetched[key] = False
-                                log.useful_prefetch_bytes += xbytes
+                                useful += 1
                         held = wave
                         if not keeps:
                             # streaming moves the whole layer and computes once all of it landed
-                            base = m * self.schedule.E
-                            extra = tuple(x for x in range(base, base + self.schedule.E) if x not in wave)
+                            extra = tuple(x for x in range(m * E, (m + 1) * E) if x not in wave)
                             for key in extra:
                                 in_use[key] += 1
                                 if state[key] != RESIDENT:
@@ -286,11 +292,12 @@ class Simulation:
                         if wait:
                             # the stall needs no event of its own: nothing is decided when the
                             # experts land, so it is carried into the next timeout with the compute
-                            t_ready = copy.ready_time(wait)
-                            for key in missed:  # arrived on demand: count the use now
-                                touch(key, g)
+                            t_ready = ready_time(wait)
+                            if missed:
+                                for key in missed:  # arrived on demand: count the use now
+                                    accessed(key, pool_of[key], g)
                             stall = t_ready - now
-                            log.stall += stall
+                            stall_total += stall
                             stall_layer[m] += stall
                             if spans is not None:
                                 spans.append((now, t_ready, f"stall {layer_names[m]}"))
@@ -298,9 +305,9 @@ class Simulation:
                         dur = exp[g] if last == 0 else exp[g] * len(wave) / len(needed)
                         if spans is not None:
                             spans.append((now, now + dur, f"experts {layer_names[m]}"))
-                        copy.hold(held, now + dur)
+                        hold(held, now + dur)
                         if w < last:
-                            yield env.timeout(stall + dur)
+                            yield timeout(stall + dur)
                             now = env.now
                             advance(now)
                         else:
@@ -313,9 +320,11 @@ class Simulation:
                     carry += step.tail
                 times.append(env.now + carry)
             if carry:
-                yield env.timeout(carry)
+                yield timeout(carry)
                 carry = 0.0
             advance(env.now)
             self._apply(prefetch.on_request_end(r))
             try_issue()
-        log.stall_per_layer = stall_layer
+        log.hits, log.late, log.misses, log.late_wait, log.stall = hits, late, misses, late_wait, stall_total
+        log.useful_prefetch_bytes = useful * self.expert_bytes
+        log.stall_per_layer = np.asarray(stall_layer)

@@ -87,8 +87,6 @@ class CopyEngine:
         transfer_time: float,
         issue_overhead: float,
         copies_in_flight: int,
-        current_g: Callable[[], int],
-        prefetched: list[bool],
         on_done: Callable[[int, float], None] | None = None,
         on_release: Callable[[tuple[int, ...]], None] | None = None,
         record: list | None = None,
@@ -103,8 +101,7 @@ class CopyEngine:
         self.clock = 0.0  # the stream's state is exact up to this time
         self.link_free = 0.0
         self.host_free = 0.0
-        self.current_g = current_g
-        self.prefetched = prefetched  # per key: arrived by prefetch and not used yet
+        self.g = 0  # the host's current layer-step (set by the compute stream)
         self.on_done = on_done
         self.on_release = on_release
         self.record = record  # timeline spans (start, end, key, is_prefetch) when enabled
@@ -134,25 +131,30 @@ class CopyEngine:
         """Issue queued copies at ``self.clock`` while the stream has room and a slot is found."""
         queue, inflight = self.queue, self.in_flight
         entry = queue._entry
-        if not entry or len(inflight) >= self.max_in_flight:
+        cap = self.max_in_flight
+        if not entry or len(inflight) >= cap:
             return
         cache, heap = self.cache, queue._heap
-        state = cache.state
+        state, occupancy, capacity, pool_of = cache.state, cache.occupancy, cache.capacity, cache.pool_of
+        prefetched, record, g = cache.prefetched, self.record, self.g
         self.blocked = False
-        while entry and len(inflight) < self.max_in_flight:
+        while entry and len(inflight) < cap:
             p, s_, key = heap[0]
             if entry.get(key) != (p, s_):
                 heapq.heappop(heap)
                 continue
+            heapq.heappop(heap)
             if state[key] != 0:
-                queue.pop()
+                del entry[key]
                 continue
-            g = self.current_g()
-            if not cache.reserve(key, g):
+            pool = pool_of[key]
+            if occupancy[pool] >= capacity[pool] and not cache.reserve(key, g):
+                heapq.heappush(heap, (p, s_, key))
                 self.blocked = True
                 return
-            queue.pop()
-            host = (self.clock if self.clock > self.host_free else self.host_free) + self.issue_overhead
+            del entry[key]
+            clock = self.clock
+            host = (clock if clock > self.host_free else self.host_free) + self.issue_overhead
             self.host_free = host
             start = host if host > self.link_free else self.link_free
             end = start + self.duration
@@ -160,10 +162,10 @@ class CopyEngine:
             self.busy_time += end - start
             self.copies += 1
             cache.start_loading(key, end, g)
-            self.prefetched[key] = p != DEMAND
+            prefetched[key] = p != DEMAND
             inflight.append((end, key))
-            if self.record is not None:
-                self.record.append((start, end, key, p != DEMAND))
+            if record is not None:
+                record.append((start, end, key, p != DEMAND))
 
     @property
     def bytes_moved(self) -> int:
@@ -203,9 +205,12 @@ class CopyEngine:
 
         Only valid while the host makes no decision in between (the compute stream is waiting)."""
         state, inflight = self.cache.state, self.in_flight
+        ready_at = self.cache.ready_at
         for k in keys:
             while state[k] != RESIDENT:
-                if inflight:
+                if state[k] == LOADING:
+                    self.advance(ready_at[k])  # completes everything before it, in order
+                elif inflight:
                     self.advance(inflight[0][0])
                 elif self._pending is not None:
                     self.advance(self._pending_until)

@@ -74,7 +74,7 @@ class Schedule:
                 ids = trace.expert_ids[r, a:b]  # (n, M, k)
                 g0 = len(self.needed)
                 tail = sum(cost.attention(layer, n, kv) + cost.dense_ffn(layer, n) for layer in dense_after)
-                tail += cost.embed_and_head(n)
+                tail += cost.embed_and_head(n, logits_tokens=1)
                 self.steps.append(Step(r, int(steps_r[a]), a, b, kv, int(trace.phase[r, a]), g0, tail))
                 s_idx = len(self.steps) - 1
                 keys_all = ids.transpose(1, 0, 2).reshape(M, -1).astype(np.int64) + offsets

@@ -45,7 +45,8 @@ class PolicyContext:
 
     ``future`` answers what the trace says will be needed at layer-step ``g`` (for oracles and
     Belady only: an online policy must not call it). ``cached`` tells whether a key is resident
-    or on its way, ``layer_step`` describes a layer-step.
+    or on its way, ``queued`` whether a fetch of it waits in the host queue (cancellable),
+    ``layer_step`` describes a layer-step.
     """
 
     num_moe_layers: int
@@ -54,8 +55,9 @@ class PolicyContext:
     future: Callable[[int], Sequence[int]]
     num_layer_steps: int
     next_use: Callable[[int, int], int]  # (key, after g) -> next g that needs key, or a huge number
-    cached: Callable[[int], bool]
+    cached: Callable[[int], Any]  # truthy if the key is resident or on its way
     layer_step: Callable[[int], Any]
+    queued: Callable[[int], bool] = lambda key: False  # a fetch of key waits in the host queue
     predictor: Any = None  # sim.policies.predictors.Predictor or None
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -22,27 +22,35 @@ class Predictor:
     name = "base"
 
     def attach(self, trace: Trace, schedule, depths: Sequence[int], seed: int) -> None:
+        """Precompute, for every layer-step and depth, the predicted keys (one list read per query)."""
         self.trace, self.schedule, self.E = trace, schedule, trace.shape.num_experts
         self.depths = list(depths)
-        self._target = {d: trace.lookahead_target(d) for d in self.depths}
-        self._arrays = {d: self._array(d, seed) for d in self.depths}
-        self._lists = {d: a.tolist() for d, a in self._arrays.items()}  # plain lists: fast scalar reads
+        E, M = self.E, trace.shape.num_moe_layers
+        steps = schedule.steps
+        g_step = np.asarray(schedule.g_step, dtype=np.int64)
+        req = np.array([s.request for s in steps], dtype=np.int64)[g_step]
+        t0 = np.array([s.t0 for s in steps], dtype=np.int64)[g_step]
+        g0 = np.array([s.g0 for s in steps], dtype=np.int64)[g_step]
+        multi = np.array([s.t1 - s.t0 > 1 for s in steps], dtype=bool)[g_step]
+        m = np.arange(len(g_step)) - g0
+        self._table: dict[int, list[tuple[int, ...]]] = {}
+        for d in self.depths:
+            arr = self._array(d, seed)
+            tm = trace.lookahead_target(d)[m]  # (G,) target MoE ordinal, -1 if none
+            ids = arr[req, t0, m].astype(np.int64)  # (G, k) for single-token steps
+            keys = np.where((ids >= 0) & (tm[:, None] >= 0), tm[:, None] * E + ids, -1)
+            table = [tuple(x for x in row if x >= 0) for row in keys.tolist()]
+            for g in np.flatnonzero(multi & (tm >= 0)):  # prefill: the union over the step's tokens
+                s = steps[g_step[g]]
+                u = np.unique(arr[s.request, s.t0:s.t1, m[g]])
+                table[g] = tuple(int(tm[g]) * E + int(x) for x in u if x >= 0)
+            self._table[d] = table
 
     def _array(self, d: int, seed: int) -> np.ndarray:  # pragma: no cover - interface
         raise NotImplementedError
 
     def lookahead(self, g: int, d: int) -> tuple[int, ...]:
-        sch = self.schedule
-        s = sch.steps[sch.g_step[g]]
-        m = g - s.g0
-        tm = int(self._target[d][m])
-        if tm < 0:
-            return ()
-        base = tm * self.E
-        if s.t1 - s.t0 == 1:
-            return tuple(base + x for x in self._lists[d][s.request][s.t0][m] if x >= 0)
-        ids = np.unique(self._arrays[d][s.request, s.t0:s.t1, m])
-        return tuple(base + int(x) for x in ids if x >= 0)
+        return self._table[d][g]
 
 
 def _shift_truth(trace: Trace, d: int) -> np.ndarray:

@@ -27,9 +27,9 @@ class WholeLayerStreaming(PrefetchPolicy):
 
 
 class _Tracked(PrefetchPolicy):
-    """Remembers which layer-step each queued prefetch was for, and cancels it once that layer has
-    routed: a prefetch still in the host queue then is either promoted to demand by the host (if
-    needed) or useless."""
+    """Remembers which layer-step each prefetch was for, and cancels the ones still queued once
+    that layer has routed: they are then either promoted to demand by the host (if needed) or
+    useless."""
 
     def attach(self, ctx: PolicyContext) -> None:
         super().attach(ctx)
@@ -37,14 +37,22 @@ class _Tracked(PrefetchPolicy):
 
     def _issue(self, target_g: int, keys: Sequence[int], priority: int) -> list[Action]:
         cached = self.ctx.cached
-        acts = [Fetch(k, priority) for k in keys if not cached(k)]
-        if acts:
-            self._for.setdefault(target_g, []).extend(a.key for a in acts)
-        return acts
+        todo = [k for k in keys if not cached(k)]
+        if not todo:
+            return []
+        lst = self._for.get(target_g)
+        if lst is None:
+            self._for[target_g] = todo
+        else:
+            lst += todo
+        return [Fetch(k, priority) for k in todo]
 
     def _expire(self, g: int) -> list[Action]:
         keys = self._for.pop(g, None)
-        return [Cancel(k) for k in keys] if keys else []
+        if not keys:
+            return []
+        queued = self.ctx.queued
+        return [Cancel(k) for k in keys if queued(k)]
 
 
 @PREFETCH.register("lookahead")

@@ -1,0 +1,99 @@
+"""Simulator speed: simulated decode tokens per wall-clock second on one core.
+
+Mixtral-8x7B on the RTX 4090 preset at its memory budget, 4 requests x 512 decode tokens (32-token
+prompts), LRU eviction with depth-1 lookahead prefetch (the trace's recorded lookahead_1), and in
+the same process a bare SimPy loop of one timeout per (step, layer) as the reference. Best of N
+repeats, each variant interleaved so machine noise hits both alike; the ratio is what to compare.
+
+    python benchmarks/sim_speed.py [--repeats 5] [--policy lookahead] [--decode-tokens 512]
+
+Timed parts: ``run`` = the Simulation's construction and replay; ``+schedule`` adds building the
+schedule (compute times per layer-step); ``+bound`` adds the bound's computation (Belady over the
+whole run). The trace synthesis is not timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+
+import simpy
+from hydra import compose, initialize_config_dir
+
+from sim.config import register_configs
+from sim.engine import Simulation
+from sim.policies import EVICTION, PREDICTORS, PREFETCH
+from sim.run import bound_for, conf_dir, policy_presets, prepare
+from sim.schedule import Schedule
+
+
+def bare_simpy(n_events: int, dt: float = 1e-4) -> float:
+    env = simpy.Environment()
+
+    def loop():
+        for _ in range(n_events):
+            yield env.timeout(dt)
+
+    env.process(loop())
+    t = time.perf_counter()
+    env.run()
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--policy", default="lookahead")
+    ap.add_argument("--model", default="mixtral-8x7b")
+    ap.add_argument("--hardware", default="rtx4090")
+    ap.add_argument("--requests", type=int, default=4)
+    ap.add_argument("--decode-tokens", type=int, default=512)
+    a = ap.parse_args()
+    register_configs()
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        cfg = compose(config_name="sim", overrides=[
+            f"model={a.model}", f"hardware={a.hardware}", f"policy={a.policy}",
+            f"trace.requests={a.requests}", "trace.prompt_tokens=32", f"trace.decode_tokens={a.decode_tokens}",
+        ])
+    prep = prepare(cfg)
+    pcfg = policy_presets(cfg.policy)[0]
+    sch = prep.schedule
+    decode_tokens = prep.trace.decode_tokens()
+    n_ls = sch.num_layer_steps
+    best = {"run": 1e9, "+schedule": 1e9, "+bound": 1e9, "bare": 1e9}
+    for _ in range(a.repeats):
+        t0 = time.perf_counter()
+        sch2 = Schedule(prep.trace, prep.model, prep.cost)
+        t1 = time.perf_counter()
+        depth = int(pcfg.prefetch_args.get("depth", 1))
+        sim = Simulation(
+            sch2, prep.model, prep.hw, prep.cost,
+            eviction=EVICTION.create(pcfg.eviction), prefetch=PREFETCH.create(pcfg.prefetch, **dict(pcfg.prefetch_args)),
+            predictor=PREDICTORS.create(pcfg.predictor) if pcfg.predictor else None,
+            slots=None if prep.plan.per_layer else prep.plan.slots, per_layer=prep.plan.per_layer,
+            lookahead_depths=tuple(range(1, depth + 1)) if pcfg.predictor else (),
+        )
+        log = sim.run()
+        t2 = time.perf_counter()
+        prep.__dict__.pop("_bounds", None)
+        prep.schedule = sch2
+        bound_for(prep, sim.cache.pool_of, sim.cache.capacity)
+        t3 = time.perf_counter()
+        best["run"] = min(best["run"], t2 - t1)
+        best["+schedule"] = min(best["+schedule"], t2 - t0)
+        best["+bound"] = min(best["+bound"], t3 - t0)
+        best["bare"] = min(best["bare"], bare_simpy(n_ls))
+    hits = log.hits / max(1, log.hits + log.late + log.misses)
+    print(f"machine: {platform.processor() or platform.machine()}, Python {platform.python_version()}, simpy {simpy.__version__}")
+    print(f"scenario: {a.model} on {a.hardware}, policy {a.policy}, {prep.plan.slots} slots ({prep.plan.layout}), "
+          f"{a.requests} requests x {a.decode_tokens} decode tokens = {decode_tokens} decode tokens, "
+          f"{n_ls} layer-steps; hit rate {hits:.3f}, late {log.late}, copies {log.copies}")
+    for k in ("run", "+schedule", "+bound"):
+        print(f"  simulator [{k:9s}] {best[k]:.3f} s  {decode_tokens / best[k]:8.0f} simulated tokens/s")
+    print(f"  bare SimPy loop      {best['bare']:.3f} s  {decode_tokens / best['bare']:8.0f} simulated tokens/s")
+    print(f"  ratio simulator[run] / bare loop: {best['run'] / best['bare']:.1f}x")
+
+
+if __name__ == "__main__":
+    main()
