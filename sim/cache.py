@@ -59,36 +59,33 @@ class ExpertCache:
     def resident_count(self) -> int:
         return sum(self.occupancy)
 
-    def reserve(self, key: int, g: int) -> bool:
-        """Find a slot for ``key`` (evicting if the pool is full); False if every slot is pinned."""
+    def load(self, key: int, ready_at: float, g: int) -> bool:
+        """Start loading ``key`` into a slot of its pool, evicting the policy's victim if the pool
+        is full; False (and nothing changes) if every slot is loading or in use."""
         pool = self.pool_of[key]
-        if self.occupancy[pool] < self.capacity[pool]:
-            return True
-        victim = self.eviction.victim(pool, g, self._can_evict)
-        if victim is None:
-            return False
-        if self.state[victim] != RESIDENT or self.in_use[victim] or self.pool_of[victim] != pool:
-            raise SimError(f"eviction policy {self.eviction.name} chose non-evictable key {victim}")
-        self.remove(victim)
-        self.evictions += 1
-        return True
-
-    def start_loading(self, key: int, ready_at: float, g: int) -> None:
-        pool = self.pool_of[key]
-        self.state[key] = LOADING
+        occupancy, state = self.occupancy, self.state
+        if occupancy[pool] >= self.capacity[pool]:
+            victim = self.eviction.victim(pool, g, self._can_evict)
+            if victim is None:
+                return False
+            if state[victim] != RESIDENT or self.in_use[victim] or self.pool_of[victim] != pool:
+                raise SimError(f"eviction policy {self.eviction.name} chose non-evictable key {victim}")
+            self.remove(victim)
+            self.evictions += 1
+        state[key] = LOADING
         self.ready_at[key] = ready_at
-        self.occupancy[pool] += 1
+        occupancy[pool] += 1
         self.eviction.inserted(key, pool, g)
+        return True
 
     def insert_resident(self, key: int, g: int) -> None:
         """Place ``key`` without a transfer (preloaded at start)."""
-        self.start_loading(key, 0.0, g)
-        self.state[key] = RESIDENT
-
-    def loaded(self, key: int) -> None:
+        if not self.load(key, 0.0, g):
+            raise SimError(f"no free slot to preload key {key}")
         self.state[key] = RESIDENT
 
     def remove(self, key: int) -> None:
+        """Evict (or drop) a resident expert."""
         if self.prefetched[key]:
             self.prefetched[key] = False
             self.wasted_prefetches += 1

@@ -10,22 +10,27 @@ therefore complete in issue order.
 
 from __future__ import annotations
 
-import heapq
 from collections import deque
 from typing import Callable
 
 from sim.cache import LOADING, RESIDENT, ExpertCache
 from sim.policies.base import DEMAND
 
+_INF = float("inf")
+
 
 class CopyQueue:
-    """Host-side priority queue of expert keys with cancel and promote (lazy deletion)."""
+    """Host-side priority queue of expert keys: FIFO within a priority, lower priorities first,
+    cancel and promote in O(1) (stale bucket entries are skipped lazily).
 
-    __slots__ = ("_heap", "_entry", "_seq")
+    Priorities are small integers (0 = demand, d = a prefetch d layers ahead), so one deque per
+    priority beats a heap here."""
+
+    __slots__ = ("_buckets", "_entry", "_seq")
 
     def __init__(self) -> None:
-        self._heap: list[tuple[int, int, int]] = []
-        self._entry: dict[int, tuple[int, int]] = {}
+        self._buckets: list[deque[tuple[int, int]]] = [deque()]  # priority -> (seq, key)
+        self._entry: dict[int, tuple[int, int]] = {}  # key -> (priority, seq) of its live entry
         self._seq = 0
 
     def __contains__(self, key: int) -> bool:
@@ -43,10 +48,14 @@ class CopyQueue:
         e = self._entry.get(key)
         if e is not None and e[0] <= priority:
             return False
+        if priority < 0:
+            raise ValueError(f"copy priority must be >= 0, got {priority}")
         self._seq += 1
-        entry = (priority, self._seq)
-        self._entry[key] = entry
-        heapq.heappush(self._heap, (priority, self._seq, key))
+        self._entry[key] = (priority, self._seq)
+        buckets = self._buckets
+        while len(buckets) <= priority:
+            buckets.append(deque())
+        buckets[priority].append((self._seq, key))
         return True
 
     def cancel(self, key: int) -> bool:
@@ -54,16 +63,22 @@ class CopyQueue:
 
     def peek(self) -> tuple[int, int] | None:
         """(key, priority) of the head, or None."""
-        heap, entry = self._heap, self._entry
-        while heap:
-            p, s, key = heap[0]
-            if entry.get(key) == (p, s):
-                return key, p
-            heapq.heappop(heap)
+        entry = self._entry
+        if not entry:
+            return None
+        for p, dq in enumerate(self._buckets):
+            while dq:
+                seq, key = dq[0]
+                e = entry.get(key)
+                if e is not None and e[1] == seq:
+                    return key, p
+                dq.popleft()
         return None
 
     def pop(self) -> None:
-        p, s, key = heapq.heappop(self._heap)
+        """Remove the head returned by the last ``peek``."""
+        key, p = self.peek()
+        self._buckets[p].popleft()
         del self._entry[key]
 
 
@@ -134,71 +149,86 @@ class CopyEngine:
         cap = self.max_in_flight
         if not entry or len(inflight) >= cap:
             return
-        cache, heap = self.cache, queue._heap
-        state, occupancy, capacity, pool_of = cache.state, cache.occupancy, cache.capacity, cache.pool_of
+        cache = self.cache
+        state, load = cache.state, cache.load
         prefetched, record, g = cache.prefetched, self.record, self.g
         self.blocked = False
-        while entry and len(inflight) < cap:
-            p, s_, key = heap[0]
-            if entry.get(key) != (p, s_):
-                heapq.heappop(heap)
-                continue
-            heapq.heappop(heap)
-            if state[key] != 0:
+        for p, dq in enumerate(queue._buckets):
+            while dq:
+                seq, key = dq[0]
+                e = entry.get(key)
+                if e is None or e[1] != seq:
+                    dq.popleft()  # stale: cancelled or promoted
+                    continue
+                if state[key]:
+                    dq.popleft()
+                    del entry[key]
+                    continue
+                clock = self.clock
+                host = (clock if clock > self.host_free else self.host_free) + self.issue_overhead
+                start = host if host > self.link_free else self.link_free
+                end = start + self.duration
+                if not load(key, end, g):
+                    self.blocked = True
+                    return
+                dq.popleft()
                 del entry[key]
-                continue
-            pool = pool_of[key]
-            if occupancy[pool] >= capacity[pool] and not cache.reserve(key, g):
-                heapq.heappush(heap, (p, s_, key))
-                self.blocked = True
-                return
-            del entry[key]
-            clock = self.clock
-            host = (clock if clock > self.host_free else self.host_free) + self.issue_overhead
-            self.host_free = host
-            start = host if host > self.link_free else self.link_free
-            end = start + self.duration
-            self.link_free = end
-            self.busy_time += end - start
-            self.copies += 1
-            cache.start_loading(key, end, g)
-            prefetched[key] = p != DEMAND
-            inflight.append((end, key))
-            if record is not None:
-                record.append((start, end, key, p != DEMAND))
+                self.host_free = host
+                self.link_free = end
+                self.busy_time += end - start
+                self.copies += 1
+                prefetched[key] = p != DEMAND
+                inflight.append((end, key))
+                if record is not None:
+                    record.append((start, end, key, p != DEMAND))
+                if len(inflight) >= cap or not entry:
+                    return
 
     @property
     def bytes_moved(self) -> int:
         return self.copies * self.nbytes
 
     def advance(self, t: float) -> None:
-        """Replay completions, releases and issues up to time ``t`` (never backwards)."""
+        """Replay completions, releases and issues up to time ``t`` (never backwards).
+
+        Equal times: a release before a completion, each followed by the issues it allows."""
         if t < self.clock:
             raise AssertionError(f"copy stream asked to go back from {self.clock} to {t}")
-        inflight, cache, entry = self.in_flight, self.cache, self.queue._entry
+        inflight, state, entry = self.in_flight, self.cache.state, self.queue._entry
         cap = self.max_in_flight
+        on_done = self.on_done
         if entry and len(inflight) < cap:
             self.try_issue()
-        while True:
-            nxt = inflight[0][0] if inflight else None
-            if self._pending is not None and self._pending_until <= t and (nxt is None or self._pending_until <= nxt):
-                if self._pending_until > self.clock:
-                    self.clock = self._pending_until
-                keys, self._pending = self._pending, None
-                if self.on_release is not None:
-                    self.on_release(keys)
-            elif nxt is not None and nxt <= t:
-                end, key = inflight.popleft()
+        rel = self._pending_until if self._pending is not None else _INF
+        while inflight:
+            end, key = inflight[0]
+            if rel <= end and rel <= t:
+                self._release_at(rel)
+                rel = _INF
+            elif end <= t:
+                inflight.popleft()
                 self.clock = end
-                if cache.state[key] == LOADING:
-                    cache.loaded(key)
-                if self.on_done is not None:
-                    self.on_done(key, end)
+                if state[key] == LOADING:
+                    state[key] = RESIDENT
+                if on_done is not None:
+                    on_done(key, end)
+                    rel = self._pending_until if self._pending is not None else _INF
             else:
                 break
             if entry and len(inflight) < cap:
                 self.try_issue()
+        if rel <= t:
+            self._release_at(rel)
+            if entry and len(inflight) < cap:
+                self.try_issue()
         self.clock = t
+
+    def _release_at(self, t: float) -> None:
+        if t > self.clock:
+            self.clock = t
+        keys, self._pending = self._pending, None
+        if self.on_release is not None:
+            self.on_release(keys)
 
     def ready_time(self, keys: set[int]) -> float:
         """Run the stream forward until every key in ``keys`` is resident; return that time.

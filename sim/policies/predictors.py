@@ -39,7 +39,9 @@ class Predictor:
             tm = trace.lookahead_target(d)[m]  # (G,) target MoE ordinal, -1 if none
             ids = arr[req, t0, m].astype(np.int64)  # (G, k) for single-token steps
             keys = np.where((ids >= 0) & (tm[:, None] >= 0), tm[:, None] * E + ids, -1)
-            table = [tuple(x for x in row if x >= 0) for row in keys.tolist()]
+            table = list(map(tuple, keys.tolist()))
+            for g in np.flatnonzero((keys < 0).any(axis=1)):  # no target layer, or fewer ids
+                table[g] = tuple(int(x) for x in keys[g] if x >= 0)
             for g in np.flatnonzero(multi & (tm >= 0)):  # prefill: the union over the step's tokens
                 s = steps[g_step[g]]
                 u = np.unique(arr[s.request, s.t0:s.t1, m[g]])
