@@ -293,7 +293,9 @@ class Governor:
             try:
                 latency_budget_ms = float(latency_budget_ms)
             except (TypeError, ValueError):
-                raise SimError(f"governor.latency_budget_ms must be a number or null, got {latency_budget_ms!r}") from None
+                raise SimError(
+                    f"governor.latency_budget_ms must be a number or null, got {latency_budget_ms!r}"
+                ) from None
             if not latency_budget_ms > 0:
                 raise SimError(f"governor.latency_budget_ms must be > 0 (or null for no cap), got {latency_budget_ms}")
         self.latency_budget_ms = latency_budget_ms
@@ -314,7 +316,9 @@ class Governor:
         self.prior_accept = prior
         self.warmup_k = None if warmup_k is None else _check_int("warmup_k", warmup_k, 0)
         if self.warmup_k is not None and not self.k_min <= self.warmup_k <= self.k_max:
-            raise SimError(f"governor.warmup_k ({self.warmup_k}) must be in [k_min, k_max] = [{self.k_min}, {self.k_max}]")
+            raise SimError(
+                f"governor.warmup_k ({self.warmup_k}) must be in [k_min, k_max] = [{self.k_min}, {self.k_max}]"
+            )
         self.objective = _check_choice("objective", objective, OBJECTIVES)
         self.pcie_new = _check_choice("pcie_new", pcie_new, PCIE_NEW)
         self.slo = _check_choice("slo", slo, SLO_KINDS)

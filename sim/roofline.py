@@ -280,7 +280,8 @@ def cycle_windows(trace: Mapping[str, Any]) -> list[dict[str, Any]]:
             groups.setdefault(s["args"]["cycle"], []).append(s)
         for c in sorted(groups, key=lambda v: (float(v) if isinstance(v, (int, float)) else math.inf, str(v))):
             g = groups[c]
-            out.append({"cycle": c, "start_us": min(s["ts"] for s in g), "end_us": max(s["end"] for s in g), "spans": g})
+            out.append({"cycle": c, "start_us": min(s["ts"] for s in g), "end_us": max(s["end"] for s in g),
+                        "spans": g})
         return out
     cur: list[dict] | None = None
     prev_kind = None
@@ -411,8 +412,9 @@ def cycle_timeline_figure(chrome_trace: Mapping[str, Any], cycle_index: int, pat
         for s in gpu:
             kind = span_kind(s["name"])
             a, b = rel(s["ts"]), rel(s["end"])
+            inside = (s["ts"], s["end"], s.get("name")) in in_cycle  # spans of other cycles are faded
             ax_c.broken_barh([(a, max(b - a, 1e-9))], (0, 1), facecolors=COLORS[kind],
-                             edgecolors="white", linewidth=0.3, alpha=1.0 if (s["ts"], s["end"], s.get("name")) in in_cycle else 0.35)
+                             edgecolors="white", linewidth=0.3, alpha=1.0 if inside else 0.35)
         ax_c.set_yticks([0.5], ["compute"])
         ax_c.set_ylim(0, 1)
         from matplotlib.patches import Patch
