@@ -172,8 +172,9 @@ class SweepScan:
 
     @property
     def incomplete(self) -> list[str]:
-        """Jobs without current results: failed, unfinished, never started or stale."""
-        return self.names("failed", "unfinished", "not started", "stale")
+        """Jobs of the sweep without current results: failed, unfinished or never started (dirs of
+        an earlier, different sweep in the same dir are ``stale`` and not counted)."""
+        return self.names("failed", "unfinished", "not started")
 
 
 def _read_overrides(job: Path) -> list[str] | None:
@@ -232,6 +233,7 @@ def scan_sweep(sweep_dir: str | os.PathLike, name: str = "results") -> SweepScan
     if expected is not None:
         by_num = {str(i): o for i, o in enumerate(expected)}
         by_ovr = {tuple(o): str(i) for i, o in enumerate(expected)}
+        numbered = all(p.name.isdigit() for p in dirs)
     frames: list[pd.DataFrame] = []
     jobs: list[dict[str, Any]] = []
     seen: set[str] = set()
@@ -240,8 +242,8 @@ def scan_sweep(sweep_dir: str | os.PathLike, name: str = "results") -> SweepScan
         state, marker = _job_state(job, name)
         if expected is not None:
             # a dir of an earlier, different sweep in the same sweep dir is stale, not a result
-            if job.name in by_num:
-                current = ovr == by_num[job.name]
+            if numbered:  # hydra.sweep.subdir is the job number (Hydra's default)
+                current = job.name in by_num and ovr == by_num[job.name]
             else:
                 current = ovr is not None and tuple(ovr) in by_ovr
             if current:
@@ -281,7 +283,7 @@ def scan_sweep(sweep_dir: str | os.PathLike, name: str = "results") -> SweepScan
 # ------------------------------------------------------------------ public functions (kept)
 def aggregate_dir(sweep_dir: str | Path, name: str = "results") -> tuple[pd.DataFrame, list[str]]:
     """Every job's rows (a failed job gives one ``status = failed`` row) and the names of the jobs
-    without current results (failed, unfinished, never started, stale)."""
+    without current results (failed, unfinished, never started)."""
     scan = scan_sweep(sweep_dir, name)
     return scan.rows, scan.incomplete
 
@@ -443,18 +445,21 @@ def report(scan: SweepScan, *, table: Mapping[str, Any] | None = None, name: str
             out.append(format_table(df.to_dict("records"), extra=["job"] + extra))
         out.append(f"aggregated {len(df)} rows: {scan.sweep_dir / (name + '_all.parquet')}")
     counts = scan.jobs.status.value_counts().to_dict() if not scan.jobs.empty else {}
-    total = len(scan.jobs)
-    parts = [f"{counts[s]} {s}" for s in JOB_STATES if counts.get(s)]
+    total = sum(n for s, n in counts.items() if s != "stale")
+    parts = [f"{counts[s]} {s}" for s in JOB_STATES if counts.get(s) and s != "stale"]
     reused = int(scan.jobs.reused.sum()) if not scan.jobs.empty else 0
     out.append(f"jobs: {total}" + (f" ({', '.join(parts)})" if parts else "") +
                (f"; {reused} reused from an earlier run" if reused else ""))
-    for state in ("failed", "unfinished", "not started", "stale"):
+    for state in ("failed", "unfinished", "not started"):
         sel = scan.jobs[scan.jobs.status == state] if not scan.jobs.empty else scan.jobs
         if len(sel):
             out.append(f"{state} jobs:")
             for _, j in sel.iterrows():
                 why = f": {j.error}" if j.error else ""
                 out.append(f"  {j.job} [{j.overrides}]{why}")
+    if counts.get("stale"):
+        stale = scan.names("stale")
+        out.append(f"ignored {len(stale)} job dir(s) of an earlier sweep with other overrides: {', '.join(stale)}")
     return "\n".join(out)
 
 
