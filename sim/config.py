@@ -21,7 +21,10 @@ class PolicyConf:
     prefetch_args: dict[str, Any] = field(default_factory=dict)
     predictor: Optional[str] = None  # recorded | noisy | oracle
     predictor_args: dict[str, Any] = field(default_factory=dict)
-    decoding: str = "autoregressive"
+    decoding: str = "autoregressive"  # autoregressive | speculative
+    # "speculative": an autoregressive policy given the expert-cache slots a speculative policy has
+    # at this budget (the draft's memory left unused): the paper's "same cache" comparison
+    cache_as: Optional[str] = None
     suite: list[str] = field(default_factory=list)  # non-empty: run each named preset instead
 
 
@@ -35,6 +38,10 @@ class TraceConf:
     decode_tokens: int = 128
     seed: int = 0
     lookahead_depth: int = 4
+    # speculative runs on a trace without draft columns: a noisy draft with this set agreement and
+    # per-token acceptance probability stands in (synthetic traces carry their own draft columns)
+    draft_agreement: float = 0.9
+    acceptance: float = 0.85
 
 
 @dataclass
@@ -53,6 +60,7 @@ class SimConf:
     hardware: Any = MISSING
     policy: Any = MISSING
     trace: Any = MISSING
+    governor: Any = MISSING
     cache: CacheConf = field(default_factory=CacheConf)
     seed: int = 0
     timeline_out: Optional[str] = None
@@ -64,9 +72,11 @@ class SimConf:
 
 def register_configs() -> None:
     """Idempotent: every app and test calls it before composing."""
+    from sim.governor import register_governor_schema
     from sim.spec import register_schemas
 
     register_schemas()
+    register_governor_schema()
     cs = ConfigStore.instance()
     cs.store(name="sim_schema", node=SimConf)
     cs.store(group="schema", name="policy", node=PolicyConf)

@@ -24,7 +24,8 @@ from sim.costmodel import CostModel
 from sim.errors import SimError
 from sim.hardware import HardwareSpec
 from sim.link import CopyEngine
-from sim.policies.base import DEMAND, Cancel, EvictionPolicy, PolicyContext, PrefetchPolicy
+from sim.governor import CycleCosts
+from sim.policies.base import DEMAND, Cancel, CycleInfo, EvictionPolicy, PolicyContext, PrefetchPolicy
 from sim.schedule import Schedule
 from sim.spec import ModelSpec
 
@@ -52,6 +53,7 @@ class RunLog:
     compute_spans: list[tuple[float, float, str]] | None = None
     copy_spans: list[tuple[float, float, int, bool]] | None = None
     occupancy: list[tuple[float, int]] | None = None
+    cycles: list[dict] = field(default_factory=list)  # speculative: one record per draft/verify cycle
 
 
 class Simulation:
@@ -72,9 +74,14 @@ class Simulation:
         seed: int = 0,
         timeline: bool = False,
         lookahead_depths: tuple[int, ...] = (),
+        governor=None,
+        draft=None,
     ) -> None:
         self.schedule = schedule
         self.model, self.hw, self.cost = model, hw, cost
+        self.governor, self.draft = governor, draft
+        if (governor is None) != (draft is None):
+            raise SimError("speculative decoding needs both a governor and a draft source")
         self.env = simpy.Environment()
         self.log = RunLog()
         self.g = 0
@@ -124,6 +131,7 @@ class Simulation:
         self._has_layer_start = cls.on_layer_start is not PrefetchPolicy.on_layer_start
         self._has_routed = cls.on_routed is not PrefetchPolicy.on_routed
         self._has_done = cls.on_transfer_done is not PrefetchPolicy.on_transfer_done
+        self._layer_names = [f"L{x}" for x in model.moe_layers]
 
     @staticmethod
     def _needs_done(prefetch: PrefetchPolicy) -> bool:
@@ -172,159 +180,272 @@ class Simulation:
                     cache.remove(key)
 
     def _driver(self):
-        """The GPU compute stream. Compute that needs no decision is not waited for at once: it is
-        carried (``carry``) into the next timeout, so a layer-step costs one event whether or not
-        its experts hit; the experts of a carried computation stay in use until it ends (the copy
-        stream releases them at that time, in order). Counters are locals in this hot loop and
-        are written to the log at the end."""
+        """The decode driver on the GPU compute stream: for each request, prefill, then
+        autoregressive steps or speculative draft/verify cycles. ``self._carry`` is compute already
+        committed on the stream but not yet waited for (negative when the host is ahead of it)."""
+        env, sch, copy, log = self.env, self.schedule, self.copy, self.log
+        prefetch = self.prefetch
+        self._carry = 0.0
+        self._counts = [0, 0, 0, 0, 0.0, 0.0]  # hits, late, misses, useful, late_wait, stall
+        self._stall_layer = [0.0] * sch.M
+        for r in range(self.schedule.trace.num_requests):
+            if self._carry > 0:
+                yield env.timeout(self._carry)
+            self._carry = 0.0
+            copy.advance(env.now)
+            log.request_start.append(env.now)
+            times: list[float] = [env.now]  # the request start; dropped below
+            self._apply(prefetch.on_request_start(r))
+            copy.try_issue()
+            if self.governor is None:
+                s_first, s_end = sch.request_steps[r]
+                for s_idx in range(s_first, s_end):
+                    yield from self._target_step(s_idx, times)
+            else:
+                yield from self._speculative_request(r, times)
+            log.token_times.append(times[1:])
+            if self._carry > 0:
+                yield env.timeout(self._carry)
+            self._carry = 0.0
+            copy.advance(env.now)
+            self._apply(prefetch.on_request_end(r))
+            copy.try_issue()
+        c = self._counts
+        log.hits, log.late, log.misses = c[0], c[1], c[2]
+        log.useful_prefetch_bytes = c[3] * self.expert_bytes
+        log.late_wait, log.stall = c[4], c[5]
+        log.stall_per_layer = np.asarray(self._stall_layer)
+
+    def _speculative_request(self, r: int, times: list[float]):
+        """Prefill, then draft/verify cycles (sim/speculative.py states the replay rule)."""
+        env, sch, copy, cache, log = self.env, self.schedule, self.copy, self.cache, self.log
+        trace, draft, governor, prefetch = sch.trace, self.draft, self.governor, self.prefetch
+        dd = self.decision_delay
+        L = int(trace.lengths[r])
+        P = int((trace.phase[r, :L] == 0).sum())
+        if P == 0:
+            raise SimError(f"request {int(trace.request_ids[r])} has no prefill token")
+        yield from self._target_step(sch.add_step(r, 0, P, 0, 0), times)
+        xfer = self.cost.h2d(self.expert_bytes)
+        prev_rows: list = []
+        t, cycle = P, 0
+        while t < L:
+            cycle += 1
+            gpu0 = env.now + self._carry  # the stream is free: the cycle starts
+            draft_memo: dict[int, float] = {}
+
+            def t_draft(k: int, t=t, memo=draft_memo) -> float:
+                if k not in memo:
+                    memo[k] = sum(sch.draft_token_time(r, t + i) for i in range(min(k, L - 1 - t)))
+                return memo[k]
+
+            def t_verify(n: int, t=t) -> float:
+                return sch.verify_estimate(n, int(trace.position[r, min(t + n, L) - 1]) + 1, dd)
+
+            def new_experts(k: int, rows=prev_rows) -> int:
+                """|E_new(k)|, causally: the last cycle's ELB (the freshest forecast of this
+                request's routing) against what is resident or on its way now."""
+                if not rows:
+                    return min(sch.M * sch.E, k * sch.model.top_k * sch.M)
+                n = min(k, len(rows))
+                distinct = {key for row in rows[:n] for keys in row for key in keys}
+                new = sum(1 for key in distinct if not cache.state[key])
+                return int(round(new * k / n)) if n else 0
+
+            queued = len(copy.queue) + len(copy.in_flight)
+            costs = CycleCosts(
+                t_draft=t_draft, t_verify=t_verify,
+                t_pcie_init=max(0.0, copy.link_free - gpu0) + len(copy.queue) * xfer if queued else 0.0,
+                t_overhead=float(self.hw.copy_latency_s) + dd, expert_transfer_s=xfer,
+                new_experts=new_experts, k_limit=L - 1 - t, expert_bytes=self.expert_bytes,
+            )
+            decision = governor.decide(costs)
+            k = min(decision.k, L - 1 - t)
+            bytes0, busy0 = copy.copies, copy.busy_time
+            self._apply(prefetch.on_cycle_start(CycleInfo(
+                request=r, t=t, k=k, t_draft_s=t_draft(k), expert_transfer_s=xfer,
+                slots=cache.total_slots, top_k=sch.model.top_k)))
+            copy.try_issue()
+            # drafting: the draft runs on the GPU without waiting for the host; the host reads each
+            # ELB row ``decision_delay`` after its draft token ends
+            rows = []
+            gpu = gpu0
+            remaining = t_draft(k)
+            for i in range(k):
+                dt = sch.draft_token_time(r, t + i)
+                if self.log.compute_spans is not None:
+                    self.log.compute_spans.append((gpu, gpu + dt, f"draft {i + 1}/{k}"))
+                gpu += dt
+                remaining -= dt
+                yield env.timeout(max(0.0, gpu + dd - env.now))
+                copy.advance(env.now)
+                row = draft.elb_row(r, t + i)
+                rows.append(row)
+                busy = max(0.0, copy.link_free - env.now) if copy.in_flight else 0.0
+                budget = int((remaining - busy) / xfer) - len(copy.queue) if xfer > 0 else 0
+                self._apply(prefetch.on_draft_token(i, row, budget))
+                copy.try_issue()
+            self._carry = gpu - env.now
+            a = draft.accepted(r, t, k)
+            s_idx = sch.add_step(r, t, t + k + 1, cycle, 1, emitted=a + 1, draft_s=gpu - gpu0)
+            yield from self._target_step(s_idx, times)
+            observed = times[-1] - gpu0
+            governor.observe(k, a, observed)
+            log.cycles.append({
+                "request": r, "cycle": cycle, "t": t, "k": k, "accepted": a, "emitted": a + 1,
+                "observed_cycle_s": observed, "predicted_cycle_s": decision.predicted_cycle_s,
+                "t_draft": gpu - gpu0, "t_verify": sch.compute_time(s_idx, dd) - (gpu - gpu0),
+                "bytes_moved": (copy.copies - bytes0) * self.expert_bytes, "t_pcie": copy.busy_time - busy0,
+                "coverage": log.coverage[-1],
+            })
+            prev_rows[:] = rows
+            t += a + 1
+
+    def _target_step(self, s_idx: int, times: list[float]):
+        """One target pass (prefill, decode step or verify) through every MoE layer. Compute that
+        needs no decision is carried into the next timeout, so a layer-step costs one event whether
+        or not its experts hit; a carried computation's experts stay in use until it ends (the copy
+        stream releases them then, in order). Counters are locals here and added at the end."""
         env, sch, cache, copy, log = self.env, self.schedule, self.cache, self.copy, self.log
         prefetch = self.prefetch
         state, in_use, ready_at, prefetched = cache.state, cache.in_use, cache.ready_at, self.prefetched
         pre, exp, needed_all, infos = sch.pre, sch.exp, sch.needed, sch.infos
         dd = self.decision_delay
         M, E = sch.M, sch.E
-        layer_names = [f"L{x}" for x in sch.model.moe_layers]
+        layer_names = self._layer_names
         spans = log.compute_spans
         occupancy = log.occupancy
-        coverage = log.coverage
-        stall_layer = [0.0] * M
+        stall_layer = self._stall_layer
         caps = cache.capacity
         per_layer = cache.per_layer is not None
         keeps = prefetch.keeps_cache
         has_start, has_routed = self._has_layer_start, self._has_routed
-        evict_pol, pool_of = cache.eviction, cache.pool_of
-        accessed = evict_pol.accessed
+        pool_of = cache.pool_of
+        accessed = cache.eviction.accessed
         advance, try_issue, request, ready_time, hold = copy.advance, copy.try_issue, copy.request, copy.ready_time, copy.hold
         timeout = env.timeout
         hits = late = misses = useful = 0
         late_wait = stall_total = 0.0
-        carry = 0.0
-        for r, (s_first, s_end) in enumerate(sch.request_steps):
-            if carry:
-                yield timeout(carry)
+        carry = self._carry
+        step = sch.steps[s_idx]
+        g0 = step.g0
+        # per-step coverage: share of the step's needed experts resident as it starts
+        t_start = env.now + carry
+        tot = hit0 = 0
+        for g in range(g0, g0 + M):
+            for key in needed_all[g]:
+                tot += 1
+                st = state[key]
+                hit0 += st == RESIDENT or (st == LOADING and ready_at[key] <= t_start)
+        log.coverage.append(hit0 / tot if tot else 1.0)
+        kind = "verify " if step.emitted > 1 or step.draft_s else ""
+        for m in range(M):
+            g = g0 + m
+            self.g = copy.g = g
+            if has_start:
+                if carry > 0:
+                    yield timeout(carry)
                 carry = 0.0
-            advance(env.now)
-            log.request_start.append(env.now)
-            times: list[float] = []
-            log.token_times.append(times)
-            self._apply(prefetch.on_request_start(r))
-            try_issue()
-            for s_idx in range(s_first, s_end):
-                step = sch.steps[s_idx]
-                g0 = step.g0
-                # per-step coverage: share of the step's needed experts resident as it starts
-                t_start = env.now + carry
-                tot = hit0 = 0
-                for g in range(g0, g0 + M):
-                    for key in needed_all[g]:
-                        tot += 1
-                        st = state[key]
-                        hit0 += st == RESIDENT or (st == LOADING and ready_at[key] <= t_start)
-                coverage.append(hit0 / tot if tot else 1.0)
-                for m in range(M):
-                    g = g0 + m
-                    self.g = copy.g = g
-                    if has_start:
-                        if carry:
-                            yield timeout(carry)
-                            carry = 0.0
-                        advance(env.now)
-                        self._apply(prefetch.on_layer_start(infos[g]))
-                        try_issue()
-                    t = env.now + carry
-                    yield timeout(carry + pre[g] + dd)
-                    carry = 0.0
+                advance(env.now)
+                self._apply(prefetch.on_layer_start(infos[g]))
+                try_issue()
+            t = env.now + carry
+            yield timeout(carry + pre[g] + dd)
+            carry = 0.0
+            now = env.now
+            advance(now)
+            if spans is not None:
+                spans.append((t, now, f"{kind}attn+router {layer_names[m]}"))
+            needed = needed_all[g]
+            cap = caps[m if per_layer else 0]
+            if len(needed) <= cap:
+                waves = (needed,)
+            else:
+                waves = tuple(needed[i:i + cap] for i in range(0, len(needed), cap))
+            last = len(waves) - 1
+            for w, wave in enumerate(waves):
+                wait = None
+                missed = None
+                for key in wave:
+                    in_use[key] += 1
+                    st = state[key]
+                    if st == RESIDENT:
+                        hits += 1
+                        accessed(key, pool_of[key], g)
+                    else:
+                        if st == LOADING:
+                            late += 1
+                            late_wait += ready_at[key] - now
+                            accessed(key, pool_of[key], g)
+                        else:
+                            misses += 1
+                            request(key, DEMAND)
+                            if missed is None:
+                                missed = [key]
+                            else:
+                                missed.append(key)
+                        if wait is None:
+                            wait = {key}
+                        else:
+                            wait.add(key)
+                    if st and prefetched[key]:
+                        prefetched[key] = False
+                        useful += 1
+                held = wave
+                if not keeps:
+                    # streaming moves the whole layer and computes once all of it landed
+                    extra = tuple(x for x in range(m * E, (m + 1) * E) if x not in wave)
+                    for key in extra:
+                        in_use[key] += 1
+                        if state[key] != RESIDENT:
+                            request(key, DEMAND)
+                            if wait is None:
+                                wait = set()
+                            wait.add(key)
+                    held = wave + extra
+                if has_routed and w == 0:
+                    self._apply(prefetch.on_routed(infos[g], needed))
+                try_issue()
+                stall = 0.0
+                if wait:
+                    # the stall needs no event of its own: nothing is decided when the experts
+                    # land, so it is carried into the next timeout with the compute
+                    t_ready = ready_time(wait)
+                    if missed:
+                        for key in missed:  # arrived on demand: count the use now
+                            accessed(key, pool_of[key], g)
+                    stall = t_ready - now
+                    stall_total += stall
+                    stall_layer[m] += stall
+                    if spans is not None:
+                        spans.append((now, t_ready, f"stall {layer_names[m]}"))
+                    now = t_ready
+                dur = exp[g] if last == 0 else exp[g] * len(wave) / len(needed)
+                if spans is not None:
+                    spans.append((now, now + dur, f"{kind}experts {layer_names[m]}"))
+                hold(held, now + dur)
+                if w < last:
+                    yield timeout(stall + dur)
                     now = env.now
                     advance(now)
-                    if spans is not None:
-                        spans.append((t, now, f"attn+router {layer_names[m]}"))
-                    needed = needed_all[g]
-                    cap = caps[m if per_layer else 0]
-                    if len(needed) <= cap:
-                        waves = (needed,)
-                    else:
-                        waves = tuple(needed[i:i + cap] for i in range(0, len(needed), cap))
-                    last = len(waves) - 1
-                    for w, wave in enumerate(waves):
-                        wait = None
-                        missed = None
-                        for key in wave:
-                            in_use[key] += 1
-                            st = state[key]
-                            if st == RESIDENT:
-                                hits += 1
-                                accessed(key, pool_of[key], g)
-                            else:
-                                if st == LOADING:
-                                    late += 1
-                                    late_wait += ready_at[key] - now
-                                    accessed(key, pool_of[key], g)
-                                else:
-                                    misses += 1
-                                    request(key, DEMAND)
-                                    if missed is None:
-                                        missed = [key]
-                                    else:
-                                        missed.append(key)
-                                if wait is None:
-                                    wait = {key}
-                                else:
-                                    wait.add(key)
-                            if st and prefetched[key]:
-                                prefetched[key] = False
-                                useful += 1
-                        held = wave
-                        if not keeps:
-                            # streaming moves the whole layer and computes once all of it landed
-                            extra = tuple(x for x in range(m * E, (m + 1) * E) if x not in wave)
-                            for key in extra:
-                                in_use[key] += 1
-                                if state[key] != RESIDENT:
-                                    request(key, DEMAND)
-                                    if wait is None:
-                                        wait = set()
-                                    wait.add(key)
-                            held = wave + extra
-                        if has_routed and w == 0:
-                            self._apply(prefetch.on_routed(infos[g], needed))
-                        try_issue()
-                        stall = 0.0
-                        if wait:
-                            # the stall needs no event of its own: nothing is decided when the
-                            # experts land, so it is carried into the next timeout with the compute
-                            t_ready = ready_time(wait)
-                            if missed:
-                                for key in missed:  # arrived on demand: count the use now
-                                    accessed(key, pool_of[key], g)
-                            stall = t_ready - now
-                            stall_total += stall
-                            stall_layer[m] += stall
-                            if spans is not None:
-                                spans.append((now, t_ready, f"stall {layer_names[m]}"))
-                            now = t_ready
-                        dur = exp[g] if last == 0 else exp[g] * len(wave) / len(needed)
-                        if spans is not None:
-                            spans.append((now, now + dur, f"experts {layer_names[m]}"))
-                        hold(held, now + dur)
-                        if w < last:
-                            yield timeout(stall + dur)
-                            now = env.now
-                            advance(now)
-                        else:
-                            carry = stall + dur
-                    if occupancy is not None:
-                        occupancy.append((now, cache.resident_count()))
-                if step.tail:
-                    if spans is not None:
-                        spans.append((env.now + carry, env.now + carry + step.tail, "head"))
-                    carry += step.tail
-                times.append(env.now + carry)
-            if carry:
-                yield timeout(carry)
-                carry = 0.0
-            advance(env.now)
-            self._apply(prefetch.on_request_end(r))
-            try_issue()
-        log.hits, log.late, log.misses, log.late_wait, log.stall = hits, late, misses, late_wait, stall_total
-        log.useful_prefetch_bytes = useful * self.expert_bytes
-        log.stall_per_layer = np.asarray(stall_layer)
+                else:
+                    carry = stall + dur
+            if occupancy is not None:
+                occupancy.append((now, cache.resident_count()))
+        if step.tail:
+            if spans is not None:
+                spans.append((env.now + carry, env.now + carry + step.tail, "head"))
+            carry += step.tail
+        end = env.now + carry
+        prev = times[-1]
+        n = step.emitted
+        times.extend(prev + (end - prev) * (j + 1) / n for j in range(n - 1))
+        times.append(end)
+        self._carry = carry
+        c = self._counts
+        c[0] += hits
+        c[1] += late
+        c[2] += misses
+        c[3] += useful
+        c[4] += late_wait
+        c[5] += stall_total

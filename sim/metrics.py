@@ -42,6 +42,25 @@ def per_request(log: RunLog) -> dict[str, np.ndarray]:
     return {"ttft": ttft, "tpot": tpot, "decode_time": dec_time, "decode_tokens": dec_tok, "gaps": np.asarray(gaps)}
 
 
+def speculative_metrics(cycles: list[dict[str, Any]]) -> dict[str, Any]:
+    """Acceptance and draft length over a run's draft/verify cycles (empty if autoregressive)."""
+    if not cycles:
+        return {}
+    k = np.array([c["k"] for c in cycles])
+    a = np.array([c["accepted"] for c in cycles])
+    drafted = int(k.sum())
+    return {
+        "cycles": len(cycles),
+        "drafted_tokens": drafted,
+        "emitted_tokens": int((a + 1).sum()),
+        "acceptance_rate": float(a.sum() / drafted) if drafted else float("nan"),
+        "mean_accepted": float(a.mean()),
+        "mean_k": float(k.mean()),
+        "verify_coverage": float(np.mean([c["coverage"] for c in cycles])),
+        "k_per_cycle": k.tolist(),
+    }
+
+
 def results_row(log: RunLog, bound: Bound, expert_bytes: int, num_layers: int) -> dict[str, Any]:
     pr = per_request(log)
     needed = log.hits + log.late + log.misses
@@ -80,4 +99,5 @@ def results_row(log: RunLog, bound: Bound, expert_bytes: int, num_layers: int) -
         "x_bound": tpot / bound_tpot if bound_tpot > 0 else float("nan"),
         "x_bound_e2e": log.run_time / bound.total_s if bound.total_s > 0 else float("nan"),
         "bound_misses": bound.misses,
+        **speculative_metrics(log.cycles),
     }

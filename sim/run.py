@@ -128,23 +128,53 @@ class Prepared:
     hw: HardwareSpec
     trace: Trace
     cost: CostModel
-    plan: MemoryPlan
-    schedule: Schedule
+    schedule: Schedule  # the autoregressive plan (speculative runs build their own as they go)
+    context_tokens: int
+    slots: int | None = None
+    per_layer: int | None = None
+    plan: MemoryPlan | None = None  # the autoregressive plan at this budget (None: infeasible)
 
 
 def prepare(cfg: DictConfig) -> Prepared:
     model = ModelSpec.from_cfg(cfg.model)
     hw = HardwareSpec.from_cfg(cfg.hardware)
     trace = load_trace(cfg.trace, model)
-    ctx = cfg.cache.max_context_tokens or int(trace.position.max()) + 1
-    plan = plan_memory(model, hw, max_context_tokens=int(ctx), slots=cfg.cache.slots, per_layer=cfg.cache.per_layer)
+    ctx = int(cfg.cache.max_context_tokens or int(trace.position.max()) + 1)
     cost = cost_model_for(model, hw)
-    schedule = Schedule(trace, model, cost)
-    return Prepared(model, hw, trace, cost, plan, schedule)
+    prep = Prepared(model, hw, trace, cost, Schedule(trace, model, cost), ctx, cfg.cache.slots, cfg.cache.per_layer)
+    try:
+        prep.plan = plan_for(prep, speculative=False)
+    except InfeasibleError:
+        pass
+    return prep
 
 
-def base_keys(cfg: DictConfig, prep: Prepared | None) -> dict[str, Any]:
-    keys = {
+def plan_for(prep: Prepared, *, speculative: bool) -> MemoryPlan:
+    """The memory plan of one policy: a speculative one keeps its INT4 draft experts resident."""
+    return plan_memory(prep.model, prep.hw, max_context_tokens=prep.context_tokens, slots=prep.slots,
+                       per_layer=prep.per_layer, draft_resident=speculative)
+
+
+def policy_plan(prep: Prepared, pcfg: DictConfig) -> MemoryPlan:
+    """``cache_as: speculative`` gives an autoregressive policy the slot count a speculative policy
+    has at this budget, in the same layout (the paper's "same cache"; the draft's memory idles)."""
+    if pcfg.decoding not in ("autoregressive", "speculative"):
+        raise SimError(f"policy '{pcfg.name}': decoding must be 'autoregressive' or 'speculative', got '{pcfg.decoding}'")
+    if pcfg.decoding == "speculative":
+        return plan_for(prep, speculative=True)
+    if pcfg.get("cache_as") == "speculative":
+        spec = plan_for(prep, speculative=True)
+        own = plan_for(prep, speculative=False)
+        from dataclasses import replace
+
+        return replace(own, slots=spec.slots, per_layer=spec.per_layer, layout=spec.layout)
+    if pcfg.get("cache_as"):
+        raise SimError(f"policy '{pcfg.name}': cache_as must be null or 'speculative', got '{pcfg.cache_as}'")
+    return plan_for(prep, speculative=False)
+
+
+def base_keys(cfg: DictConfig) -> dict[str, Any]:
+    return {
         "model": cfg.model.get("name"),
         "model_layers": cfg.model.get("layers"),
         "hardware": cfg.hardware.get("name"),
@@ -157,76 +187,93 @@ def base_keys(cfg: DictConfig, prep: Prepared | None) -> dict[str, Any]:
         "cache_per_layer": cfg.cache.per_layer,
         "seed": int(cfg.seed),
     }
-    if prep is not None:
-        keys["slots"] = prep.plan.slots
-        keys["layout"] = prep.plan.layout
-    return keys
 
 
-def run_policy(prep: Prepared, pcfg: DictConfig, seed: int, *, timeline: bool = False) -> tuple[dict[str, Any], Any]:
-    if pcfg.decoding != "autoregressive":
-        raise SimError(f"policy '{pcfg.name}': decoding '{pcfg.decoding}' is not available yet (autoregressive only)")
+def run_policy(prep: Prepared, pcfg: DictConfig, seed: int, *, timeline: bool = False, governor_cfg: Any = None,
+               trace_cfg: Any = None, plan: MemoryPlan | None = None) -> tuple[dict[str, Any], Any]:
+    """One policy on a prepared config: its results row (without config keys) and (sim, log)."""
+    from sim.governor import build_governor
+    from sim.speculative import DraftSource
+
+    plan = plan or policy_plan(prep, pcfg)
     eviction = EVICTION.create(pcfg.eviction, **dict(pcfg.eviction_args))
     prefetch = PREFETCH.create(pcfg.prefetch, **dict(pcfg.prefetch_args))
+    speculative = pcfg.decoding == "speculative"
     predictor = PREDICTORS.create(pcfg.predictor, **dict(pcfg.predictor_args)) if pcfg.predictor else None
+    if speculative and (predictor is not None or pcfg.eviction in ("belady",) or pcfg.prefetch in ("oracle", "history", "lookahead")):
+        raise SimError(f"policy '{pcfg.name}': speculative decoding runs with ELB-driven policies "
+                       "(prefetch speq, spmoe or none; eviction lru, lfu, fifo or lookahead)")
     depths: tuple[int, ...] = ()
     if predictor is not None:
         depths = tuple(range(1, int(pcfg.prefetch_args.get("depth", 1)) + 1))
-    plan = prep.plan
+    governor = draft = None
+    schedule = prep.schedule
+    if speculative:
+        governor = build_governor(governor_cfg if governor_cfg is not None else {"name": "roofline"})
+        tc = trace_cfg or {}
+        draft = DraftSource(prep.trace, agreement=float(tc.get("draft_agreement", 0.9)),
+                            acceptance=float(tc.get("acceptance", 0.85)), seed=seed)
+        schedule = Schedule(prep.trace, prep.model, prep.cost, build=False)
     t0 = time.perf_counter()
     sim = Simulation(
-        prep.schedule, prep.model, prep.hw, prep.cost,
+        schedule, prep.model, prep.hw, prep.cost,
         eviction=eviction, prefetch=prefetch, predictor=predictor,
         slots=None if plan.per_layer else plan.slots, per_layer=plan.per_layer,
-        seed=seed, timeline=timeline, lookahead_depths=depths,
+        seed=seed, timeline=timeline, lookahead_depths=depths, governor=governor, draft=draft,
     )
     log = sim.run()
     wall = time.perf_counter() - t0
-    bound = bound_for(prep, sim.cache.pool_of, sim.cache.capacity)
+    bound = bound_for(prep, schedule, sim.cache.pool_of, sim.cache.capacity)
     row = results_row(log, bound, prep.model.bytes_per_expert(), prep.model.num_moe_layers)
     row["wall_s"] = wall
+    row["slots"], row["layout"] = plan.slots, plan.layout
+    row["decoding"] = pcfg.decoding
+    if speculative:
+        row["draft_source"] = draft.source
+        row["governor"] = governor.name
     return row, (sim, log)
 
 
-
-def bound_for(prep: Prepared, pool_of: list[int], capacity: list[int]):
-    """Bound of the schedule under a slot layout (memoised per layout within one prepared run)."""
-    key = (id(prep.schedule), tuple(capacity))
-    hit = prep.__dict__.setdefault("_bounds", {}).get(key)
-    if hit is not None:
-        return hit
-    sch = prep.schedule
+def bound_for(prep: Prepared, schedule: Schedule, pool_of: list[int], capacity: list[int]):
+    """Bound of a (realized) schedule under a slot layout, memoised per schedule and layout."""
+    key = (id(schedule), len(schedule.steps), tuple(capacity), tuple(pool_of[:1]))
+    bounds = prep.__dict__.setdefault("_bounds", {})
+    if key in bounds:
+        return bounds[key]
+    sch = schedule
     dd = float(prep.hw.decision_delay_s)
-    step_compute = np.array([sch.compute_time(i, dd) for i in range(len(sch.steps))])
+    steps = sch.steps
     b = compute_bound(
-        sch.needed, sch.g_step, step_compute,
-        np.array([s.request for s in sch.steps]), np.array([s.phase for s in sch.steps]),
-        np.ones(len(sch.steps), dtype=np.int64), sch.trace.num_requests,
+        sch.needed, sch.g_step, np.array([sch.compute_time(i, dd) for i in range(len(steps))]),
+        np.array([s.request for s in steps]), np.array([s.phase for s in steps]),
+        np.array([s.emitted for s in steps], dtype=np.int64), sch.trace.num_requests,
         pool_of, capacity, prep.cost.h2d(prep.model.bytes_per_expert()),
     )
-    prep.__dict__["_bounds"][key] = b
+    bounds[key] = b
     return b
 
 
 def simulate(cfg: DictConfig, *, on_policy=None) -> list[dict[str, Any]]:
-    """All results rows of one config (one per policy of a suite). Infeasible budgets give a row
-    with ``status = infeasible`` and the reason; other errors propagate."""
+    """All results rows of one config (one per policy of a suite). A policy whose memory budget
+    cannot run gives a row with ``status = infeasible`` and the reason; other errors propagate."""
     load_plugins(cfg.get("plugins") or [])
     presets = policy_presets(cfg.policy)
-    try:
-        prep = prepare(cfg)
-    except InfeasibleError as e:
-        keys = base_keys(cfg, None)
-        return [
-            {**keys, "policy": p.name, "source": "sim", "status": "infeasible", "reason": e.reason,
-             "config_id": config_id({**keys, "policy": p.name})}
-            for p in presets
-        ]
-    keys = base_keys(cfg, prep)
+    keys = base_keys(cfg)
+    prep = prepare(cfg)
     rows = []
     for p in presets:
-        row, (sim, log) = run_policy(prep, p, int(cfg.seed), timeline=bool(cfg.timeline_out))
         k = {**keys, "policy": p.name, "eviction": p.eviction, "prefetch": p.prefetch, "predictor": p.predictor}
+        if p.decoding == "speculative":
+            k["governor"] = cfg.governor.get("name")
+            k["governor_k"] = cfg.governor.get("k")
+        try:
+            plan = policy_plan(prep, p)
+        except InfeasibleError as e:
+            rows.append({**k, "source": "sim", "status": "infeasible", "reason": e.reason,
+                         "config_id": config_id(k), "repetition": 0})
+            continue
+        row, (sim, log) = run_policy(prep, p, int(cfg.seed), timeline=bool(cfg.timeline_out),
+                                     governor_cfg=cfg.get("governor"), trace_cfg=cfg.trace, plan=plan)
         rows.append({**k, "source": "sim", "status": "ok", "reason": "", "config_id": config_id(k), "repetition": 0, **row})
         if on_policy is not None:
             on_policy(p, sim, log, rows[-1])

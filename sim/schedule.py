@@ -23,13 +23,15 @@ NEVER = 1 << 62
 @dataclass
 class Step:
     request: int  # ordinal in the trace
-    step: int  # the trace's step number
+    step: int  # the step's number (the trace's, or the speculative cycle's)
     t0: int  # first token index (dense axis)
     t1: int  # one past the last token index
     kv_len: int  # context length after this step
     phase: int  # 0 prefill, 1 decode
     g0: int  # first layer-step
     tail: float  # compute after the last MoE layer (dense layers, final norm, LM head)
+    emitted: int = 1  # tokens this step emits (speculative: accepted + 1)
+    draft_s: float = 0.0  # drafting that preceded this step (speculative verify passes)
 
 
 @dataclass(slots=True)
@@ -41,11 +43,16 @@ class LayerStepInfo:
 
 
 class Schedule:
-    """Autoregressive replay plan of a trace: steps, layer-steps, needed keys, compute times."""
+    """Replay plan of a trace: steps, layer-steps, needed keys, compute times.
 
-    def __init__(self, trace: Trace, model: ModelSpec, cost: CostModel) -> None:
+    The autoregressive plan is built up front (``build=True``); a speculative run appends each
+    verify pass with ``add_step`` as its cycles are decided.
+    """
+
+    def __init__(self, trace: Trace, model: ModelSpec, cost: CostModel, *, build: bool = True) -> None:
         self.trace = trace
         self.model = model
+        self.cost = cost
         M, E = model.num_moe_layers, model.num_experts
         self.M, self.E = M, E
         moe = list(model.moe_layers)
@@ -53,57 +60,103 @@ class Schedule:
         self.needed: list[tuple[int, ...]] = []
         self.pre: list[float] = []
         self.exp: list[float] = []
-        self.g_request: list[int] = []
         self.g_step: list[int] = []  # index into self.steps
+        self.infos: list[LayerStepInfo] = []
         self.request_steps: list[tuple[int, int]] = []  # per request: (first step idx, end step idx)
-        dense_layers_before = [
-            [layer for layer in range(model.num_layers) if layer not in moe and (m == 0 or layer > moe[m - 1]) and layer < moe[m]]
+        self._dense_before = [
+            [x for x in range(model.num_layers) if x not in moe and (m == 0 or x > moe[m - 1]) and x < moe[m]]
             for m in range(M)
         ]
-        dense_after = [layer for layer in range(model.num_layers) if layer > moe[-1]]
-        offsets = np.arange(M, dtype=np.int64)[:, None] * E
-        for r in range(trace.num_requests):
-            L = int(trace.lengths[r])
-            steps_r = trace.step[r, :L]
-            bounds = np.flatnonzero(np.r_[True, steps_r[1:] != steps_r[:-1], True])
-            first = len(self.steps)
-            for a, b in zip(bounds[:-1], bounds[1:]):
-                a, b = int(a), int(b)
-                n = b - a
-                kv = int(trace.position[r, b - 1]) + 1
-                ids = trace.expert_ids[r, a:b]  # (n, M, k)
-                g0 = len(self.needed)
-                tail = sum(cost.attention(layer, n, kv) + cost.dense_ffn(layer, n) for layer in dense_after)
-                tail += cost.embed_and_head(n, logits_tokens=1)
-                self.steps.append(Step(r, int(steps_r[a]), a, b, kv, int(trace.phase[r, a]), g0, tail))
-                s_idx = len(self.steps) - 1
-                keys_all = ids.transpose(1, 0, 2).reshape(M, -1).astype(np.int64) + offsets
-                for m in range(M):
-                    layer = moe[m]
-                    pre = cost.attention(layer, n, kv) + cost.router(layer, n)
-                    for dl in dense_layers_before[m]:
-                        pre += cost.attention(dl, n, kv) + cost.dense_ffn(dl, n)
-                    if n == 1:
-                        keys = tuple(int(x) for x in keys_all[m])
-                        exp = len(keys) * cost.expert_ffn(layer, 1)
-                    else:
-                        uk, counts = np.unique(keys_all[m], return_counts=True)
-                        keys = tuple(int(x) for x in uk)
-                        exp = sum(cost.expert_ffn(layer, int(c)) for c in counts)
-                    if model.num_shared_experts:
-                        exp += cost.shared_experts(layer, n)
-                    self.needed.append(keys)
-                    self.pre.append(pre)
-                    self.exp.append(exp)
-                    self.g_request.append(r)
-                    self.g_step.append(s_idx)
-            self.request_steps.append((first, len(self.steps)))
-        self.num_layer_steps = len(self.needed)
-        self.infos = [
-            LayerStepInfo(g, self.steps[si].request, self.steps[si].step, g - self.steps[si].g0)
-            for g, si in enumerate(self.g_step)
-        ]
+        self._dense_after = [x for x in range(model.num_layers) if x > moe[-1]]
+        self._offsets = np.arange(M, dtype=np.int64)[:, None] * E
         self._uses: dict[int, list[int]] | None = None
+        self._draft_memo: dict[int, float] = {}
+        if build:
+            for r in range(trace.num_requests):
+                L = int(trace.lengths[r])
+                steps_r = trace.step[r, :L]
+                bounds = np.flatnonzero(np.r_[True, steps_r[1:] != steps_r[:-1], True])
+                first = len(self.steps)
+                for a, b in zip(bounds[:-1], bounds[1:]):
+                    self.add_step(r, int(a), int(b), int(steps_r[a]), int(trace.phase[r, a]))
+                self.request_steps.append((first, len(self.steps)))
+
+    @property
+    def num_layer_steps(self) -> int:
+        return len(self.needed)
+
+    def add_step(self, r: int, a: int, b: int, step_no: int, phase: int, *, emitted: int = 1,
+                 draft_s: float = 0.0) -> int:
+        """Append a target pass over tokens [a, b) of request r; returns its step index."""
+        trace, cost, model, M = self.trace, self.cost, self.model, self.M
+        n = b - a
+        kv = int(trace.position[r, b - 1]) + 1
+        g0 = len(self.needed)
+        tail = sum(cost.attention(x, n, kv) + cost.dense_ffn(x, n) for x in self._dense_after)
+        tail += cost.embed_and_head(n, logits_tokens=n if phase else 1)
+        s_idx = len(self.steps)
+        self.steps.append(Step(r, step_no, a, b, kv, phase, g0, tail, emitted, draft_s))
+        keys_all = trace.expert_ids[r, a:b].transpose(1, 0, 2).reshape(M, -1).astype(np.int64) + self._offsets
+        moe = model.moe_layers
+        for m in range(M):
+            layer = moe[m]
+            pre = cost.attention(layer, n, kv) + cost.router(layer, n)
+            for dl in self._dense_before[m]:
+                pre += cost.attention(dl, n, kv) + cost.dense_ffn(dl, n)
+            if n == 1:
+                keys = tuple(keys_all[m].tolist())
+                exp = len(keys) * cost.expert_ffn(layer, 1)
+            else:
+                uk, counts = np.unique(keys_all[m], return_counts=True)
+                keys = tuple(uk.tolist())
+                exp = sum(cost.expert_ffn(layer, int(c)) for c in counts)
+            if model.num_shared_experts:
+                exp += cost.shared_experts(layer, n)
+            self.needed.append(keys)
+            self.pre.append(pre)
+            self.exp.append(exp)
+            self.g_step.append(s_idx)
+            self.infos.append(LayerStepInfo(g0 + m, r, step_no, m))
+        self._uses = None
+        return s_idx
+
+    def draft_token_time(self, r: int, t: int) -> float:
+        """One draft step at token t: the same model with its routed experts in INT4 and resident
+        (no transfers), shared non-expert weights, so only expert FFNs change precision."""
+        kv = int(self.trace.position[r, t]) + 1
+        hit = self._draft_memo.get(kv)
+        if hit is not None:
+            return hit
+        cost, model = self.cost, self.model
+        total = cost.embed_and_head(1, logits_tokens=1)
+        for layer in range(model.num_layers):
+            total += cost.attention(layer, 1, kv)
+            if model.is_moe_layer(layer):
+                total += cost.router(layer, 1) + model.top_k * cost.expert_ffn(layer, 1, "int4")
+                if model.num_shared_experts:
+                    total += cost.shared_experts(layer, 1)
+            else:
+                total += cost.dense_ffn(layer, 1)
+        self._draft_memo[kv] = total
+        return total
+
+    def verify_estimate(self, n: int, kv: int, decision_delay: float) -> float:
+        """Compute-only time of a target pass over n positions before its routing is known: each
+        layer is assumed to spread its n*top_k selections over min(E, n*top_k) distinct experts."""
+        cost, model = self.cost, self.model
+        sel = n * model.top_k
+        distinct = min(model.num_experts, sel)
+        per = max(1, round(sel / distinct))
+        total = cost.embed_and_head(n, logits_tokens=n)
+        for layer in range(model.num_layers):
+            total += cost.attention(layer, n, kv)
+            if model.is_moe_layer(layer):
+                total += cost.router(layer, n) + distinct * cost.expert_ffn(layer, per) + decision_delay
+                if model.num_shared_experts:
+                    total += cost.shared_experts(layer, n)
+            else:
+                total += cost.dense_ffn(layer, n)
+        return total
 
     # ---------------------------------------------------------------- future
     def future(self, g: int) -> tuple[int, ...]:
@@ -136,7 +189,7 @@ class Schedule:
         return s.request, s.t0, s.t1
 
     def compute_time(self, step_idx: int, decision_delay: float) -> float:
-        """Time of one step with every expert resident: the compute-only floor."""
+        """Time of one step with every expert resident (its drafting included): the compute floor."""
         s = self.steps[step_idx]
-        g1 = self.steps[step_idx + 1].g0 if step_idx + 1 < len(self.steps) else self.num_layer_steps
-        return sum(self.pre[s.g0:g1]) + sum(self.exp[s.g0:g1]) + (g1 - s.g0) * decision_delay + s.tail
+        g1 = s.g0 + self.M
+        return s.draft_s + sum(self.pre[s.g0:g1]) + sum(self.exp[s.g0:g1]) + self.M * decision_delay + s.tail

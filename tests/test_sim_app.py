@@ -77,10 +77,12 @@ def test_unknown_preset_is_an_error(tmp_path):
 
 
 def test_impossible_budget_says_by_how_much(tmp_path):
-    with pytest.raises(InfeasibleError, match=r"GB"):
-        from sim.run import prepare
+    from sim.run import plan_for, prepare
 
-        prepare(cfg_of("model=mixtral-8x7b", "hardware.memory_gb=3", *SMALL))
+    prep = prepare(cfg_of("model=mixtral-8x7b", "hardware.memory_gb=3", *SMALL))
+    assert prep.plan is None
+    with pytest.raises(InfeasibleError, match=r"GB"):
+        plan_for(prep, speculative=False)
     out = run_app(tmp_path, "model=mixtral-8x7b", "hardware.memory_gb=3", "policy=lru", *SMALL)
     assert out.returncode == 0  # a single run still writes its infeasible row
     df = pd.read_parquet(tmp_path / "results.parquet")

@@ -216,8 +216,8 @@ def test_belady_miss_count_is_a_lower_bound(scn):
         log = sim.run()
         bound = belady_misses(sch.needed, sim.cache.pool_of, sim.cache.capacity)
         assert log.copies >= bound.sum(), (ev, pf)
-        prep = Prepared(model, hw, trace, cost, None, sch)
-        b = bound_for(prep, sim.cache.pool_of, sim.cache.capacity)
+        prep = Prepared(model, hw, trace, cost, sch, 0)
+        b = bound_for(prep, sch, sim.cache.pool_of, sim.cache.capacity)
         assert log.run_time >= b.total_s * (1 - 1e-12)
 
 
@@ -259,8 +259,8 @@ def test_golden_scenario_by_hand():
     assert log.stall == pytest.approx(20e-3)
     from sim.metrics import results_row
 
-    prep = Prepared(model, hw, trace, cost, None, sim.schedule)
-    b = bound_for(prep, sim.cache.pool_of, sim.cache.capacity)
+    prep = Prepared(model, hw, trace, cost, sim.schedule, 0)
+    b = bound_for(prep, sim.schedule, sim.cache.pool_of, sim.cache.capacity)
     row = results_row(log, b, model.bytes_per_expert(), 1)
     assert row["ttft_ms"] == pytest.approx(11.5)
     assert row["tpot_ms"] == pytest.approx(14.5 / 3)

@@ -65,6 +65,19 @@ class PolicyContext:
         return m * self.num_experts + e
 
 
+@dataclass(frozen=True)
+class CycleInfo:
+    """What the host knows as a speculative cycle starts (durations as numbers: still no clock)."""
+
+    request: int
+    t: int  # the last emitted token's position index (dense axis); drafting starts here
+    k: int  # draft length chosen by the governor for this cycle
+    t_draft_s: float  # predicted drafting time of the cycle
+    expert_transfer_s: float  # one expert over the link
+    slots: int  # expert-cache slots in total
+    top_k: int
+
+
 class EvictionPolicy:
     """Chooses which resident expert leaves when a slot is needed.
 
@@ -113,6 +126,16 @@ class PrefetchPolicy:
         return []
 
     def on_transfer_done(self, key: int) -> list[Action]:
+        return []
+
+    # speculative decoding (draft k tokens, verify k + 1); autoregressive runs never call these
+    def on_cycle_start(self, cycle: CycleInfo) -> list[Action]:
+        return []
+
+    def on_draft_token(self, i: int, row: Sequence[tuple[int, ...]], budget: int) -> list[Action]:
+        """Draft token ``i`` of the cycle has run: ``row[m]`` are the keys its router picked at MoE
+        layer m (one row of the Expert Lookahead Buffer). ``budget``: how many experts the link can
+        still move before verification would start (bandwidth guidance; may be <= 0)."""
         return []
 
     def on_request_end(self, request: int) -> list[Action]:
