@@ -79,10 +79,10 @@ class TrainSettings:
     warmup: int = 100
     weight_decay: float = 0.1
     grad_clip: float = 1.0
-    eval_every: int = 250
+    eval_every: int = 200  # the checkpoint kept is the one with the best held-out loss
     eval_blocks: int = 64
     log_every: int = 50
-    experts_implementation: str = "eager"
+    experts_implementation: str = "auto"  # auto: grouped_mm on a GPU (3x faster there), eager on the CPU
     # capture
     prompts: int = 64
     prompt_tokens: int = 64
@@ -186,7 +186,8 @@ def token_stream(tok: Any, docs: list[tuple[str, str]]) -> np.ndarray:
 
 
 def heldout_prompts(docs: list[tuple[str, str]], n: int, min_chars: int = 60, max_chars: int = 600) -> list[dict[str, Any]]:
-    """Code blocks (blank-line separated) from held-out files, at most two per file, in file order."""
+    """Code blocks (blank-line separated) from held-out files, round-robin over the files (at most
+    four per file), starting in the middle of each file to skip licence headers and docstrings."""
     per_file: list[list[dict[str, Any]]] = []
     for rel, text in docs:
         blocks, line, start, cur = [], 1, 1, []
@@ -202,12 +203,11 @@ def heldout_prompts(docs: list[tuple[str, str]], n: int, min_chars: int = 60, ma
         if cur:
             blocks.append((start, "\n".join(cur)))
         good = [{"text": b + "\n", "file": rel, "line": st} for st, b in blocks if min_chars <= len(b) <= max_chars]
-        # skip the licence/docstring header: take blocks from the middle of the file
         if good:
             mid = len(good) // 2
-            per_file.append(good[mid:mid + 2])
+            per_file.append(good[mid:mid + 4])
     out: list[dict[str, Any]] = []
-    for round_ in range(2):  # one per file first, then the second ones
+    for round_ in range(4):  # one per file first, then the second ones, ...
         for blocks in per_file:
             if len(blocks) > round_ and len(out) < n:
                 out.append(blocks[round_])
@@ -279,7 +279,10 @@ def train(s: TrainSettings) -> dict[str, Any]:
     t_data = time.time() - t0
 
     config = build_config(s, vocab)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, experts_implementation=s.experts_implementation)
+    impl = s.experts_implementation
+    if impl == "auto":
+        impl = "grouped_mm" if device.type == "cuda" else "eager"
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, experts_implementation=impl)
     model.to(device).train()
     n_params = sum(p.numel() for p in model.parameters())
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
@@ -289,6 +292,7 @@ def train(s: TrainSettings) -> dict[str, Any]:
     autocast = device.type == "cuda"
     order = np.concatenate([np_rng.permutation(n_train) for _ in range(math.ceil(s.steps * s.batch / n_train) + 1)])
     curve, evals = [], []
+    best: tuple[float, int, dict[str, torch.Tensor]] | None = None
     t1 = time.time()
     for step in range(s.steps):
         idx = order[step * s.batch:(step + 1) * s.batch]
@@ -312,7 +316,13 @@ def train(s: TrainSettings) -> dict[str, Any]:
             ev = evaluate(model, held_blocks, device, s.batch, autocast)
             evals.append({"step": step + 1, "heldout_loss": round(ev, 5)})
             print(f"  held-out loss {ev:.4f} (ppl {math.exp(ev):.1f})", flush=True)
+            if best is None or ev < best[0]:
+                best = (ev, step + 1, {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()})
     t_train = time.time() - t1
+    assert best is not None
+    model.load_state_dict(best[2])
+    best_step, best_loss = best[1], best[0]
+    del best
 
     # ---- checkpoint (bf16 safetensors) + tokenizer, written atomically as a directory
     ckpt = out / "checkpoint"
@@ -326,7 +336,7 @@ def train(s: TrainSettings) -> dict[str, Any]:
     if not isinstance(tok, ByteTokenizer):
         PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=SPECIALS[PAD], eos_token=SPECIALS[EOS],
                                 bos_token=SPECIALS[BOS]).save_pretrained(tmp)
-    (tmp / "README.md").write_text(_model_card(s, corpus["provenance"], tok_kind, n_params, evals))
+    (tmp / "README.md").write_text(_model_card(s, corpus["provenance"], tok_kind, n_params, best_loss, best_step))
     if ckpt.exists():
         import shutil
 
@@ -352,14 +362,14 @@ def train(s: TrainSettings) -> dict[str, Any]:
         "settings": asdict(s), "device": str(device), "data": corpus["provenance"], "tokenizer": tok_kind,
         "vocab": vocab, "train_tokens": int(train_blocks.size), "heldout_tokens_evaluated": int(held_blocks.size),
         "params": n_params, "checkpoint_bytes": ckpt_bytes, "loss_curve": curve, "evals": evals,
-        "final_heldout_loss": evals[-1]["heldout_loss"], **summary,
+        "final_heldout_loss": round(best_loss, 5), "best_step": best_step, "experts_implementation": impl, **summary,
         "seconds": {"data": round(t_data, 1), "train": round(t_train, 1), "capture": round(t_capture, 1),
                     "total": round(time.time() - t0, 1)},
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": __import__("transformers").__version__},
     }
     (out / "train_log.json").write_text(json.dumps(log, indent=1))
-    print(json.dumps({k: log[k] for k in ("final_heldout_loss", "params", "checkpoint_bytes", "draft_agreement",
+    print(json.dumps({k: log[k] for k in ("final_heldout_loss", "best_step", "params", "checkpoint_bytes", "draft_agreement",
                                           "acceptance", "seconds")}, indent=1))
     return log
 
@@ -395,7 +405,7 @@ def capture_traces(s: TrainSettings, ckpt: Path, prompts: list[dict[str, Any]], 
     }
 
 
-def _model_card(s: TrainSettings, data: dict[str, Any], tok_kind: str, n_params: int, evals: list[dict]) -> str:
+def _model_card(s: TrainSettings, data: dict[str, Any], tok_kind: str, n_params: int, loss: float, step: int) -> str:
     return (
         "# small-moe\n\n"
         "A small MoE language model trained by this project (runtime/train_small_moe.py) so that tests, CI and\n"
@@ -407,7 +417,7 @@ def _model_card(s: TrainSettings, data: dict[str, Any], tok_kind: str, n_params:
         f"- data: {data['name']}, Python {data['python']}, {data['train_files']} training files;\n"
         f"  {data['heldout_files']} files held out ({data['heldout_rule']}); licence {data['license']} ({data['url']})\n"
         f"- training: {s.steps} steps x {s.batch} x {s.seq_len} tokens, AdamW lr {s.lr}, seed {s.seed}\n"
-        f"- held-out loss: {evals[-1]['heldout_loss'] if evals else 'n/a'} nats/token\n"
+        f"- kept: the step-{step} weights, best held-out loss {loss:.4f} nats/token (evaluated every {s.eval_every} steps)\n"
     )
 
 

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def cfg_for(*overrides: str):
     register_configs()
     with initialize_config_module(config_module="conf", version_base="1.3"):
-        return compose("capture", overrides=rewrite_model_args(list(overrides)))
+        return compose("capture", overrides=rewrite_model_args(["device=cpu", *overrides]))
 
 
 def test_rewrite_model_args(tmp_path):
@@ -38,7 +38,7 @@ def test_rewrite_model_args(tmp_path):
 def test_default_config_is_the_tiny_preset():
     cfg = cfg_for()
     assert cfg.model.name == "tiny" and cfg.source is None
-    assert cfg.lookahead == 2 and cfg.draft.enabled is False and cfg.device == "auto"
+    assert cfg.lookahead == 2 and cfg.draft.enabled is False
 
 
 def test_jsonl_prompts_and_preset_depth(tmp_path):
@@ -101,7 +101,7 @@ def test_bad_model_inputs_through_the_app(tmp_path):
 
 def _run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    return subprocess.run([sys.executable, "-m", "runtime.capture", *args], cwd=cwd, env=env,
+    return subprocess.run([sys.executable, "-m", "runtime.capture", "device=cpu", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300)
 
 

@@ -15,6 +15,11 @@ from runtime.models import FAMILIES, ModelLoadError, load_model, resolve_source,
 from traces import TraceError  # noqa: E402
 
 
+def load_cpu(*args, **kwargs):
+    """Tests compare fp32 results on the CPU, also on a machine with a GPU."""
+    return load_model(*args, device="cpu", **kwargs)
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A saved tiny deepseek_v2 checkpoint (sparse layout, shared experts)."""
@@ -28,11 +33,11 @@ def checkpoint(tmp_path_factory):
 
 
 def test_checkpoint_directory_loads_and_reduces_depth(checkpoint):
-    lm = load_model(checkpoint)
+    lm = load_cpu(checkpoint)
     assert lm.shape.num_layers == 4 and lm.shape.moe_layers == (1, 2, 3)
     assert lm.provenance["kind"] == "checkpoint" and lm.provenance["weights"] == "checkpoint"
     assert lm.provenance["weight_files"][0]["name"].endswith(".safetensors")
-    small = load_model(checkpoint, layers=2)
+    small = load_cpu(checkpoint, layers=2)
     assert small.shape.num_layers == 2 and small.shape.moe_layers == (1,)
     # the kept layers are the checkpoint's own weights
     a = lm.handles[1].experts.gate_up_proj
@@ -41,8 +46,8 @@ def test_checkpoint_directory_loads_and_reduces_depth(checkpoint):
 
 
 def test_checkpoint_dtype_auto_and_explicit(checkpoint):
-    assert load_model(checkpoint).dtype == torch.float32  # the checkpoint's own
-    lm = load_model(checkpoint, dtype="bfloat16")
+    assert load_cpu(checkpoint).dtype == torch.float32  # the checkpoint's own
+    lm = load_cpu(checkpoint, dtype="bfloat16")
     assert lm.dtype == torch.bfloat16
     assert lm.handles[1].experts.gate_up_proj.dtype == torch.bfloat16
 
@@ -67,13 +72,13 @@ def test_tiny_preset_builds_in_target_dtype_deterministically():
 
     if not preset_config_path("tiny").is_file():
         pytest.skip("conf/model/tiny.config.json not in this checkout")
-    a = load_model("tiny", dtype="bfloat16", layers=2, seed=3)
+    a = load_cpu("tiny", dtype="bfloat16", layers=2, seed=3)
     assert a.shape.num_layers == 2 and a.dtype == torch.bfloat16
     assert all(p.dtype == torch.bfloat16 for n, p in a.model.named_parameters() if "e_score" not in n)
-    b = load_model("tiny", dtype="bfloat16", layers=2, seed=3)
+    b = load_cpu("tiny", dtype="bfloat16", layers=2, seed=3)
     for (n, p), (_, q) in zip(a.model.named_parameters(), b.model.named_parameters()):
         assert torch.equal(p, q), n
-    c = load_model("tiny", dtype="bfloat16", layers=2, seed=4)
+    c = load_cpu("tiny", dtype="bfloat16", layers=2, seed=4)
     assert not torch.equal(a.handles[0].experts.gate_up_proj, c.handles[0].experts.gate_up_proj)
 
 
@@ -81,28 +86,28 @@ def test_config_json_file_source(tmp_path):
     cfg = tiny_config("olmoe")
     p = tmp_path / "olmoe.config.json"
     p.write_text(cfg.to_json_string())
-    lm = load_model(p)
+    lm = load_cpu(p)
     assert lm.family.model_type == "olmoe" and lm.provenance["kind"] == "config"
     assert lm.provenance["config_sha256"]
 
 
 def test_missing_directory_is_a_clear_error(tmp_path):
     with pytest.raises(ModelLoadError, match="no such directory"):
-        load_model(tmp_path / "nope")
+        load_cpu(tmp_path / "nope")
     with pytest.raises(ModelLoadError, match="no config.json"):
-        load_model(tmp_path)
+        load_cpu(tmp_path)
 
 
 def test_hub_name_without_local_copy_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelLoadError, match="never downloads"):
-        load_model("someorg/some-moe-model")
+        load_cpu("someorg/some-moe-model")
 
 
 def test_unknown_preset_lists_known_ones():
     with pytest.raises(ModelLoadError, match="not a preset"):
-        load_model("no-such-preset")
+        load_cpu("no-such-preset")
 
 
 def test_dense_model_is_rejected(tmp_path):
@@ -113,7 +118,7 @@ def test_dense_model_is_rejected(tmp_path):
     LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                 num_attention_heads=4).save_pretrained(d)
     with pytest.raises(ModelLoadError, match="dense"):
-        load_model(d)
+        load_cpu(d)
 
 
 def test_unsupported_moe_family_is_named(tmp_path):
@@ -124,14 +129,14 @@ def test_unsupported_moe_family_is_named(tmp_path):
     AutoConfig.for_model("granitemoe", vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                          num_local_experts=4, num_experts_per_tok=2).save_pretrained(d)
     with pytest.raises(ModelLoadError, match="granitemoe.*not supported"):
-        load_model(d)
+        load_cpu(d)
 
 
 def test_depth_out_of_range_and_below_first_moe_layer():
     with pytest.raises(ModelLoadError, match="out of range"):
-        load_model("tiny-mixtral", layers=9)
+        load_cpu("tiny-mixtral", layers=9)
     with pytest.raises(TraceError, match="MoE"):
-        load_model("tiny-deepseek_v2", layers=1)  # layer 0 is dense
+        load_cpu("tiny-deepseek_v2", layers=1)  # layer 0 is dense
 
 
 def test_errors_are_trace_errors():
@@ -139,7 +144,7 @@ def test_errors_are_trace_errors():
 
 
 def test_gpt_oss_layer_types_cut_with_depth():
-    lm = load_model("tiny-gpt_oss", layers=2)
+    lm = load_cpu("tiny-gpt_oss", layers=2)
     assert lm.config.layer_types == ["sliding_attention", "full_attention"]
 
 
@@ -148,8 +153,8 @@ def test_capped_memory_capture_equals_uncapped(checkpoint, tmp_path):
     pytest.importorskip("accelerate")
     s = CaptureSettings(max_new_tokens=4, batch_size=2, lookahead=2, draft=True, progress=False)
     prompts = ["hello world", "abc", "the quick brown fox"]
-    full = load_model(checkpoint)
-    capped = load_model(checkpoint, max_memory="20KB", offload_folder=tmp_path / "off")
+    full = load_cpu(checkpoint)
+    capped = load_cpu(checkpoint, max_memory="20KB", offload_folder=tmp_path / "off")
     assert capped.offloaded
     assert any(v == "disk" for v in capped.provenance["device_map"].values())
     a = capture(full, prompts, s, created="x")
@@ -159,4 +164,4 @@ def test_capped_memory_capture_equals_uncapped(checkpoint, tmp_path):
     for d in a.lookahead:
         assert np.array_equal(a.lookahead[d], b.lookahead[d])
     with pytest.raises(ModelLoadError, match="checkpoint directory"):
-        load_model("tiny-mixtral", max_memory="1MB")
+        load_cpu("tiny-mixtral", max_memory="1MB")

@@ -13,6 +13,11 @@ from runtime.capture import CaptureSettings, capture  # noqa: E402
 from runtime.models import load_model  # noqa: E402
 
 
+def load_cpu(*args, **kwargs):
+    """Tests compare fp32 results on the CPU, also on a machine with a GPU."""
+    return load_model(*args, device="cpu", **kwargs)
+
+
 def _expanded_scales(qw: quant.QuantizedWeight) -> torch.Tensor:
     """Per-element scale in the original layout."""
     s = qw.scales.float().repeat_interleave(qw.group_size, dim=-1)[..., : qw.k]
@@ -92,7 +97,7 @@ def test_cpu_fast_path_matches_reference(dtype):
 @pytest.mark.skipif(not quant.fast_path_available("cpu"), reason="this torch has no CPU int4 matmul")
 @pytest.mark.parametrize("fam", ["mixtral", "gpt_oss"])
 def test_fast_experts_forward_matches_fake_quant_reference(fam):
-    lm = load_model(f"tiny-{fam}", config_overrides=dict(hidden_size=64, intermediate_size=128, head_dim=16))
+    lm = load_cpu(f"tiny-{fam}", config_overrides=dict(hidden_size=64, intermediate_size=128, head_dim=16))
     h = lm.moe_handles[0]
     x = torch.randn(7, 64, generator=torch.Generator().manual_seed(0))
     _, w, ids = h.router(x)
@@ -108,7 +113,7 @@ def test_fast_experts_forward_matches_fake_quant_reference(fam):
 
 
 def test_draft_leaves_shared_and_non_expert_weights_alone():
-    lm = load_model("tiny-qwen2_moe")
+    lm = load_cpu("tiny-qwen2_moe")
     before = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
     tr = capture(lm, ["abc"], CaptureSettings(max_new_tokens=3, draft=True, progress=False))
     assert tr.draft is not None
@@ -120,7 +125,7 @@ def test_draft_leaves_shared_and_non_expert_weights_alone():
 
 @pytest.mark.parametrize("fam", ["mixtral", "deepseek_v3", "gpt_oss"])
 def test_int4_draft_mostly_agrees_with_target(fam):
-    lm = load_model(f"tiny-{fam}")
+    lm = load_cpu(f"tiny-{fam}")
     tr = capture(lm, ["hello world", "the quick brown fox"], CaptureSettings(max_new_tokens=6, draft=True, progress=False))
     v = tr.valid_mask()
     a, b = tr.expert_ids[v], tr.draft[v]

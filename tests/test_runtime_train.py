@@ -15,6 +15,11 @@ from runtime.models import load_model  # noqa: E402
 from traces import read_trace  # noqa: E402
 
 
+def load_cpu(*args, **kwargs):
+    """Tests compare fp32 results on the CPU, also on a machine with a GPU."""
+    return load_model(*args, device="cpu", **kwargs)
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     a = tmp_path_factory.mktemp("a")
@@ -54,7 +59,7 @@ def test_prompts_come_from_heldout_files_only(runs):
 
 def test_checkpoint_loads_with_its_tokenizer(runs):
     out, _, _, _ = runs
-    lm = load_model(out / "checkpoint")
+    lm = load_cpu(out / "checkpoint")
     assert lm.family.model_type == "phimoe" and lm.shape.num_experts == 4
     if lm.tokenizer is not None:  # tokenizers present: BOS first, like the training documents
         assert lm.tokenizer("def f():")["input_ids"][0] == tsm.BOS
