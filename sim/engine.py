@@ -285,7 +285,8 @@ class Simulation:
                 budget = int((remaining - busy) / xfer) - len(copy.queue) if xfer > 0 else 0
                 self._apply(prefetch.on_draft_token(i, row, budget))
                 copy.try_issue()
-            self._carry = gpu - env.now
+            if k:
+                self._carry = gpu - env.now
             a = draft.accepted(r, t, k)
             s_idx = sch.add_step(r, t, t + k + 1, cycle, 1, emitted=a + 1, draft_s=gpu - gpu0)
             yield from self._target_step(s_idx, times)

@@ -86,22 +86,24 @@ def check_trace_matches(trace: Trace, model: ModelSpec, where: str) -> None:
         )
 
 
-def policy_presets(pcfg: Any) -> list[DictConfig]:
-    """The policy itself, or each member of a suite, validated against the policy schema."""
+def load_policy(name: str, where: str = "policy") -> DictConfig:
+    """A policy preset file (conf/policy/NAME.yaml) validated against the policy schema."""
     from sim.config import PolicyConf
 
+    path = conf_dir() / "policy" / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in (conf_dir() / "policy").glob("*.yaml"))
+        raise SimError(f"{where} names unknown policy '{name}'; known: {', '.join(known)}")
+    raw = OmegaConf.load(path)
+    raw.pop("defaults", None)
+    return OmegaConf.merge(OmegaConf.structured(PolicyConf), raw)
+
+
+def policy_presets(pcfg: Any) -> list[DictConfig]:
+    """The policy itself, or each member of a suite."""
     if not pcfg.get("suite"):
         return [pcfg]
-    out = []
-    for name in pcfg.suite:
-        path = conf_dir() / "policy" / f"{name}.yaml"
-        if not path.is_file():
-            known = sorted(p.stem for p in (conf_dir() / "policy").glob("*.yaml"))
-            raise SimError(f"policy suite '{pcfg.name}' names unknown policy '{name}'; known: {', '.join(known)}")
-        raw = OmegaConf.load(path)
-        raw.pop("defaults", None)
-        out.append(OmegaConf.merge(OmegaConf.structured(PolicyConf), raw))
-    return out
+    return [load_policy(name, f"policy suite '{pcfg.name}'") for name in pcfg.suite]
 
 
 def load_plugins(modules: list[str]) -> None:
