@@ -27,11 +27,13 @@ def app(cfg: DictConfig) -> float:
     from sim.timeline import chrome_trace, write_json_atomic
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)
-    timelines = []
+    timelines, cycles = [], []
 
     def on_policy(p, sim, runlog, row):
         if cfg.timeline_out:
             timelines.append((p.name, sim, runlog))
+        link = sim.hw.h2d_bandwidth(sim.expert_bytes)
+        cycles.extend({"policy": p.name, "link_bytes_per_s": link, **c} for c in runlog.cycles)
 
     try:
         rows = simulate(cfg, on_policy=on_policy)
@@ -39,6 +41,8 @@ def app(cfg: DictConfig) -> float:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     write_results(rows, out_dir, cfg.results_name)
+    if cycles:  # speculative runs: one record per draft/verify cycle (python -m sim.roofline RUN_DIR)
+        write_results(cycles, out_dir, "cycles")
     for name, sim, runlog in timelines:
         path = Path(cfg.timeline_out)
         if len(timelines) > 1:
