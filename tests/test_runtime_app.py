@@ -119,3 +119,22 @@ def test_command_line(tmp_path):
     bad = _run_cli("model=someorg/missing-model", f"hydra.run.dir={tmp_path / 'run2'}", cwd=tmp_path)
     assert bad.returncode == 2
     assert "error:" in bad.stderr and "never downloads" in bad.stderr
+
+
+def test_captured_trace_replays_in_the_simulator(tmp_path):
+    """The issue's contract: a captured trace loads in `python -m sim trace.path=...` and replays."""
+    pytest.importorskip("simpy")
+    from hydra import initialize_config_dir
+
+    from sim.config import register_configs as register_sim
+    from sim.run import conf_dir, simulate
+
+    out = tmp_path / "tiny.parquet"
+    run_capture(cfg_for("model=tiny", "prompts.limit=2", "max_new_tokens=6", "lookahead=2", "draft.enabled=true",
+                        f"out={out}"))
+    register_sim()
+    for policy in ("lru", "lookahead"):
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+            cfg = compose(config_name="sim", overrides=["model=tiny", f"trace.path={out}", f"policy={policy}"])
+        rows = simulate(cfg)
+        assert rows and all(r["status"] == "ok" for r in rows), rows
