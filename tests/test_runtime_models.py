@@ -99,10 +99,27 @@ def test_missing_directory_is_a_clear_error(tmp_path):
 
 
 def test_hub_name_without_local_copy_is_a_clear_error(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
     with pytest.raises(ModelLoadError, match="never downloads"):
         load_cpu("someorg/some-moe-model")
+
+
+def test_hub_name_with_a_local_copy_loads_offline(monkeypatch, tmp_path, checkpoint):
+    import shutil
+
+    from huggingface_hub import constants
+
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "models--someorg--tiny-ds2"
+    shutil.copytree(checkpoint, repo / "snapshots" / sha)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(sha)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    lm = load_cpu("someorg/tiny-ds2")
+    assert lm.provenance["kind"] == "hub-cache" and lm.provenance["revision"] == sha
+    assert lm.shape.moe_layers == (1, 2, 3)
 
 
 def test_unknown_preset_lists_known_ones():
