@@ -227,12 +227,13 @@ class Simulation:
             raise SimError(f"request {int(trace.request_ids[r])} has no prefill token")
         yield from self._target_step(sch.add_step(r, 0, P, 0, 0), times)
         xfer = self.cost.h2d(self.expert_bytes)
-        prev_rows: list = []
+        miss_share: float | None = None  # EMA: experts fetched / experts a verify pass needed
         t, cycle = P, 0
         while t < L:
             cycle += 1
             gpu0 = env.now + self._carry  # the stream is free: the cycle starts
             draft_memo: dict[int, float] = {}
+            union_memo: dict[int, float] = {}
 
             def t_draft(k: int, t=t, memo=draft_memo) -> float:
                 if k not in memo:
@@ -242,15 +243,21 @@ class Simulation:
             def t_verify(n: int, t=t) -> float:
                 return sch.verify_estimate(n, int(trace.position[r, min(t + n, L) - 1]) + 1, dd)
 
-            def new_experts(k: int, rows=prev_rows) -> int:
-                """|E_new(k)|, causally: the last cycle's ELB (the freshest forecast of this
-                request's routing) against what is resident or on its way now."""
-                if not rows:
-                    return min(sch.M * sch.E, k * sch.model.top_k * sch.M)
-                n = min(k, len(rows))
-                distinct = {key for row in rows[:n] for keys in row for key in keys}
-                new = sum(1 for key in distinct if not cache.state[key])
-                return int(round(new * k / n)) if n else 0
+            def new_experts(k: int, t=t, memo=union_memo) -> int:
+                """|E_new(k)|, causally: the distinct experts of the last k + 1 positions already
+                verified (how fast this request's union grows with window length), times the share
+                of a verify pass's experts that recent cycles had to fetch (an EMA). Comparing the
+                *previous* ELB with the cache instead would count experts of positions that are
+                verified and cached by now."""
+                if miss_share is None:
+                    return min(sch.M * sch.E, (k + 1) * sch.model.top_k * sch.M)
+                if k not in memo:
+                    lo = max(0, t - (k + 1))
+                    ids = trace.expert_ids[r, lo:t]  # (n, M, top_k)
+                    memo[k] = sum(len(set(ids[:, m].ravel().tolist())) for m in range(sch.M))
+                    if t - lo < k + 1 and t - lo > 0:  # short history: extrapolate per position
+                        memo[k] = memo[k] * (k + 1) / (t - lo)
+                return int(round(miss_share * memo[k]))
 
             queued = len(copy.queue) + len(copy.in_flight)
             costs = CycleCosts(
@@ -295,11 +302,16 @@ class Simulation:
             log.cycles.append({
                 "request": r, "cycle": cycle, "t": t, "k": k, "accepted": a, "emitted": a + 1,
                 "observed_cycle_s": observed, "predicted_cycle_s": decision.predicted_cycle_s,
+                "predicted_exposed_s": decision.predicted_cycle_exposed_s,
+                "predicted_overlapped_s": decision.predicted_cycle_overlapped_s,
+                "governor_phase": decision.phase, "predicted_new_experts": decision.new_experts,
                 "t_draft": gpu - gpu0, "t_verify": sch.compute_time(s_idx, dd) - (gpu - gpu0),
                 "bytes_moved": (copy.copies - bytes0) * self.expert_bytes, "t_pcie": copy.busy_time - busy0,
                 "coverage": log.coverage[-1],
             })
-            prev_rows[:] = rows
+            union = sum(len(sch.needed[g]) for g in range(sch.steps[s_idx].g0, sch.steps[s_idx].g0 + sch.M))
+            share = (copy.copies - bytes0) / union if union else 0.0
+            miss_share = share if miss_share is None else 0.7 * miss_share + 0.3 * share
             t += a + 1
 
     def _target_step(self, s_idx: int, times: list[float]):
