@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
 import pandas as pd
 
 from sim.metrics import TABLE_COLUMNS
+from traces.atomic import atomic_write
 
 PRINTED = TABLE_COLUMNS + ["status"]
 
@@ -23,22 +23,14 @@ def to_frame(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
 def write_results(rows: Sequence[dict[str, Any]], out_dir: str | os.PathLike, name: str = "results") -> tuple[Path, Path]:
     """``<name>.parquet`` and ``<name>.json`` in ``out_dir``, each written atomically."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     df = to_frame(rows)
-    pq_path, js_path = out / f"{name}.parquet", out / f"{name}.json"
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=out)
-    os.close(fd)
-    try:
-        df.to_parquet(tmp, index=False)
-        os.replace(tmp, pq_path)
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=out)
-        with os.fdopen(fd, "w") as f:
+    pq_path = atomic_write(out / f"{name}.parquet", lambda tmp: df.to_parquet(tmp, index=False))
+
+    def dump(tmp: str) -> None:
+        with open(tmp, "w") as f:
             json.dump([_jsonable(r) for r in rows], f, indent=1, default=str)
-        os.replace(tmp, js_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return pq_path, js_path
+
+    return pq_path, atomic_write(out / f"{name}.json", dump)
 
 
 def _jsonable(row: dict[str, Any]) -> dict[str, Any]:

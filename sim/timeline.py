@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Iterable
+
+from traces.atomic import atomic_write
 
 PID_GPU, PID_LINK, PID_CACHE = 1, 2, 3
 
@@ -53,14 +54,8 @@ def chrome_trace(
 
 
 def write_json_atomic(obj: dict, path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
+    def dump(tmp: str) -> None:
+        with open(tmp, "w") as f:
             json.dump(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+
+    return atomic_write(path, dump)

@@ -183,9 +183,15 @@ def fixed(a: np.ndarray, value_type: pa.DataType, null: np.ndarray | None = None
 
 
 def list_col(table: pa.Table, name: str) -> np.ndarray:
-    """All rows of a fixed-size list column, null rows included (their stored -1 values)."""
+    """All rows of a list column as an (n, k) array; null rows (lookahead) come back as -1."""
     col = table.column(name).combine_chunks()
-    return col.values.to_numpy(zero_copy_only=False).reshape(len(col), col.type.list_size).copy()
+    if pa.types.is_fixed_size_list(col.type):
+        return col.values.to_numpy(zero_copy_only=False).reshape(len(col), col.type.list_size).copy()
+    k = int(col.value_lengths().drop_null().to_numpy().max())
+    out = np.full((len(col), k), -1, dtype=np.int64)
+    live = ~col.is_null().to_numpy(zero_copy_only=False)
+    out[live] = col.flatten().to_numpy(zero_copy_only=False).reshape(-1, k)
+    return out
 
 
 def replace(table: pa.Table, name: str, arr: pa.Array) -> pa.Table:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from traces.atomic import atomic_write
 from traces.errors import TraceError
 from traces.shape import ModelShape
 from traces.trace import DECODE, PHASES, PREFILL, Trace, empty_arrays
@@ -301,6 +301,16 @@ def _fixed_list(a: np.ndarray, value_type: pa.DataType, null: np.ndarray | None 
     return pa.FixedSizeListArray.from_arrays(values, k, mask=mask)
 
 
+def _nullable_list(a: np.ndarray, null: np.ndarray) -> pa.Array:
+    """A list<int16> column with null rows. Not fixed_size_list: pyarrow 25 cannot read null
+    entries of fixed-size lists back from Parquet ("Expected all lists to be of size=k")."""
+    n, k = a.shape
+    offsets = np.zeros(n + 1, dtype=np.int32)
+    offsets[1:] = np.cumsum(np.where(null, 0, k))
+    values = pa.array(a[~null].reshape(-1), type=pa.int16())
+    return pa.ListArray.from_arrays(pa.array(offsets), values, mask=pa.array(null))
+
+
 def trace_to_table(trace: Trace) -> pa.Table:
     rows = rows_from_trace(trace)
     phase = pa.DictionaryArray.from_arrays(pa.array(rows.phase, type=pa.int8()), pa.array(list(PHASES)))
@@ -315,7 +325,7 @@ def trace_to_table(trace: Trace) -> pa.Table:
     if rows.gate_weights is not None:
         cols["gate_weights"] = _fixed_list(rows.gate_weights, pa.float32())
     for d in sorted(rows.lookahead or {}):
-        cols[f"lookahead_{d}"] = _fixed_list(rows.lookahead[d], pa.int16(), rows.lookahead_null[d])
+        cols[f"lookahead_{d}"] = _nullable_list(rows.lookahead[d], rows.lookahead_null[d])
     if rows.draft is not None:
         cols["draft"] = _fixed_list(rows.draft, pa.int16())
         cols["draft_match"] = pa.array(rows.draft_match, type=pa.bool_())
@@ -330,18 +340,8 @@ def trace_to_table(trace: Trace) -> pa.Table:
 
 def write_trace(trace: Trace, path: str | os.PathLike) -> Path:
     """Write atomically (temp file + rename): a failed write leaves nothing behind."""
-    path = Path(path)
     table = trace_to_table(trace)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        pq.write_table(table, tmp, compression="zstd")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
 
 
 def _list_column(table: pa.Table, name: str, where: str, k: int, int_ids: bool) -> tuple[np.ndarray, np.ndarray]:
