@@ -213,7 +213,10 @@ def _failed_row(job: Path, marker: Mapping[str, Any]) -> dict[str, Any]:
         from sim.run import base_keys
 
         cfg = OmegaConf.load(job / ".hydra" / "config.yaml")
-        row.update(base_keys(cfg, None))
+        try:
+            row.update(base_keys(cfg))
+        except TypeError:  # base_keys(cfg, prep) in older versions of sim.run
+            row.update(base_keys(cfg, None))
         row["policy"] = cfg.policy.get("name")
     except Exception:
         pass
@@ -340,6 +343,19 @@ def _as_list(v: Any) -> list[str]:
     return [str(x) for x in v] if isinstance(v, (list, tuple)) else [str(v)]
 
 
+#: results columns that are config keys (sim.run.base_keys and the policy's), for grouping
+KEY_COLUMNS = ("model", "model_layers", "hardware", "memory_gb", "h2d_gbps", "host_memory", "link_pace_gbps",
+               "trace", "cache_slots", "cache_per_layer", "seed", "policy", "eviction", "prefetch", "predictor",
+               "governor", "governor_k")
+
+
+def varying_keys(rows: pd.DataFrame, used: Sequence[str] = ()) -> list[str]:
+    """Config-key columns that take more than one value and are not in ``used``: a table or figure
+    that ignored them would silently mix configs (a sweep scaled from the command line)."""
+    return [c for c in KEY_COLUMNS if c in rows.columns and c not in used
+            and rows[c].astype(str).nunique(dropna=False) > 1]
+
+
 def summary_table(rows: pd.DataFrame, spec: Mapping[str, Any]) -> tuple[str, pd.DataFrame]:
     """A pivot of ``values`` (default tpot_ms) over ``index`` x ``columns`` (default policy).
 
@@ -349,6 +365,11 @@ def summary_table(rows: pd.DataFrame, spec: Mapping[str, Any]) -> tuple[str, pd.
     columns = _as_list(spec.get("columns", "policy"))
     index = [c for c in _as_list(spec.get("index")) if c in rows.columns and c not in columns]
     columns = [c for c in columns if c in rows.columns]
+    ok_rows = rows[rows["status"] == "ok"] if "status" in rows.columns else rows
+    # keys the spec does not name but the sweep varied go into the index (policy-derived columns
+    # such as eviction follow the policy and are left out when policy is already a dimension)
+    derived = {"eviction", "prefetch", "predictor", "governor", "governor_k"} if "policy" in index + columns else set()
+    index += [c for c in varying_keys(ok_rows if len(ok_rows) else rows, index + columns) if c not in derived]
     if not index:
         index = ["job"]
     df = rows.copy()
@@ -398,6 +419,13 @@ def plot_sweep(rows: pd.DataFrame, spec: Mapping[str, Any], path: str | os.PathL
     if x is None or x not in rows.columns or y not in rows.columns or ok.empty:
         return None
     dims = {k: spec.get(k) for k in ("hue", "col", "row", "style") if spec.get(k) in rows.columns}
+    # a key the sweep varied that the spec does not place gets a free facet, not a silent average
+    derived = {"eviction", "prefetch", "predictor", "governor", "governor_k"} if "policy" in dims.values() else set()
+    for extra in [c for c in varying_keys(ok, [x, *dims.values()]) if c not in derived]:
+        free = next((k for k in ("col", "row", "style", "hue") if k not in dims), None)
+        if free is None:
+            break
+        dims[free] = extra
     data = ok.copy()
     for c in dims.values():
         data[c] = data[c].astype(str)
@@ -410,6 +438,12 @@ def plot_sweep(rows: pd.DataFrame, spec: Mapping[str, Any], path: str | os.PathL
         kw = {k: v for k, v in dims.items() if k != "style"}
         g = sns.catplot(data=data, x=x, y=y, kind=kind, sharey=bool(spec.get("sharey", False)),
                         height=float(spec.get("height", 3.2)), aspect=float(spec.get("aspect", 1.3)), **kw)
+    if "row" in dims and "col" in dims:
+        g.set_titles("{row_name} | {col_name}")
+    elif "row" in dims:
+        g.set_titles("{row_name}")
+    elif "col" in dims:
+        g.set_titles("{col_name}")
     if spec.get("logx"):
         g.set(xscale="log")
     if spec.get("logy"):

@@ -234,10 +234,13 @@ def _timelines(runs: list[tuple[str, Any, Any]], base: str, out: Path) -> None:
 @dataclass(frozen=True)
 class Param:
     """One search dimension: ``choices`` (categorical), ``int`` or ``float`` [low, high]; ``when``
-    makes it conditional on earlier parameters' values (e.g. depth only for policy=lookahead)."""
+    makes it conditional on earlier parameters' values (e.g. depth only for policy=lookahead).
+    ``name`` is Optuna's parameter name and ``key`` the config key it sets (the same unless the
+    spec gives ``key:``, so that one key can have different ranges under different conditions)."""
 
-    key: str
+    name: str
     kind: str
+    key: str = ""
     choices: tuple[Any, ...] = ()
     low: float = 0
     high: float = 0
@@ -247,29 +250,34 @@ class Param:
 
 
 def parse_space(params: Mapping[str, Any]) -> list[Param]:
-    """``{key: {choices: [...]} | {int: [lo, hi], step?, log?} | {float: [lo, hi], log?}, when?: {...}}``."""
+    """``{name: {choices: [...]} | {int: [lo, hi], step?, log?} | {float: [lo, hi], step?, log?},
+    when?: {earlier_name: value}, key?: config.key}``."""
     out: list[Param] = []
-    for key, spec in params.items():
+    for name, spec in params.items():
         if not isinstance(spec, Mapping):
-            raise SimError(f"search.params.{key}: expected a mapping with choices, int or float, got {spec!r}")
+            raise SimError(f"search.params.{name}: expected a mapping with choices, int or float, got {spec!r}")
+        key = str(spec.get("key") or name)
         when = tuple((str(k), v) for k, v in (spec.get("when") or {}).items())
         for k, _ in when:
-            if k not in [p.key for p in out]:
-                raise SimError(f"search.params.{key}: 'when' names '{k}', which is not an earlier parameter")
+            if k not in [p.name for p in out]:
+                raise SimError(f"search.params.{name}: 'when' names '{k}', which is not an earlier parameter")
         if "choices" in spec:
             ch = tuple(spec["choices"])
             if not ch:
-                raise SimError(f"search.params.{key}: empty choices")
-            out.append(Param(str(key), "choices", choices=ch, when=when))
+                raise SimError(f"search.params.{name}: empty choices")
+            out.append(Param(str(name), "choices", key, choices=ch, when=when))
         elif "int" in spec or "float" in spec:
             kind = "int" if "int" in spec else "float"
-            lo, hi = spec[kind]
+            try:
+                lo, hi = spec[kind]
+            except (TypeError, ValueError):
+                raise SimError(f"search.params.{name}: {kind} must be [low, high], got {spec[kind]!r}") from None
             if not lo <= hi:
-                raise SimError(f"search.params.{key}: {kind} range [{lo}, {hi}] is empty")
-            out.append(Param(str(key), kind, low=lo, high=hi, step=spec.get("step"), log=bool(spec.get("log", False)),
-                             when=when))
+                raise SimError(f"search.params.{name}: {kind} range [{lo}, {hi}] is empty")
+            out.append(Param(str(name), kind, key, low=lo, high=hi, step=spec.get("step"),
+                             log=bool(spec.get("log", False)), when=when))
         else:
-            raise SimError(f"search.params.{key}: give choices: [...], int: [low, high] or float: [low, high]")
+            raise SimError(f"search.params.{name}: give choices: [...], int: [low, high] or float: [low, high]")
     return out
 
 
@@ -284,28 +292,58 @@ def _fmt(v: Any) -> str:
         return "null"
     if isinstance(v, bool):
         return str(v).lower()
+    if isinstance(v, float):
+        return f"{v:.10g}"  # 0.30000000000000004 -> 0.3
     return str(v)
 
 
-def overrides_of(values: Mapping[str, Any], per_layer_slots: int | None) -> list[str]:
+def overrides_of(values: Mapping[str, Any]) -> list[str]:
     """Hydra overrides of one point of the space: config groups first (``policy=history``), then
-    values (``++policy.prefetch_args.depth=3``); ``cache.layout`` is global (the budget's pool) or
-    per_layer (the same budget split evenly across layers)."""
+    values (``++policy.prefetch_args.depth=3``). ``cache.layout`` is not a config key: see
+    ``layout_overrides``."""
     groups, values_ = [], []
     for key, v in values.items():
         if key == "cache.layout":
-            if v == "per_layer":
-                if per_layer_slots is None:
-                    raise SimError("cache.layout=per_layer: the budget holds no slot per layer")
-                values_.append(f"++cache.per_layer={per_layer_slots}")
-                values_.append("++cache.slots=null")
-            elif v != "global":
-                raise SimError(f"cache.layout must be global or per_layer, got {v!r}")
-        elif _is_group(key):
+            continue
+        if _is_group(key):
             groups.append(f"{key}={_fmt(v)}")
         else:
             values_.append(f"++{key}={_fmt(v)}")
     return groups + values_
+
+
+def layout_slots(prep: Any) -> dict[bool, int | None]:
+    """Slots per layer when the budget's global pool (autoregressive, or beside a speculative
+    policy's resident INT4 draft) is split evenly across the MoE layers (rounded down)."""
+    from sim.errors import InfeasibleError
+
+    out: dict[bool, int | None] = {}
+    for spec in (False, True):
+        try:
+            try:
+                from sim.run import plan_for
+
+                plan = plan_for(prep, speculative=spec)
+            except ImportError:  # an older sim.run: one plan
+                plan = prep.plan
+            n = min(prep.model.num_experts, plan.slots // prep.model.num_moe_layers)
+            out[spec] = n if n >= 1 else None
+        except (InfeasibleError, AttributeError, TypeError):
+            out[spec] = None
+    return out
+
+
+def layout_overrides(layout: str, cfg: DictConfig, slots: Mapping[bool, int | None]) -> list[str]:
+    """``cache.layout``: global = the budget's pool (no override); per_layer = that pool split per
+    layer, for the trial's own decoding mode (a speculative policy's draft takes its share)."""
+    if layout == "global":
+        return []
+    if layout != "per_layer":
+        raise SimError(f"cache.layout must be global or per_layer, got {layout!r}")
+    n = slots.get(cfg.policy.get("decoding") == "speculative")
+    if n is None:
+        raise SimError("cache.layout=per_layer: the budget leaves no slot per layer for this policy")
+    return [f"++cache.per_layer={n}", "++cache.slots=null"]
 
 
 def compose_sim(overrides: Sequence[str]) -> DictConfig:
@@ -372,14 +410,12 @@ def run_search(base: Sequence[str], spec: Mapping[str, Any], out_dir: str | os.P
     default_ovr = [str(o) for o in (spec.get("default") or [])]
     default_cfg = compose_sim([*base, *default_ovr])
 
-    per_layer_slots: int | None = None
+    slots: dict[bool, int | None] = {False: None, True: None}
     if any(p.key == "cache.layout" for p in params):
         try:
-            prep = prepare(default_cfg)
-            n = min(prep.model.num_experts, prep.plan.slots // prep.model.num_moe_layers)
-            per_layer_slots = n if n >= 1 else None
+            slots = layout_slots(prepare(default_cfg))
         except Exception:
-            per_layer_slots = None
+            pass
 
     memo: dict[tuple[str, ...], dict[str, Any]] = {}
 
@@ -412,16 +448,18 @@ def run_search(base: Sequence[str], spec: Mapping[str, Any], out_dir: str | os.P
             if not _active(p, chosen):
                 continue
             if p.kind == "choices":
-                chosen[p.key] = trial.suggest_categorical(p.key, list(p.choices))
+                chosen[p.name] = trial.suggest_categorical(p.name, list(p.choices))
             elif p.kind == "int":
-                chosen[p.key] = trial.suggest_int(p.key, int(p.low), int(p.high), step=int(p.step or 1), log=p.log)
+                chosen[p.name] = trial.suggest_int(p.name, int(p.low), int(p.high), step=int(p.step or 1), log=p.log)
             else:
-                chosen[p.key] = trial.suggest_float(p.key, float(p.low), float(p.high), step=p.step, log=p.log)
+                chosen[p.name] = trial.suggest_float(p.name, float(p.low), float(p.high), step=p.step, log=p.log)
+        values = {p.key: chosen[p.name] for p in params if p.name in chosen}
+        ovr = default_ovr + overrides_of(values)
         try:
-            ovr = default_ovr + overrides_of(chosen, per_layer_slots)
-        except SimError as e:
+            if "cache.layout" in values:
+                ovr += layout_overrides(str(values["cache.layout"]), compose_sim([*base, *ovr]), slots)
+        except Exception as e:
             res = {"status": "failed", "reason": str(e), metric: math.inf}
-            ovr = default_ovr
         else:
             cached = tuple(ovr) in memo
             res = evaluate(ovr)
@@ -432,14 +470,14 @@ def run_search(base: Sequence[str], spec: Mapping[str, Any], out_dir: str | os.P
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="minimize", sampler=optuna.samplers.TPESampler(seed=seed))
-    dflt = {}
+    dflt: dict[str, Any] = {}
     for p in params:
         if _active(p, dflt):
             v = _default_value(default_cfg, p)
             if _valid(p, v):
-                dflt[p.key] = v
-    if dflt and all(p.key in dflt for p in params if _active(p, dflt)):
-        study.enqueue_trial(dflt)
+                dflt[p.name] = v
+    if dflt and all(p.name in dflt for p in params if _active(p, dflt)):
+        study.enqueue_trial(dflt)  # trial 0 is the default (when the space holds it)
     study.optimize(objective, n_trials=n_trials)
 
     default_row = {"config": "default", "overrides": " ".join(default_ovr) or "(base)", **evaluate(list(default_ovr))}
@@ -450,12 +488,17 @@ def run_search(base: Sequence[str], spec: Mapping[str, Any], out_dir: str | os.P
                     "reason": "no feasible configuration found"}
     else:
         b = finite.loc[finite[metric].astype(float).idxmin()]
-        best_row = {"config": "best", **{k: b[k] for k in b.index if k not in ("trial", "cached")},
+        best_row = {"config": "best", **{k: _py(b[k]) for k in b.index if k not in ("trial", "cached")},
                     "trial": int(b["trial"])}
     table = _search_table(base, default_row, best_row, metric, n_trials, len(memo))
     if out_dir is not None:
         _write_search(Path(out_dir), trials, default_row, best_row, base, table)
     return SearchResult(trials, default_row, best_row, table)
+
+
+def _py(v: Any) -> Any:
+    """A numpy scalar as the Python value (JSON and the printed table stay plain)."""
+    return v.item() if hasattr(v, "item") and not isinstance(v, (str, bytes)) else v
 
 
 def _search_table(base: Sequence[str], default: Mapping[str, Any], best: Mapping[str, Any], metric: str,
