@@ -26,6 +26,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -82,17 +83,44 @@ def write_marker(job_dir: str | os.PathLike, data: dict[str, Any]) -> None:
     write_json_atomic(data, job_dir / MARKER)
 
 
-def index_job(sweep_dir: str | os.PathLike | None, fingerprint: str, job_dir: str | os.PathLike) -> None:
-    """Record where the results of a config fingerprint live, so a resumed sweep finds them even if
-    the job numbering changed (``<sweep>/.sweep_index/<fingerprint>.json``)."""
+def index_job(sweep_dir: str | os.PathLike | None, fingerprint: str, job_dir: str | os.PathLike,
+              name: str = "results") -> None:
+    """Keep the job's results under their config fingerprint in ``<sweep>/.sweep_index/<fp>/``, so
+    a resumed sweep finds them even after the job numbering changed and another job overwrote this
+    dir. Hard links (no extra space; a later rewrite of the job dir replaces its files, not these),
+    or copies where links are not possible. Written once, atomically (a temp dir renamed)."""
     if sweep_dir is None:
         return
-    sweep_dir, job_dir = Path(sweep_dir), Path(job_dir)
+    index = Path(sweep_dir) / INDEX_DIR
+    entry = index / fingerprint
+    if entry.is_dir():
+        return
+    index.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{fingerprint}.", dir=index))
     try:
-        rel = os.path.relpath(job_dir, sweep_dir)
-    except ValueError:
-        rel = str(job_dir)
-    write_json_atomic({"job": rel}, sweep_dir / INDEX_DIR / f"{fingerprint}.json")
+        for suffix in (".parquet", ".json"):
+            src = Path(job_dir) / f"{name}{suffix}"
+            try:
+                os.link(src, tmp / f"results{suffix}")
+            except OSError:
+                shutil.copyfile(src, tmp / f"results{suffix}")
+        write_json_atomic({"fingerprint": fingerprint, "job": str(Path(job_dir).name)}, tmp / "entry.json")
+        try:
+            os.rename(tmp, entry)
+        except OSError:  # another job with the same config got there first
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def indexed_results(sweep_dir: str | os.PathLike | None, fingerprint: str) -> Path | None:
+    """The index entry (a dir with results.parquet and results.json) of a fingerprint, if any."""
+    if sweep_dir is None:
+        return None
+    entry = Path(sweep_dir) / INDEX_DIR / fingerprint
+    ok = all((entry / f"results{x}").is_file() for x in (".parquet", ".json")) and (entry / "entry.json").is_file()
+    return entry if ok else None
 
 
 def _job_key(name: str) -> tuple:
@@ -543,7 +571,7 @@ class AggregateSweep(Callback):
                 fp = None
             write_marker(out, {"status": "ok", "fingerprint": fp})
             if fp:
-                index_job(config.hydra.sweep.dir, fp, out)
+                index_job(config.hydra.sweep.dir, fp, out, name)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         global LAST_SCAN

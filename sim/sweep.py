@@ -37,7 +37,7 @@ from typing import Any, Mapping, Sequence
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-from sim.aggregate import MARKER, INDEX_DIR, file_sha, index_job, read_marker, write_json_atomic, write_marker
+from sim.aggregate import MARKER, file_sha, index_job, indexed_results, read_marker, write_json_atomic, write_marker
 from sim.config import register_configs
 from sim.errors import SimError
 from traces import TraceError
@@ -114,39 +114,26 @@ def _result_files(job_dir: Path, name: str) -> list[Path]:
     return [job_dir / f"{name}.parquet", job_dir / f"{name}.json"]
 
 
-def _try_take(src: Path, fp: str, name: str) -> dict[str, bytes] | None:
-    """The result files of ``src`` if its marker says they are the results of ``fp``; the marker is
-    read again after the files, so results replaced meanwhile (a concurrent job) are never taken."""
-    m = read_marker(src)
-    if not m or m.get("status") != "ok" or m.get("fingerprint") != fp:
+def find_reusable(fp: str, job_dir: Path, sweep_dir: Path | None, name: str) -> tuple[str, dict[str, bytes]] | None:
+    """Results of the same fingerprint: in the job's own dir first (its marker says so), then in the
+    sweep's index (results kept by fingerprint: job numbers change when a sweep is extended or
+    reordered, and a job dir may since hold another config)."""
+    m = read_marker(job_dir)
+    if m and m.get("status") == "ok" and m.get("fingerprint") == fp:
+        try:
+            return "self", {p.name: p.read_bytes() for p in _result_files(job_dir, name)}
+        except FileNotFoundError:
+            pass
+    entry = indexed_results(sweep_dir, fp)
+    if entry is None:
         return None
     try:
-        blobs = {p.name: p.read_bytes() for p in _result_files(src, name)}
-    except FileNotFoundError:
+        src = json.loads((entry / "entry.json").read_text()).get("job", "?")
+        blobs = {f"{name}.parquet": (entry / "results.parquet").read_bytes(),
+                 f"{name}.json": (entry / "results.json").read_bytes()}
+    except (FileNotFoundError, json.JSONDecodeError):
         return None
-    m2 = read_marker(src)
-    if not m2 or m2.get("fingerprint") != fp or m2.get("status") != "ok":
-        return None
-    return blobs
-
-
-def find_reusable(fp: str, job_dir: Path, sweep_dir: Path | None, name: str) -> tuple[Path, dict[str, bytes]] | None:
-    """Results of the same fingerprint: in the job's own dir first, then wherever the sweep's index
-    says they are (job numbers change when a sweep is extended or reordered)."""
-    got = _try_take(job_dir, fp, name)
-    if got is not None:
-        return job_dir, got
-    if sweep_dir is None:
-        return None
-    try:
-        rel = json.loads((sweep_dir / INDEX_DIR / f"{fp}.json").read_text())["job"]
-    except (FileNotFoundError, KeyError, json.JSONDecodeError):
-        return None
-    src = (sweep_dir / rel).resolve()
-    if src == job_dir.resolve():
-        return None
-    got = _try_take(src, fp, name)
-    return (src, got) if got is not None else None
+    return f"index (first run as job {src})", blobs
 
 
 def _write_bytes_atomic(data: bytes, path: Path) -> None:
@@ -181,15 +168,15 @@ def run_job(cfg: DictConfig, out_dir: str | os.PathLike, *, sweep_dir: str | os.
     if resume:
         found = find_reusable(fp, out, sweep, name)
         if found is not None:
-            src, blobs = found
-            if src != out:
+            where, blobs = found
+            if where != "self":
+                (out / MARKER).unlink(missing_ok=True)
                 for fname, data in blobs.items():
                     _write_bytes_atomic(data, out / fname)
             rows = pd.read_parquet(out / f"{name}.parquet").to_dict("records")
-            where = "self" if src == out else os.path.relpath(src, out)
             write_marker(out, {"status": "ok", "fingerprint": fp, "rows": len(rows), "reused_from": where,
                                "wall_s": time.perf_counter() - t0})
-            index_job(sweep, fp, out)
+            index_job(sweep, fp, out, name)
             return JobResult("ok", rows, reused_from=where)
     # a fresh run: results of an earlier run in this dir must not outlive a crash of this one
     (out / MARKER).unlink(missing_ok=True)
@@ -206,7 +193,7 @@ def run_job(cfg: DictConfig, out_dir: str | os.PathLike, *, sweep_dir: str | os.
         return _fail(out, fp, e, t0)
     write_marker(out, {"status": "ok", "fingerprint": fp, "rows": len(rows), "reused_from": None,
                        "wall_s": time.perf_counter() - t0})
-    index_job(sweep, fp, out)
+    index_job(sweep, fp, out, name)
     return JobResult("ok", rows)
 
 
