@@ -42,6 +42,7 @@ class ExpertCache:
         self.occupancy = [0] * len(self.capacity)
         self.eviction = eviction
         self.evictions = 0
+        self.drop_on_release = False  # whole-layer streaming keeps nothing between steps
         self.prefetched = [False] * n  # arrived by prefetch and not used yet (the host clears it on use)
         self.wasted_prefetches = 0  # prefetched experts evicted before any use
         self._can_evict = self.can_evict
@@ -93,6 +94,17 @@ class ExpertCache:
         self.state[key] = ABSENT
         self.occupancy[pool] -= 1
         self.eviction.removed(key, pool)
+
+    def release(self, keys: tuple[int, ...]) -> None:
+        """A computation that used ``keys`` is over: they leave the in-use state."""
+        in_use = self.in_use
+        for key in keys:
+            in_use[key] -= 1
+        if self.drop_on_release:
+            state = self.state
+            for key in keys:
+                if state[key] == RESIDENT and not in_use[key]:
+                    self.remove(key)
 
     def touch(self, key: int, g: int) -> None:
         self.eviction.accessed(key, self.pool_of[key], g)

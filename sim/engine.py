@@ -91,6 +91,7 @@ class Simulation:
         sch = schedule
         self.cache = ExpertCache(sch.M, sch.E, eviction, slots=slots, per_layer=per_layer)
         self.prefetched = self.cache.prefetched
+        self.cache.drop_on_release = not prefetch.keeps_cache
         if predictor is not None:
             predictor.attach(sch.trace, sch, lookahead_depths, seed)
         self.ctx = PolicyContext(
@@ -118,7 +119,6 @@ class Simulation:
             issue_overhead=float(hw.copy_issue_overhead_s),
             copies_in_flight=int(hw.copies_in_flight),
             on_done=self._copy_done if (timeline or self._needs_done(prefetch)) else None,
-            on_release=self._release,
             record=self.log.copy_spans,
         )
         self.ctx.queued = copy.queue._entry.__contains__  # the policies' view of the host queue
@@ -167,17 +167,6 @@ class Simulation:
         log.evictions = self.cache.evictions
         log.wasted_prefetch_bytes = (self.cache.wasted_prefetches + sum(self.prefetched)) * self.expert_bytes
         return log
-
-    def _release(self, keys: tuple[int, ...]) -> None:
-        """A computation is over: its experts leave the in-use state (streaming drops them)."""
-        cache = self.cache
-        in_use, state = cache.in_use, cache.state
-        for key in keys:
-            in_use[key] -= 1
-        if not self.prefetch.keeps_cache:
-            for key in keys:
-                if state[key] == RESIDENT and not in_use[key]:
-                    cache.remove(key)
 
     def _driver(self):
         """The decode driver on the GPU compute stream: for each request, prefill, then
@@ -253,8 +242,8 @@ class Simulation:
                     return min(sch.M * sch.E, (k + 1) * sch.model.top_k * sch.M)
                 if k not in memo:
                     lo = max(0, t - (k + 1))
-                    ids = trace.expert_ids[r, lo:t]  # (n, M, top_k)
-                    memo[k] = sum(len(set(ids[:, m].ravel().tolist())) for m in range(sch.M))
+                    ids = np.sort(trace.expert_ids[r, lo:t].transpose(1, 0, 2).reshape(sch.M, -1), axis=1)
+                    memo[k] = int((np.diff(ids, axis=1) != 0).sum()) + sch.M  # distinct ids per layer
                     if t - lo < k + 1 and t - lo > 0:  # short history: extrapolate per position
                         memo[k] = memo[k] * (k + 1) / (t - lo)
                 return int(round(miss_share * memo[k]))

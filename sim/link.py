@@ -103,7 +103,6 @@ class CopyEngine:
         issue_overhead: float,
         copies_in_flight: int,
         on_done: Callable[[int, float], None] | None = None,
-        on_release: Callable[[tuple[int, ...]], None] | None = None,
         record: list | None = None,
     ) -> None:
         self.cache = cache
@@ -118,7 +117,6 @@ class CopyEngine:
         self.host_free = 0.0
         self.g = 0  # the host's current layer-step (set by the compute stream)
         self.on_done = on_done
-        self.on_release = on_release
         self.record = record  # timeline spans (start, end, key, is_prefetch) when enabled
         self.copies = 0
         self.busy_time = 0.0
@@ -227,8 +225,7 @@ class CopyEngine:
         if t > self.clock:
             self.clock = t
         keys, self._pending = self._pending, None
-        if self.on_release is not None:
-            self.on_release(keys)
+        self.cache.release(keys)
 
     def ready_time(self, keys: set[int]) -> float:
         """Run the stream forward until every key in ``keys`` is resident; return that time.

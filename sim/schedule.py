@@ -9,6 +9,7 @@ decision point per layer-step and no pandas or cost-model calls in its hot loop 
 from __future__ import annotations
 
 from bisect import bisect_right
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -71,6 +72,8 @@ class Schedule:
         self._offsets = np.arange(M, dtype=np.int64)[:, None] * E
         self._uses: dict[int, list[int]] | None = None
         self._draft_memo: dict[int, float] = {}
+        self._verify_memo: dict[tuple[int, int], float] = {}
+        self._layer_groups: list[tuple[int, int, bool]] | None = None
         if build:
             for r in range(trace.num_requests):
                 L = int(trace.lengths[r])
@@ -107,9 +110,9 @@ class Schedule:
                 keys = tuple(keys_all[m].tolist())
                 exp = len(keys) * cost.expert_ffn(layer, 1)
             else:
-                uk, counts = np.unique(keys_all[m], return_counts=True)
-                keys = tuple(uk.tolist())
-                exp = sum(cost.expert_ffn(layer, int(c)) for c in counts)
+                counts = Counter(keys_all[m].tolist())
+                keys = tuple(sorted(counts))
+                exp = sum(cost.expert_ffn(layer, c) for c in counts.values())
             if model.num_shared_experts:
                 exp += cost.shared_experts(layer, n)
             self.needed.append(keys)
@@ -142,21 +145,33 @@ class Schedule:
 
     def verify_estimate(self, n: int, kv: int, decision_delay: float) -> float:
         """Compute-only time of a target pass over n positions before its routing is known: each
-        layer is assumed to spread its n*top_k selections over min(E, n*top_k) distinct experts."""
+        layer is assumed to spread its n*top_k selections over min(E, n*top_k) distinct experts.
+        Layers that cost the same (same kind, same attention window) are priced once."""
+        key = (n, kv)
+        hit = self._verify_memo.get(key)
+        if hit is not None:
+            return hit + self.M * decision_delay
         cost, model = self.cost, self.model
+        if self._layer_groups is None:
+            groups: dict[tuple[bool, bool], list[int]] = {}
+            for layer in range(model.num_layers):
+                groups.setdefault((model.is_moe_layer(layer), model.is_sliding_layer(layer)), []).append(layer)
+            self._layer_groups = [(layers[0], len(layers), moe) for (moe, _), layers in groups.items()]
         sel = n * model.top_k
         distinct = min(model.num_experts, sel)
         per = max(1, round(sel / distinct))
         total = cost.embed_and_head(n, logits_tokens=n)
-        for layer in range(model.num_layers):
-            total += cost.attention(layer, n, kv)
-            if model.is_moe_layer(layer):
-                total += cost.router(layer, n) + distinct * cost.expert_ffn(layer, per) + decision_delay
+        for layer, count, moe in self._layer_groups:
+            one = cost.attention(layer, n, kv)
+            if moe:
+                one += cost.router(layer, n) + distinct * cost.expert_ffn(layer, per)
                 if model.num_shared_experts:
-                    total += cost.shared_experts(layer, n)
+                    one += cost.shared_experts(layer, n)
             else:
-                total += cost.dense_ffn(layer, n)
-        return total
+                one += cost.dense_ffn(layer, n)
+            total += count * one
+        self._verify_memo[key] = total
+        return total + self.M * decision_delay
 
     # ---------------------------------------------------------------- future
     def future(self, g: int) -> tuple[int, ...]:

@@ -123,15 +123,22 @@ class LookaheadAwareEviction(LruEviction):
 
     Evicts first an expert with no predicted use in the horizon (in LRU order), else the one whose
     predicted next use is farthest. The prediction comes from ``ctx.extra['predicted_next_use']``
-    (a callable key, g -> layer-step or None) that a prefetch policy or the ELB provides.
+    (a callable key, g -> layer-step or None) that a prefetch policy or the ELB provides, with
+    optionally ``ctx.extra['predicted_keys']``, the set of keys it predicts (a fast path).
     """
 
     def victim(self, pool: int, g: int, can_evict: Callable[[int], bool]) -> int | None:
         predicted = self.ctx.extra.get("predicted_next_use")
         if predicted is None:
             return super().victim(pool, g, can_evict)
+        protected = self.ctx.extra.get("predicted_keys")
+        order = self._order[pool]
+        if protected is not None:  # fast path: the first evictable key with no predicted use
+            for key in order:
+                if key not in protected and can_evict(key):
+                    return key
         far, far_score = None, -1
-        for key in self._order[pool]:
+        for key in order:
             if not can_evict(key):
                 continue
             nxt = predicted(key, g)

@@ -50,7 +50,9 @@ class SpeqScheduler(PrefetchPolicy):
         self._rows: list[Sequence[tuple[int, ...]]] = []
         self._k = 0
         self._verify_m = -1  # verify pass position: layers <= this are done
+        self._protected: set[int] = set()  # ELB keys of layers the verify pass has not reached
         ctx.extra["predicted_next_use"] = self.predicted_next_use
+        ctx.extra["predicted_keys"] = self._protected
 
     def predicted_next_use(self, key: int, g: int) -> int | None:
         m = key // self.ctx.num_experts
@@ -61,6 +63,7 @@ class SpeqScheduler(PrefetchPolicy):
     def on_cycle_start(self, cycle: CycleInfo) -> list[Action]:
         for s in self._elb:
             s.clear()
+        self._protected.clear()
         self._rows = []
         self._k = cycle.k
         self._verify_m = -1
@@ -70,6 +73,7 @@ class SpeqScheduler(PrefetchPolicy):
         self._rows.append(row)
         for m, keys in enumerate(row):
             self._elb[m].update(keys)
+            self._protected.update(keys)
         k = self._k
         filled = (i + 1) / k
         cached = self.ctx.cached
@@ -95,6 +99,7 @@ class SpeqScheduler(PrefetchPolicy):
 
     def on_routed(self, ls: LayerStep, needed: Sequence[int]) -> list[Action]:
         self._verify_m = ls.m
+        self._protected.difference_update(self._elb[ls.m])
         return []
 
 
