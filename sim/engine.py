@@ -304,10 +304,14 @@ class Simulation:
             t += a + 1
 
     def _target_step(self, s_idx: int, times: list[float]):
-        """One target pass (prefill, decode step or verify) through every MoE layer. Compute that
-        needs no decision is carried into the next timeout, so a layer-step costs one event whether
-        or not its experts hit; a carried computation's experts stay in use until it ends (the copy
-        stream releases them then, in order). Counters are locals here and added at the end."""
+        """One target pass (prefill, decode step or verify) through every MoE layer.
+
+        The compute stream is the only SimPy process that decides anything (the copy stream is an
+        exact lazy model, sim/link.py), so within a pass the host's decision times are kept in a
+        local clock and SimPy's clock is advanced once, at the end of the pass: the coarsest event
+        that still changes a decision (anchors-sim §7.4). Compute that needs no decision is
+        carried to the next decision point; a carried computation's experts stay in use until it
+        ends (the copy stream releases them then, in order). Counters are locals, added at the end."""
         env, sch, cache, copy, log = self.env, self.schedule, self.cache, self.copy, self.log
         prefetch = self.prefetch
         state, in_use, ready_at, prefetched = cache.state, cache.in_use, cache.ready_at, self.prefetched
@@ -325,14 +329,14 @@ class Simulation:
         pool_of = cache.pool_of
         accessed = cache.eviction.accessed
         advance, try_issue, request, ready_time, hold = copy.advance, copy.try_issue, copy.request, copy.ready_time, copy.hold
-        timeout = env.timeout
+        clock = env.now  # the host's time within this pass (SimPy catches up at the end)
         hits = late = misses = useful = 0
         late_wait = stall_total = 0.0
         carry = self._carry
         step = sch.steps[s_idx]
         g0 = step.g0
         # per-step coverage: share of the step's needed experts resident as it starts
-        t_start = env.now + carry
+        t_start = clock + carry
         tot = hit0 = 0
         for g in range(g0, g0 + M):
             for key in needed_all[g]:
@@ -346,15 +350,14 @@ class Simulation:
             self.g = copy.g = g
             if has_start:
                 if carry > 0:
-                    yield timeout(carry)
+                    clock += carry
                 carry = 0.0
-                advance(env.now)
+                advance(clock)
                 self._apply(prefetch.on_layer_start(infos[g]))
                 try_issue()
-            t = env.now + carry
-            yield timeout(carry + pre[g] + dd)
+            t = clock + carry
+            clock = now = t + pre[g] + dd
             carry = 0.0
-            now = env.now
             advance(now)
             if spans is not None:
                 spans.append((t, now, f"{kind}attn+router {layer_names[m]}"))
@@ -427,8 +430,7 @@ class Simulation:
                     spans.append((now, now + dur, f"{kind}experts {layer_names[m]}"))
                 hold(held, now + dur)
                 if w < last:
-                    yield timeout(stall + dur)
-                    now = env.now
+                    clock = now = now + dur
                     advance(now)
                 else:
                     carry = stall + dur
@@ -436,14 +438,16 @@ class Simulation:
                 occupancy.append((now, cache.resident_count()))
         if step.tail:
             if spans is not None:
-                spans.append((env.now + carry, env.now + carry + step.tail, "head"))
+                spans.append((clock + carry, clock + carry + step.tail, "head"))
             carry += step.tail
-        end = env.now + carry
+        end = clock + carry
         prev = times[-1]
         n = step.emitted
         times.extend(prev + (end - prev) * (j + 1) / n for j in range(n - 1))
         times.append(end)
-        self._carry = carry
+        if clock > env.now:
+            yield env.timeout(clock - env.now)
+        self._carry = carry  # relative to clock, which SimPy's clock now equals
         c = self._counts
         c[0] += hits
         c[1] += late
