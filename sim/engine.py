@@ -1,9 +1,18 @@
-"""The SimPy engine: the GPU compute stream drives layer-steps; the copy stream moves experts.
+"""The SimPy engine: the GPU compute stream drives the run; the copy stream moves experts.
 
-Processes are per hardware agent (anchors-sim §7.4): one process for the GPU compute stream (the
-decode driver: prefill, then decode steps of each request in turn), one for the host-to-device
-copy stream (sim/link.py). The host controller (policies, demand fetches) acts at the events the
-host really sees: a layer's routing arriving after ``decision_delay``, and copies completing.
+Agents (anchors-sim §7.4), long-lived, never one per token or transfer:
+- the GPU compute stream, a SimPy process: the decode driver (prefill, then autoregressive steps
+  or draft/verify cycles of each request in turn);
+- the host-to-device copy stream (sim/link.py), an exact timestamp model that the host advances
+  lazily: between two host decisions it has no choices of its own, so it needs no events;
+- the host controller (policies, the governor, demand fetches), which acts at the moments the
+  host really sees: a layer's routing arriving ``decision_delay`` after it is known on the GPU,
+  a draft token's ELB row arriving, a copy completing (``on_transfer_done``).
+Since the compute stream is the only process that decides anything, SimPy's clock advances once
+per target pass (and once per draft token); within a pass the host's decision times are exact,
+kept in a local clock. Same-time order: at one instant, slot releases, then copy completions (each
+followed by the issues it allows), then the host reads the routing; a copy landing exactly at a
+decision is a hit (tested).
 
 Per MoE layer-step: the layer's attention and router (plus dense layers since the last MoE layer)
 run; the routing reaches the host ``decision_delay`` later; resident experts are hits, loading ones
