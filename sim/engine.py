@@ -85,10 +85,12 @@ class Simulation:
         lookahead_depths: tuple[int, ...] = (),
         governor=None,
         draft=None,
+        progress=None,
     ) -> None:
         self.schedule = schedule
         self.model, self.hw, self.cost = model, hw, cost
         self.governor, self.draft = governor, draft
+        self.progress = progress  # e.g. a tqdm bar: update(1) after each request
         if (governor is None) != (draft is None):
             raise SimError("speculative decoding needs both a governor and a draft source")
         self.env = simpy.Environment()
@@ -208,6 +210,8 @@ class Simulation:
             copy.advance(env.now)
             self._apply(prefetch.on_request_end(r))
             copy.try_issue()
+            if self.progress is not None:
+                self.progress.update(1)
         c = self._counts
         log.hits, log.late, log.misses = c[0], c[1], c[2]
         log.useful_prefetch_bytes = c[3] * self.expert_bytes

@@ -192,7 +192,7 @@ def base_keys(cfg: DictConfig) -> dict[str, Any]:
 
 
 def run_policy(prep: Prepared, pcfg: DictConfig, seed: int, *, timeline: bool = False, governor_cfg: Any = None,
-               trace_cfg: Any = None, plan: MemoryPlan | None = None) -> tuple[dict[str, Any], Any]:
+               trace_cfg: Any = None, plan: MemoryPlan | None = None, progress: bool = False) -> tuple[dict[str, Any], Any]:
     """One policy on a prepared config: its results row (without config keys) and (sim, log)."""
     from sim.governor import build_governor
     from sim.speculative import DraftSource
@@ -216,15 +216,22 @@ def run_policy(prep: Prepared, pcfg: DictConfig, seed: int, *, timeline: bool = 
         draft = DraftSource(prep.trace, agreement=float(tc.get("draft_agreement", 0.9)),
                             acceptance=float(tc.get("acceptance", 0.85)), seed=seed)
         schedule = Schedule(prep.trace, prep.model, prep.cost, build=False)
+    bar = None
+    if progress:  # quiet when output is not a terminal (tqdm's disable=None), or TQDM_DISABLE=1
+        from tqdm import tqdm
+
+        bar = tqdm(total=prep.trace.num_requests, desc=f"{pcfg.name}", unit="request", disable=None, leave=False)
     t0 = time.perf_counter()
     sim = Simulation(
         schedule, prep.model, prep.hw, prep.cost,
         eviction=eviction, prefetch=prefetch, predictor=predictor,
         slots=None if plan.per_layer else plan.slots, per_layer=plan.per_layer,
-        seed=seed, timeline=timeline, lookahead_depths=depths, governor=governor, draft=draft,
+        seed=seed, timeline=timeline, lookahead_depths=depths, governor=governor, draft=draft, progress=bar,
     )
     log = sim.run()
     wall = time.perf_counter() - t0
+    if bar is not None:
+        bar.close()
     bound = bound_for(prep, schedule, sim.cache.pool_of, sim.cache.capacity)
     row = results_row(log, bound, prep.model.bytes_per_expert(), prep.model.num_moe_layers)
     row["wall_s"] = wall
@@ -275,7 +282,8 @@ def simulate(cfg: DictConfig, *, on_policy=None) -> list[dict[str, Any]]:
                          "config_id": config_id(k), "repetition": 0})
             continue
         row, (sim, log) = run_policy(prep, p, int(cfg.seed), timeline=bool(cfg.timeline_out),
-                                     governor_cfg=cfg.get("governor"), trace_cfg=cfg.trace, plan=plan)
+                                     governor_cfg=cfg.get("governor"), trace_cfg=cfg.trace, plan=plan,
+                                     progress=bool(cfg.get("progress", False)))
         rows.append({**k, "source": "sim", "status": "ok", "reason": "", "config_id": config_id(k), "repetition": 0, **row})
         if on_policy is not None:
             on_policy(p, sim, log, rows[-1])

@@ -129,3 +129,27 @@ def test_cache_layouts_and_hypothetical_link():
 def test_depth_reduced_model_runs():
     rows = simulate(cfg_of("model=qwen3-30b-a3b", "model.layers=3", "policy=lookahead", *SMALL))
     assert rows[0]["status"] == "ok" and np.isfinite(rows[0]["tpot_ms"])
+
+
+def test_progress_counts_requests_and_is_quiet_without_a_terminal(capsys):
+    from sim.run import plan_for, prepare, run_policy, load_policy
+
+    cfg = cfg_of("model=tiny", "policy=lru", *SMALL)
+    prep = prepare(cfg)
+    run_policy(prep, load_policy("lru"), 0, progress=True)  # stderr is not a tty here: no bar
+    assert "request" not in capsys.readouterr().err
+
+    class Counter:
+        n = 0
+
+        def update(self, k):
+            self.n += k
+
+    from sim.engine import Simulation
+    from sim.policies import EVICTION, PREFETCH
+
+    bar = Counter()
+    plan = plan_for(prep, speculative=False)
+    Simulation(prep.schedule, prep.model, prep.hw, prep.cost, eviction=EVICTION.create("lru"),
+               prefetch=PREFETCH.create("none"), slots=plan.slots, progress=bar).run()
+    assert bar.n == prep.trace.num_requests
