@@ -1,0 +1,124 @@
+"""`python -m runtime` (also `moe-run`): offloaded execution measured in the simulator's terms.
+
+Composes conf/run.yaml (the simulator's groups model, hardware, policy, trace, cache, governor plus
+mode=live|replay, device, repetitions, timeline_out, host_memory, link_pace_gbps), runs each policy
+``repetitions`` times on the offloaded model, prints the simulator's table and writes
+``results.parquet``/``.json`` (``source = measured``, and with ``predict=true`` the simulator's row
+of each config, ``source = sim``, joined by ``config_id``) beside the resolved config in the Hydra run
+directory; live runs also write the executed routing as ``executed_trace.parquet``.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import MISSING
+
+from sim.config import CacheConf
+
+
+@dataclass
+class RunConf:
+    """Structured config of `python -m runtime` (ConfigStore name ``run_schema``)."""
+
+    model: Any = MISSING
+    hardware: Any = MISSING
+    policy: Any = MISSING
+    trace: Any = MISSING
+    governor: Any = MISSING
+    cache: CacheConf = field(default_factory=CacheConf)
+    source: Optional[str] = None  # model= resolved to a checkpoint dir, config.json or tiny-<family>
+    layers: Optional[int] = None  # depth reduction of `source` (presets: model.layers)
+    mode: str = "replay"  # replay | live
+    device: str = "auto"
+    dtype: str = "auto"
+    seed: int = 0
+    repetitions: int = 3
+    warmup_steps: int = 2
+    timeline_out: Optional[str] = None
+    results_name: str = "results"
+    host_memory: Optional[str] = None  # pinned | pageable (sets hardware.host_memory)
+    link_pace_gbps: Optional[float] = None  # sets hardware.link_pace_gbps
+    cpu_backend: str = "sync"  # sync | thread (CPU only)
+    predict: bool = True
+    plugins: list[str] = field(default_factory=list)
+    experiment: Any = None
+
+
+def register_configs() -> None:
+    """Idempotent: the simulator's schemas plus ``run_schema``."""
+    from hydra.core.config_store import ConfigStore
+
+    from sim.config import register_configs as register_sim
+
+    register_sim()
+    ConfigStore.instance().store(name="run_schema", node=RunConf)
+
+
+def rewrite_args(argv: list[str]) -> list[str]:
+    """``model=X`` where X is not a preset becomes ``~model source=X`` (runtime.capture's rule)."""
+    from runtime.capture import rewrite_model_args
+
+    return rewrite_model_args(argv)
+
+
+def run_app(cfg: Any, out_dir: Path) -> list[dict[str, Any]]:
+    """Measure every policy of ``cfg``, write results (and timelines) under ``out_dir``; return the rows."""
+    from runtime.measure import Session, timeline_json
+    from sim.report import format_table, write_results
+    from sim.timeline import write_json_atomic
+    from traces.io import write_trace
+
+    timelines = []
+
+    def on_run(p, run, log, row):
+        if cfg.timeline_out and log.compute_spans is not None:
+            timelines.append((p.name, log))
+
+    sess = Session(cfg)
+    try:
+        rows = sess.measure(cfg, on_run=on_run)
+        write_results(rows, out_dir, cfg.results_name)
+        if getattr(sess, "executed", None) is not None:
+            write_trace(sess.executed, out_dir / "executed_trace.parquet")
+        names = list(dict.fromkeys(n for n, _ in timelines))
+        for name in names:
+            log = [lg for n, lg in timelines if n == name][-1]
+            path = Path(cfg.timeline_out)
+            if len(names) > 1:
+                path = path.with_name(f"{path.stem}.{name}{path.suffix or '.json'}")
+            write_json_atomic(timeline_json(log, sess.om), path)
+    finally:
+        sess.close()
+    print(format_table(rows, extra=["source", "repetition"]))
+    print(f"results: {out_dir / (cfg.results_name + '.parquet')}")
+    return rows
+
+
+def _app(cfg: Any) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    from sim.errors import SimError
+    from traces.errors import TraceError
+
+    try:
+        run_app(cfg, Path(HydraConfig.get().runtime.output_dir))
+    except (SimError, TraceError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m runtime key=value ...`."""
+    import hydra
+
+    register_configs()
+    sys.argv = [sys.argv[0]] + rewrite_args(list(sys.argv[1:] if argv is None else argv))
+    hydra.main(version_base="1.3", config_path="pkg://conf", config_name="run")(_app)()
+
+
+if __name__ == "__main__":
+    main()

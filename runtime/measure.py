@@ -1,0 +1,464 @@
+"""Measured runs in the simulator's terms: a ``runtime.executor.Run``'s marks (CUDA event timestamps
+on the GPU, host clocks on the CPU) become a ``sim.engine.RunLog``, and ``sim.metrics.results_row``
+turns it into the same results row as a simulated run (docs/metrics.md), with ``source = measured``.
+
+How each RunLog field is measured:
+
+- ``request_start``: a mark on the compute stream before the request's first forward;
+  ``token_times``: a mark after each step's LM head (a multi-token verify step's tokens share its
+  time equally, as in the simulator).
+- ``stall`` per MoE layer: from the mark recorded when the layer's routing is known on the GPU to the
+  mark after the compute stream's waits for its experts, minus the hardware spec's
+  ``decision_delay_s`` (the simulator counts that delay as compute, and so does this); between two
+  waves of one layer: from the end of the first to the waits of the next. ``decision_gap_ms`` (an
+  extra column) keeps the raw gaps, host decisions included.
+- ``hits``/``late``/``misses``, useful and wasted prefetches, evictions, coverage: counted by the
+  host controller exactly as the simulator counts them (same cache class, same classification).
+- ``link_busy``: the sum over copies of (end - start) on the copy stream (the start mark follows the
+  copy's wait for its slot, so waiting is not counted); ``bytes_moved`` = copies x packed expert size.
+- timeline: compute spans ``attn+router``, ``stall``, ``experts`` per layer and ``head``, copy spans
+  per expert (demand or prefetch), cache occupancy: the simulator's Chrome trace format.
+"""
+
+from __future__ import annotations
+
+import platform
+import resource
+import sys
+from typing import Any
+
+import numpy as np
+
+from runtime.executor import OffloadedModel, Run
+from sim.engine import RunLog
+from sim.metrics import results_row
+from sim.timeline import chrome_trace
+
+
+def run_log(run: Run, *, timeline: bool = True) -> RunLog:
+    """The RunLog of a finished run (all marks complete)."""
+    if not run.finished:
+        run.finish()
+    be = run.backend
+    sec = be.seconds
+    dd = float(run.rc.decision_delay_s)
+    om = run.om
+    log = RunLog()
+    steps = run.steps
+    for start, idx in run.requests:
+        t0 = sec(start)
+        log.request_start.append(t0)
+        times = [t0]
+        for i in idx:
+            st = steps[i]
+            end = sec(st.token)
+            prev, n = times[-1], max(1, int(st.emitted))
+            times.extend(prev + (end - prev) * (j + 1) / n for j in range(n - 1))
+            times.append(end)
+        log.token_times.append(times[1:])
+        log.coverage.extend(steps[i].coverage for i in idx)
+    log.run_time = sec(run.end_mark) if getattr(run, "end_mark", None) is not None else (
+        max((t[-1] for t in log.token_times if t), default=0.0))
+    log.hits, log.late, log.misses = run.hits, run.late, run.misses
+    stall_layer = np.zeros(run.M)
+    late_wait = 0.0
+    gaps = 0.0
+    spans: list[tuple[float, float, str]] | None = [] if timeline else None
+    names = [f"L{x}" for x in om.loaded.shape.moe_layers]
+    step_of_g = {}
+    for si, st in enumerate(steps):
+        for m in range(run.M):
+            step_of_g[st.g0 + m] = si
+    prev_end: dict[int, float] = {}
+    for lr in run.layers:
+        si = step_of_g.get(lr.g)
+        st = steps[si]
+        tr = sec(lr.routed)
+        start_prev = prev_end.get(si, sec(st.start))
+        kind = "verify " if st.emitted > 1 else ""
+        w0 = sec(lr.waves[0][0])
+        gap = max(0.0, w0 - tr)
+        gaps += gap
+        s = max(0.0, gap - dd)
+        if spans is not None:
+            spans.append((start_prev, min(tr + dd, w0) if w0 > tr else tr, f"{kind}attn+router {names[lr.m]}"))
+            if s > 0:
+                spans.append((tr + dd, w0, f"stall {names[lr.m]}"))
+        for i, (waited, done) in enumerate(lr.waves):
+            tw, td = sec(waited), sec(done)
+            if i > 0:
+                ps = max(0.0, tw - sec(lr.waves[i - 1][1]))
+                s += ps
+                if spans is not None and ps > 0:
+                    spans.append((sec(lr.waves[i - 1][1]), tw, f"stall {names[lr.m]}"))
+            if spans is not None:
+                spans.append((tw, td, f"{kind}experts {names[lr.m]}"))
+        stall_layer[lr.m] += s
+        for mk in lr.late:
+            late_wait += max(0.0, sec(mk) - (tr + dd))
+        prev_end[si] = sec(lr.waves[-1][1])
+    if spans is not None:
+        for si, st in enumerate(steps):
+            if si in prev_end and st.token is not None:
+                spans.append((prev_end[si], sec(st.token), "head"))
+    log.stall_per_layer = stall_layer
+    log.stall = float(stall_layer.sum())
+    log.late_wait = late_wait
+    log.copies = run.copies
+    log.bytes_moved = run.copies * om.nbytes
+    copy_spans = [(sec(a), sec(b), key, pf) for a, b, key, pf in run.copy_log]
+    log.link_busy = float(sum(b - a for a, b, _, _ in copy_spans))
+    log.useful_prefetch_bytes = run.useful * om.nbytes
+    log.wasted_prefetch_bytes = (run.cache.wasted_prefetches + sum(run.cache.prefetched)) * om.nbytes
+    log.evictions = run.cache.evictions
+    if timeline:
+        log.compute_spans = sorted(spans or [], key=lambda x: x[0])
+        log.copy_spans = copy_spans
+        log.occupancy = sorted(((sec(mk), n) for mk, n in run.occupancy), key=lambda x: x[0])
+    log.decision_gap_s = gaps  # type: ignore[attr-defined]
+    return log
+
+
+def measured_row(log: RunLog, bound: Any, om: OffloadedModel, run: Run) -> dict[str, Any]:
+    """The results row of a measured run (sim.metrics.results_row) plus measurement columns."""
+    row = results_row(log, bound, om.nbytes, om.M)
+    busy = log.link_busy
+    row.update({
+        "decision_gap_ms": float(getattr(log, "decision_gap_s", 0.0)) * 1e3,
+        "copy_gbps": log.bytes_moved / busy / 1e9 if busy > 0 else float("nan"),
+        "expert_bytes": om.nbytes,
+        "slots": run.cache.total_slots,
+        "layout": "per_layer" if run.cache.per_layer is not None else "global",
+    })
+    return row
+
+
+def environment(om: OffloadedModel | None = None) -> dict[str, Any]:
+    """Machine and versions, for the results row (measured runs say where they ran)."""
+    import torch
+    import transformers
+
+    env: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
+                           "transformers": transformers.__version__, "host": platform.node()}
+    if om is not None:
+        env["backend"] = om.backend.name
+        env["host_memory_kind"] = om.store.host_memory
+        env["pinned_by"] = om.store.pinned or None
+        env["setup_s"] = om.setup_s
+        if om.device.type == "cuda":
+            env["gpu"] = torch.cuda.get_device_name(om.device)
+            env["peak_gpu_gb"] = torch.cuda.max_memory_allocated(om.device) / 1e9
+    env["peak_host_gb"] = peak_host_bytes() / 1e9
+    return env
+
+
+def peak_host_bytes() -> int:
+    """Peak resident set size of this process (bytes)."""
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(r if sys.platform == "darwin" else r * 1024)
+
+
+def timeline_json(log: RunLog, om: OffloadedModel) -> dict:
+    """The run's Chrome/Perfetto trace (the simulator's format, ``source = measured``)."""
+    shape = om.loaded.shape
+    return chrome_trace(log.compute_spans or [], log.copy_spans or [], log.occupancy or [],
+                        num_experts=shape.num_experts, moe_layers=tuple(shape.moe_layers), source="measured")
+
+
+# =============================================================================== configs -> rows
+LIVE_ONLY_TRACE = ("belady",)  # eviction policies that read the future
+FUTURE_PREFETCH = ("oracle",)
+FUTURE_PREDICTORS = ("oracle", "noisy")
+
+
+def apply_overrides(cfg: Any) -> None:
+    """Top-level ``host_memory=`` and ``link_pace_gbps=`` set the hardware's keys (so the config id,
+    the simulator's prediction and the run all see them)."""
+    from omegaconf import open_dict
+
+    with open_dict(cfg):
+        if cfg.get("host_memory"):
+            cfg.hardware.host_memory = cfg.host_memory
+        if cfg.get("link_pace_gbps") is not None:
+            cfg.hardware.link_pace_gbps = float(cfg.link_pace_gbps)
+
+
+def model_source(cfg: Any) -> tuple[str, int | None]:
+    """What ``load_model`` builds for this config: a checkpoint/config/tiny source, or a preset's
+    shipped config.json (random weights), depth-reduced by ``model.layers``."""
+    from runtime.models import conf_dir
+
+    if cfg.get("source"):
+        return str(cfg.source), cfg.get("layers")
+    m = cfg.get("model")
+    if m is None:
+        raise ExecutorError_("no model: pass model=PRESET, model=CHECKPOINT_DIR or model=tiny-<family>")
+    if not m.get("hf_config"):
+        raise ExecutorError_(f"model preset {m.get('name')!r} has no hf_config (no transformers config to build)")
+    return str(conf_dir() / "model" / m.hf_config), m.get("layers")
+
+
+def ExecutorError_(msg: str):  # noqa: N802 - a constructor-like helper
+    from runtime.executor import ExecutorError
+
+    return ExecutorError(msg)
+
+
+class Session:
+    """One model (one shape per process) made offloaded once, and measured runs of configs on it.
+
+    ``max_slots``: the slot pool's size (default: what the config's policies need at its budget)."""
+
+    def __init__(self, cfg: Any, *, max_slots: int | None = None) -> None:
+        import time
+
+        from omegaconf import OmegaConf, open_dict
+
+        from runtime.executor import OffloadedModel
+        from runtime.models import load_model
+        from sim.spec import ModelSpec
+
+        t0 = time.perf_counter()
+        apply_overrides(cfg)
+        source, layers = model_source(cfg)
+        self.loaded = load_model(source, layers=layers, dtype=cfg.get("dtype", "auto"), device=cfg.get("device", "auto"),
+                                 seed=int(cfg.seed))
+        if cfg.get("source"):
+            spec = self.loaded.spec
+            with open_dict(cfg):
+                cfg.model = OmegaConf.create({**spec.to_dict(), "layers": None, "hf_config": None})
+        self.spec = ModelSpec.from_cfg(cfg.model)
+        sh = self.loaded.shape
+        for f in ("moe_layers", "num_experts", "top_k"):
+            if tuple(np.atleast_1d(getattr(sh, f))) != tuple(np.atleast_1d(getattr(self.spec, f))):
+                raise ExecutorError_(f"model '{self.spec.name}': the built transformers model has {f}={getattr(sh, f)}, "
+                                     f"the preset says {getattr(self.spec, f)}")
+        self.load_s = time.perf_counter() - t0
+        total = self.spec.num_routed_experts_total
+        if max_slots is None:
+            max_slots = max([p.slots for p in self.plans(cfg) if p is not None] or [sh.top_k])
+        self.om = OffloadedModel(self.loaded, max_slots=min(int(max_slots), total),
+                                 host_memory=str(cfg.hardware.host_memory), cpu_backend=str(cfg.get("cpu_backend", "sync")),
+                                 record_routing=cfg.get("mode", "replay") == "live")
+        self.h2d_gbps = float("nan")
+        if self.om.device.type == "cuda":
+            self.h2d_gbps = self.om.measure_copy() / 1e9
+            if cfg.hardware.get("link_pace_gbps"):
+                self.om.backend.calibrate_sleep()
+        self.setup_s = time.perf_counter() - t0
+        self.warm = False
+
+    # ------------------------------------------------------------------ helpers
+    def plans(self, cfg: Any) -> list[Any]:
+        """Memory plan of each policy preset (None where infeasible)."""
+        from sim.errors import InfeasibleError
+        from sim.run import policy_presets
+
+        out = []
+        for p in policy_presets(cfg.policy):
+            try:
+                out.append(self.plan(cfg, p))
+            except InfeasibleError:
+                out.append(None)
+        return out
+
+    def plan(self, cfg: Any, pcfg: Any) -> Any:
+        from sim.hardware import HardwareSpec
+        from sim.memory import plan_memory
+
+        hw = HardwareSpec.from_cfg(cfg.hardware)
+        if cfg.get("mode", "replay") == "replay":
+            prep = self.prepare(cfg)
+            from sim.run import policy_plan
+
+            return policy_plan(prep, pcfg)
+        ctx = int(cfg.cache.max_context_tokens or int(cfg.trace.prompt_tokens) + int(cfg.trace.decode_tokens))
+        return plan_memory(self.spec, hw, max_context_tokens=ctx, slots=cfg.cache.slots, per_layer=cfg.cache.per_layer,
+                           draft_resident=pcfg.decoding == "speculative")
+
+    def prepare(self, cfg: Any, trace: Any = None) -> Any:
+        """sim.run.Prepared of this config (replay: its trace; live: the executed trace)."""
+        from sim.costmodel import cost_model_for
+        from sim.hardware import HardwareSpec
+        from sim.run import Prepared, load_trace
+        from sim.schedule import Schedule
+
+        key = (id(cfg), id(trace))
+        cached = getattr(self, "_prep", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        hw = HardwareSpec.from_cfg(cfg.hardware)
+        if trace is None:
+            trace = load_trace(cfg.trace, self.spec)
+        ctx = int(cfg.cache.max_context_tokens or int(trace.position.max()) + 1)
+        cost = cost_model_for(self.spec, hw)
+        prep = Prepared(self.spec, hw, trace, cost, Schedule(trace, self.spec, cost), ctx, cfg.cache.slots, cfg.cache.per_layer)
+        self._prep = (key, prep)
+        return prep
+
+    def run_config(self, cfg: Any, pcfg: Any, plan: Any, *, schedule: Any = None, trace: Any = None,
+                   prompts: Any = None, timeline: bool = False, exec_log: bool = False) -> Any:
+        """One measured run of one policy; returns the finished executor Run."""
+        from runtime.executor import LiveGatePredictor, RunConfig
+        from runtime.replay import live, replay
+        from sim.hardware import HardwareSpec
+        from sim.policies import EVICTION, PREDICTORS, PREFETCH
+
+        hw = HardwareSpec.from_cfg(cfg.hardware)
+        mode = cfg.get("mode", "replay")
+        eviction = EVICTION.create(pcfg.eviction, **dict(pcfg.eviction_args))
+        prefetch = PREFETCH.create(pcfg.prefetch, **dict(pcfg.prefetch_args))
+        predictor = None
+        depth = int(pcfg.prefetch_args.get("depth", 1))
+        if pcfg.predictor:
+            if mode == "live":
+                if pcfg.predictor != "recorded":
+                    raise ExecutorError_(f"policy '{pcfg.name}': predictor '{pcfg.predictor}' needs a trace (mode=replay); "
+                                         "live runs compute the gate lookahead ('recorded') from the hidden state")
+                predictor = LiveGatePredictor(depth)
+                predictor.attach_live(self.loaded)
+            else:
+                predictor = PREDICTORS.create(pcfg.predictor, **dict(pcfg.predictor_args))
+                predictor.attach(trace, schedule, tuple(range(1, depth + 1)), int(cfg.seed))
+        rc = RunConfig(
+            eviction=eviction, prefetch=prefetch, predictor=predictor,
+            slots=None if plan.per_layer else plan.slots, per_layer=plan.per_layer,
+            copies_in_flight=int(hw.copies_in_flight), decision_delay_s=float(hw.decision_delay_s),
+            schedule=schedule if mode == "replay" else None, seed=int(cfg.seed),
+            link_pace_gbps=hw.link_pace_gbps, timeline=timeline, exec_log=exec_log,
+        )
+        run = self.om.start_run(rc)
+        try:
+            if mode == "replay":
+                replay(self.om, run, trace, schedule, seed=int(cfg.seed))
+            else:
+                run.live_out = live(self.om, run, prompts, int(cfg.trace.decode_tokens))
+        finally:
+            self.om.end_run()
+            if isinstance(predictor, LiveGatePredictor):
+                predictor.close()
+        return run
+
+    def warmup(self, cfg: Any, steps: int) -> None:
+        """A short unmeasured run (kernels, allocator, cuBLAS handles), once per session."""
+        if self.warm or steps <= 0:
+            return
+        from runtime.executor import RunConfig
+        from runtime.replay import live, prompt_tokens, replay
+        from sim.policies import EVICTION, PREFETCH
+
+        k = self.spec.top_k
+        rc = RunConfig(eviction=EVICTION.create("lru"), prefetch=PREFETCH.create("none"),
+                       slots=max(k, min(self.om.num_slots, self.spec.num_experts)), timeline=False)
+        if cfg.get("mode", "replay") == "replay":
+            prep = self.prepare(cfg)
+            rc.schedule = prep.schedule
+            run = self.om.start_run(rc)
+            try:
+                replay(self.om, run, prep.trace, prep.schedule, seed=int(cfg.seed), requests=[0], max_steps=steps)
+            finally:
+                self.om.end_run()
+        else:
+            run = self.om.start_run(rc)
+            try:
+                live(self.om, run, prompt_tokens(int(self.spec.vocab_size), [4], int(cfg.seed) + 1), steps)
+            finally:
+                self.om.end_run()
+        self.warm = True
+
+    # ------------------------------------------------------------------ the config's rows
+    def measure(self, cfg: Any, *, on_run: Any = None) -> list[dict[str, Any]]:
+        """Measured rows (``source = measured``, one per policy and repetition) and, with
+        ``predict``, the simulator's row of each config (``source = sim``); infeasible budgets and
+        failed runs are rows with their status and reason."""
+        import time
+
+        from runtime.replay import executed_trace, prompt_tokens
+        from sim.errors import InfeasibleError, SimError
+        from sim.run import base_keys, bound_for, config_id, load_plugins, policy_presets, run_policy
+        from traces.errors import TraceError
+
+        apply_overrides(cfg)
+        load_plugins(cfg.get("plugins") or [])
+        mode = cfg.get("mode", "replay")
+        if mode not in ("replay", "live"):
+            raise ExecutorError_(f"mode={mode!r}: use replay or live")
+        if mode == "live" and cfg.trace.get("path"):
+            raise ExecutorError_("mode=live decodes its own prompts (trace.requests, trace.prompt_tokens, "
+                                 "trace.decode_tokens); trace.path is for mode=replay")
+        keys = base_keys(cfg)
+        prompts = None
+        if mode == "live":
+            R, P, D = int(cfg.trace.requests), int(cfg.trace.prompt_tokens), int(cfg.trace.decode_tokens)
+            keys["trace"] = f"live:{self.spec.name}:{R}x{P}+{D}:{int(cfg.seed)}"
+            prompts = prompt_tokens(int(self.spec.vocab_size), [P] * R, int(cfg.seed))
+            prep = None
+        else:
+            prep = self.prepare(cfg)
+        env = environment(self.om)
+        env.update({"mode": mode, "h2d_gbps_measured": self.h2d_gbps, "load_s": self.load_s,
+                    "session_setup_s": self.setup_s})
+        self.warmup(cfg, int(cfg.get("warmup_steps", 2)))
+        rows: list[dict[str, Any]] = []
+        reps = int(cfg.get("repetitions", 1))
+        for p in policy_presets(cfg.policy):
+            k = {**keys, "policy": p.name, "eviction": p.eviction, "prefetch": p.prefetch, "predictor": p.predictor}
+            if p.decoding == "speculative":
+                k["governor"] = cfg.governor.get("name")
+                k["governor_k"] = cfg.governor.get("k")
+            cid = config_id(k)
+            base = {**k, "config_id": cid}
+            try:
+                plan = self.plan(cfg, p)
+            except InfeasibleError as e:
+                rows.append({**base, "source": "measured", "status": "infeasible", "reason": e.reason, "repetition": 0})
+                continue
+            reason = None
+            if p.decoding == "speculative":
+                reason = "speculative decoding is not in this runtime yet (the executor's verify steps are ready for it)"
+            elif mode == "live" and (p.eviction in LIVE_ONLY_TRACE or p.prefetch in FUTURE_PREFETCH
+                                     or (p.predictor in FUTURE_PREDICTORS)):
+                reason = f"policy '{p.name}' reads the trace's future or truth: it needs mode=replay"
+            elif plan.slots > self.om.num_slots:
+                reason = f"the plan needs {plan.slots} slots, the session's pool has {self.om.num_slots}"
+            if reason:
+                rows.append({**base, "source": "measured", "status": "failed", "reason": reason, "repetition": 0})
+                continue
+            last = None
+            for rep in range(reps):
+                t0 = time.perf_counter()
+                try:
+                    run = self.run_config(cfg, p, plan, schedule=prep.schedule if prep else None,
+                                          trace=prep.trace if prep else None, prompts=prompts,
+                                          timeline=bool(cfg.get("timeline_out")) and rep == reps - 1)
+                except (SimError, TraceError, RuntimeError) as e:
+                    rows.append({**base, "source": "measured", "status": "failed", "reason": f"{type(e).__name__}: {e}",
+                                 "repetition": rep})
+                    break
+                wall = time.perf_counter() - t0
+                if prep is None:  # live: the executed routing is the trace of the bound and the prediction
+                    tr = executed_trace(run, self.spec.shape_only(), prompts,
+                                        {"tool": "runtime.measure", "mode": "live", "prompts": keys["trace"]})
+                    prep = self.prepare(cfg, tr)
+                    self.executed = tr
+                log = run_log(run, timeline=bool(cfg.get("timeline_out")))
+                bound = bound_for(prep, prep.schedule, run.cache.pool_of, run.cache.capacity)
+                row = {**base, "source": "measured", "status": "ok", "reason": "", "repetition": rep,
+                       **measured_row(log, bound, self.om, run), "wall_s": wall, **env,
+                       "peak_host_gb": peak_host_bytes() / 1e9}
+                rows.append(row)
+                last = (run, log)
+                if on_run is not None:
+                    on_run(p, run, log, row)
+            if cfg.get("predict", True) and last is not None:
+                try:
+                    srow, _ = run_policy(prep, p, int(cfg.seed), timeline=False, governor_cfg=cfg.get("governor"),
+                                         trace_cfg=cfg.trace, plan=plan)
+                    rows.append({**base, "source": "sim", "status": "ok", "reason": "", "repetition": 0, **srow})
+                except (SimError, TraceError, AssertionError) as e:  # a simulator failure must not lose the measurement
+                    rows.append({**base, "source": "sim", "status": "failed", "reason": f"{type(e).__name__}: {e}",
+                                 "repetition": 0})
+        return rows
+
+    def close(self) -> None:
+        self.om.close()
