@@ -219,6 +219,9 @@ class CopyEngine:
             self._release_at(rel)
             if entry and len(inflight) < cap:
                 self.try_issue()
+            if inflight and inflight[0][0] <= t:  # copies issued at the release may end by t too
+                self.advance(t)
+                return
         self.clock = t
 
     def _release_at(self, t: float) -> None:
