@@ -97,6 +97,7 @@ class Backend:
 
     name = "base"
     device: torch.device
+    hint: float | None = None  # set by the host while it processes an event (SyncBackend only)
 
     def alloc(self, shape: tuple[int, ...]) -> torch.Tensor:
         return torch.empty(shape, dtype=torch.uint8, device=self.device)
@@ -140,20 +141,31 @@ class Backend:
 
 
 class SyncBackend(Backend):
-    """CPU, inline: a copy happens when issued, computation runs in the caller."""
+    """CPU, inline: a copy happens when issued, computation runs in the caller.
+
+    The link is instantaneous, so a copy's marks carry a virtual time: right after the previous
+    copy, at the host's present, or, when the host issues it while processing an earlier event
+    (``hint``: a completion or a release seen late), at that event's time. This is the simulator's
+    copy stream with zero-time transfers, so hosted policies make the same decisions in both."""
 
     name = "cpu-sync"
 
     def __init__(self, pace_sleep: bool = True) -> None:
         self.device = torch.device("cpu")
         self.pace_sleep = pace_sleep
+        self.hint: float | None = None
+        self._link = 0.0
 
     def copy(self, dst, src, after, pad_s):
-        start = Mark()
         dst.copy_(src)
         if pad_s > 0 and self.pace_sleep:
             time.sleep(pad_s)
-        return start, Mark()
+        now = time.perf_counter() if self.hint is None else self.hint
+        t0 = max(now, self._link) + 1e-9
+        self._link = t1 = t0 + 1e-9 + (pad_s if pad_s > 0 else 0.0)
+        start, end = Mark(), Mark()
+        start.t, end.t = t0, t1
+        return start, end
 
     def compute_wait(self, mark) -> None:
         mark.synchronize()
@@ -719,54 +731,76 @@ class Run:
         self.copies += 1
         self.copy_log.append((start, end, key, is_prefetch))
 
-    def pump(self) -> None:
-        """Process every completed copy and every completed computation, in timestamp order (a
-        release before a completion at equal times), issuing queued copies after each: what the
-        simulator's copy stream does in ``advance``."""
+    def pump(self, until: set[int] | None = None, horizon: Any = None) -> None:
+        """Process completed copies and computations in timestamp order (a release before a
+        completion at equal times), issuing queued copies after each: what the simulator's copy
+        stream does in ``advance(now)``. ``horizon``: only events up to that mark's time (between two
+        waves of a layer: up to the end of the first). With ``until``, stop as soon as those keys
+        are all resident (the simulator's ``ready_time`` stops there too)."""
         be, inflight, holds = self.backend, self.in_flight, self.holds
         entry = self.queue._entry
         if entry and len(inflight) < self.cap:
             self.try_issue()
         state = self.cache.state
-        while True:
-            c = inflight[0] if inflight and be.query(inflight[0][0]) else None
-            h = holds[0] if holds and be.query(holds[0][1]) else None
-            if c is None and h is None:
-                return
-            if h is not None and (c is None or be.seconds(h[1]) <= be.seconds(c[0])):
-                holds.popleft()
-                self.cache.release(h[0])
-            else:
-                end, key = inflight.popleft()
-                if state[key] == LOADING:
-                    state[key] = RESIDENT
-                if self.has_done:
-                    self.apply(self.prefetch.on_transfer_done(key))
-                if self.rc.timeline:
-                    self.occupancy.append((end, self.cache.resident_count()))
-            if entry and len(inflight) < self.cap:
-                self.try_issue()
+        sec = be.seconds
+        lim = sec(horizon) if horizon is not None else None
+        try:
+            while True:
+                if until is not None and all(state[k] == RESIDENT for k in until):
+                    return
+                c = inflight[0] if inflight and be.query(inflight[0][0]) else None
+                h = holds[0] if holds and be.query(holds[0][1]) else None
+                tc = sec(c[0]) if c is not None else None
+                th = sec(h[1]) if h is not None else None
+                if lim is not None:
+                    if tc is not None and tc > lim:
+                        c = tc = None
+                    if th is not None and th > lim:
+                        h = th = None
+                if c is None and h is None:
+                    return
+                if h is not None and (c is None or th <= tc):
+                    holds.popleft()
+                    be.hint = getattr(h[1], "t", None)
+                    self.cache.release(h[0])
+                else:
+                    end, key = inflight.popleft()
+                    be.hint = getattr(end, "t", None)
+                    if state[key] == LOADING:
+                        state[key] = RESIDENT
+                    if self.has_done:
+                        self.apply(self.prefetch.on_transfer_done(key))
+                    if self.rc.timeline:
+                        self.occupancy.append((end, self.cache.resident_count()))
+                if entry and len(inflight) < self.cap:
+                    self.try_issue()
+        finally:
+            be.hint = None
 
     def ensure_issued(self, keys: set[int]) -> None:
-        """Block the host until every key in ``keys`` has its copy issued (or is resident): the one
-        wait the decode loop needs when a demand copy is stuck behind the in-flight bound or behind
-        slots that are loading or in use."""
-        state, be = self.cache.state, self.backend
+        """Make sure every key in ``keys`` has its copy issued: the one wait the decode loop needs,
+        when a demand copy is stuck behind the in-flight bound or behind slots that are loading or
+        in use (the host then blocks on the oldest copy, or on the oldest computation holding slots).
+        Completions are processed, in order, until the keys are resident or their copies are still
+        running (the compute stream then waits for them on the device, not the host)."""
+        state, be, done = self.cache.state, self.backend, self.done_mark
         while True:
-            self.pump()
-            if all(state[k] != ABSENT for k in keys):
+            self.pump(until=keys)
+            if all(state[k] == RESIDENT for k in keys):
                 return
-            cands = []
+            if all(state[k] != ABSENT for k in keys):
+                if not all(be.query(done[k]) for k in keys if state[k] == LOADING):
+                    return
+                continue  # they have landed: process up to them, as the simulator does
             if self.in_flight:
-                cands.append(self.in_flight[0][0])
-            if self.holds:
-                cands.append(self.holds[0][1])
-            if not cands:
+                be.block(self.in_flight[0][0])  # copies complete in issue order
+            elif self.holds:
+                be.block(self.holds[0][1])  # a held slot frees when its computation ends
+            else:
                 missing = sorted(k for k in keys if state[k] == ABSENT)
                 raise ExecutorError(
                     f"experts {missing} can never arrive: the copy queue is blocked (every slot of their pool is "
                     "loading or in use) with nothing in flight")
-            be.block(cands[0])  # copies complete in issue order; a held slot frees when its computation ends
 
     # ------------------------------------------------------------------ driver interface
     def request_start(self, r: int) -> None:
@@ -962,7 +996,7 @@ class Run:
                                       "slots": dict(slots)})
             if wi < last:
                 be.block(done)
-                self.pump()
+                self.pump(horizon=done)
         if self.rc.timeline:
             self.occupancy.append((lr.waves[-1][1], cache.resident_count()))
 
