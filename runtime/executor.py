@@ -206,14 +206,17 @@ class ThreadBackend(Backend):
 
     ``copy_delay_s`` delays every copy (before its bytes move) and ``compute_delay_s`` every
     launched computation: artificial delays that make ordering bugs visible. ``write_log``
-    records (slot tensor data_ptr, start, end) of every copy for tests."""
+    records (slot tensor data_ptr, start, end) of every copy for tests. With ``async_compute`` a
+    launched computation runs later on the compute thread while the host goes on (as on a GPU);
+    only the executor's own layer calls work then, not a model forward that reads the result."""
 
     name = "cpu-thread"
 
-    def __init__(self, copy_delay_s: float = 0.0, compute_delay_s: float = 0.0) -> None:
+    def __init__(self, copy_delay_s: float = 0.0, compute_delay_s: float = 0.0, async_compute: bool = False) -> None:
         self.device = torch.device("cpu")
         self.copy_delay_s = copy_delay_s
         self.compute_delay_s = compute_delay_s
+        self.async_compute = async_compute  # launch() returns at once, like a kernel launch (no model forward then)
         self._copy = _Worker("copy-stream")
         self._compute = _Worker("compute-stream")
         self.write_log: list[tuple[int, float, float]] = []
@@ -264,6 +267,8 @@ class ThreadBackend(Backend):
                 done.set()
 
         self._compute.submit(job)
+        if self.async_compute:
+            return None
         done.synchronize()
         self._check()
         return box[0]
@@ -491,9 +496,10 @@ class LiveGatePredictor:
 
     name = "live-gate"
 
-    def __init__(self, depth: int = 1) -> None:
+    def __init__(self, depth: int = 1, record: bool = False) -> None:
         self.depth = int(depth)
         self._answers: dict[tuple[int, int], tuple[int, ...]] = {}
+        self.history: list[tuple[int, int, tuple[int, ...]]] | None = [] if record else None  # (g, d, keys)
 
     def attach_live(self, loaded: LoadedModel) -> None:
         self.handles = loaded.handles
@@ -533,6 +539,8 @@ class LiveGatePredictor:
         else:
             keys = tuple(tm * E + e for e in sorted({int(e) for row in ids for e in row}))
         self._answers[(g, d)] = keys
+        if self.history is not None:
+            self.history.append((g, d, keys))
 
     def lookahead(self, g: int, d: int) -> tuple[int, ...]:
         return self._answers.pop((g, d), ())
@@ -649,6 +657,9 @@ class Run:
         self.done_mark: dict[int, Any] = {}
         self.free_mark: list[Any] = [None] * om.num_slots
         self.blocked = False
+        # ablation for tests only: no slot guard (copies do not wait for readers, slots are released
+        # as soon as their computation is enqueued); shows what the guards prevent
+        self._unsafe_no_guard = False
         # pacing: every copy padded to nbytes / pace (on the GPU relative to the measured copy time)
         self.pad_s = 0.0
         if rc.link_pace_gbps:
@@ -725,7 +736,8 @@ class Run:
     def _copy(self, key: int, is_prefetch: bool) -> None:
         om = self.om
         slot = self.cache.slot_of[key]
-        start, end = self.backend.copy(om.slot_bytes[slot], om.store.expert(key), self.free_mark[slot], self.pad_s)
+        after = None if self._unsafe_no_guard else self.free_mark[slot]
+        start, end = self.backend.copy(om.slot_bytes[slot], om.store.expert(key), after, self.pad_s)
         self.done_mark[key] = end
         self.in_flight.append((end, key))
         self.copies += 1
@@ -989,7 +1001,10 @@ class Run:
             lr.waves.append((waited, done))
             for key in held:
                 self.free_mark[cache.slot_of[key]] = done
-            self.holds.append((held, done))
+            if self._unsafe_no_guard:
+                cache.release(held)
+            else:
+                self.holds.append((held, done))
             if self.rc.exec_log:
                 self.exec_log.append({"g": g, "m": m, "wave": wi, "experts": experts,
                                       "tokens": {e: _tokens_of(ids, e) for e in experts},
