@@ -160,5 +160,7 @@ def test_regression_copies_issued_at_a_release_retire_in_order(policy):
     """A release that frees a slot lets a queued copy issue; if that copy ends before the next
     decision, it must be retired before the stream's clock passes it (found by the runtime's
     executor tests: 'copy stream asked to go back')."""
-    rows = simulate(cfg_of("model=tiny", "hardware=h200", "cache.slots=8", f"policy={policy}", *SMALL))
-    assert rows[0]["status"] == "ok" and rows[0]["x_bound_e2e"] >= 1 - 1e-9
+    for slots in (6, 8):
+        rows = simulate(cfg_of("model=tiny", "hardware=h200", f"cache.slots={slots}", f"policy={policy}",
+                               "trace.requests=2", "trace.decode_tokens=40"))
+        assert rows[0]["status"] == "ok" and rows[0]["x_bound_e2e"] >= 1 - 1e-9
