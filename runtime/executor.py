@@ -500,6 +500,7 @@ class LiveGatePredictor:
         self.depth = int(depth)
         self._answers: dict[tuple[int, int], tuple[int, ...]] = {}
         self.history: list[tuple[int, int, tuple[int, ...]]] | None = [] if record else None  # (g, d, keys)
+        self.rows: dict[tuple[int, int], list[list[int]]] = {}  # (g, d) -> predicted ids per token (executed trace)
 
     def attach_live(self, loaded: LoadedModel) -> None:
         self.handles = loaded.handles
@@ -539,6 +540,7 @@ class LiveGatePredictor:
         else:
             keys = tuple(tm * E + e for e in sorted({int(e) for row in ids for e in row}))
         self._answers[(g, d)] = keys
+        self.rows[(g, d)] = ids
         if self.history is not None:
             self.history.append((g, d, keys))
 

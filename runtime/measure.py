@@ -204,6 +204,19 @@ def ExecutorError_(msg: str):  # noqa: N802 - a constructor-like helper
     return ExecutorError(msg)
 
 
+def check_config(cfg: Any) -> None:
+    """Errors a config can be refused for before any model is built."""
+    apply_overrides(cfg)
+    mode = cfg.get("mode", "replay")
+    if mode not in ("replay", "live"):
+        raise ExecutorError_(f"mode={mode!r}: use replay or live")
+    if mode == "live" and cfg.trace.get("path"):
+        raise ExecutorError_("mode=live decodes its own prompts (trace.requests, trace.prompt_tokens, "
+                             "trace.decode_tokens); trace.path is for mode=replay")
+    if int(cfg.get("repetitions", 1)) < 1:
+        raise ExecutorError_(f"repetitions={cfg.repetitions}: must be >= 1")
+
+
 class Session:
     """One model (one shape per process) made offloaded once, and measured runs of configs on it.
 
@@ -219,7 +232,7 @@ class Session:
         from sim.spec import ModelSpec
 
         t0 = time.perf_counter()
-        apply_overrides(cfg)
+        check_config(cfg)
         source, layers = model_source(cfg)
         self.loaded = load_model(source, layers=layers, dtype=cfg.get("dtype", "auto"), device=cfg.get("device", "auto"),
                                  seed=int(cfg.seed))
@@ -378,21 +391,15 @@ class Session:
         from sim.run import base_keys, bound_for, config_id, load_plugins, policy_presets, run_policy
         from traces.errors import TraceError
 
-        apply_overrides(cfg)
+        check_config(cfg)
         load_plugins(cfg.get("plugins") or [])
         mode = cfg.get("mode", "replay")
-        if mode not in ("replay", "live"):
-            raise ExecutorError_(f"mode={mode!r}: use replay or live")
-        if mode == "live" and cfg.trace.get("path"):
-            raise ExecutorError_("mode=live decodes its own prompts (trace.requests, trace.prompt_tokens, "
-                                 "trace.decode_tokens); trace.path is for mode=replay")
         keys = base_keys(cfg)
         prompts = None
         if mode == "live":
             R, P, D = int(cfg.trace.requests), int(cfg.trace.prompt_tokens), int(cfg.trace.decode_tokens)
             keys["trace"] = f"live:{self.spec.name}:{R}x{P}+{D}:{int(cfg.seed)}"
             prompts = prompt_tokens(int(self.spec.vocab_size), [P] * R, int(cfg.seed))
-            prep = None
         else:
             prep = self.prepare(cfg)
         env = environment(self.om)
@@ -425,6 +432,8 @@ class Session:
                 rows.append({**base, "source": "measured", "status": "failed", "reason": reason, "repetition": 0})
                 continue
             last = None
+            if mode == "live":
+                prep = None  # per policy: the executed routing (with this policy's live predictions)
             for rep in range(reps):
                 t0 = time.perf_counter()
                 try:
@@ -438,9 +447,11 @@ class Session:
                 wall = time.perf_counter() - t0
                 if prep is None:  # live: the executed routing is the trace of the bound and the prediction
                     tr = executed_trace(run, self.spec.shape_only(), prompts,
-                                        {"tool": "runtime.measure", "mode": "live", "prompts": keys["trace"]})
+                                        {"tool": "runtime.measure", "mode": "live", "prompts": keys["trace"],
+                                         "policy": p.name}, predictor=run.rc.predictor)
                     prep = self.prepare(cfg, tr)
-                    self.executed = tr
+                    if getattr(self, "executed", None) is None or tr.lookahead_depths:
+                        self.executed = tr
                 log = run_log(run, timeline=bool(cfg.get("timeline_out")))
                 bound = bound_for(prep, prep.schedule, run.cache.pool_of, run.cache.capacity)
                 row = {**base, "source": "measured", "status": "ok", "reason": "", "repetition": rep,

@@ -167,13 +167,17 @@ def reference_decode(model: torch.nn.Module, prompts: Sequence[Sequence[int]], n
     return {"tokens": gen, "logits": logits_all}
 
 
-def executed_trace(run: Run, shape: Any, prompts: Sequence[Sequence[int]], meta: dict[str, Any]) -> Trace:
-    """The routing a live run executed, as a validated trace (weight order, gate weights)."""
+def executed_trace(run: Run, shape: Any, prompts: Sequence[Sequence[int]], meta: dict[str, Any],
+                   predictor: Any = None) -> Trace:
+    """The routing a live run executed, as a validated trace (weight order, gate weights), with the
+    live gate predictor's ``lookahead_<d>`` columns when the run had one (``predictor``)."""
     if not run.routing_log:
         raise ExecutorError("the run recorded no routing (OffloadedModel(record_routing=True))")
     M, k = shape.num_moe_layers, shape.top_k
     by_g = {g: (ids, w) for g, m, ids, w in run.routing_log}
     cols: dict[str, list] = {x: [] for x in ("rid", "pos", "step", "phase", "layer", "ids", "w")}
+    depth = int(getattr(predictor, "depth", 0) or 0)
+    look: dict[int, list] = {d: [] for d in range(1, depth + 1)}
     moe = list(shape.moe_layers)
     for st in run.steps:
         n = st.n_tokens
@@ -189,10 +193,21 @@ def executed_trace(run: Run, shape: Any, prompts: Sequence[Sequence[int]], meta:
                 cols["layer"].append(moe[m])
                 cols["ids"].append(ids[t])
                 cols["w"].append(w[t])
+                for d in look:
+                    pr = predictor.rows.get((st.g0 + m, d))
+                    look[d].append(list(pr[t]) if pr is not None else [-1] * k)
     rows = Rows(
         request_id=np.asarray(cols["rid"], dtype=np.int64), position=np.asarray(cols["pos"], dtype=np.int64),
         step=np.asarray(cols["step"], dtype=np.int64), phase=np.asarray(cols["phase"], dtype=np.int8),
         layer=np.asarray(cols["layer"], dtype=np.int64), expert_ids=np.asarray(cols["ids"], dtype=np.int64).reshape(-1, k),
         gate_weights=np.asarray(cols["w"], dtype=np.float32).reshape(-1, k),
     )
+    if look:
+        rows.lookahead, rows.lookahead_null = {}, {}
+        moe_set = set(moe)
+        for d, vals in look.items():
+            a = np.asarray(vals, dtype=np.int64).reshape(-1, k)
+            null = ~np.isin(rows.layer + d, list(moe_set))
+            a[null] = -1
+            rows.lookahead[d], rows.lookahead_null[d] = a, null
     return trace_from_rows(rows, shape, meta, where="executed routing of a live run")
