@@ -125,7 +125,8 @@ def measured_row(log: RunLog, bound: Any, om: OffloadedModel, run: Run) -> dict[
     busy = log.link_busy
     row.update({
         "decision_gap_ms": float(getattr(log, "decision_gap_s", 0.0)) * 1e3,
-        "copy_gbps": log.bytes_moved / busy / 1e9 if busy > 0 else float("nan"),
+        # the CPU's inline copy stream is instantaneous (virtual copy times): no bandwidth to report
+        "copy_gbps": log.bytes_moved / busy / 1e9 if busy > 0 and om.backend.name != "cpu-sync" else float("nan"),
         "expert_bytes": om.nbytes,
         "slots": run.cache.total_slots,
         "layout": "per_layer" if run.cache.per_layer is not None else "global",
@@ -380,10 +381,13 @@ class Session:
         self.warm = True
 
     # ------------------------------------------------------------------ the config's rows
-    def measure(self, cfg: Any, *, on_run: Any = None) -> list[dict[str, Any]]:
+    def measure(self, cfg: Any, *, on_run: Any = None, deadline: float | None = None,
+                timeline: bool | None = None) -> list[dict[str, Any]]:
         """Measured rows (``source = measured``, one per policy and repetition) and, with
         ``predict``, the simulator's row of each config (``source = sim``); infeasible budgets and
-        failed runs are rows with their status and reason."""
+        failed runs are rows with their status and reason. ``deadline`` (time.monotonic()): runs
+        not started by then are rows with status ``skipped``. ``timeline``: keep the spans of the
+        last repetition (default: when ``timeline_out`` is set)."""
         import time
 
         from runtime.replay import executed_trace, prompt_tokens
@@ -434,12 +438,17 @@ class Session:
             last = None
             if mode == "live":
                 prep = None  # per policy: the executed routing (with this policy's live predictions)
+            keep = bool(cfg.get("timeline_out")) if timeline is None else timeline
             for rep in range(reps):
+                if deadline is not None and time.monotonic() > deadline:
+                    rows.append({**base, "source": "measured", "status": "skipped", "reason": "time budget spent",
+                                 "repetition": rep})
+                    break
                 t0 = time.perf_counter()
                 try:
                     run = self.run_config(cfg, p, plan, schedule=prep.schedule if prep else None,
                                           trace=prep.trace if prep else None, prompts=prompts,
-                                          timeline=bool(cfg.get("timeline_out")) and rep == reps - 1)
+                                          timeline=keep and rep == reps - 1)
                 except (SimError, TraceError, RuntimeError) as e:
                     rows.append({**base, "source": "measured", "status": "failed", "reason": f"{type(e).__name__}: {e}",
                                  "repetition": rep})
@@ -452,7 +461,7 @@ class Session:
                     prep = self.prepare(cfg, tr)
                     if getattr(self, "executed", None) is None or tr.lookahead_depths:
                         self.executed = tr
-                log = run_log(run, timeline=bool(cfg.get("timeline_out")))
+                log = run_log(run, timeline=keep and rep == reps - 1)
                 bound = bound_for(prep, prep.schedule, run.cache.pool_of, run.cache.capacity)
                 row = {**base, "source": "measured", "status": "ok", "reason": "", "repetition": rep,
                        **measured_row(log, bound, self.om, run), "wall_s": wall, **env,
