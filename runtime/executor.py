@@ -757,7 +757,8 @@ class Run:
             self.try_issue()
         state = self.cache.state
         sec = be.seconds
-        lim = sec(horizon) if horizon is not None else None
+        # an unfinished horizon bounds nothing: whatever is complete now ended before it
+        lim = sec(horizon) if horizon is not None and be.query(horizon) else None
         try:
             while True:
                 if until is not None and all(state[k] == RESIDENT for k in until):
@@ -1018,6 +1019,14 @@ class Run:
                 self.pump(horizon=done)
         if self.rc.timeline:
             self.occupancy.append((lr.waves[-1][1], cache.resident_count()))
+        # while the experts compute, copies that have landed free room on the copy stream: issue the
+        # next queued ones now rather than at the next layer's routing (the simulator's copy stream
+        # reacts at completion times; events after this computation's end wait for the next decision
+        # point). These decisions belong to the next layer-step, as in the simulator (Belady reads g);
+        # after a step's last layer the next event may be the request's end, so nothing is done early.
+        if m < self.M - 1:
+            self.g = g + 1
+            self.pump(horizon=lr.waves[-1][1])
 
     # ------------------------------------------------------------------ end
     def finish(self) -> None:
