@@ -142,7 +142,6 @@ def test_timeline_is_chrome_trace_json_like_the_simulators(tmp_path):
     assert copies and {ev["cat"] for ev in copies} <= {"demand", "prefetch"}
     # the simulator's timeline of the same config has the same structure
     st = tmp_path / "sim.json"
-    from sim.run import simulate as _  # noqa: F401
     out = subprocess.run([sys.executable, "-m", "sim", f"hydra.run.dir={tmp_path / 'sim'}", "model=tiny", "hardware=h200",
                           *SMALL, "cache.slots=4", "policy=oracle", f"timeline_out={st}"], capture_output=True, text=True,
                          timeout=300, env=_env())
