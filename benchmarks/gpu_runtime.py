@@ -488,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--policies", default=",".join(POLICIES))
     ap.add_argument("--fractions", default=",".join(str(f) for f in FRACTIONS))
     ap.add_argument("--shapes", default="", help="comma list of shape names (default: all)")
-    ap.add_argument("--warmup-steps", type=int, default=2)
+    ap.add_argument("--warmup-steps", type=int, default=-1, help="-1: a whole unmeasured pass over the trace first")
     ap.add_argument("--no-accelerate", dest="accelerate", action="store_false")
     ap.add_argument("--accelerate-tokens", type=int, default=2)
     ap.add_argument("--tmp", default="/tmp/moe-gpu-runtime")

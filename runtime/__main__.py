@@ -37,7 +37,7 @@ class RunConf:
     dtype: str = "auto"
     seed: int = 0
     repetitions: int = 3
-    warmup_steps: int = 2
+    warmup_steps: int = -1  # -1: one unmeasured pass over the whole trace first; N: its first N steps; 0: none
     timeline_out: Optional[str] = None
     results_name: str = "results"
     host_memory: Optional[str] = None  # pinned | pageable (sets hardware.host_memory)

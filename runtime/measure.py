@@ -354,28 +354,38 @@ class Session:
         return run
 
     def warmup(self, cfg: Any, steps: int) -> None:
-        """A short unmeasured run (kernels, allocator, cuBLAS handles), once per session."""
-        if self.warm or steps <= 0:
+        """An unmeasured run first, once per session (kernels and their autotuned variants for every
+        shape the trace brings, allocator, cuBLAS handles): ``steps < 0`` replays the whole trace
+        (live: decodes every prompt) at the smallest slot count of the config's policies, so the
+        waves of long prefills are warmed too; ``steps > 0`` only the first steps of request 0."""
+        if self.warm or steps == 0:
             return
         from runtime.executor import RunConfig
         from runtime.replay import live, prompt_tokens, replay
         from sim.policies import EVICTION, PREFETCH
 
         k = self.spec.top_k
+        plans = [p for p in self.plans(cfg) if p is not None and p.per_layer is None]
+        slots = min([p.slots for p in plans] or [self.spec.num_experts])
         rc = RunConfig(eviction=EVICTION.create("lru"), prefetch=PREFETCH.create("none"),
-                       slots=max(k, min(self.om.num_slots, self.spec.num_experts)), timeline=False)
+                       slots=max(k, min(self.om.num_slots, slots)), timeline=False)
         if cfg.get("mode", "replay") == "replay":
             prep = self.prepare(cfg)
             rc.schedule = prep.schedule
             run = self.om.start_run(rc)
             try:
-                replay(self.om, run, prep.trace, prep.schedule, seed=int(cfg.seed), requests=[0], max_steps=steps)
+                if steps < 0:
+                    replay(self.om, run, prep.trace, prep.schedule, seed=int(cfg.seed))
+                else:
+                    replay(self.om, run, prep.trace, prep.schedule, seed=int(cfg.seed), requests=[0], max_steps=steps)
             finally:
                 self.om.end_run()
         else:
+            R, P, D = int(cfg.trace.requests), int(cfg.trace.prompt_tokens), int(cfg.trace.decode_tokens)
+            prompts = prompt_tokens(int(self.spec.vocab_size), [P] * (R if steps < 0 else 1), int(cfg.seed) + 1)
             run = self.om.start_run(rc)
             try:
-                live(self.om, run, prompt_tokens(int(self.spec.vocab_size), [4], int(cfg.seed) + 1), steps)
+                live(self.om, run, prompts, D if steps < 0 else steps)
             finally:
                 self.om.end_run()
         self.warm = True
@@ -409,7 +419,7 @@ class Session:
         env = environment(self.om)
         env.update({"mode": mode, "h2d_gbps_measured": self.h2d_gbps, "load_s": self.load_s,
                     "session_setup_s": self.setup_s})
-        self.warmup(cfg, int(cfg.get("warmup_steps", 2)))
+        self.warmup(cfg, int(cfg.get("warmup_steps", -1)))
         rows: list[dict[str, Any]] = []
         reps = int(cfg.get("repetitions", 1))
         for p in policy_presets(cfg.policy):
