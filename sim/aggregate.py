@@ -260,7 +260,6 @@ def scan_sweep(sweep_dir: str | os.PathLike, name: str = "results") -> SweepScan
     dirs = sorted((p for p in sweep.iterdir() if p.is_dir() and (p / ".hydra").is_dir()),
                   key=lambda p: _job_key(p.name))
     expected = expected_jobs(sweep)
-    want: dict[str, list[str]] = {}
     if expected is not None:
         by_num = {str(i): o for i, o in enumerate(expected)}
         by_ovr = {tuple(o): str(i) for i, o in enumerate(expected)}
@@ -278,7 +277,7 @@ def scan_sweep(sweep_dir: str | os.PathLike, name: str = "results") -> SweepScan
             else:
                 current = ovr is not None and tuple(ovr) in by_ovr
             if current:
-                seen.add(by_ovr.get(tuple(ovr or ()), job.name))
+                seen.add(job.name if numbered else by_ovr[tuple(ovr)])
             else:
                 state, marker = "stale", {"error": "job dir of an earlier sweep with other overrides"}
         info = {"job": job.name, "status": state, "overrides": " ".join(ovr or []), "rows": 0,

@@ -26,7 +26,7 @@ TINY = ["model=tiny", "model.layers=null", "trace.requests=1", "trace.prompt_tok
 SHRUNK = {
     "hardware-grid": ["hardware=rtx4090,h200", "hardware.memory_gb=0.002", "policy=lru,speq"],
     "link-sweep": ["hardware.memory_gb=0.001", "hardware.h2d_gbps=12,450", "policy=lru,speq"],
-    "cache-sweep": ["cache.slots=8,32", "policy=lru,belady", "hardware.memory_gb=0.01"],
+    "cache-sweep": ["cache.slots=8,32", "policy=lru,belady", "hardware.memory_gb=0.01", "trace.path=null"],
 }
 
 
