@@ -473,6 +473,13 @@ def plot_sweep(rows: pd.DataFrame, spec: Mapping[str, Any], path: str | os.PathL
         g.set_titles("{col_name}")
     if spec.get("logx"):
         g.set(xscale="log")
+        xs = sorted(pd.to_numeric(data[x], errors="coerce").dropna().unique())
+        if 0 < len(xs) <= 12:  # label the swept values themselves, not log-scale minor ticks
+            from matplotlib.ticker import NullFormatter
+
+            for ax in g.axes.flat:
+                ax.set_xticks(xs, [f"{v:g}" for v in xs])
+                ax.xaxis.set_minor_formatter(NullFormatter())
     if spec.get("logy"):
         g.set(yscale="log")
     left_out = len(rows) - len(ok)
