@@ -22,6 +22,17 @@ register_configs()
 def app(cfg: DictConfig) -> float:
     from pathlib import Path
 
+    from hydra.types import RunMode
+
+    exp = cfg.get("experiment")
+    if (HydraConfig.get().mode == RunMode.MULTIRUN or cfg.get("resume")
+            or (isinstance(exp, DictConfig) and exp.get("search") is not None)):
+        # sweeps, resume and search behave exactly as under `python -m sim.sweep` (a failing job
+        # is recorded and the sweep goes on; finished jobs are reused)
+        from sim.sweep import _task
+
+        return _task(cfg)
+
     from sim.report import format_table, write_results
     from sim.run import simulate
     from sim.timeline import chrome_trace, write_json_atomic

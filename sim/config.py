@@ -67,6 +67,7 @@ class SimConf:
     results_name: str = "results"
     progress: bool = True
     plugins: list[str] = field(default_factory=list)  # modules to import first (they register policies)
+    resume: bool = False  # sweeps: reuse the results of finished jobs (docs/sweeps.md)
     experiment: Any = None
 
 

@@ -6,7 +6,7 @@ same rows as ``python -m sim``) made for sweeps:
 - a job that fails (a bad config, a bug) is recorded in its dir (``sweep_job.json``: status, error,
   traceback) and the sweep goes on; the aggregated table at the end lists it, and the command exits
   with status 1;
-- ``+resume=true``: a job whose results for the same resolved config (and the same simulator code,
+- ``resume=true``: a job whose results for the same resolved config (and the same simulator code,
   policy presets and trace file) already exist, in its own dir or anywhere in the sweep dir, reuses
   them instead of simulating. With a fixed ``hydra.sweep.dir=DIR``, re-running an interrupted or
   extended sweep recomputes only what is missing.

@@ -1,4 +1,4 @@
-"""Resuming a sweep in a fixed sweep dir (+resume=true) recomputes only what is missing or changed."""
+"""Resuming a sweep in a fixed sweep dir (resume=true) recomputes only what is missing or changed."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def rows(d: Path) -> pd.DataFrame:
 def test_resume_reuses_every_finished_job(tmp_path):
     sweep(tmp_path, *FOUR)
     before = {j: (tmp_path / j / "results.parquet").read_bytes() for j in "0123"}
-    out = sweep(tmp_path, *FOUR, "+resume=true")
+    out = sweep(tmp_path, *FOUR, "resume=true")
     assert "4 reused from an earlier run" in out.stdout
     assert {j: m["reused_from"] for j, m in markers(tmp_path).items()} == {j: "self" for j in "0123"}
     assert {j: (tmp_path / j / "results.parquet").read_bytes() for j in "0123"} == before
@@ -60,7 +60,7 @@ def test_interrupted_sweep_recomputes_only_the_missing_job(tmp_path):
     shutil.rmtree(tmp_path / ".sweep_index" / fp)
     (tmp_path / "2" / "results.parquet").unlink()
     (tmp_path / "2" / "sweep_job.json").unlink()
-    out = sweep(tmp_path, *FOUR, "+resume=true")
+    out = sweep(tmp_path, *FOUR, "resume=true")
     assert "3 reused from an earlier run" in out.stdout
     m = markers(tmp_path)
     assert m["2"]["reused_from"] is None and m["2"]["status"] == "ok"
@@ -70,7 +70,7 @@ def test_extended_and_reordered_sweep_reuses_results_from_other_job_dirs(tmp_pat
     """Adding a value renumbers the jobs; results are found by fingerprint in the sweep's index."""
     sweep(tmp_path, *FOUR)
     six = [*TINY, "policy=fifo,belady,lru", "hardware=h200,rtx4090"]
-    out = sweep(tmp_path, *six, "+resume=true")
+    out = sweep(tmp_path, *six, "resume=true")
     assert "jobs: 6 (6 ok); 4 reused from an earlier run" in out.stdout
     m = markers(tmp_path)
     moved = [j for j, x in m.items() if str(x["reused_from"]).startswith("index")]
@@ -83,7 +83,7 @@ def test_extended_and_reordered_sweep_reuses_results_from_other_job_dirs(tmp_pat
 def test_a_changed_config_is_not_reused(tmp_path):
     sweep(tmp_path, *FOUR)
     first = rows(tmp_path)
-    out = sweep(tmp_path, *[a.replace("decode_tokens=8", "decode_tokens=9") for a in FOUR], "+resume=true")
+    out = sweep(tmp_path, *[a.replace("decode_tokens=8", "decode_tokens=9") for a in FOUR], "resume=true")
     assert "reused" not in out.stdout
     assert (rows(tmp_path).decode_tokens == first.decode_tokens + 1).all()
 
@@ -91,14 +91,14 @@ def test_a_changed_config_is_not_reused(tmp_path):
 def test_results_of_the_plain_app_are_resumable(tmp_path):
     """`python -m sim -m` jobs get a marker from the aggregation callback, so sim.sweep resumes them."""
     sweep(tmp_path, *FOUR, app="sim")
-    out = sweep(tmp_path, *FOUR, "+resume=true")
+    out = sweep(tmp_path, *FOUR, "resume=true")
     assert "4 reused from an earlier run" in out.stdout
 
 
 def test_fingerprint_ignores_display_keys_and_sees_config_changes():
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         a = compose(config_name="sim", overrides=TINY)
-        b = compose(config_name="sim", overrides=[*TINY, "progress=false", "results_name=other", "+resume=true"])
+        b = compose(config_name="sim", overrides=[*TINY, "progress=false", "results_name=other", "resume=true"])
         c = compose(config_name="sim", overrides=[*TINY, "hardware.h2d_gbps=12"])
     assert config_fingerprint(a) == config_fingerprint(b) != config_fingerprint(c)
 
