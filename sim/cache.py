@@ -54,9 +54,6 @@ class ExpertCache:
     def can_evict(self, key: int) -> bool:
         return self.state[key] == RESIDENT and not self.in_use[key]
 
-    def present(self, key: int) -> bool:
-        return self.state[key] != ABSENT
-
     def resident_count(self) -> int:
         return sum(self.occupancy)
 
@@ -105,9 +102,6 @@ class ExpertCache:
             for key in keys:
                 if state[key] == RESIDENT and not in_use[key]:
                     self.remove(key)
-
-    def touch(self, key: int, g: int) -> None:
-        self.eviction.accessed(key, self.pool_of[key], g)
 
     def check(self) -> None:
         """Invariants (used by tests): occupancy matches states and never exceeds capacity."""

@@ -198,11 +198,6 @@ class Schedule:
     def layer_step(self, g: int) -> LayerStepInfo:
         return self.infos[g]
 
-    def tokens_of(self, g: int) -> tuple[int, int, int]:
-        """(request, first token, end token) of layer-step ``g``'s step."""
-        s = self.steps[self.g_step[g]]
-        return s.request, s.t0, s.t1
-
     def compute_time(self, step_idx: int, decision_delay: float) -> float:
         """Time of one step with every expert resident (its drafting included): the compute floor."""
         s = self.steps[step_idx]

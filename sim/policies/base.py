@@ -9,7 +9,7 @@ Time is never visible; order is: policies see a logical *layer-step* index ``g``
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, NamedTuple, Protocol, Sequence
+from typing import Any, Callable, NamedTuple, Protocol, Sequence
 
 DEMAND = 0  # priority of demand fetches: before every prefetch
 
@@ -186,8 +186,3 @@ class Registry:
 EVICTION = Registry("eviction policy")
 PREFETCH = Registry("prefetch policy")
 PREDICTORS = Registry("predictor")
-
-
-def unique(keys: Iterable[int]) -> list[int]:
-    """Order-preserving de-duplication."""
-    return list(dict.fromkeys(keys))
