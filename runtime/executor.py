@@ -57,7 +57,7 @@ from runtime.models import LoadedModel
 from runtime.routing import experts_call_args, lookahead_route, sort_by_weight
 from sim.cache import ABSENT, LOADING, RESIDENT, ExpertCache
 from sim.link import CopyQueue
-from sim.policies.base import DEMAND, Cancel, EvictionPolicy, PolicyContext, PrefetchPolicy
+from sim.policies.base import DEMAND, EvictionPolicy, PolicyContext, PrefetchPolicy
 from traces.errors import TraceError
 
 IMPLEMENTATION = "moe_offload"
@@ -689,15 +689,7 @@ class Run:
     # ------------------------------------------------------------------ queue and copies
     def apply(self, actions: Sequence[Any]) -> None:
         """Actions of a policy, exactly as the simulator applies them."""
-        queue, state = self.queue, self.cache.state
-        entry = queue._entry
-        for a in actions:
-            if type(a) is Cancel:
-                e = entry.get(a.key)
-                if e is not None and e[0] != DEMAND:
-                    del entry[a.key]
-            elif state[a.key] == 0:
-                queue.push(a.key, a.priority)
+        self.queue.apply(actions, self.cache.state)
 
     def request(self, key: int, priority: int) -> None:
         if self.cache.state[key] == ABSENT:

@@ -34,7 +34,7 @@ from sim.errors import SimError
 from sim.hardware import HardwareSpec
 from sim.link import CopyEngine
 from sim.governor import CycleCosts
-from sim.policies.base import DEMAND, Cancel, CycleInfo, EvictionPolicy, PolicyContext, PrefetchPolicy
+from sim.policies.base import DEMAND, CycleInfo, EvictionPolicy, PolicyContext, PrefetchPolicy
 from sim.schedule import Schedule
 from sim.spec import ModelSpec
 
@@ -156,15 +156,7 @@ class Simulation:
             self.log.occupancy.append((t, self.cache.resident_count()))
 
     def _apply(self, actions) -> None:
-        queue, state = self.copy.queue, self.cache.state
-        entry = queue._entry
-        for a in actions:
-            if type(a) is Cancel:
-                e = entry.get(a.key)
-                if e is not None and e[0] != DEMAND:
-                    del entry[a.key]
-            elif state[a.key] == 0:
-                queue.push(a.key, a.priority)
+        self.copy.queue.apply(actions, self.cache.state)
 
     # --------------------------------------------------------------- driver
     def run(self) -> RunLog:

@@ -14,7 +14,7 @@ from collections import deque
 from typing import Callable
 
 from sim.cache import LOADING, RESIDENT, ExpertCache
-from sim.policies.base import DEMAND
+from sim.policies.base import DEMAND, Cancel
 
 _INF = float("inf")
 
@@ -60,6 +60,18 @@ class CopyQueue:
 
     def cancel(self, key: int) -> bool:
         return self._entry.pop(key, None) is not None
+
+    def apply(self, actions, state: list[int]) -> None:
+        """A policy's actions, the one way both hosts (simulator and runtime) apply them: a Cancel
+        drops a queued prefetch (never a demand fetch), a Fetch queues a key that is absent."""
+        entry = self._entry
+        for a in actions:
+            if type(a) is Cancel:
+                e = entry.get(a.key)
+                if e is not None and e[0] != DEMAND:
+                    del entry[a.key]
+            elif state[a.key] == 0:
+                self.push(a.key, a.priority)
 
     def peek(self) -> tuple[int, int] | None:
         """(key, priority) of the head, or None."""
