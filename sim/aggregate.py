@@ -27,9 +27,9 @@ import json
 import math
 import os
 import shutil
-import sys
 import tempfile
-from dataclasses import dataclass, field
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -38,6 +38,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from sim.report import format_table, write_results
+from traces.atomic import atomic_write, write_text_atomic
 
 MARKER = "sweep_job.json"
 INDEX_DIR = ".sweep_index"
@@ -57,16 +58,7 @@ def file_sha(path: str | os.PathLike) -> str | None:
 
 
 def write_json_atomic(data: Any, path: str | os.PathLike) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, default=str)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, json.dumps(data, indent=1, default=str))
 
 
 def read_marker(job_dir: str | os.PathLike) -> dict[str, Any] | None:
@@ -342,25 +334,11 @@ def write_scan(sweep_dir: str | Path, name: str = "results", *, figure: Mapping[
 
 
 def _write_csv_atomic(df: pd.DataFrame, path: Path, index: bool = False) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        df.to_csv(tmp, index=index)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: df.to_csv(tmp, index=index))
 
 
 def _write_text_atomic(text: str, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, text)
 
 
 # ------------------------------------------------------------------ summary table and figure
@@ -486,14 +464,9 @@ def plot_sweep(rows: pd.DataFrame, spec: Mapping[str, Any], path: str | os.PathL
     title = str(spec.get("title", "")) + (f" ({left_out} infeasible/failed configs not shown)" if left_out else "")
     if title.strip():
         g.figure.suptitle(title.strip(), y=1.02)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
     try:
-        g.savefig(tmp, format="png", dpi=int(spec.get("dpi", 110)), bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        atomic_write(path, lambda tmp: g.savefig(tmp, format="png", dpi=int(spec.get("dpi", 110)),
+                                                 bbox_inches="tight"))
     finally:
         plt.close(g.figure)
     return path

@@ -28,11 +28,11 @@ import json
 import math
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from sim.errors import SimError
+from traces.atomic import atomic_write
 
 CYCLE_COLUMNS = ("k", "accepted", "observed_cycle_s", "bytes_moved", "t_draft", "t_verify", "t_pcie")
 GB = 1e9
@@ -125,20 +125,7 @@ def _style():
 
 
 def _save_png(fig: Any, path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=130)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a figure is an ordinary file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=130))
 
 
 # ---------------------------------------------------------------------------- the roofline

@@ -27,7 +27,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -41,6 +40,7 @@ from sim.aggregate import MARKER, file_sha, index_job, indexed_results, read_mar
 from sim.config import register_configs
 from sim.errors import SimError
 from traces import TraceError
+from traces.atomic import write_bytes_atomic, write_text_atomic
 
 register_configs()
 
@@ -137,14 +137,7 @@ def find_reusable(fp: str, job_dir: Path, sweep_dir: Path | None, name: str) -> 
 
 
 def _write_bytes_atomic(data: bytes, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_bytes_atomic(path, data)
 
 
 def run_job(cfg: DictConfig, out_dir: str | os.PathLike, *, sweep_dir: str | os.PathLike | None = None,
@@ -523,10 +516,7 @@ def _write_search(out: Path, trials: pd.DataFrame, default: Mapping[str, Any], b
     cmd = "python -m sim " + " ".join([*base, *(str(best.get("overrides", "")).split())])
     write_json_atomic({"default": dict(default), "best": dict(best), "base": list(base), "command": cmd},
                       out / "search_best.json")
-    fd, tmp = tempfile.mkstemp(prefix=".search_report.", dir=out)
-    with os.fdopen(fd, "w") as f:
-        f.write(table + f"\nreproduce the best: {cmd}\n")
-    os.replace(tmp, out / "search_report.txt")
+    write_text_atomic(out / "search_report.txt", table + f"\nreproduce the best: {cmd}\n")
 
 
 # ------------------------------------------------------------------ the Hydra app

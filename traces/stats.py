@@ -49,16 +49,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from traces.errors import TraceError
 from traces.trace import DECODE, PREFILL, Trace
+from traces.atomic import write_text_atomic
 
 PHASE_CHOICES = ("decode", "prefill", "all")
 
@@ -463,16 +461,7 @@ def run(args: argparse.Namespace) -> int:
     d = {"file": str(args.path), **st.to_dict()}
     text = json.dumps(d, indent=2, sort_keys=False)
     if args.output:
-        path = Path(args.output)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(text + "\n")
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_text_atomic(args.output, text + "\n")
     if args.json:
         print(text)
     else:

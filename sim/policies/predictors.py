@@ -25,7 +25,7 @@ class Predictor:
         """Precompute, for every layer-step and depth, the predicted keys (one list read per query)."""
         self.trace, self.schedule, self.E = trace, schedule, trace.shape.num_experts
         self.depths = list(depths)
-        E, M = self.E, trace.shape.num_moe_layers
+        E = self.E
         steps = schedule.steps
         g_step = np.asarray(schedule.g_step, dtype=np.int64)
         req = np.array([s.request for s in steps], dtype=np.int64)[g_step]
