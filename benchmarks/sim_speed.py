@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import sys
 import time
 
 import simpy
@@ -114,4 +115,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from traces.cli import run_cli
+
+    sys.exit(run_cli(main))

@@ -18,6 +18,7 @@ from typing import Any, Optional
 from omegaconf import MISSING
 
 from sim.config import CacheConf
+from traces.cli import hydra_task
 
 
 @dataclass
@@ -98,27 +99,23 @@ def run_app(cfg: Any, out_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
+@hydra_task
 def _app(cfg: Any) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    from sim.errors import SimError
-    from traces.errors import TraceError
-
-    try:
-        run_app(cfg, Path(HydraConfig.get().runtime.output_dir))
-    except (SimError, TraceError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_app(cfg, Path(HydraConfig.get().runtime.output_dir))
 
 
-def main(argv: list[str] | None = None) -> None:
-    """`python -m runtime key=value ...`."""
+def main(argv: list[str] | None = None) -> int:
+    """Exit code of `python -m runtime key=value ...` (traces.cli)."""
     import hydra
+
+    from traces.cli import run_cli
 
     register_configs()
     sys.argv = [sys.argv[0]] + rewrite_args(list(sys.argv[1:] if argv is None else argv))
-    hydra.main(version_base="1.3", config_path="pkg://conf", config_name="run")(_app)()
+    return run_cli(hydra.main(version_base="1.3", config_path="pkg://conf", config_name="run")(_app))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

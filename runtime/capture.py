@@ -38,15 +38,12 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
+from runtime.errors import CaptureError
 from runtime.models import LoadedModel, ModelLoadError
 from runtime.routing import base_model, experts_call_args, lookahead_route, sort_by_weight
-from traces.errors import TraceError
+from traces.cli import hydra_task
 from traces.io import Rows, trace_from_rows
 from traces.trace import DECODE, PREFILL, Trace
-
-
-class CaptureError(TraceError):
-    """Bad capture input or settings."""
 
 
 @dataclass
@@ -633,23 +630,21 @@ def run_capture(cfg: Any) -> Path:
     return write_trace(trace, Path(cfg.out))
 
 
+@hydra_task
 def _app(cfg: Any) -> None:
-    try:
-        path = run_capture(cfg)
-    except TraceError as e:  # ModelLoadError, CaptureError, bad prompt files
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    print(f"trace: {path}")
+    print(f"trace: {run_capture(cfg)}")
 
 
-def main(argv: list[str] | None = None) -> None:
-    """`python -m runtime.capture key=value ...` (also the moe-capture console script)."""
+def main(argv: list[str] | None = None) -> int:
+    """Exit code of `python -m runtime.capture key=value ...` (also the moe-capture console script)."""
     import hydra
+
+    from traces.cli import run_cli
 
     register_configs()
     sys.argv = [sys.argv[0]] + rewrite_model_args(list(sys.argv[1:] if argv is None else argv))
-    hydra.main(version_base="1.3", config_path="pkg://conf", config_name="capture")(_app)()
+    return run_cli(hydra.main(version_base="1.3", config_path="pkg://conf", config_name="capture")(_app))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -53,20 +53,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from runtime.errors import ExecutorError
 from runtime.models import LoadedModel
 from runtime.routing import experts_call_args, lookahead_route, sort_by_weight
 from sim.cache import ABSENT, LOADING, RESIDENT, ExpertCache
 from sim.link import CopyQueue
 from sim.policies.base import DEMAND, EvictionPolicy, PolicyContext, PrefetchPolicy
-from traces.errors import TraceError
 
 IMPLEMENTATION = "moe_offload"
 _ALIGN = 256  # bytes: every tensor of a packed expert starts on this boundary
 NEVER = 1 << 62
-
-
-class ExecutorError(TraceError):
-    """Bad executor setup or a run that cannot proceed (clear message, never a silent fix)."""
 
 
 # =============================================================================== backends

@@ -401,9 +401,9 @@ class Session:
         import time
 
         from runtime.replay import executed_trace, prompt_tokens
-        from sim.errors import InfeasibleError, SimError
+        from sim.errors import InfeasibleError
         from sim.run import base_keys, bound_for, config_id, load_plugins, policy_presets, run_policy
-        from traces.errors import TraceError
+        from traces.errors import MoeOffloadError
 
         check_config(cfg)
         load_plugins(cfg.get("plugins") or [])
@@ -434,16 +434,16 @@ class Session:
             except InfeasibleError as e:
                 rows.append({**base, "source": "measured", "status": "infeasible", "reason": e.reason, "repetition": 0})
                 continue
-            reason = None
+            reason, status = None, "unsupported"
             if p.decoding == "speculative":
                 reason = "speculative decoding is not in this runtime yet (the executor's verify steps are ready for it)"
             elif mode == "live" and (p.eviction in LIVE_ONLY_TRACE or p.prefetch in FUTURE_PREFETCH
                                      or (p.predictor in FUTURE_PREDICTORS)):
                 reason = f"policy '{p.name}' reads the trace's future or truth: it needs mode=replay"
             elif plan.slots > self.om.num_slots:
-                reason = f"the plan needs {plan.slots} slots, the session's pool has {self.om.num_slots}"
+                reason, status = f"the plan needs {plan.slots} slots, the session's pool has {self.om.num_slots}", "failed"
             if reason:
-                rows.append({**base, "source": "measured", "status": "failed", "reason": reason, "repetition": 0})
+                rows.append({**base, "source": "measured", "status": status, "reason": reason, "repetition": 0})
                 continue
             last = None
             if mode == "live":
@@ -459,8 +459,9 @@ class Session:
                     run = self.run_config(cfg, p, plan, schedule=prep.schedule if prep else None,
                                           trace=prep.trace if prep else None, prompts=prompts,
                                           timeline=keep and rep == reps - 1)
-                except (SimError, TraceError, RuntimeError) as e:
-                    rows.append({**base, "source": "measured", "status": "failed", "reason": f"{type(e).__name__}: {e}",
+                except (MoeOffloadError, RuntimeError) as e:  # ours, or the device's (CUDA out of memory)
+                    rows.append({**base, "source": "measured", "status": getattr(e, "status", "failed"),
+                                 "reason": f"{type(e).__name__}: {e}",
                                  "repetition": rep})
                     break
                 wall = time.perf_counter() - t0
@@ -485,8 +486,8 @@ class Session:
                     srow, _ = run_policy(prep, p, int(cfg.seed), timeline=False, governor_cfg=cfg.get("governor"),
                                          trace_cfg=cfg.trace, plan=plan)
                     rows.append({**base, "source": "sim", "status": "ok", "reason": "", "repetition": 0, **srow})
-                except (SimError, TraceError, AssertionError) as e:  # a simulator failure must not lose the measurement
-                    rows.append({**base, "source": "sim", "status": "failed", "reason": f"{type(e).__name__}: {e}",
+                except MoeOffloadError as e:  # a refused prediction must not lose the measurement (a bug still raises)
+                    rows.append({**base, "source": "sim", "status": e.status, "reason": f"{type(e).__name__}: {e}",
                                  "repetition": 0})
         return rows
 

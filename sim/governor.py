@@ -39,7 +39,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 from sim.errors import SimError
 from sim.policies.base import Registry
 
-GOVERNORS = Registry("governor")
+GOVERNORS = Registry("governor", SimError)
 
 OBJECTIVES = ("accepted", "emitted")
 PCIE_NEW = ("exposed", "overlapped")

@@ -501,15 +501,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--tokens", choices=("accepted", "emitted"), default="accepted")
     ap.add_argument("--chosen-k", type=int, default=None, help="k to mark (default: the most used k)")
     ap.add_argument("--cycle", type=int, default=0, help="cycle of the timeline figure (0-based)")
-    a = ap.parse_args(argv)
-    try:
-        written = _run(a)
-    except SimError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    for p in written:
-        print(p)
-    return 0
+    from traces.cli import run_cli
+
+    def go() -> int:
+        for p in _run(ap.parse_args(argv)):
+            print(p)
+        return 0
+
+    return run_cli(go)
 
 
 def _run(a: argparse.Namespace) -> list[Path]:

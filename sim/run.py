@@ -27,6 +27,7 @@ from sim.policies import EVICTION, PREDICTORS, PREFETCH
 from sim.schedule import Schedule
 from sim.spec import ModelSpec
 from traces import Trace, TraceError, read_trace
+from traces.errors import MoeOffloadError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -262,29 +263,70 @@ def bound_for(prep: Prepared, schedule: Schedule, pool_of: list[int], capacity: 
     return b
 
 
-def simulate(cfg: DictConfig, *, on_policy=None) -> list[dict[str, Any]]:
-    """All results rows of one config (one per policy of a suite). A policy whose memory budget
-    cannot run gives a row with ``status = infeasible`` and the reason; other errors propagate."""
+def policy_keys(keys: dict[str, Any], p: DictConfig, cfg: DictConfig) -> dict[str, Any]:
+    """The config keys of one policy's row (what its ``config_id`` hashes)."""
+    k = {**keys, "policy": p.name, "eviction": p.eviction, "prefetch": p.prefetch, "predictor": p.predictor}
+    if p.decoding == "speculative":
+        k["governor"] = cfg.governor.get("name")
+        k["governor_k"] = cfg.governor.get("k")
+    return k
+
+
+def refused_row(k: dict[str, Any], e: MoeOffloadError) -> dict[str, Any]:
+    """The row of a policy that did not run: its status (infeasible, unsupported, failed) and reason."""
+    return {**k, "source": "sim", "status": e.status, "reason": e.reason, "config_id": config_id(k), "repetition": 0}
+
+
+def simulate(cfg: DictConfig, *, on_policy=None, on_row=None, strict: bool = False) -> list[dict[str, Any]]:
+    """All results rows of one config (one per policy of a suite), ``on_row(row)`` as each finishes.
+
+    A policy that cannot run gives a row with its ``status`` and ``reason``: infeasible (its memory
+    budget), unsupported (e.g. a trace column it needs), or, in a suite, failed (any other
+    :class:`MoeOffloadError`, such as a bad argument); a single policy's bad argument propagates, as
+    do bugs. ``strict`` (the CLI): refuse before any work when no policy can run, and let a single
+    named policy's error of any status propagate instead of becoming a row.
+    """
     load_plugins(cfg.get("plugins") or [])
     presets = policy_presets(cfg.policy)
     keys = base_keys(cfg)
     prep = prepare(cfg)
-    rows = []
+    single = not cfg.policy.get("suite")
+
+    def recorded(e: MoeOffloadError) -> bool:
+        return not single or (not strict and e.status != "failed")
+    plans: list[tuple[DictConfig, dict[str, Any], Any]] = []
     for p in presets:
-        k = {**keys, "policy": p.name, "eviction": p.eviction, "prefetch": p.prefetch, "predictor": p.predictor}
-        if p.decoding == "speculative":
-            k["governor"] = cfg.governor.get("name")
-            k["governor_k"] = cfg.governor.get("k")
+        k = policy_keys(keys, p, cfg)
         try:
-            plan = policy_plan(prep, p)
-        except InfeasibleError as e:
-            rows.append({**k, "source": "sim", "status": "infeasible", "reason": e.reason,
-                         "config_id": config_id(k), "repetition": 0})
-            continue
-        row, (sim, log) = run_policy(prep, p, int(cfg.seed), timeline=bool(cfg.timeline_out),
-                                     governor_cfg=cfg.get("governor"), trace_cfg=cfg.trace, plan=plan,
-                                     progress=bool(cfg.get("progress", False)))
-        rows.append({**k, "source": "sim", "status": "ok", "reason": "", "config_id": config_id(k), "repetition": 0, **row})
-        if on_policy is not None:
-            on_policy(p, sim, log, rows[-1])
+            plans.append((p, k, policy_plan(prep, p)))
+        except MoeOffloadError as e:
+            if not recorded(e):
+                raise
+            plans.append((p, k, e))
+    if strict and all(isinstance(plan, MoeOffloadError) for _, _, plan in plans):
+        by_reason: dict[str, list[str]] = {}
+        for p, _, plan in plans:
+            by_reason.setdefault(plan.reason, []).append(p.name)
+        raise SimError(f"no policy of suite '{cfg.policy.get('name')}' can run: "
+                       + "; ".join(f"{', '.join(names)}: {why}" for why, names in by_reason.items()))
+    rows = []
+    for p, k, plan in plans:
+        if isinstance(plan, MoeOffloadError):
+            rows.append(refused_row(k, plan))
+        else:
+            try:
+                row, (sim, log) = run_policy(prep, p, int(cfg.seed), timeline=bool(cfg.timeline_out),
+                                             governor_cfg=cfg.get("governor"), trace_cfg=cfg.trace, plan=plan,
+                                             progress=bool(cfg.get("progress", False)))
+            except MoeOffloadError as e:
+                if not recorded(e):
+                    raise
+                rows.append(refused_row(k, e))
+            else:
+                rows.append({**k, "source": "sim", "status": "ok", "reason": "", "config_id": config_id(k),
+                             "repetition": 0, **row})
+                if on_policy is not None:
+                    on_policy(p, sim, log, rows[-1])
+        if on_row is not None:
+            on_row(rows[-1])
     return rows

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from traces.errors import TraceError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,12 +25,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
+    """Exit code of ``python -m traces ARGS`` (traces.cli: errors print one line)."""
+    from traces.cli import run_cli
+
+    def go() -> int:
+        args = build_parser().parse_args(argv)
         return int(args.run(args) or 0)
-    except TraceError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+
+    return run_cli(go)
 
 
 if __name__ == "__main__":

@@ -15,8 +15,14 @@ def _default_mode() -> int:
     return 0o666 & ~umask
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp_path)``, then move the result to ``path`` with the usual permissions."""
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None], *, overwrite: bool = True) -> Path:
+    """Call ``write(tmp_path)``, then move the result to ``path`` with the usual permissions.
+
+    The temporary file is removed on any exception, KeyboardInterrupt included (and SIGTERM, which
+    the CLIs turn into an exception: traces.cli). ``overwrite=False`` never replaces an existing
+    ``path``: the move is a hard link, which fails if another process created ``path`` meanwhile
+    (FileExistsError).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -24,11 +30,24 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     try:
         write(tmp)
         os.chmod(tmp, _default_mode())
-        os.replace(tmp, path)
-    except BaseException:
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            _move_no_clobber(tmp, path)
+    finally:
         Path(tmp).unlink(missing_ok=True)
-        raise
     return path
+
+
+def _move_no_clobber(tmp: str, path: Path) -> None:
+    try:
+        os.link(tmp, path)  # atomic, and fails if path exists
+    except FileExistsError:
+        raise
+    except OSError:  # a filesystem without hard links: exclusive create, then replace
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        os.close(fd)
+        os.replace(tmp, path)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
@@ -37,3 +56,34 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
     return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
+# ---------------------------------------------------------------- checks before the work
+def check_output_dir(path: str | os.PathLike, what: str) -> Path:
+    """Refuse (UsageError, one line) a directory we could not create or write into, before any work."""
+    from traces.errors import UsageError
+
+    path = Path(path)
+    probe = path
+    while not probe.exists():  # the nearest existing ancestor decides whether we can create it
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise UsageError(f"{what} {str(path)!r}: {str(probe)!r} is a file, not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UsageError(f"{what} {str(path)!r}: cannot write into {str(probe)!r} (permission denied)")
+    return path
+
+
+def check_output_file(path: str | os.PathLike, what: str) -> Path:
+    """Refuse a file path that is a directory, or whose folder we cannot create or write into."""
+    from traces.errors import UsageError
+
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{what} {str(path)!r} is a directory; give a file name")
+    if str(path).endswith(os.sep):
+        raise UsageError(f"{what} {str(path)!r} ends with '{os.sep}'; give a file name")
+    check_output_dir(path.parent if str(path.parent) else Path("."), what)
+    return path
