@@ -220,7 +220,7 @@ def test_cli_link_bandwidth_from_the_resolved_config(tmp_path: Path) -> None:
     from omegaconf import OmegaConf
 
     from sim.experiments.roofline import link_bandwidth_for_run
-    from sim.spec import load_group_file
+    from sim.config import load_group_file
 
     run = tmp_path / "run"
     write_run(run)

@@ -14,7 +14,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from sim.config import register_configs
-from sim.run import conf_dir
+from sim.presets import conf_dir
 from sim.experiments.sweep import parse_space
 
 register_configs()

@@ -13,7 +13,7 @@ import pandas as pd
 from hydra import compose, initialize_config_dir
 
 from sim.config import register_configs
-from sim.run import conf_dir
+from sim.presets import conf_dir
 from sim.experiments.jobs import config_fingerprint
 from sim.experiments.sweep import run_job
 

@@ -78,7 +78,7 @@ def _config_loader():
     from hydra._internal.config_loader_impl import ConfigLoaderImpl
     from hydra._internal.utils import create_config_search_path
 
-    from sim.run import conf_dir
+    from sim.presets import conf_dir
 
     return ConfigLoaderImpl(config_search_path=create_config_search_path(str(conf_dir())))
 

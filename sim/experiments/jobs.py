@@ -39,7 +39,7 @@ def code_fingerprint(plugins: tuple[str, ...] = ()) -> str:
     import traces
 
     import sim
-    from sim.run import conf_dir
+    from sim.presets import conf_dir
 
     files: list[Path] = []
     for pkg in (sim, traces):

@@ -199,7 +199,7 @@ def parse_space(params: Mapping[str, Any]) -> list[Param]:
 
 
 def _is_group(key: str) -> bool:
-    from sim.run import conf_dir
+    from sim.presets import conf_dir
 
     return "." not in key and (conf_dir() / key).is_dir()
 
@@ -265,7 +265,7 @@ def compose_sim(overrides: Sequence[str]) -> DictConfig:
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from sim.run import conf_dir
+    from sim.presets import conf_dir
 
     if GlobalHydra.instance().is_initialized():
         return compose(config_name="sim", overrides=list(overrides))
