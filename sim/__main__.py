@@ -79,9 +79,14 @@ def app(cfg: DictConfig) -> float:
 
 def main() -> int:
     """Exit code of ``python -m sim OVERRIDES`` (traces.cli: 0 ran, 2 refused, 130 interrupted)."""
+    from sim.experiments.aggregate import check_sweep_args
     from traces.cli import run_cli
 
-    return run_cli(app)
+    def go() -> None:
+        check_sweep_args(sys.argv[1:])
+        app()
+
+    return run_cli(go)
 
 
 if __name__ == "__main__":
