@@ -37,7 +37,6 @@ from omegaconf import DictConfig, OmegaConf
 from sim.experiments.jobs import MARKER, config_fingerprint, index_job, indexed_results, read_marker, write_marker
 from sim.config import register_configs
 from sim.errors import SimError
-from traces import TraceError
 from traces.atomic import write_bytes_atomic, write_json_atomic, write_text_atomic
 from traces.cli import hydra_task
 from traces.errors import MoeOffloadError, UsageError
@@ -82,8 +81,8 @@ def find_reusable(fp: str, job_dir: Path, sweep_dir: Path | None, name: str) -> 
 def run_job(cfg: DictConfig, out_dir: str | os.PathLike, *, sweep_dir: str | os.PathLike | None = None,
             resume: bool | None = None) -> JobResult:
     """Simulate one config into ``out_dir`` (results + marker), or reuse earlier results of the same
-    fingerprint when resuming. Errors become a failed marker, never an exception: one bad config
-    must not stop a sweep (KeyboardInterrupt still does)."""
+    fingerprint when resuming. A project error (MoeOffloadError) becomes a failed marker: one bad
+    config must not stop a sweep; a bug is recorded too but raised (as is KeyboardInterrupt)."""
     from sim.report import write_results
     from sim.run import simulate
 
@@ -121,8 +120,11 @@ def run_job(cfg: DictConfig, out_dir: str | os.PathLike, *, sweep_dir: str | os.
         if runs:
             _timelines(runs, Path(str(cfg.timeline_out)).name, out)
         write_results(rows, out, name)
-    except Exception as e:
+    except MoeOffloadError as e:
         return _fail(out, fp, e, t0)
+    except Exception as e:  # a bug: recorded (resume reruns the job), then it stops the sweep
+        _fail(out, fp, e, t0)
+        raise
     write_marker(out, {"status": "ok", "fingerprint": fp, "rows": len(rows), "reused_from": None,
                        "wall_s": time.perf_counter() - t0})
     index_job(sweep, fp, out, name)
@@ -130,7 +132,7 @@ def run_job(cfg: DictConfig, out_dir: str | os.PathLike, *, sweep_dir: str | os.
 
 
 def _fail(out: Path, fp: str | None, e: BaseException, t0: float) -> JobResult:
-    kind = "" if isinstance(e, (SimError, TraceError)) else f"{type(e).__name__}: "
+    kind = "" if isinstance(e, MoeOffloadError) else f"{type(e).__name__}: "
     err = f"{kind}{e}"
     write_marker(out, {"status": "failed", "fingerprint": fp, "error": err,
                        "traceback": traceback.format_exc(), "wall_s": time.perf_counter() - t0})
