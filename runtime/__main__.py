@@ -58,7 +58,7 @@ def run_app(cfg: Any, out_dir: Path) -> list[dict[str, Any]]:
     """Measure every policy of ``cfg``, write results (and timelines) under ``out_dir``; return the rows."""
     from runtime.measure import Session, timeline_json
     from sim.report import format_table, write_results
-    from sim.timeline import write_json_atomic
+    from traces.atomic import write_json_atomic
     from traces.io import write_trace
 
     timelines = []
@@ -79,7 +79,7 @@ def run_app(cfg: Any, out_dir: Path) -> list[dict[str, Any]]:
             path = Path(cfg.timeline_out)
             if len(names) > 1:
                 path = path.with_name(f"{path.stem}.{name}{path.suffix or '.json'}")
-            write_json_atomic(timeline_json(log, sess.om), path)
+            write_json_atomic(path, timeline_json(log, sess.om), indent=None)
     finally:
         sess.close()
     print(format_table(rows, extra=["source", "repetition"]))

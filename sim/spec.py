@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from sim.errors import SimError
-from sim.presets import hydra_schema, load_preset, missing_keys, setting, to_plain
+from sim.presets import hydra_schema, load_preset, setting, spec_from_dict, to_plain
 from traces.errors import TraceError
 from traces.shape import ModelShape
 
@@ -31,6 +31,9 @@ NORMS = ("rmsnorm", "layernorm")
 INT4_GROUP = 128  # int4: one bf16 scale per 128 weights along each row's input dimension
 MXFP4_BLOCK = 32  # mxfp4 (as GPT-OSS ships): 4-bit E2M1 values + one uint8 E8M0 scale per 32 weights
 BF16_BYTES = 2
+
+#: ModelShape's fields have placeholder defaults; a model spec must set them
+REQUIRED_FIELDS = ("name", "num_layers", "moe_layers", "num_experts", "top_k")
 
 SUPPORTED_FAMILIES = (
     "mixtral", "phimoe", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "olmoe", "gpt_oss",
@@ -346,14 +349,7 @@ class ModelSpec(ModelShape):
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str = "ModelSpec") -> "ModelSpec":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise SimError(f"{where}: unknown field(s) {unknown}")
-        missing = [f for f in ("name", "num_layers", "moe_layers", "num_experts", "top_k") if f not in d]
-        if missing:
-            raise SimError(f"{where}: missing field(s) {missing}")
-        return cls(**dict(d))
+        return spec_from_dict(cls, d, where, REQUIRED_FIELDS)
 
     # ------------------------------------------------------------------ Hydra
     @classmethod
@@ -365,11 +361,7 @@ class ModelSpec(ModelShape):
         d = to_plain(cfg)
         layers = d.pop("layers", None)
         d.pop("hf_config", None)
-        name = d.get("name", "?")
-        missing = missing_keys(d)
-        if missing:
-            raise SimError(f"model '{name}': missing value(s) for {missing}")
-        spec = cls.from_dict(d, where=f"model '{name}'")
+        spec = cls.from_dict(d, where=f"model '{d.get('name', '?')}'")
         return spec.with_layers(layers) if layers is not None else spec
 
     @classmethod
@@ -645,7 +637,7 @@ def _hf_quantization(d: Mapping[str, Any], where: str) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- Hydra schema
 #: the ``model`` group's schema: ModelSpec's fields, plus what only the config has
 ModelConf = hydra_schema(
-    ModelSpec, "ModelConf", required=("name", "num_layers", "moe_layers", "num_experts", "top_k"),
+    ModelSpec, "ModelConf", required=REQUIRED_FIELDS,
     extra=[
         ("layers", Optional[int], setting(None, "depth reduction: keep the first N decoder layers (same shapes)")),
         ("hf_config", Optional[str], setting(None, "the Hugging Face config.json shipped beside the preset "

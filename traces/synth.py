@@ -79,6 +79,7 @@ import numpy as np
 
 from traces.errors import TraceError
 from traces.presets import PRESETS, shape_for
+from traces.provenance import project_version
 from traces.shape import ModelShape
 from traces.stats import top_quarter_size
 from traces.trace import DECODE, PREFILL, Trace
@@ -273,24 +274,6 @@ def synth_params_for(model: str) -> SynthParams:
 
 
 # --------------------------------------------------------------------- helpers
-def _package_version() -> str:
-    """The project's version (installed metadata, else pyproject.toml beside the package)."""
-    try:
-        from importlib.metadata import version
-
-        return version("moe-offload-sim")
-    except Exception:
-        pass
-    try:
-        import tomllib
-        from pathlib import Path
-
-        with open(Path(__file__).resolve().parents[1] / "pyproject.toml", "rb") as f:
-            return str(tomllib.load(f)["project"]["version"])
-    except Exception:
-        return "unknown"
-
-
 def _rng(seed: int, *key: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence(int(seed), spawn_key=tuple(key)))
 
@@ -540,7 +523,7 @@ def synthesize_with_internals(
         "provenance": {
             "generator": "traces.synth",
             "generator_version": SYNTH_VERSION,
-            "package_version": _package_version(),
+            "package_version": project_version(),
             "numpy": np.__version__,
             "date": None,  # deliberately none: the same params and seed give the same file
         },

@@ -32,11 +32,12 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from sim.errors import SimError
+from sim.timeline import PID_CACHE, PID_GPU, PID_LINK
 from traces.atomic import atomic_write
 
 CYCLE_COLUMNS = ("k", "accepted", "observed_cycle_s", "bytes_moved", "t_draft", "t_verify", "t_pcie")
 GB = 1e9
-PID_GPU, PID_LINK, PID_CACHE = 1, 2, 3
+
 SPAN_KINDS = ("draft", "verify", "stall", "other")
 COLORS = {"draft": "#4C72B0", "verify": "#55A868", "stall": "#C44E52", "other": "#8C8C8C",
           "prefetch": "#8172B3", "demand": "#DD8452"}
