@@ -154,19 +154,25 @@ class ModuleExperts:
 class GroupedExperts:
     """Every routed expert resident; per MoE layer one grouped GEMM per projection over the pool.
 
-    The (token, expert) pairs are sorted by expert on the device, group offsets come from a
-    scatter-add (no host sync), ``torch._grouped_mm`` multiplies each pair with its expert's
-    weights in one launch, the gate is the module's own, and the weighted rows are summed back per
-    token. Same arithmetic per row as the eager loop (bf16 GEMMs, fp32 routing weights), different
-    GEMM kernels: equal within bf16 rounding."""
+    ``kernel="grouped_mm"``: the (token, expert) pairs are sorted by expert on the device, group
+    offsets come from a scatter-add (no host sync), and ``torch._grouped_mm`` multiplies each pair
+    with its expert's weights in one launch. ``kernel="gather_bmm"`` (what transformers'
+    ``batched_mm`` does): the routed experts' weights are gathered (a device copy) and multiplied
+    with one batched GEMM. Either way the gate is the module's own and the weighted rows are summed
+    back per token: the eager loop's arithmetic per row (bf16 GEMMs, the router's weights), other
+    GEMM kernels, so equal within bf16 rounding."""
 
     capturable = True
+    KERNELS = ("grouped_mm", "gather_bmm")
 
-    def __init__(self, modules: Sequence[nn.Module]) -> None:
-        if not hasattr(torch, "_grouped_mm"):
+    def __init__(self, modules: Sequence[nn.Module], kernel: str = "grouped_mm") -> None:
+        if kernel not in self.KERNELS:
+            raise LeanError(f"grouped experts kernel {kernel!r}: use one of {list(self.KERNELS)}")
+        if kernel == "grouped_mm" and not hasattr(torch, "_grouped_mm"):
             raise LeanError(f"torch {torch.__version__} has no _grouped_mm")
         for mod in modules:
             _check_layout(mod)
+        self.kernel = kernel
         self.modules = list(modules)
         self.E = int(modules[0].num_experts)
         # B operands [E, K, N] as transposed views of the [E, N, K] parameters (no copy)
@@ -176,6 +182,12 @@ class GroupedExperts:
     def __call__(self, m: int, hidden: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         T, k = idx.shape
         flat = idx.reshape(-1)
+        if self.kernel == "gather_bmm":
+            x = hidden.repeat_interleave(k, dim=0).unsqueeze(1)  # [T*k, 1, H], pair order (token, slot)
+            h = _gate(self.modules[m], torch.bmm(x, self.gu[m].index_select(0, flat)))
+            o = torch.bmm(h, self.dn[m].index_select(0, flat)).squeeze(1)
+            o = o * w.reshape(-1, 1)
+            return o.reshape(T, k, -1).sum(dim=1).to(hidden.dtype)
         order = torch.argsort(flat, stable=True)
         tok = torch.div(order, k, rounding_mode="floor")
         x = hidden.index_select(0, tok)
@@ -187,6 +199,29 @@ class GroupedExperts:
         o = o * w.reshape(-1).index_select(0, order).unsqueeze(-1)
         out = torch.zeros_like(hidden)
         return out.index_add_(0, tok, o.to(out.dtype))
+
+
+class ExecutorExperts:
+    """The offloading executor's experts (``runtime.executor.Run.layer_forward`` of the active run):
+    host policy, copies into slots, the eager experts loop over slot tensors. Runs between graphs."""
+
+    capturable = False
+
+    def __init__(self, om: Any) -> None:
+        self.om = om
+
+    def _run(self) -> Any:
+        run = self.om.run
+        if run is None:
+            raise LeanError("offloaded experts called with no active run (OffloadedModel.start_run first)")
+        return run
+
+    def __call__(self, m: int, hidden: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return self._run().layer_forward(m, self.om.modules[m], hidden, idx, w)
+
+    def layer_start(self, m: int) -> None:
+        if self.om.run is not None:
+            self.om.run.layer_start(m)
 
 
 class Int4Experts:
