@@ -559,7 +559,7 @@ def _is_preset(value: str) -> bool:
 def rewrite_model_args(argv: list[str]) -> list[str]:
     """``model=X`` where X is not a conf/model preset (a directory, a config.json, a cached hub name,
     tiny-<family>) becomes ``~model source=X``, and ``model.layers=N`` then becomes ``layers=N``:
-    resolved before composition (DESIGN.md §3)."""
+    resolved before composition."""
     out: list[str] = []
     source = False
     for a in argv:

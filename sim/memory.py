@@ -1,4 +1,4 @@
-"""The GPU memory budget: the one definition the simulator and the runtime share (DESIGN.md §3).
+"""The GPU memory budget: the one definition the simulator and the runtime share.
 
     budget (hardware.memory_gb, GB = 1e9 bytes)
         = non-expert weights (bf16) + KV cache of the longest request + workspace + X

@@ -2,7 +2,7 @@
 
 Why: routing is often already logged by a serving stack (vLLM-based loggers write records
 ``{layer, token_idx, topk_ids, topk_weights}``; SGLang's recorder dumps top-k ids per token per
-layer, see ecosystem.md §3.1). Such logs are one record per (token, layer), often grouped by layer,
+layer). Such logs are one record per (token, layer), often grouped by layer,
 sometimes ragged (a few rows missing in some layers), with string request names. This module turns
 them into the project's trace with the same validation as every other path
 (``traces.io.trace_from_rows``) and records where the data came from in the metadata.

@@ -1,7 +1,7 @@
 """Parquet I/O for traces, and the one validating path from row columns to the dense form.
 
 Long table, one row per (request, token position, MoE layer); metadata as JSON under one key of
-the Arrow schema metadata (ecosystem.md §3.2). Every file that enters the project, read from
+the Arrow schema metadata (docs/architecture.md, Trace). Every file that enters the project, read from
 Parquet or converted by an importer, passes ``trace_from_rows``: nothing is silently repaired.
 """
 

@@ -1,4 +1,4 @@
-"""Seeded synthetic routing traces with the statistics of research/routing-statistics.md as dials.
+"""Seeded synthetic routing traces with the routing statistics the literature reports as dials.
 
 ``python -m traces synth --model NAME -o FILE [...]`` or, from Python::
 
@@ -61,8 +61,9 @@ bit-identical trace; no wall-clock date is recorded. Dials, seed and the derived
 per-depth targets are recorded in ``meta["synth"]``.
 
 The family presets (``synth_params_for``) are plausible values guided by the literature ranges
-in routing-statistics.md and moe-speq.md (e.g. one-layer lookahead recall 80-97%, INT4 draft set
-agreement ~91%, acceptance ~90%, reuse near chance at the first layer); they are not fitted to
+(e.g. one-layer lookahead recall 80-97%: Eliseev & Mazur, arXiv 2312.17238, and Fate, arXiv
+2502.12224; INT4 draft set agreement ~91% and acceptance ~90%: MoE-SpeQ, arXiv 2511.14102, Sec. 4;
+reuse near chance at the first layer: Mixtral, arXiv 2401.04088, Sec. 5); they are not fitted to
 captured traces.
 """
 

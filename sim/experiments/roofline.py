@@ -1,6 +1,6 @@
 """Pictures of speculative decoding: the Amortization Roofline and one draft/verify cycle.
 
-``roofline_figure`` draws MoE-SpeQ's Amortization Roofline (research/moe-speq.md §3.6, Fig. 8)
+``roofline_figure`` draws MoE-SpeQ's Amortization Roofline (arXiv 2511.14102, Sec. 3.2, Fig. 8)
 for a run: effective throughput Θ (tokens per second) against amortization intensity
 
     I = tokens / bytes moved over the host link            (Eq. 1 with S_token = 1)
