@@ -140,6 +140,9 @@ def compose_sim(overrides: Sequence[str]) -> DictConfig:
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
+    from sim.config import register_configs
+
+    register_configs()
     if GlobalHydra.instance().is_initialized():
         return compose(config_name="sim", overrides=list(overrides))
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
@@ -256,30 +259,40 @@ def run_search(base: Sequence[str], spec: Mapping[str, Any], out_dir: str | os.P
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="minimize", sampler=optuna.samplers.TPESampler(seed=seed))
+    dflt = _default_point(params, default_cfg)
+    if dflt:
+        study.enqueue_trial(dflt)  # trial 0 is the default (when the space holds it)
+    study.optimize(objective, n_trials=n_trials)
+
+    default_row = {"config": "default", "overrides": " ".join(default_ovr) or "(base)", **evaluate(list(default_ovr))}
+    trials = pd.DataFrame(records)
+    best_row = _best(trials, metric)
+    table = _search_table(base, default_row, best_row, metric, n_trials, len(memo))
+    if out_dir is not None:
+        _write_search(Path(out_dir), trials, default_row, best_row, base, table)
+    return SearchResult(trials, default_row, best_row, table)
+
+
+def _default_point(params: Sequence[Param], default_cfg: DictConfig) -> dict[str, Any]:
+    """The default config as a point of the space ({} when the space does not hold it)."""
     dflt: dict[str, Any] = {}
     for p in params:
         if _active(p, dflt):
             v = _default_value(default_cfg, p)
             if _valid(p, v):
                 dflt[p.name] = v
-    if dflt and all(p.name in dflt for p in params if _active(p, dflt)):
-        study.enqueue_trial(dflt)  # trial 0 is the default (when the space holds it)
-    study.optimize(objective, n_trials=n_trials)
+    return dflt if dflt and all(p.name in dflt for p in params if _active(p, dflt)) else {}
 
-    default_row = {"config": "default", "overrides": " ".join(default_ovr) or "(base)", **evaluate(list(default_ovr))}
-    trials = pd.DataFrame(records)
+
+def _best(trials: pd.DataFrame, metric: str) -> dict[str, Any]:
+    """The row of the trial with the lowest finite ``metric`` (a failed row if none)."""
     finite = trials[[math.isfinite(float(v)) for v in trials[metric]]] if not trials.empty else trials
     if finite.empty:
-        best_row = {"config": "best", "overrides": "-", "status": "failed", metric: math.inf,
-                    "reason": "no feasible configuration found"}
-    else:
-        b = finite.loc[finite[metric].astype(float).idxmin()]
-        best_row = {"config": "best", **{k: _py(b[k]) for k in b.index if k not in ("trial", "cached")},
-                    "trial": int(b["trial"])}
-    table = _search_table(base, default_row, best_row, metric, n_trials, len(memo))
-    if out_dir is not None:
-        _write_search(Path(out_dir), trials, default_row, best_row, base, table)
-    return SearchResult(trials, default_row, best_row, table)
+        return {"config": "best", "overrides": "-", "status": "failed", metric: math.inf,
+                "reason": "no feasible configuration found"}
+    b = finite.loc[finite[metric].astype(float).idxmin()]
+    return {"config": "best", **{k: _py(b[k]) for k in b.index if k not in ("trial", "cached")},
+            "trial": int(b["trial"])}
 
 
 def _py(v: Any) -> Any:
