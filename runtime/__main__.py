@@ -1,7 +1,8 @@
 """`python -m runtime` (also `moe-run`): offloaded execution measured in the simulator's terms.
 
 Composes conf/run.yaml (the simulator's groups model, hardware, policy, trace, cache, governor plus
-mode=live|replay, device, repetitions, timeline_out, host_memory, link_pace_gbps), runs each policy
+mode=live|replay, engine=graphed|eager, device, repetitions, timeline_out, host_memory,
+link_pace_gbps), runs each policy
 ``repetitions`` times on the offloaded model, prints the simulator's table and writes
 ``results.parquet``/``.json`` (``source = measured``, and with ``predict=true`` the simulator's row
 of each config, ``source = sim``, joined by ``config_id``) beside the resolved config in the Hydra run
@@ -43,6 +44,7 @@ class RunConf:
     host_memory: Optional[str] = None  # pinned | pageable (sets hardware.host_memory)
     link_pace_gbps: Optional[float] = None  # sets hardware.link_pace_gbps
     cpu_backend: str = "sync"  # sync | thread (CPU only)
+    engine: Any = None  # graphed | eager (null: graphed on a CUDA device, eager on the CPU); runtime.lean
     predict: bool = True
     plugins: list[str] = field(default_factory=list)
     experiment: Any = None
