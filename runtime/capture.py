@@ -268,57 +268,15 @@ class _Engine:
         """Prefill then greedy decode a batch; returns the number of forward steps."""
         B = len(reqs)
         P = [len(r.prompt) for r in reqs]
-        S = max(P)
-        pad = self.model.config.pad_token_id
-        pad = int(pad) if isinstance(pad, int) else 0
-        ids = torch.full((B, S), pad, dtype=torch.long)
-        mask = torch.zeros((B, S), dtype=torch.long)
-        for b, r in enumerate(reqs):
-            ids[b, S - P[b]:] = torch.tensor(r.prompt, dtype=torch.long)
-            mask[b, S - P[b]:] = 1
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        ids, mask, pos = self._left_padded(reqs)
+        S = ids.shape[1]
         dev = self.device
-        ids, mask, pos = ids.to(dev), mask.to(dev), pos.to(dev)
         cache = self._new_cache()
         dcache = self._new_cache() if self.draft is not None else None
         step = 0
-        k, M, D = self.k, self.M, self.D
         while True:
-            n_cols = ids.shape[1]
-            N = B * n_cols
-            self.rec.reset()
-            self.rec.mode = "target"
-            hidden = self._forward(ids, mask, pos, cache)
-            nxt = self.lm_head(hidden[:, -1:]).argmax(-1).reshape(B)
-            parts = self.rec.pack(N, k, True)
-            parts.append(nxt.float())
-            if self.draft is not None:
-                self.rec.reset()
-                self.rec.mode = "draft"
-                with self.draft.active():
-                    dh = self._forward(ids, mask, pos, dcache)
-                dparts = self.rec.pack(N, k, False)
-                parts.append(dparts[0])
-                parts.append(self._argmax(dh).reshape(-1).float())
-                self.rec.mode = "target"
-            flat = torch.cat([p.reshape(-1) for p in parts]).cpu().numpy()  # the one host copy of this step
-            self.host_copies += 1
-            off = 0
-
-            def take(shape: tuple[int, ...]) -> np.ndarray:
-                nonlocal off
-                size = int(np.prod(shape))
-                a = flat[off : off + size].reshape(shape)
-                off += size
-                return a
-
-            e_ids = take((M, B, n_cols, k)).astype(np.int64)
-            e_w = take((M, B, n_cols, k)).astype(np.float32)
-            look = take((D, M, B, n_cols, k)).astype(np.int64) if D else None
-            g = take((B,)).astype(np.int64)
-            if self.draft is not None:
-                d_ids = take((M, B, n_cols, k)).astype(np.int64)
-                d_arg = take((B, n_cols)).astype(np.int64)
+            out = self._step(ids, mask, pos, cache, dcache)
+            g = out["next"]
             processed = 0
             for b, r in enumerate(reqs):
                 if not r.active:
@@ -331,18 +289,7 @@ class _Engine:
                     cols = np.array([0])
                     positions = np.array([P[b] + step - 1])
                     following = np.array([int(g[b])], dtype=np.int64)
-                ch = {
-                    "position": positions.astype(np.int64),
-                    "step": np.full(len(cols), step, dtype=np.int64),
-                    "ids": e_ids[:, b, cols].transpose(1, 0, 2),  # (n, M, k)
-                    "w": e_w[:, b, cols].transpose(1, 0, 2),
-                }
-                if D:
-                    ch["look"] = look[:, :, b, cols].transpose(2, 0, 1, 3)  # (n, D, M, k)
-                if self.draft is not None:
-                    ch["draft"] = d_ids[:, b, cols].transpose(1, 0, 2)
-                    ch["match"] = d_arg[b, cols] == following
-                r.chunks.append(ch)
+                r.chunks.append(self._chunk(out, b, cols, positions, following, step))
                 processed += len(cols)
             for b, r in enumerate(reqs):
                 if not r.active:
@@ -358,6 +305,79 @@ class _Engine:
             ids = torch.tensor([r.gen[-1] for r in reqs], dtype=torch.long, device=dev).reshape(B, 1)
             mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=dev)], dim=1)
             pos = pos[:, -1:] + 1
+
+    def _left_padded(self, reqs: list[_Req]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The batch's prompts left-padded: input ids, attention mask and positions, on the device."""
+        P = [len(r.prompt) for r in reqs]
+        B, S = len(reqs), max(P)
+        pad = self.model.config.pad_token_id
+        pad = int(pad) if isinstance(pad, int) else 0
+        ids = torch.full((B, S), pad, dtype=torch.long)
+        mask = torch.zeros((B, S), dtype=torch.long)
+        for b, r in enumerate(reqs):
+            ids[b, S - P[b]:] = torch.tensor(r.prompt, dtype=torch.long)
+            mask[b, S - P[b]:] = 1
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        dev = self.device
+        return ids.to(dev), mask.to(dev), pos.to(dev)
+
+    def _step(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any, dcache: Any) -> dict[str, Any]:
+        """One forward step of the target (and the draft, teacher-forced), its recorded routing
+        brought to the host in one copy: ids, w (M, B, cols, k), look (D, M, B, cols, k), next (B,),
+        and with a draft d_ids and d_arg (B, cols)."""
+        B, n_cols = ids.shape
+        N = B * n_cols
+        k, M, D = self.k, self.M, self.D
+        self.rec.reset()
+        self.rec.mode = "target"
+        hidden = self._forward(ids, mask, pos, cache)
+        nxt = self.lm_head(hidden[:, -1:]).argmax(-1).reshape(B)
+        parts = self.rec.pack(N, k, True)
+        parts.append(nxt.float())
+        if self.draft is not None:
+            self.rec.reset()
+            self.rec.mode = "draft"
+            with self.draft.active():
+                dh = self._forward(ids, mask, pos, dcache)
+            dparts = self.rec.pack(N, k, False)
+            parts.append(dparts[0])
+            parts.append(self._argmax(dh).reshape(-1).float())
+            self.rec.mode = "target"
+        flat = torch.cat([p.reshape(-1) for p in parts]).cpu().numpy()  # the one host copy of this step
+        self.host_copies += 1
+        off = 0
+
+        def take(shape: tuple[int, ...]) -> np.ndarray:
+            nonlocal off
+            size = int(np.prod(shape))
+            a = flat[off : off + size].reshape(shape)
+            off += size
+            return a
+
+        out: dict[str, Any] = {"ids": take((M, B, n_cols, k)).astype(np.int64),
+                               "w": take((M, B, n_cols, k)).astype(np.float32)}
+        out["look"] = take((D, M, B, n_cols, k)).astype(np.int64) if D else None
+        out["next"] = take((B,)).astype(np.int64)
+        if self.draft is not None:
+            out["d_ids"] = take((M, B, n_cols, k)).astype(np.int64)
+            out["d_arg"] = take((B, n_cols)).astype(np.int64)
+        return out
+
+    def _chunk(self, out: dict[str, Any], b: int, cols: np.ndarray, positions: np.ndarray, following: np.ndarray,
+               step: int) -> dict[str, np.ndarray]:
+        """Request ``b``'s rows of one step (its columns ``cols``) as per-token arrays."""
+        ch = {
+            "position": positions.astype(np.int64),
+            "step": np.full(len(cols), step, dtype=np.int64),
+            "ids": out["ids"][:, b, cols].transpose(1, 0, 2),  # (n, M, k)
+            "w": out["w"][:, b, cols].transpose(1, 0, 2),
+        }
+        if self.D:
+            ch["look"] = out["look"][:, :, b, cols].transpose(2, 0, 1, 3)  # (n, D, M, k)
+        if self.draft is not None:
+            ch["draft"] = out["d_ids"][:, b, cols].transpose(1, 0, 2)
+            ch["match"] = out["d_arg"][b, cols] == following
+        return ch
 
 
 def _rows(reqs: list[_Req], loaded: LoadedModel, D: int, draft: bool) -> Rows:
