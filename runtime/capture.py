@@ -39,6 +39,7 @@ import torch
 
 from runtime.models import LoadedModel
 from runtime.routing import base_model, experts_call_args, lookahead_route, sort_by_weight
+from sim.presets import setting
 from traces.errors import TraceError
 from traces.io import Rows, trace_from_rows
 from traces.provenance import git_sha, project_version
@@ -520,44 +521,47 @@ def _model_spec_dict(loaded: LoadedModel) -> dict[str, Any] | None:
 # =========================================================================== Hydra app
 @dataclass
 class PromptsConf:
-    path: Optional[str] = None  # text file (one prompt per line) or .jsonl; null: the built-in set
-    field: str = "text"  # JSONL field
-    limit: Optional[int] = None
-    max_tokens: Optional[int] = None  # truncate longer prompts
+    path: Optional[str] = setting(None, "text file (one prompt per line) or .jsonl; null: runtime.prompts.BUILTIN_PROMPTS")
+    field: str = setting("text", "the JSONL field holding the prompt")
+    limit: Optional[int] = setting(None, "the first N prompts")
+    max_tokens: Optional[int] = setting(None, "truncate longer prompts")
 
 
 @dataclass
 class DraftConf:
-    enabled: bool = False
-    bits: int = 4
-    group_size: int = 128
-    kernel: str = "reference"
+    enabled: bool = setting(False, "record draft + draft_match (routed experts quantized, teacher-forced)")
+    bits: int = setting(4, "4, 8, or 16 (unquantized)")
+    group_size: int = setting(128, "weights per quantization scale")
+    kernel: str = setting("reference", "reference (dequantize) | auto | fast (packed int4 matmul)")
 
 
 @dataclass
 class CaptureConf:
     """Structured config of `python -m runtime.capture` (ConfigStore name ``capture_schema``)."""
 
-    model: Any = None  # a conf/model preset (random weights built from its config.json)
-    source: Optional[str] = None  # checkpoint dir, config.json, cached hub name or tiny-<family>
-    layers: Optional[int] = None  # depth reduction for `source` (presets: model.layers)
-    dtype: str = "auto"
-    device: str = "auto"
-    seed: int = 0
-    revision: Optional[str] = None
-    experts_implementation: Optional[str] = None
-    max_memory: Optional[str] = None
-    offload_folder: Optional[str] = None
-    prompts: PromptsConf = field(default_factory=PromptsConf)
-    max_new_tokens: int = 32
-    batch_size: int = 8
-    lookahead: int = 2
-    draft: DraftConf = field(default_factory=DraftConf)
-    stop_at_eos: bool = True
-    out: str = "trace.parquet"
-    progress: Optional[bool] = None
-    created: Optional[str] = None
-    deterministic: bool = True
+    model: Any = setting(None, "a conf/model preset (random weights built from its config.json)")
+    source: Optional[str] = setting(None, "checkpoint dir, config.json, cached hub name or tiny-<family>")
+    layers: Optional[int] = setting(None, "depth reduction for `source` (presets: model.layers)")
+    dtype: str = setting("auto", "auto: a checkpoint's own dtype; random weights bf16 on a GPU, fp32 on the CPU")
+    device: str = setting("auto", "auto: cuda if present, else cpu")
+    seed: int = setting(0, "seed of random weights")
+    revision: Optional[str] = setting(None, "checkpoint revision (hub cache)")
+    experts_implementation: Optional[str] = setting(
+        None, "transformers experts backend (eager, batched_mm, grouped_mm); null: the model's default")
+    max_memory: Optional[str] = setting(
+        None, "e.g. 4GiB: cap the compute device's weights, offload the rest with accelerate")
+    offload_folder: Optional[str] = setting(
+        None, "disk offload directory when the compute device is the CPU (default: a temp dir)")
+    prompts: PromptsConf = setting(PromptsConf(), "where the prompts come from")
+    max_new_tokens: int = setting(32, "greedy decode length")
+    batch_size: int = setting(8, "left padding; padding rows are dropped")
+    lookahead: int = setting(2, "record lookahead_1..lookahead_D")
+    draft: DraftConf = setting(DraftConf(), "the INT4 draft's routing")
+    stop_at_eos: bool = setting(True, "stop a request at its end-of-sequence token")
+    out: str = setting("trace.parquet", "the trace file written")
+    progress: Optional[bool] = setting(None, "null: a bar only on a terminal")
+    created: Optional[str] = setting(None, "fixed ISO date for byte-identical reruns; null: now")
+    deterministic: bool = setting(True, "torch deterministic algorithms (warn-only)")
 
 
 def register_configs() -> None:
