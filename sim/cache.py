@@ -42,9 +42,10 @@ class ExpertCache:
         self.occupancy = [0] * len(self.capacity)
         self.eviction = eviction
         self.evictions = 0
-        self.drop_on_release = False  # whole-layer streaming keeps nothing between steps
+        self.drop_on_release = False  # whole-layer streaming keeps nothing between steps (but pinned keys)
         self.prefetched = [False] * n  # arrived by prefetch and not used yet (the host clears it on use)
         self.wasted_prefetches = 0  # prefetched experts evicted before any use
+        self.pinned: frozenset[int] = frozenset()  # preloaded for good (a streaming policy's resident layers)
         self._can_evict = self.can_evict
 
     @property
@@ -81,6 +82,26 @@ class ExpertCache:
         if not self.load(key, 0.0, g):
             raise SimError(f"no free slot to preload key {key}")
         self.state[key] = RESIDENT
+
+    def pin(self, keys: list[int], g: int = 0) -> None:
+        """Preload ``keys`` for good (a policy's ``preload``): each counts as in use forever, so it
+        is never evicted nor dropped, and takes its slot from the pool."""
+        for key in keys:
+            self.insert_resident(key, g)
+            self.in_use[key] += 1
+        self.pinned = self.pinned | frozenset(keys)
+
+    def clear(self) -> None:
+        """Empty every slot but the pinned ones (``cache.reset=request``, between requests; the
+        host first lets every copy land and every computation end). Prefetched experts never used
+        count as wasted."""
+        state, in_use, pinned = self.state, self.in_use, self.pinned
+        for key, st in enumerate(state):
+            if st == ABSENT or key in pinned:
+                continue
+            if st == LOADING or in_use[key]:
+                raise SimError(f"cache cleared while expert key {key} is {'loading' if st == LOADING else 'in use'}")
+            self.remove(key)
 
     def remove(self, key: int) -> None:
         """Evict (or drop) a resident expert."""

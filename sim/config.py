@@ -52,6 +52,9 @@ class CacheConf:
     slots: Optional[int] = None
     per_layer: Optional[int] = None
     max_context_tokens: Optional[int] = None  # KV cache sized for this; default: the trace's longest request
+    # 'never': warm across requests (as a server runs); 'request': cold at each request's start (every
+    # policy's state cleared too), as trace studies count hit rates (docs/metrics.md)
+    reset: str = "never"
 
 
 @dataclass

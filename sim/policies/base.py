@@ -91,6 +91,12 @@ class EvictionPolicy:
         self.ctx = ctx
         self.num_pools = num_pools
 
+    def reset(self) -> None:
+        """Forget everything learned so far (``cache.reset=request``: the host calls it with an
+        empty cache at a request's start). The default attaches afresh, which any policy that
+        keeps its state in ``attach`` gets right."""
+        self.attach(self.ctx, self.num_pools)
+
     def inserted(self, key: int, pool: int, g: int) -> None:  # pragma: no cover - interface
         raise NotImplementedError
 
@@ -113,6 +119,16 @@ class PrefetchPolicy:
 
     def attach(self, ctx: PolicyContext) -> None:
         self.ctx = ctx
+
+    def reset(self) -> None:
+        """Forget everything learned so far (``cache.reset=request``, at a request's start, before
+        ``on_request_start``): LFU-like counts, request history. The default attaches afresh."""
+        self.attach(self.ctx)
+
+    def preload(self, capacity: Sequence[int]) -> list[int]:
+        """Keys placed on the GPU before the run and kept there for good (never evicted, never
+        dropped), given the slots of each pool. The default preloads nothing."""
+        return []
 
     def on_request_start(self, request: int) -> list[Action]:
         return []

@@ -15,13 +15,42 @@ class OnDemand(PrefetchPolicy):
     """Fetch only what a layer needs when its routing is known (Mixtral-offloading with LRU)."""
 
 
+def streamed_resident_layers(slots: int, num_experts: int, num_moe_layers: int) -> int:
+    """Whole MoE layers that whole-layer streaming keeps on the GPU in one pool of ``slots``: all of
+    them if they fit, else as many as fit beside one layer's worth of slots that the streamed
+    layers pass through (accelerate's ``device_map="auto"`` fills the GPU in module order and
+    offloads the rest, so these are the first layers)."""
+    E, M = num_experts, num_moe_layers
+    if slots >= E * M:
+        return M
+    return max(0, (slots - E) // E)
+
+
 @PREFETCH.register("stream")
 class WholeLayerStreaming(PrefetchPolicy):
-    """Every expert of a layer, every step, dropped after use: what accelerate's device_map offload does."""
+    """accelerate's device_map offload: as many whole layers as the budget allows stay on the GPU
+    (preloaded, never evicted); every other layer's experts are all copied in, every step, and
+    dropped after use. The copies come from pageable host memory and block the host (the host
+    models that: hardware.host_memory does not apply to this policy)."""
 
     keeps_cache = False
+    host_memory = "pageable"
+
+    def __init__(self) -> None:
+        self.resident_layers = 0
+
+    def preload(self, capacity: Sequence[int]) -> list[int]:
+        E, M = self.ctx.num_experts, self.ctx.num_moe_layers
+        if len(capacity) == 1:
+            n = streamed_resident_layers(capacity[0], E, M)
+        else:  # per-layer pools: a layer whose pool holds all its experts keeps them
+            n = M if min(capacity) >= E else 0
+        self.resident_layers = n
+        return list(range(n * E))
 
     def on_layer_start(self, ls: LayerStep) -> list[Action]:
+        if ls.m < self.resident_layers:
+            return []
         base = ls.m * self.ctx.num_experts
         return [Fetch(base + e, DEMAND) for e in range(self.ctx.num_experts)]
 
