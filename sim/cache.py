@@ -45,6 +45,8 @@ class ExpertCache:
         self.drop_on_release = False  # whole-layer streaming keeps nothing between steps (but pinned keys)
         self.prefetched = [False] * n  # arrived by prefetch and not used yet (the host clears it on use)
         self.wasted_prefetches = 0  # prefetched experts evicted before any use
+        self.evicted = [False] * n  # evicted since its last load
+        self.refetches = 0  # loads of evicted experts
         self.pinned: frozenset[int] = frozenset()  # preloaded for good (a streaming policy's resident layers)
         self._can_evict = self.can_evict
 
@@ -71,6 +73,10 @@ class ExpertCache:
                 raise SimError(f"eviction policy {self.eviction.name} chose non-evictable key {victim}")
             self.remove(victim)
             self.evictions += 1
+            self.evicted[victim] = True
+        if self.evicted[key]:  # an evicted expert comes back: what an eviction costs
+            self.evicted[key] = False
+            self.refetches += 1
         state[key] = LOADING
         self.ready_at[key] = ready_at
         occupancy[pool] += 1
@@ -123,6 +129,12 @@ class ExpertCache:
             for key in keys:
                 if state[key] == RESIDENT and not in_use[key]:
                     self.remove(key)
+
+    @property
+    def refetch_share(self) -> float:
+        """The share of evictions whose expert had to be copied back (Laplace-smoothed): the
+        expected extra transfer an eviction costs."""
+        return (self.refetches + 1) / (self.evictions + 2)
 
     def check(self) -> None:
         """Invariants (used by tests): occupancy matches states and never exceeds capacity."""

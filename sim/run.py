@@ -217,11 +217,19 @@ def run_policy(prep: Prepared, pcfg: DictConfig, seed: int, *, timeline: bool = 
 
         bar = tqdm(total=prep.trace.num_requests, desc=f"{pcfg.name}", unit="request", disable=None, leave=False)
     t0 = time.perf_counter()
+    hw, cost = prep.hw, prep.cost
+    host_memory = getattr(prefetch, "host_memory", None)  # a policy that copies from its own host memory
+    if host_memory and host_memory != hw.host_memory:
+        from dataclasses import replace
+
+        hw = replace(hw, host_memory=host_memory)
+        cost = cost_model_for(prep.model, hw)
     sim = Simulation(
-        schedule, prep.model, prep.hw, prep.cost,
+        schedule, prep.model, hw, cost,
         eviction=eviction, prefetch=prefetch, predictor=predictor,
         slots=None if plan.per_layer else plan.slots, per_layer=plan.per_layer,
         seed=seed, timeline=timeline, lookahead_depths=depths, governor=governor, draft=draft, progress=bar,
+        reset=prep.reset,
     )
     log = sim.run()
     wall = time.perf_counter() - t0
@@ -233,6 +241,9 @@ def run_policy(prep: Prepared, pcfg: DictConfig, seed: int, *, timeline: bool = 
     row["slots"], row["layout"] = plan.slots, plan.layout
     if plan.resident_layers is not None:
         row["resident_layers"] = plan.resident_layers
+    if host_memory:
+        row["host_memory"] = host_memory
+    row["prefetches_refused"] = sim.copy.refused
     row["decoding"] = pcfg.decoding
     if speculative:
         row["draft_source"] = draft.source

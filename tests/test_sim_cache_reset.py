@@ -96,10 +96,28 @@ def test_warm_cache_differs_from_cold():
     assert warm["config_id"] != cold["config_id"]
 
 
+def decode_only(trace: Trace) -> Trace:
+    """The trace's decode tokens alone (positions and steps renumbered from the first)."""
+    from traces.stats import select_tokens
+
+    s = select_tokens(trace, "decode")
+    R, T = s.valid.shape
+    t = np.where(s.valid, np.arange(T)[None, :], -1)
+    ids = np.where(s.valid[..., None, None], s.ids, -1).astype(trace.expert_ids.dtype)
+    gw = None if s.gate_weights is None else s.gate_weights.astype(np.float32)
+    return Trace(shape=trace.shape, request_ids=trace.request_ids.copy(), lengths=s.lengths.astype(np.int32),
+                 position=t.astype(np.int32), step=np.where(s.valid, t + 1, -1).astype(np.int32),
+                 phase=np.where(s.valid, 1, -1).astype(np.int8), expert_ids=ids, gate_weights=gw)
+
+
 @pytest.mark.parametrize("c", [2, 3, 5])
-def test_traces_stats_lru_equals_the_simulators(c: int) -> None:
+def test_traces_stats_lru_equals_the_simulators(c: int, tmp_path) -> None:
     """On a decode-only trace, per-layer LRU of c slots, cold at each request: one convention."""
-    row, trace = run(["model=tiny", "policy=lru", f"cache.per_layer={c}", "cache.reset=request",
-                      "trace.requests=3", "trace.prompt_tokens=0", "trace.decode_tokens=40"])
+    from traces import write_trace
+
+    common = ["model=tiny", "policy=lru", f"cache.per_layer={c}", "cache.reset=request"]
+    _, synth = run([*common, "trace.requests=3", "trace.decode_tokens=40"])
+    path = write_trace(decode_only(synth), tmp_path / "decode.parquet")
+    row, trace = run([*common, f"trace.path={path}"])
     assert (trace.phase[trace.valid_mask()] == 1).all()
     assert row["hit_rate"] == pytest.approx(lru_hit_rates(trace, [c])[c].overall, abs=1e-12)

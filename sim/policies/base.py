@@ -15,10 +15,16 @@ DEMAND = 0  # priority of demand fetches: before every prefetch
 
 
 class Fetch(NamedTuple):
-    """Copy ``key`` to the GPU. Lower priority values go first; 0 is reserved for demand."""
+    """Copy ``key`` to the GPU. Lower priority values go first; 0 is reserved for demand.
+
+    A prefetch that names the layer-step it is for (``for_g``) and its predictor's confidence (the
+    probability that the layer-step needs ``key``) is admitted by the host's copy queue only when
+    it pays for itself (sim/host.py, ``HostController.admit``); one without ``for_g`` always is."""
 
     key: int
     priority: int = 1
+    for_g: int = -1
+    confidence: float = 1.0
 
 
 class Cancel(NamedTuple):

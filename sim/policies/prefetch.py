@@ -56,15 +56,27 @@ class WholeLayerStreaming(PrefetchPolicy):
 
 
 class _Tracked(PrefetchPolicy):
-    """Remembers which layer-step each prefetch was for, and cancels the ones still queued once
-    that layer has routed: they are then either promoted to demand by the host (if needed) or
-    useless."""
+    """Remembers which layer-step each prediction was for. When that layer has routed it cancels
+    the prefetches still queued (the host promotes the needed ones to demand; the rest are
+    useless) and scores the prediction: the share of predicted experts the layer-step needed, per
+    depth (priority), is the confidence its next prefetches carry (Laplace-smoothed: 1/2 before
+    any evidence)."""
 
     def attach(self, ctx: PolicyContext) -> None:
         super().attach(ctx)
-        self._for: dict[int, list[int]] = {}
+        self._for: dict[int, list[int]] = {}  # target layer-step -> keys fetched for it
+        self._pred: dict[int, list[tuple[int, int]]] = {}  # target layer-step -> (key, depth) predicted
+        self._score: dict[int, list[int]] = {}  # depth -> [predicted keys needed, predicted keys]
+
+    def confidence(self, priority: int) -> float:
+        hit, total = self._score.get(priority, (0, 0))
+        return (hit + 1) / (total + 2)
 
     def _issue(self, target_g: int, keys: Sequence[int], priority: int) -> list[Action]:
+        pred = self._pred.get(target_g)
+        if pred is None:
+            self._pred[target_g] = pred = []
+        pred.extend((k, priority) for k in keys)
         cached = self.ctx.cached
         todo = [k for k in keys if not cached(k)]
         if not todo:
@@ -74,9 +86,21 @@ class _Tracked(PrefetchPolicy):
             self._for[target_g] = todo
         else:
             lst += todo
-        return [Fetch(k, priority) for k in todo]
+        c = self.confidence(priority)
+        return [Fetch(k, priority, target_g, c) for k in todo]
 
-    def _expire(self, g: int) -> list[Action]:
+    def _expire(self, g: int, needed: Sequence[int]) -> list[Action]:
+        pred = self._pred.pop(g, None)
+        if pred:
+            if len(needed) > 8:
+                needed = set(needed)
+            score = self._score
+            for k, p in pred:
+                sc = score.get(p)
+                if sc is None:
+                    score[p] = sc = [0, 0]
+                sc[0] += k in needed
+                sc[1] += 1
         keys = self._for.pop(g, None)
         if not keys:
             return []
@@ -96,7 +120,7 @@ class GateLookahead(_Tracked):
         self.depth = int(depth)
 
     def on_routed(self, ls: LayerStep, needed: Sequence[int]) -> list[Action]:
-        acts = self._expire(ls.g)
+        acts = self._expire(ls.g, needed)
         pred = self.ctx.predictor
         M = self.ctx.num_moe_layers
         for d in range(1, self.depth + 1):
@@ -127,7 +151,7 @@ class OraclePrefetch(_Tracked):
         return []
 
     def on_routed(self, ls: LayerStep, needed: Sequence[int]) -> list[Action]:
-        acts = self._expire(ls.g)
+        acts = self._expire(ls.g, needed)
         for j in range(1, self.depth + 1):
             acts += self._issue(ls.g + j, self.ctx.future(ls.g + j), j)
         return acts
@@ -190,7 +214,7 @@ class HistoryPrefetch(_Tracked):
             cur[key // E, key % E] += 1.0
         if ls.m == 0 or self._rank is None:
             self._rematch()
-        acts = self._expire(ls.g)
+        acts = self._expire(ls.g, needed)
         M = self.ctx.num_moe_layers
         for j in range(1, self.layers_ahead + 1):
             tm = ls.m + j
