@@ -89,11 +89,12 @@ class ExpertCache:
             raise SimError(f"no free slot to preload key {key}")
         self.state[key] = RESIDENT
 
-    def pin(self, keys: list[int], g: int = 0) -> None:
-        """Preload ``keys`` for good (a policy's ``preload``): each counts as in use forever, so it
-        is never evicted nor dropped, and takes its slot from the pool."""
+    def pin(self, keys: list[int]) -> None:
+        """Keep resident ``keys`` for good (a policy's ``preload``, once they landed): each counts
+        as in use forever, so it is never evicted nor dropped."""
         for key in keys:
-            self.insert_resident(key, g)
+            if self.state[key] != RESIDENT:
+                raise SimError(f"cannot pin expert key {key}: not resident")
             self.in_use[key] += 1
         self.pinned = self.pinned | frozenset(keys)
 

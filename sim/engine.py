@@ -97,7 +97,6 @@ class Simulation:
             ctx.future = lambda g: sch.future(g) if g < sch.request_end(self.host.g) else ()
         eviction.attach(ctx, cache.num_pools)
         prefetch.attach(ctx)
-        cache.pin(prefetch.preload(cache.capacity))
         self.eviction, self.prefetch = eviction, prefetch
         self.host = host = HostController(
             sch, cache, copy, eviction=eviction, prefetch=prefetch, log=log,

@@ -132,8 +132,9 @@ class PrefetchPolicy:
         self.attach(self.ctx)
 
     def preload(self, capacity: Sequence[int]) -> list[int]:
-        """Keys placed on the GPU before the run and kept there for good (never evicted, never
-        dropped), given the slots of each pool. The default preloads nothing."""
+        """Keys copied to the GPU before the first request (as a model load does) and kept there
+        for good (never evicted, never dropped), given the slots of each pool. The default
+        preloads nothing."""
         return []
 
     def on_request_start(self, request: int) -> list[Action]:
