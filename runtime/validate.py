@@ -5,7 +5,9 @@ For every config of the grid (shape x cache budget x link x decode engine x poli
 replays the same trace ``repetitions`` times (``source = measured``, one row per repetition) and the
 simulator predicts it with ``hardware=measured/<card>`` (``source = sim``); both rows carry the
 same ``config_id`` (sim.run.config_id), the level, card and date, and the per-token latencies
-(``token_gaps_s``) for the distribution comparison. ``sim.validation`` joins the two and computes
+(``token_gaps_s``) for the distribution comparison. Both timelines of every config (the last
+measured repetition and the simulator's) go to ``timelines/<config_id>.{measured,sim}.json``
+beside the table (Chrome/Perfetto format). ``sim.validation`` joins the two and computes
 the errors. Level ``closed``: each side runs its own policies. Level ``replayed`` (the simulator
 replaying the runtime's logged decisions) needs a decision-replay policy in the simulator and is
 refused until it exists.
@@ -158,7 +160,8 @@ def gaps_of(log: Any) -> list[float]:
 def run_validate(cfg: Any, log: Any = print) -> Path:
     import pandas as pd
 
-    from runtime.measure import Session
+    from runtime.measure import Session, timeline_json
+    from sim.timeline import chrome_trace, write_json_atomic
     from runtime.models import resolve_device
     from runtime.profile import card_info, card_name
     from sim.run import base_keys, config_id, load_policy, prepare, run_policy
@@ -241,11 +244,14 @@ def run_validate(cfg: Any, log: Any = print) -> Path:
                         sess.om.backend.calibrate_sleep()  # copy pacing sleeps on the copy stream
                 prep = sess.prepare(c)
                 gaps: dict[str, list[list[float]]] = {}
+                logs: dict[str, Any] = {}
 
-                def on_run(p, run, lg, row, gaps=gaps):
+                def on_run(p, run, lg, row, gaps=gaps, logs=logs):
                     gaps.setdefault(p.name, []).append(gaps_of(lg))
+                    if lg.compute_spans is not None:
+                        logs[p.name] = lg
 
-                got = sess.measure(c, on_run=on_run, deadline=deadline)
+                got = sess.measure(c, on_run=on_run, deadline=deadline, timeline=True)
                 seen: dict[str, int] = {}
                 for r in got:
                     if r["source"] != "measured" or r.get("status") != "ok":
@@ -261,7 +267,13 @@ def run_validate(cfg: Any, log: Any = print) -> Path:
                     ms = [x for x in new if x["policy"] == p]
                     if not ms:
                         continue
-                    srow, (_, slog) = run_policy(prep, load_policy(p), int(cfg.seed))
+                    srow, (sobj, slog) = run_policy(prep, load_policy(p), int(cfg.seed), timeline=p in logs)
+                    if p in logs:  # both timelines of the config (last measured repetition)
+                        tdir = path.parent / "timelines"
+                        write_json_atomic(timeline_json(logs[p], sess.om), tdir / f"{ms[0]['config_id']}.measured.json")
+                        write_json_atomic(chrome_trace(slog.compute_spans, slog.copy_spans, slog.occupancy,
+                                                       num_experts=sobj.model.num_experts, moe_layers=sobj.model.moe_layers),
+                                          tdir / f"{ms[0]['config_id']}.sim.json")
                     base = {**{k: ms[0][k] for k in ("level", "config_id", "card", "date", "engine", "link", "model", "budget")},
                             "policy": p, "source": "sim", "repetition": 0}
                     s = validation_row(base, srow, gaps_of(slog))

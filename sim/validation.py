@@ -129,3 +129,25 @@ def summary(joined: Any, by: Sequence[str] = ("level",)) -> Any:
             r["meets_target"] = bool(r["tpot_median_abs_err"] <= med and r["tpot_max_abs_err"] <= mx)
         out.append(r)
     return pd.DataFrame(out)
+
+
+def from_results(df: Any, *, card: str, date: str, engine: str = "eager", level: str = "closed") -> Any:
+    """A results table of ``python -m runtime`` or benchmarks/gpu_runtime.py (measured and sim rows
+    joined by config_id, times in ms) in the validation table's columns; per-token latencies are
+    not in such tables, so ``token_gaps_s`` is empty (the KS statistic is then NaN)."""
+    import pandas as pd
+
+    ok = df[(df["status"] == "ok") & df["source"].isin(SOURCES)]
+    out = pd.DataFrame({
+        "level": level, "config_id": ok["config_id"], "card": card, "date": date, "engine": engine,
+        "link": np.where(ok["link_pace_gbps"].notna(), "paced", "pinned"), "policy": ok["policy"],
+        "source": ok["source"],
+        "model": ok["shape"] if "shape" in ok else ok["model"],
+        "budget": ok["budget"] if "budget" in ok else np.nan,
+        "repetition": ok["repetition"], "tpot_s": ok["tpot_ms"] / 1e3,
+        **{f"{p}_token_s": ok[f"{p}_token_ms"] / 1e3 for p in PERCENTILES},
+        "ttft_s": ok["ttft_ms"] / 1e3, "hit_rate": ok["hit_rate"], "stall_share": ok["stall_share"],
+        "k": ok["mean_k"] if "mean_k" in ok else 0.0,
+    })
+    out["token_gaps_s"] = [[] for _ in range(len(out))]
+    return out.reset_index(drop=True)
