@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from runtime.executor import OffloadedModel, Run
-from sim.engine import RunLog
+from sim.runlog import RunLog
 from sim.metrics import results_row
 from sim.timeline import chrome_trace
 
@@ -187,7 +187,7 @@ def apply_overrides(cfg: Any) -> None:
 def model_source(cfg: Any) -> tuple[str, int | None]:
     """What ``load_model`` builds for this config: a checkpoint/config/tiny source, or a preset's
     shipped config.json (random weights), depth-reduced by ``model.layers``."""
-    from runtime.models import conf_dir
+    from sim.presets import conf_dir
 
     if cfg.get("source"):
         return str(cfg.source), cfg.get("layers")
@@ -333,7 +333,7 @@ class Session:
                 predictor.attach_live(self.loaded)
             else:
                 predictor = PREDICTORS.create(pcfg.predictor, **dict(pcfg.predictor_args))
-                predictor.attach(trace, schedule, tuple(range(1, depth + 1)), int(cfg.seed))
+                predictor.attach(trace, schedule.layer_steps(), tuple(range(1, depth + 1)), int(cfg.seed))
         rc = RunConfig(
             eviction=eviction, prefetch=prefetch, predictor=predictor,
             slots=None if plan.per_layer else plan.slots, per_layer=plan.per_layer,

@@ -10,11 +10,10 @@ import hashlib
 import json
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from sim.bound import compute_bound
 from sim.costmodel import CostModel, cost_model_for
@@ -24,21 +23,10 @@ from sim.hardware import HardwareSpec
 from sim.memory import MemoryPlan, plan_memory
 from sim.metrics import results_row
 from sim.policies import EVICTION, PREDICTORS, PREFETCH
+from sim.presets import load_preset
 from sim.schedule import Schedule
 from sim.spec import ModelSpec
 from traces import Trace, TraceError, read_trace
-
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-
-
-def conf_dir() -> Path:
-    """The shipped configs (a source checkout or an installed ``conf`` package)."""
-    if CONF_DIR.is_dir():
-        return CONF_DIR
-    import conf
-
-    return Path(conf.__file__).resolve().parent
-
 
 # ------------------------------------------------------------------ inputs
 def load_trace(tcfg: Any, model: ModelSpec) -> Trace:
@@ -90,13 +78,10 @@ def load_policy(name: str, where: str = "policy") -> DictConfig:
     """A policy preset file (conf/policy/NAME.yaml) validated against the policy schema."""
     from sim.config import PolicyConf
 
-    path = conf_dir() / "policy" / f"{name}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in (conf_dir() / "policy").glob("*.yaml"))
-        raise SimError(f"{where} names unknown policy '{name}'; known: {', '.join(known)}")
-    raw = OmegaConf.load(path)
-    raw.pop("defaults", None)
-    return OmegaConf.merge(OmegaConf.structured(PolicyConf), raw)
+    try:
+        return load_preset("policy", name, PolicyConf)
+    except SimError as e:
+        raise SimError(f"{where}: {e}") from None
 
 
 def policy_presets(pcfg: Any) -> list[DictConfig]:
@@ -194,6 +179,7 @@ def base_keys(cfg: DictConfig) -> dict[str, Any]:
 def run_policy(prep: Prepared, pcfg: DictConfig, seed: int, *, timeline: bool = False, governor_cfg: Any = None,
                trace_cfg: Any = None, plan: MemoryPlan | None = None, progress: bool = False) -> tuple[dict[str, Any], Any]:
     """One policy on a prepared config: its results row (without config keys) and (sim, log)."""
+    from sim.config import TraceConf
     from sim.governor import build_governor
     from sim.speculative import DraftSource
 
@@ -212,9 +198,8 @@ def run_policy(prep: Prepared, pcfg: DictConfig, seed: int, *, timeline: bool = 
     schedule = prep.schedule
     if speculative:
         governor = build_governor(governor_cfg if governor_cfg is not None else {"name": "roofline"})
-        tc = trace_cfg or {}
-        draft = DraftSource(prep.trace, agreement=float(tc.get("draft_agreement", 0.9)),
-                            acceptance=float(tc.get("acceptance", 0.85)), seed=seed)
+        tc = trace_cfg if trace_cfg is not None else TraceConf()
+        draft = DraftSource(prep.trace, agreement=float(tc.draft_agreement), acceptance=float(tc.acceptance), seed=seed)
         schedule = Schedule(prep.trace, prep.model, prep.cost, build=False)
     bar = None
     if progress:  # quiet when output is not a terminal (tqdm's disable=None), or TQDM_DISABLE=1

@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 
 from sim.errors import SimError
+from sim.config import register_configs
 from sim.hardware import HardwareConf, HardwareSpec
-from sim.spec import ModelConf, ModelSpec, conf_dir, register_schemas
+from sim.presets import conf_dir
+from sim.spec import ModelConf, ModelSpec
 
 CONF = conf_dir()
 MODELS = ["mixtral-8x7b", "phi-3.5-moe", "qwen1.5-moe-a2.7b", "qwen3-30b-a3b", "deepseek-v2-lite",
@@ -18,7 +20,7 @@ MODELS = ["mixtral-8x7b", "phi-3.5-moe", "qwen1.5-moe-a2.7b", "qwen3-30b-a3b", "
 REAL = [m for m in MODELS if m not in ("tiny", "small-moe")]
 # the project's own trained model: its config.json lives with its checkpoint
 HF_CONFIG = {m: f"{m}.config.json" for m in MODELS} | {"small-moe": "../../models/small-moe/config.json"}
-HARDWARE = ["rtx3090", "rtx4090", "l4", "a100-40g-pcie4", "h100-pcie5", "h200"]
+HARDWARE = ["rtx3090", "rtx4090", "l4", "a100-40g-pcie4", "h100-pcie5", "h100-sxm", "h200"]
 
 # research/anchors-offload.md §1.2: (params per expert, bytes per expert bf16, routed experts / layer,
 # top-k, MoE layers, total layers)
@@ -74,8 +76,8 @@ def compose(hydra_dir: Path, overrides: list[str]):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    register_schemas()
-    register_schemas()  # idempotent
+    register_configs()
+    register_configs()  # idempotent
     with initialize_config_dir(config_dir=str(hydra_dir), version_base="1.3"):
         return hydra_compose(config_name="config", overrides=overrides)
 
