@@ -15,7 +15,7 @@
 # # The governor on the Amortization Roofline
 #
 # MoE-SpeQ's governor picks the draft length k of each cycle from the Amortization Roofline
-# (sim/roofline.py; docs/governor.md): throughput against tokens per byte moved over the host link, an
+# (sim/experiments/roofline.py; docs/governor.md): throughput against tokens per byte moved over the host link, an
 # I/O roof (the link's bandwidth) and one compute roof per k. This notebook draws the roofline of a
 # MoE-SpeQ run with its operating points (the governor's run and fixed-k runs), and the governor's
 # predicted cycle time against the observed one.
@@ -45,10 +45,10 @@ import seaborn as sns
 ROOT = next(p for p in [Path.cwd(), *Path.cwd().parents] if (p / "pyproject.toml").is_file())
 sys.path.insert(0, str(ROOT))
 from sim.hardware import HardwareSpec  # noqa: E402
-from sim.roofline import compute_roofs_from_cycles, cycles_frame, most_chosen_k, operating_points, roofline_figure  # noqa: E402
+from sim.experiments.roofline import compute_roofs_from_cycles, cycles_frame, most_chosen_k, operating_points, roofline_figure  # noqa: E402
 from sim.run import simulate  # noqa: E402
 from sim.spec import ModelSpec  # noqa: E402
-from sim.sweep import compose_sim  # noqa: E402
+from sim.experiments.sweep import compose_sim  # noqa: E402
 
 out = ROOT / figures
 out.mkdir(parents=True, exist_ok=True)

@@ -43,7 +43,7 @@ import seaborn as sns
 
 ROOT = next(p for p in [Path.cwd(), *Path.cwd().parents] if (p / "pyproject.toml").is_file())
 sys.path.insert(0, str(ROOT))
-from sim.validation import TARGETS, from_results, join, summary  # noqa: E402
+from sim.experiments.validation import TARGETS, from_results, join, summary  # noqa: E402
 
 out = ROOT / figures
 out.mkdir(parents=True, exist_ok=True)

@@ -480,77 +480,105 @@ def measure_roofline(clock: Clock, dtype: torch.dtype, smoke: bool) -> dict[str,
 
 
 # =============================================================================== host overhead per path
-def graphed_engine(m: ModelSpec, clock: Clock, dtype: torch.dtype, seed: int, layers: int, steps: int) -> dict[str, float]:
-    """The graphed decode path's host overhead, by microbenchmark (the lean decode path is not
-    used): per MoE layer, one CUDA graph of the non-expert work (norm, attention, router), the
-    routing read through pinned memory and an event, the top-k experts launched eagerly. Host
-    overhead per layer = wall time per layer - the GPU time of the same work (graph replays and
-    expert kernels timed alone). The draft: one graph of ``layers`` layers per token (no host
-    round trip), host cost = one replay call / layers."""
-    ops = Ops(m, clock.device, dtype, 64, seed)
-    attn, router = ops.attention(1, 32), ops.router(1)
-    k = m.top_k
-    experts = [ops.expert_ffn(1) for _ in range(k)]
-    ids = torch.topk(torch.randn(1, m.num_experts, device=clock.device), k, -1).indices
-    pinned = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=clock.cuda)
+def _decode_wall(step: Callable[[Any, int], Any], n: int, clock: Clock, prompt: int = 8) -> float:
+    """Median wall seconds of a greedy one-token decode step (the host waits for each token)."""
+    dev = clock.device
+    toks = torch.arange(3, 3 + prompt, device=dev).reshape(1, -1)
+    ts = []
+    with torch.inference_mode():
+        nxt = step(toks, 0).argmax(-1).reshape(1, 1)
+        clock.sync()
+        for i in range(n):
+            t0 = time.perf_counter()
+            nxt = step(nxt, prompt + i).argmax(-1).reshape(1, 1)
+            clock.sync()
+            if i >= 2:  # first uses of a context length, allocator
+                ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
 
-    def pre() -> Any:
-        attn()
-        return router()
 
-    gpu_pre, method = clock.gpu(pre)
-    gpu_exp, _ = clock.gpu(lambda: [e() for e in experts])
+def engine_at_depth(name: str, layers: int, cfg: Any, clock: Clock) -> dict[str, float]:
+    """One depth of the engine shape, every expert resident: the kernels' own time of a decode step
+    (runtime.lean's whole-step CUDA graph), the wall time per step of the graphed path (runtime.lean:
+    one graph per layer segment, routing read through pinned memory + event, grouped experts) and of
+    the eager path (runtime.executor on transformers' layers), the draft's one-graph INT4 step (host
+    time of the launch call) and transformers' own forward (the eager draft's layers)."""
+    from runtime.lean import GroupedExperts, Int4Experts, LeanModel
+    from runtime.models import load_model
+    from runtime.replay import _forward_kwargs, forward_step, new_cache
+
+    n = 6 if cfg.smoke else 24
+    max_len = 64
+    lm = load_model(name, layers=layers, device=clock.device.type, seed=int(cfg.seed), attn_implementation="sdpa")
+    mods = [h.experts for h in lm.moe_handles]
+    out: dict[str, float] = {"moe_layers": float(lm.shape.num_moe_layers)}
+    lean = LeanModel(lm, max_len=max_len, experts=GroupedExperts(mods, "grouped_mm" if hasattr(torch, "_grouped_mm")
+                                                                  else "gather_bmm"), graphs=clock.cuda)
+    out["graphed_step_s"] = _decode_wall(lean.forward, n, clock)
     if clock.cuda:
-        g = torch.cuda.CUDAGraph()
-        s = torch.cuda.Stream(clock.device)
-        s.wait_stream(torch.cuda.current_stream(clock.device))
-        with torch.cuda.stream(s):
-            pre()
-            torch.cuda.synchronize(clock.device)
-            with torch.cuda.graph(g, stream=s):
-                pre()
-        torch.cuda.current_stream(clock.device).wait_stream(s)
-        replay = g.replay
-        gd = torch.cuda.CUDAGraph()
-        with torch.cuda.stream(s):
-            with torch.cuda.graph(gd, stream=s):
-                for _ in range(layers):
-                    pre()
-                    for e in experts:
-                        e()
-        torch.cuda.current_stream(clock.device).wait_stream(s)
-        draft_replay = gd.replay
-    else:
-        replay = pre
-
-        def draft_replay() -> None:
-            for _ in range(layers):
-                pre()
-                for e in experts:
-                    e()
-
-    def layer() -> None:
-        replay()
-        pinned.copy_(ids, non_blocking=True)
+        lean.capture_step()
+        out["floor_step_s"], _ = clock.gpu(lean.step_graph.replay, inner=1)
+        out["graph_launch_host_s"] = clock.host(lean._graphs[0].replay, inner=20)
+    else:  # no graphs: the eager lean step is all the work there is
+        out["floor_step_s"] = out["graphed_step_s"]
+        out["graph_launch_host_s"] = 0.0
+    del lean
+    try:
+        draft = LeanModel(lm, max_len=max_len, experts=Int4Experts(mods), graphs=clock.cuda)
         if clock.cuda:
-            ev = torch.cuda.Event()
-            ev.record()
-            ev.synchronize()
-        chosen = pinned.numpy().tolist()
-        for e, _ in zip(experts, chosen[0]):
-            e()
+            draft.forward(torch.arange(3, 11, device=clock.device).reshape(1, -1), 0)
+            draft.capture_step()
+            out["draft_call_host_s"] = _host_issue(clock, lambda: draft.step_one_graph(8), 1)
+        else:
+            out["draft_call_host_s"] = 0.0
+        del draft
+    except Exception as e:  # noqa: BLE001 - shapes or a torch without int4 kernels: stated in the notes
+        out["draft_error"] = f"{type(e).__name__}: {e}"  # type: ignore[assignment]
+    extra = _forward_kwargs(lm.model)
+    state: dict[str, Any] = {}
 
-    wall = clock.host(layer, inner=steps)
-    draft_call = clock.host(draft_replay, inner=steps) if not clock.cuda else _host_issue(clock, draft_replay, steps)
-    if not clock.cuda:  # the CPU "graph" is the eager loop: its host time is the work itself
-        draft_call = draft_call - layers * (gpu_pre + gpu_exp)
-    launch = _host_issue(clock, replay, steps)
-    return {
-        "host_per_layer_s": max(0.0, wall - gpu_pre - gpu_exp),
-        "draft_host_per_layer_s": max(0.0, draft_call / layers),
-        "host_per_launch_s": launch,
-        "_wall_per_layer_s": wall, "_gpu_per_layer_s": gpu_pre + gpu_exp, "_method": method,
+    def hf_step(ids: Any, start: int) -> Any:
+        if start == 0:
+            state["cache"] = new_cache(lm.model)
+        pos = torch.arange(start, start + ids.shape[1], device=clock.device).reshape(1, -1)
+        return forward_step(lm.model, ids, pos, state["cache"], extra)
+
+    out["transformers_step_s"] = _decode_wall(hf_step, n, clock)
+    del lm, state
+    out["executor_eager_step_s"] = _resident_tpot(name, layers, cfg, clock)
+    if clock.cuda:
+        torch.cuda.empty_cache()
+    return out
+
+
+def engine_values(name: str, cfg: Any, clock: Clock, eager_launch_host_s: float,
+                  log: Callable[[str], None]) -> tuple[dict[str, dict[str, float]], dict[int, dict[str, float]]]:
+    """Host overhead per decode path on the engine shape, from two depths (module docstring):
+    per MoE layer, slope over depth of the path's wall time per step minus the slope of the
+    kernels' own time (so embedding, head and per-step constants cancel)."""
+    l1, l2 = sorted(int(x) for x in cfg.engine_layers)[:2]
+    if l2 <= l1:
+        raise SimError(f"engine_layers must hold two different depths, got {list(cfg.engine_layers)}")
+    at = {L: engine_at_depth(name, L, cfg, clock) for L in (l1, l2)}
+    dm = at[l2]["moe_layers"] - at[l1]["moe_layers"]
+
+    def slope(key: str) -> float:
+        return (at[l2][key] - at[l1][key]) / dm
+
+    floor = slope("floor_step_s")
+    for L, v in at.items():
+        log(f"engine shape {name} L{L}: kernels {v['floor_step_s'] * 1e3:.3f} ms/step, graphed {v['graphed_step_s'] * 1e3:.3f}, "
+            f"executor eager {v['executor_eager_step_s'] * 1e3:.3f}, transformers {v['transformers_step_s'] * 1e3:.3f} ms/step")
+    draft_graphed = max(at[l1].get("draft_call_host_s", 0.0), at[l2].get("draft_call_host_s", 0.0)) / at[l1]["moe_layers"]
+    values = {
+        "graphed": {"host_per_layer_s": max(0.0, slope("graphed_step_s") - floor),
+                    "draft_host_per_layer_s": draft_graphed,
+                    "host_per_launch_s": statistics.median([at[L]["graph_launch_host_s"] for L in at])},
+        "eager": {"host_per_layer_s": max(0.0, slope("executor_eager_step_s") - floor),
+                  "draft_host_per_layer_s": max(0.0, slope("transformers_step_s") - floor),
+                  "host_per_launch_s": eager_launch_host_s},
     }
+    return values, at
 
 
 def _host_issue(clock: Clock, fn: Callable[[], Any], n: int) -> float:
@@ -559,34 +587,11 @@ def _host_issue(clock: Clock, fn: Callable[[], Any], n: int) -> float:
     for _ in range(clock.reps):
         clock.sync()
         t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
+        for _ in range(n):
+            fn()
+        ts.append((time.perf_counter() - t0) / n)
         clock.sync()
     return statistics.median(ts)
-
-
-def eager_engine(name: str, m: ModelSpec, cfg: Any, clock: Clock, gpu_layer_s: float, launch_host_s: float,
-                 log: Callable[[str], None]) -> dict[str, float]:
-    """The existing eager path's host overhead: the runtime's executor (transformers layers, the
-    executor's per-layer routing read and expert dispatch) decoding ``engine_shape`` with every
-    expert resident at two depths; host per MoE layer = (TPOT(L2) - TPOT(L1)) / (L2 - L1) - the GPU
-    time of one layer's kernels (from this profile's own op rows of the shape). The draft:
-    transformers' own forward of the same model (no executor hooks), same slope."""
-    l1, l2 = sorted(int(x) for x in cfg.engine_layers)[:2]
-    if l2 <= l1:
-        raise SimError(f"engine_layers must hold two different depths, got {list(cfg.engine_layers)}")
-    tpot = {L: _resident_tpot(name, L, cfg, clock) for L in (l1, l2)}
-    draft = {L: _hf_step(name, L, cfg, clock) for L in (l1, l2)}
-    per_layer = (tpot[l2] - tpot[l1]) / (l2 - l1)
-    per_layer_draft = (draft[l2] - draft[l1]) / (l2 - l1)
-    log(f"eager: executor TPOT {tpot[l1] * 1e3:.2f} ms (L{l1}) {tpot[l2] * 1e3:.2f} ms (L{l2}); transformers step "
-        f"{draft[l1] * 1e3:.2f} / {draft[l2] * 1e3:.2f} ms; GPU per layer {gpu_layer_s * 1e6:.1f} us")
-    return {
-        "host_per_layer_s": max(0.0, per_layer - gpu_layer_s),
-        "draft_host_per_layer_s": max(0.0, per_layer_draft - gpu_layer_s),
-        "host_per_launch_s": launch_host_s,
-        "_tpot_s": tpot, "_hf_step_s": draft,
-    }
 
 
 def _compose_run(overrides: list[str]) -> Any:
@@ -594,7 +599,7 @@ def _compose_run(overrides: list[str]) -> Any:
     from hydra.core.global_hydra import GlobalHydra
 
     from runtime.__main__ import register_configs
-    from sim.spec import conf_dir
+    from sim.presets import conf_dir
 
     register_configs()
     if GlobalHydra.instance().is_initialized():  # inside `python -m runtime.profile` (same search path)
@@ -637,33 +642,6 @@ def _resident_tpot(name: str, layers: int, cfg: Any, clock: Clock) -> float:
         return statistics.median(tp)
     finally:
         sess.close()
-
-
-def _hf_step(name: str, layers: int, cfg: Any, clock: Clock) -> float:
-    """Median wall time of one decode step of transformers' own forward (experts resident)."""
-    from runtime.models import load_model
-
-    lm = load_model(name, layers=layers, device=clock.device.type, seed=int(cfg.seed))
-    model = lm.model
-    ids = torch.tensor([[1, 2, 3, 4]], device=clock.device)
-    steps = 4 if cfg.smoke else 16
-    with torch.no_grad():
-        out = model(input_ids=ids, use_cache=True)
-        cache = out.past_key_values
-        tok = ids[:, -1:]
-        ts = []
-        for i in range(steps):
-            clock.sync()
-            t0 = time.perf_counter()
-            out = model(input_ids=tok, past_key_values=cache, use_cache=True)
-            clock.sync()
-            if i >= 2:
-                ts.append(time.perf_counter() - t0)
-            cache = out.past_key_values
-    del model, lm
-    if clock.cuda:
-        torch.cuda.empty_cache()
-    return statistics.median(ts)
 
 
 # =============================================================================== the card
@@ -751,28 +729,24 @@ def run_profile(cfg: Any, log: Callable[[str], None] = print) -> tuple[Path, Pat
         log(f"{s}: {len(got)} op rows in {time.perf_counter() - t0:.1f} s")
     int4 = any(r.get("dtype") == "int4" for r in rows)
 
-    em = specs[cfg.engine_shape]
-    tab = {(r["op"], r.get("n_tokens"), r.get("kv_len"), r.get("dtype")): r["seconds"] for r in rows
-           if r.get("model") == cfg.engine_shape}
-    kv = 32
-    gpu_layer = (tab.get(("attention", 1, kv, None)) or 0.0) + tab[("router", 1, None, None)] + em.top_k * tab[("expert_ffn", 1, None, "bf16")]
-    graphed = graphed_engine(em, clock, dtype, int(cfg.seed), max(cfg.engine_layers), 4 if cfg.smoke else 20)
-    eager = eager_engine(cfg.engine_shape, em, cfg, clock, gpu_layer, roof["eager_launch_host_s"], log)
-    for path, e in (("graphed", graphed), ("eager", eager)):
+    engine, at = engine_values(cfg.engine_shape, cfg, clock, roof["eager_launch_host_s"], log)
+    for path, e in engine.items():
         log(f"engine {path}: host/layer {e['host_per_layer_s'] * 1e6:.1f} us, draft host/layer "
             f"{e['draft_host_per_layer_s'] * 1e6:.1f} us, host/launch {e['host_per_launch_s'] * 1e6:.2f} us")
 
     now = _dt.datetime.now(_dt.timezone.utc)
     total_mem = torch.cuda.mem_get_info(device)[1] if device.type == "cuda" else 16e9
+    ek = specs[cfg.engine_shape]
     notes = [
         "Compute rows: plain-torch ops on random weights, captured in CUDA graphs (kernel time, no host gaps).",
-        f"Engine values measured on {cfg.engine_shape} (layers {list(cfg.engine_layers)}), a shape outside the "
-        f"validation grid {GRID_SHAPES}; host_per_layer_s includes dispatching that shape's top-{em.top_k} experts.",
-        "graphed: the lean decode path was not on main at measurement time; its values come from a microbenchmark "
-        "(one CUDA graph per layer's norm+attention+router, routing read through pinned memory + event, experts "
-        "launched eagerly); draft = one graph per token for all layers.",
-        "eager: the runtime's executor (transformers layers) with every expert resident, TPOT slope over depth "
-        "minus the layer's GPU time from this profile's rows; draft = transformers' own forward, same slope.",
+        f"Engine values measured on {cfg.engine_shape} (top-{ek.top_k}; depths {list(cfg.engine_layers)}), a shape "
+        f"outside the validation grid {GRID_SHAPES}, every expert resident: host_per_layer_s = slope over MoE layers "
+        "of the path's wall time per decode step minus the slope of the kernels' own time (runtime.lean's "
+        "whole-step CUDA graph), so it includes dispatching that shape's experts and reading its routing.",
+        "graphed: runtime.lean (one CUDA graph per layer segment, routing read through pinned memory + event, "
+        "grouped experts); draft = host time of the INT4 draft's one-graph step call / MoE layers.",
+        "eager: runtime.executor on transformers' layers (the existing eager path); draft = transformers' own "
+        "forward (no executor hooks).",
         "host_per_launch_s: eager = host time of one eager kernel launch; graphed = host time of one graph replay call.",
         "workspace_gb is not measured (estimate).",
         f"decision_delay_s is the eager .tolist() read; through pinned memory + event: "
@@ -799,7 +773,7 @@ def run_profile(cfg: Any, log: Callable[[str], None] = print) -> tuple[Path, Pat
         "decision_delay_s": float(f"{scal['decision_delay_s']:.4g}"),
         "profile_table": f"{name}.parquet",
         "engine": {p: {k: float(f"{e[k]:.4g}") for k in ("host_per_layer_s", "draft_host_per_layer_s", "host_per_launch_s")}
-                   for p, e in (("graphed", graphed), ("eager", eager))},
+                   for p, e in engine.items()},
         "provenance": {
             "card": info["card"], "driver": info["driver"], "torch": info["torch"], "cuda": info.get("cuda", ""),
             "nvidia_smi": info.get("nvidia_smi", ""), "date": now.strftime("%Y-%m-%d %H:%M UTC"),
@@ -807,8 +781,8 @@ def run_profile(cfg: Any, log: Callable[[str], None] = print) -> tuple[Path, Pat
             "shapes": ", ".join(shapes[:-1] if shapes[-1] == cfg.engine_shape and cfg.engine_shape not in cfg.shapes else shapes), "engine_shape": cfg.engine_shape, "smoke": str(bool(cfg.smoke)),
             "duration_s": f"{time.perf_counter() - t_start:.0f}",
             "notes": " ".join(notes),
-            "eager_raw": f"executor TPOT {eager['_tpot_s']}, transformers step {eager['_hf_step_s']}",
-            "graphed_raw": f"wall/layer {graphed['_wall_per_layer_s']:.4g} s, GPU/layer {graphed['_gpu_per_layer_s']:.4g} s",
+            "engine_raw": "; ".join(f"L{L}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                                          for k, v in d.items()) for L, d in at.items()),
             "queued_copy_gbps": f"{scal['queued_gbps']:.2f}",
         },
     }

@@ -7,7 +7,7 @@ simulator predicts it with ``hardware=measured/<card>`` (``source = sim``); both
 same ``config_id`` (sim.run.config_id), the level, card and date, and the per-token latencies
 (``token_gaps_s``) for the distribution comparison. Both timelines of every config (the last
 measured repetition and the simulator's) go to ``timelines/<config_id>.{measured,sim}.json``
-beside the table (Chrome/Perfetto format). ``sim.validation`` joins the two and computes
+beside the table (Chrome/Perfetto format). ``sim.experiments.validation`` joins the two and computes
 the errors. Level ``closed``: each side runs its own policies. Level ``replayed`` (the simulator
 replaying the runtime's logged decisions) needs a decision-replay policy in the simulator and is
 refused until it exists.
@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from sim.errors import SimError
-from sim.validation import COLUMNS
+from sim.experiments.validation import COLUMNS
 
 ENGINES_IN_RUNTIME = ("eager",)  # decode paths runtime.executor implements today
 

@@ -17,7 +17,7 @@ def tiny_validation(tmp: Path) -> Path:
     import pandas as pd
 
     from sim.timeline import chrome_trace
-    from sim.validation import COLUMNS
+    from sim.experiments.validation import COLUMNS
 
     rows = []
     for cid, m, s in (("c1", 0.010, 0.0104), ("c2", 0.020, 0.019)):

@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sim.errors import SimError
-from sim.validation import COLUMNS, join, ks_statistic, summary
+from sim.experiments.validation import COLUMNS, join, ks_statistic, summary
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -117,7 +117,7 @@ def test_profiler_smoke_writes_a_profile_the_simulator_loads(tmp_path: Path) -> 
 def test_validate_grid_on_the_cpu_is_resumable(tmp_path: Path) -> None:
     import pandas as pd
 
-    from sim.validation import join
+    from sim.experiments.validation import join
 
     args = ["profile=h200", f"out={tmp_path}", "shapes=[{name: tiny, model: tiny, requests: 1, prompt_tokens: 4, decode_tokens: 4}]",
             "budgets=[0.5]", "links=[pinned]", "policies=[lru,oracle]", "repetitions=2"]
