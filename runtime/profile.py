@@ -28,7 +28,6 @@ code at tiny sizes (the CPU: seconds; the test suite runs it).
 from __future__ import annotations
 
 import datetime as _dt
-import math
 import platform
 import re
 import statistics
@@ -47,7 +46,6 @@ from sim.spec import ModelSpec
 
 # Shapes of the validation grid (runtime.validate); the engine shape must not be one of them.
 GRID_SHAPES = ["mixtral-8x7b", "phi-3.5-moe", "qwen3-30b-a3b"]
-EXPERT_KERNELS = 6  # kernels the expert microbenchmark launches per routed expert (gather, 2 GEMMs, SiLU, mul, index_add)
 
 
 @dataclass
@@ -255,7 +253,7 @@ class Ops:
 
     def expert_ffn(self, n: int, dtype: str = "bf16") -> Callable[[], torch.Tensor]:
         """One routed expert on ``n`` of ``2n`` hidden rows: gather, gate_up, SiLU * up, down,
-        weighted accumulate (``EXPERT_KERNELS`` kernels)."""
+        weighted accumulate: the kernels sim.costmodel.KERNELS["expert_ffn"] counts, plus the gather)."""
         hidden = self.x(2 * n)
         rows = torch.arange(0, 2 * n, 2, device=self.device)
         wt = torch.full((n, 1), 0.5, dtype=self.dtype, device=self.device)
