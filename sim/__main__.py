@@ -36,8 +36,8 @@ def app(cfg: DictConfig) -> float:
 
     from sim.report import ResultsWriter, format_table, reasons, write_results
     from sim.run import simulate
-    from sim.timeline import chrome_trace, write_json_atomic
-    from traces.atomic import check_output_file
+    from sim.timeline import chrome_trace
+    from traces.atomic import check_output_file, write_json_atomic
     from traces.cli import Interrupted
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)
@@ -63,9 +63,10 @@ def app(cfg: DictConfig) -> float:
         if len(timelines) > 1:
             path = path.with_name(f"{path.stem}.{name}{path.suffix or '.json'}")
         write_json_atomic(
+            path,
             chrome_trace(runlog.compute_spans, runlog.copy_spans, runlog.occupancy,
                          num_experts=sim.model.num_experts, moe_layers=sim.model.moe_layers),
-            path,
+            indent=None,
         )
     print(format_table(rows))
     if reasons(rows):

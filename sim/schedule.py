@@ -3,7 +3,8 @@
 A *step* is one forward call of the target on one request (prefill = step 0, all prompt tokens; a
 decode step = one token). A *layer-step* ``g`` is one (step, MoE layer). Compute between two MoE
 layers' routing decisions is folded into the later one's ``pre`` time, so the replay needs one
-decision point per layer-step and no pandas or cost-model calls in its hot loop (anchors-sim §7.4).
+decision point per layer-step and no pandas or cost-model calls in its hot loop (times precomputed, as in Vidur,
+arXiv 2405.05465).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from sim.costmodel import CostModel
+from sim.policies.predictors import LayerSteps
 from sim.spec import ModelSpec
 from traces import Trace
 
@@ -83,6 +85,17 @@ class Schedule:
                 for a, b in zip(bounds[:-1], bounds[1:]):
                     self.add_step(r, int(a), int(b), int(steps_r[a]), int(trace.phase[r, a]))
                 self.request_steps.append((first, len(self.steps)))
+
+    def layer_steps(self) -> LayerSteps:
+        """Each layer-step's request, trace rows and MoE ordinal (a predictor's input)."""
+        g_step = np.asarray(self.g_step, dtype=np.int64)
+        st = self.steps
+        return LayerSteps(
+            request=np.array([s.request for s in st], dtype=np.int64)[g_step],
+            t0=np.array([s.t0 for s in st], dtype=np.int64)[g_step],
+            t1=np.array([s.t1 for s in st], dtype=np.int64)[g_step],
+            m=np.arange(len(g_step)) - np.array([s.g0 for s in st], dtype=np.int64)[g_step],
+        )
 
     @property
     def num_layer_steps(self) -> int:
@@ -186,6 +199,18 @@ class Schedule:
                     uses.setdefault(key, []).append(g)
             self._uses = uses
         return self._uses
+
+    def request_end(self, g: int) -> int:
+        """One past the last layer-step of ``g``'s request (planned so far)."""
+        r = self.steps[self.g_step[g]].request
+        if r < len(self.request_steps):
+            return self.steps[self.request_steps[r][1] - 1].g0 + self.M
+        return len(self.needed)
+
+    def next_use_in_request(self, key: int, g: int) -> int:
+        """``next_use`` within ``g``'s request only (``cache.reset=request``: the future ends there)."""
+        n = self.next_use(key, g)
+        return n if n < self.request_end(g) else NEVER
 
     def next_use(self, key: int, g: int) -> int:
         """First layer-step after ``g`` that needs ``key``; NEVER if none."""

@@ -22,7 +22,7 @@ from sim.errors import SimError
 from sim.hardware import HardwareSpec, curve_fraction
 from sim.spec import ModelSpec
 
-HARDWARE = ["rtx3090", "rtx4090", "l4", "a100-40g-pcie4", "h100-pcie5", "h200"]
+HARDWARE = ["rtx3090", "rtx4090", "l4", "a100-40g-pcie4", "h100-pcie5", "h100-sxm", "h200"]
 
 # A toy model and GPU with round numbers, so every term can be checked by hand.
 TOY = ModelSpec(
@@ -78,17 +78,17 @@ def test_pacing_caps_the_bandwidth() -> None:
 
 
 def test_h200_preset_reproduces_the_measured_copies() -> None:
-    """anchors-offload.md §1.1: pinned H2D 55.5 GB/s >= 47 MiB, 53.5 at 9 MiB, 50.5 at 2.25 MiB, 42.7 at 0.5 MiB."""
+    """Measured on the H200 (conf/hardware/h200.yaml): pinned H2D 55.5 GB/s >= 47 MiB, 53.5 at 9 MiB, 50.5 at 2.25 MiB, 42.7 at 0.5 MiB."""
     hw = HardwareSpec.from_preset("h200")
     for nbytes, gbps in ((49283072, 55.5), (9437184, 53.5), (2359296, 50.5), (524288, 42.7)):
         effective = nbytes / hw.h2d_time(nbytes) / 1e9
         assert effective == pytest.approx(gbps, rel=0.03)
     pageable = hw.replace(host_memory="pageable")
-    assert 5 < 2**30 / pageable.h2d_time(2**30) / 1e9 < 17  # 9-17 GB/s measured (anchors), 8.3 on 2026-11-28
+    assert 5 < 2**30 / pageable.h2d_time(2**30) / 1e9 < 17  # 9-17 GB/s measured over sizes, 8.3 at 1 GiB on 2026-11-28
 
 
 def test_gen4_presets_reproduce_the_rtx4090_copies() -> None:
-    """anchors-offload.md §1.1 (NVlabs/cuda-oxide PR #976): 22.5 GB/s at 1 MiB, 23.9 GB/s at 16-64 MiB."""
+    """RTX 4090 copies reported in NVlabs/cuda-oxide PR #976: 22.5 GB/s at 1 MiB, 23.9 GB/s at 16-64 MiB."""
     for hw_id in ("rtx4090", "rtx3090", "l4", "a100-40g-pcie4"):
         hw = HardwareSpec.from_preset(hw_id)
         for nbytes, gbps in ((2**20, 22.5), (2**24, 23.9), (2**26, 23.9)):
@@ -305,7 +305,7 @@ def test_measured_profile_with_a_parquet_table(tmp_path: Path) -> None:
     folder = tmp_path / "hardware" / "measured"
     folder.mkdir(parents=True)
     pd.DataFrame(TABLE).to_parquet(folder / "toy.parquet")
-    yaml = "\n".join(f"{k}: {v}" for k, v in GPU.to_dict().items() if k not in ("name", "link_pace_gbps", "profile_table"))
+    yaml = "\n".join(f"{k}: {v}" for k, v in GPU.to_dict().items() if k not in ("name", "link_pace_gbps", "profile_table", "engine", "provenance"))
     (folder / "toy.yaml").write_text(
         "defaults:\n  - /schema/hardware@_here_\n  - _self_\nname: measured/toy\nprofile_table: toy.parquet\n" + yaml + "\n"
     )

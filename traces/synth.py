@@ -1,4 +1,4 @@
-"""Seeded synthetic routing traces with the statistics of research/routing-statistics.md as dials.
+"""Seeded synthetic routing traces with the routing statistics the literature reports as dials.
 
 ``python -m traces synth --model NAME -o FILE [...]`` or, from Python::
 
@@ -61,8 +61,9 @@ bit-identical trace; no wall-clock date is recorded. Dials, seed and the derived
 per-depth targets are recorded in ``meta["synth"]``.
 
 The family presets (``synth_params_for``) are plausible values guided by the literature ranges
-in routing-statistics.md and moe-speq.md (e.g. one-layer lookahead recall 80-97%, INT4 draft set
-agreement ~91%, acceptance ~90%, reuse near chance at the first layer); they are not fitted to
+(e.g. one-layer lookahead recall 80-97%: Eliseev & Mazur, arXiv 2312.17238, and Fate, arXiv
+2502.12224; INT4 draft set agreement ~91% and acceptance ~90%: MoE-SpeQ, arXiv 2511.14102, Sec. 4;
+reuse near chance at the first layer: Mixtral, arXiv 2401.04088, Sec. 5); they are not fitted to
 captured traces.
 """
 
@@ -79,6 +80,7 @@ import numpy as np
 
 from traces.errors import TraceError
 from traces.presets import PRESETS, shape_for
+from traces.provenance import project_version
 from traces.shape import ModelShape
 from traces.stats import top_quarter_size
 from traces.trace import DECODE, PREFILL, Trace
@@ -273,24 +275,6 @@ def synth_params_for(model: str) -> SynthParams:
 
 
 # --------------------------------------------------------------------- helpers
-def _package_version() -> str:
-    """The project's version (installed metadata, else pyproject.toml beside the package)."""
-    try:
-        from importlib.metadata import version
-
-        return version("moe-offload-sim")
-    except Exception:
-        pass
-    try:
-        import tomllib
-        from pathlib import Path
-
-        with open(Path(__file__).resolve().parents[1] / "pyproject.toml", "rb") as f:
-            return str(tomllib.load(f)["project"]["version"])
-    except Exception:
-        return "unknown"
-
-
 def _rng(seed: int, *key: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence(int(seed), spawn_key=tuple(key)))
 
@@ -540,7 +524,7 @@ def synthesize_with_internals(
         "provenance": {
             "generator": "traces.synth",
             "generator_version": SYNTH_VERSION,
-            "package_version": _package_version(),
+            "package_version": project_version(),
             "numpy": np.__version__,
             "date": None,  # deliberately none: the same params and seed give the same file
         },

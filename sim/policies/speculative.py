@@ -17,7 +17,8 @@ PHASE3, PHASE2 = 1, 2  # copy priorities (0 is demand)
 
 @PREFETCH.register("speq")
 class SpeqScheduler(PrefetchPolicy):
-    """MoE-SpeQ's three-phase schedule, keyed to how much of the ELB exists (moe-speq.md §3.4).
+    """MoE-SpeQ's three-phase schedule, keyed to how much of the ELB exists (arXiv 2511.14102,
+    Sec. 3.3, Fig. 9).
 
     - Phase I (ELB filled below ``phase2_start``): serve what is cached, leave the link idle.
     - Phase II (from ``phase2_start``): prefetch the experts predicted by the *middle* draft tokens
@@ -105,7 +106,7 @@ class SpeqScheduler(PrefetchPolicy):
 
 @PREFETCH.register("spmoe")
 class SpMoeCutoff(PrefetchPolicy):
-    """SP-MoE's cutoff-layer policy (moe-speq.md §7): prefetch the draft-predicted experts only for
+    """SP-MoE's cutoff-layer policy (arXiv 2510.10302): prefetch the draft-predicted experts only for
     the first L_cut MoE layers, as the predictions arrive; deeper layers load on demand.
 
     L_cut = max L with L * n * t_io <= T_draft (the transfers hide under drafting) and
