@@ -843,24 +843,20 @@ def register_configs() -> None:
 
 
 def _app(cfg: Any) -> None:
-    from traces.errors import TraceError
-
-    try:
-        run_profile(cfg)
-    except (SimError, TraceError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_profile(cfg)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """`python -m runtime.profile key=value ...`."""
+def main(argv: list[str] | None = None) -> int:
+    """Exit code of `python -m runtime.profile key=value ...` (traces.cli: errors print one line)."""
     import hydra
+
+    from traces.cli import hydra_task, run_cli
 
     register_configs()
     if argv is not None:
         sys.argv = [sys.argv[0]] + list(argv)
-    hydra.main(version_base="1.3", config_path="pkg://conf", config_name="profile")(_app)()
+    return run_cli(hydra.main(version_base="1.3", config_path="pkg://conf", config_name="profile")(hydra_task(_app)))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

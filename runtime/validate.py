@@ -303,24 +303,20 @@ def register_configs() -> None:
 
 
 def _app(cfg: Any) -> None:
-    from traces.errors import TraceError
-
-    try:
-        run_validate(cfg)
-    except (SimError, TraceError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_validate(cfg)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """`python -m runtime.validate key=value ...`."""
+def main(argv: list[str] | None = None) -> int:
+    """Exit code of `python -m runtime.validate key=value ...` (traces.cli: errors print one line)."""
     import hydra
+
+    from traces.cli import hydra_task, run_cli
 
     register_configs()
     if argv is not None:
         sys.argv = [sys.argv[0]] + list(argv)
-    hydra.main(version_base="1.3", config_path="pkg://conf", config_name="validate")(_app)()
+    return run_cli(hydra.main(version_base="1.3", config_path="pkg://conf", config_name="validate")(hydra_task(_app)))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
