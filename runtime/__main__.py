@@ -60,21 +60,40 @@ def rewrite_args(argv: list[str]) -> list[str]:
 
 def run_app(cfg: Any, out_dir: Path) -> list[dict[str, Any]]:
     """Measure every policy of ``cfg``, write results (and timelines) under ``out_dir``; return the rows."""
+    from runtime.errors import OffloadRuntimeError
     from runtime.measure import Session, timeline_json
-    from sim.report import format_table, write_results
-    from traces.atomic import write_json_atomic
+    from runtime.memcheck import check_run
+    from sim.report import ResultsWriter, format_table, reasons
+    from traces.atomic import check_output_file, write_json_atomic
+    from traces.cli import Interrupted
     from traces.io import write_trace
 
     timelines = []
+    results = ResultsWriter(out_dir, cfg.results_name)  # refuses another run's directory, before the work
+    if cfg.timeline_out:
+        check_output_file(cfg.timeline_out, "timeline_out")
+    refuse_single_policy(cfg)
+    est = check_run(cfg)  # refuses, with the numbers, a run that cannot fit this machine's memory
+    reps = int(cfg.get("repetitions", 1))
+    progress = (lambda msg: print(msg, file=sys.stderr, flush=True)) if cfg.get("progress", True) else (lambda msg: None)
+    if est is not None:
+        progress(f"building the model: about {est.host_bytes / 1e9:.1f} GB of host memory"
+                 + (f", {est.gpu_bytes / 1e9:.1f} GB of GPU memory" if est.gpu_bytes else "") + " (estimated)")
 
     def on_run(p, run, log, row):
         if cfg.timeline_out and log.compute_spans is not None:
             timelines.append((p.name, log))
+        results.add(row)  # an interrupted suite keeps its measured rows
+        progress(f"{p.name}: repetition {int(row.get('repetition', 0)) + 1}/{reps} measured in {row.get('wall_s', 0):.1f} s")
 
     sess = Session(cfg)
     try:
-        rows = sess.measure(cfg, on_run=on_run)
-        write_results(rows, out_dir, cfg.results_name)
+        try:
+            rows = sess.measure(cfg, on_run=on_run)
+        except KeyboardInterrupt:
+            raise Interrupted(results.where()) from None
+        results.rows = list(rows)  # every row: measured, predicted (source=sim) and refused ones
+        results.write()
         if getattr(sess, "executed", None) is not None:
             write_trace(sess.executed, out_dir / "executed_trace.parquet")
         names = list(dict.fromkeys(n for n, _ in timelines))
@@ -87,8 +106,31 @@ def run_app(cfg: Any, out_dir: Path) -> list[dict[str, Any]]:
     finally:
         sess.close()
     print(format_table(rows, extra=["source", "repetition"]))
-    print(f"results: {out_dir / (cfg.results_name + '.parquet')}")
+    if reasons(rows):
+        print(reasons(rows))
+    print(f"results: {results.parquet}")
+    if not any(r.get("status") == "ok" and r.get("source") == "measured" for r in rows):
+        raise OffloadRuntimeError(f"no policy ran (reasons above); rows in {results.parquet}")
     return rows
+
+
+def refuse_single_policy(cfg: Any) -> None:
+    """One named policy that cannot run is refused before the model is built (exit 2): a speculative
+    policy (the runtime has no speculative path yet) or a budget that cannot hold it. In a suite such
+    policies are rows with their status and reason, and the others run."""
+    from sim.errors import UnsupportedError
+
+    if cfg.policy.get("suite"):
+        return
+    if cfg.policy.get("decoding") == "speculative":
+        raise UnsupportedError(f"policy '{cfg.policy.name}': speculative decoding is not in this runtime yet; "
+                               "run it in the simulator (python -m sim policy=...)")
+    if cfg.get("mode", "replay") == "replay" and not cfg.get("source"):
+        from runtime.measure import apply_overrides
+        from sim.run import policy_plan, prepare
+
+        apply_overrides(cfg)
+        policy_plan(prepare(cfg), cfg.policy)  # InfeasibleError: the budget, with its shortfall
 
 
 @hydra_task
