@@ -603,11 +603,13 @@ def run_capture(cfg: Any) -> Path:
     from runtime.models import load_model
     from sim.presets import conf_dir
     from runtime.prompts import load_prompts
+    from traces.atomic import check_output_file
     from traces.io import write_trace
 
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
+    check_output_file(cfg.out, "out")  # before the model loads: not a directory, a folder we can write
     prompts = load_prompts(cfg.prompts.path, cfg.prompts.field, cfg.prompts.limit)
     if cfg.source:
         source, layers = cfg.source, cfg.layers

@@ -72,14 +72,17 @@ class ResultsWriter:
                                      "give this run its own directory (hydra.run.dir=...)")
 
     def add(self, row: dict[str, Any]) -> None:
+        """Write the rows with ``row`` added; ``rows`` holds it once it is on disk (an interrupt
+        during the write leaves the file and ``where()`` agreeing on the rows before it)."""
+        self.write(self.rows + [row])
         self.rows.append(row)
-        self.write()
 
-    def write(self) -> None:
-        if not self.rows:
+    def write(self, rows: Sequence[dict[str, Any]] | None = None) -> None:
+        rows = self.rows if rows is None else rows
+        if not rows:
             return
         try:
-            write_results(self.rows, self.out_dir, self.name, overwrite=self._own)
+            write_results(rows, self.out_dir, self.name, overwrite=self._own)
         except FileExistsError:
             raise UsageError(f"{self.parquet}: another run wrote results into this directory meanwhile; "
                              "this run's rows were not written") from None

@@ -29,7 +29,11 @@ def main(argv: list[str] | None = None) -> int:
     from traces.cli import run_cli
 
     def go() -> int:
+        from traces.atomic import check_output_file
+
         args = build_parser().parse_args(argv)
+        if getattr(args, "output", None):  # before any work: not a directory, a folder we can write
+            check_output_file(args.output, "-o")
         return int(args.run(args) or 0)
 
     return run_cli(go)

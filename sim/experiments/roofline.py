@@ -33,7 +33,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from sim.errors import SimError
 from sim.timeline import PID_CACHE, PID_GPU, PID_LINK
-from traces.atomic import atomic_write
+from traces.atomic import atomic_write, check_output_dir
 
 CYCLE_COLUMNS = ("k", "accepted", "observed_cycle_s", "bytes_moved", "t_draft", "t_verify", "t_pcie")
 GB = 1e9
@@ -518,7 +518,7 @@ def _run(a: argparse.Namespace) -> list[Path]:
     run_dir: Path = a.run_dir
     if not run_dir.is_dir():
         raise SimError(f"{run_dir}: no such run folder")
-    out = a.out or run_dir
+    out = check_output_dir(a.out or run_dir, "-o")
     written: list[Path] = []
     cyc_path = run_dir / "cycles.parquet"
     if not cyc_path.is_file():
