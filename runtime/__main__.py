@@ -61,7 +61,7 @@ def rewrite_args(argv: list[str]) -> list[str]:
 def run_app(cfg: Any, out_dir: Path) -> list[dict[str, Any]]:
     """Measure every policy of ``cfg``, write results (and timelines) under ``out_dir``; return the rows."""
     from runtime.errors import OffloadRuntimeError
-    from runtime.measure import Session, timeline_json
+    from runtime.measure import Session, check_config, timeline_json
     from runtime.memcheck import check_run
     from sim.report import ResultsWriter, format_table, reasons
     from traces.atomic import check_output_file, write_json_atomic
@@ -72,6 +72,7 @@ def run_app(cfg: Any, out_dir: Path) -> list[dict[str, Any]]:
     results = ResultsWriter(out_dir, cfg.results_name)  # refuses another run's directory, before the work
     if cfg.timeline_out:
         check_output_file(cfg.timeline_out, "timeline_out")
+    check_config(cfg)  # settings refused before anything is estimated or built
     refuse_single_policy(cfg)
     est = check_run(cfg)  # refuses, with the numbers, a run that cannot fit this machine's memory
     reps = int(cfg.get("repetitions", 1))

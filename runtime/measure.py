@@ -236,6 +236,9 @@ def check_config(cfg: Any) -> None:
                              "trace.decode_tokens); trace.path is for mode=replay")
     if int(cfg.get("repetitions", 1)) < 1:
         raise ExecutorError_(f"repetitions={cfg.repetitions}: must be >= 1")
+    if int(cfg.get("warmup_steps", -1)) < -1:
+        raise ExecutorError_(f"warmup_steps={cfg.warmup_steps}: must be -1 (one pass over the trace), 0 (none) "
+                             "or a number of steps")
 
 
 class Session:

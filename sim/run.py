@@ -130,7 +130,10 @@ def prepare(cfg: DictConfig) -> Prepared:
     model = ModelSpec.from_cfg(cfg.model)
     hw = HardwareSpec.from_cfg(cfg.hardware)
     trace = load_trace(cfg.trace, model)
-    ctx = int(cfg.cache.max_context_tokens or int(trace.position.max()) + 1)
+    mct = cfg.cache.max_context_tokens
+    if mct is not None and int(mct) < 1:
+        raise SimError(f"cache.max_context_tokens must be >= 1 (or null: the trace's longest request), got {mct}")
+    ctx = int(mct or int(trace.position.max()) + 1)
     cost = cost_model_for(model, hw)
     reset = str(cfg.cache.get("reset", "never"))
     if reset not in RESETS:

@@ -205,3 +205,23 @@ def test_runtime_refuses_a_run_that_cannot_fit_before_building_it(tmp_path):
 def test_runtime_refuses_a_single_speculative_policy_before_building(tmp_path):
     out = run("-m", "runtime", "model=tiny", "policy=speq", "device=cpu", cwd=tmp_path)
     assert out.returncode == 2 and "speculative decoding is not in this runtime yet" in one_line(out.stderr)
+
+
+# ------------------------------------------------------------------ numeric settings, range-checked where read
+@pytest.mark.parametrize("args, needle", [
+    (["python", "-m", "sim", *TINY, "policy=lru", "cache.max_context_tokens=0"], "cache.max_context_tokens must be >= 1"),
+    (["python", "-m", "runtime", "model=tiny", "policy=lru", "device=cpu", "warmup_steps=-2"], "warmup_steps=-2"),
+    (["python", "-m", "sim.sweep", "search", *TINY, "experiment.search.trials=0"], "trials must be >= 1"),
+])
+def test_numeric_settings_are_range_checked(tmp_path, args, needle):
+    out = run(*args[1:], cwd=tmp_path)
+    assert out.returncode == 2 and needle in one_line(out.stderr)
+
+
+def test_moe_layers_range_that_runs_backwards():
+    from traces.errors import TraceError
+    from traces.importers import parse_layers
+
+    assert parse_layers("1,3,5-7") == (1, 3, 5, 6, 7)
+    with pytest.raises(TraceError, match="runs backwards"):
+        parse_layers("5-2")
