@@ -42,6 +42,9 @@ def per_request(log: RunLog) -> dict[str, np.ndarray]:
     return {"ttft": ttft, "tpot": tpot, "decode_time": dec_time, "decode_tokens": dec_tok, "gaps": np.asarray(gaps)}
 
 
+K_HIST = 16  #: k_hist_0 .. k_hist_16 always exist in a speculative row (the default k_max); larger k add columns
+
+
 def speculative_metrics(cycles: list[dict[str, Any]]) -> dict[str, Any]:
     """Acceptance and draft length over a run's draft/verify cycles (empty if autoregressive)."""
     if not cycles:
@@ -49,6 +52,7 @@ def speculative_metrics(cycles: list[dict[str, Any]]) -> dict[str, Any]:
     k = np.array([c["k"] for c in cycles])
     a = np.array([c["accepted"] for c in cycles])
     drafted = int(k.sum())
+    hist = np.bincount(k, minlength=K_HIST + 1) / len(k)
     return {
         "cycles": len(cycles),
         "drafted_tokens": drafted,
@@ -56,6 +60,8 @@ def speculative_metrics(cycles: list[dict[str, Any]]) -> dict[str, Any]:
         "acceptance_rate": float(a.sum() / drafted) if drafted else float("nan"),
         "mean_accepted": float(a.mean()),
         "mean_k": float(k.mean()),
+        "tokens_per_cycle": float((a + 1).mean()),
+        **{f"k_hist_{i}": float(x) for i, x in enumerate(hist)},
         "verify_coverage": float(np.mean([c["coverage"] for c in cycles])),
         "k_per_cycle": k.tolist(),
     }
