@@ -38,10 +38,14 @@ class TraceConf:
     decode_tokens: int = 128
     seed: int = 0
     lookahead_depth: int = 4
-    # speculative runs on a trace without draft columns: a noisy draft with this set agreement and
-    # per-token acceptance probability stands in (synthetic traces carry their own draft columns)
-    draft_agreement: float = 0.9
-    acceptance: float = 0.85
+    # The draft-quality dials of traces.synth (null: the model preset's value, e.g. acceptance 0.88
+    # for Phi-3.5-MoE, 0.9 for Qwen1.5-MoE). They shape the synthetic trace's draft columns, or the
+    # stand-in draft of a trace file without draft columns; a trace file with its own draft columns
+    # refuses them (its columns win). docs/speculation.md.
+    draft_agreement: Optional[float] = None  # P(draft top-k set == target's) per (token, layer)
+    draft_wrong_ids: Optional[float] = None  # mean wrong ids in a disagreeing row, in [1, top_k]
+    acceptance: Optional[float] = None  # stationary P(draft token accepted)
+    acceptance_corr: Optional[float] = None  # lag-1 correlation of acceptance between consecutive tokens
 
 
 @dataclass

@@ -17,6 +17,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from sim.bound import compute_bound
+from sim.config import TraceConf
 from sim.costmodel import CostModel, cost_model_for
 from sim.engine import Simulation
 from sim.errors import InfeasibleError, SimError
@@ -41,27 +42,71 @@ def conf_dir() -> Path:
 
 
 # ------------------------------------------------------------------ inputs
-def load_trace(tcfg: Any, model: ModelSpec) -> Trace:
-    """The trace file of ``trace.path``, or a seeded synthetic trace of the model preset."""
-    if tcfg.path:
-        trace = read_trace(tcfg.path)
-        check_trace_matches(trace, model, str(tcfg.path))
-        return trace
+DRAFT_DIALS = ("draft_agreement", "draft_wrong_ids", "acceptance", "acceptance_corr")
+
+
+def draft_dials(tcfg: Any) -> dict[str, float]:
+    """The draft-quality dials set in the trace config (null ones are left to the model preset)."""
+    out = {}
+    for f in DRAFT_DIALS:
+        v = tcfg.get(f)
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise SimError(f"trace.{f} must be a number, got {v!r}")
+        out[f] = float(v)
+    return out
+
+
+def synth_params(model: ModelSpec, tcfg: Any):
+    """The model preset's synthetic-trace dials with the trace config's overrides."""
     from dataclasses import replace
 
-    from traces.synth import synth_params_for, synthesize
+    from traces.synth import synth_params_for
 
     try:
         params = synth_params_for(model.name)
     except TraceError:
         params = synth_params_for("tiny")  # dials of a generic family; the shape comes from the model
-    params = replace(
+    return replace(
         params,
         requests=int(tcfg.requests),
         prompt_tokens=int(tcfg.prompt_tokens),
         decode_tokens=int(tcfg.decode_tokens),
         lookahead_depth=int(tcfg.lookahead_depth),
+        **draft_dials(tcfg),
     )
+
+
+def _check_dials(params: Any, model: ModelSpec) -> None:
+    """Range checks of the draft dials, worded for the sim config (trace.NAME)."""
+    try:
+        params.validate(model.shape_only())
+    except TraceError as e:
+        msg = str(e)
+        for f in DRAFT_DIALS:
+            if msg.startswith(f"SynthParams.{f} "):
+                raise SimError("trace." + msg[len("SynthParams."):]) from None
+        raise
+
+
+def load_trace(tcfg: Any, model: ModelSpec) -> Trace:
+    """The trace file of ``trace.path``, or a seeded synthetic trace of the model preset. A trace
+    file with its own draft columns refuses the draft dials (its columns win); one without gets a
+    stand-in draft from them when a speculative policy asks (``speculative_trace``)."""
+    params = synth_params(model, tcfg)
+    _check_dials(params, model)
+    if tcfg.path:
+        trace = read_trace(tcfg.path)
+        check_trace_matches(trace, model, str(tcfg.path))
+        dials = draft_dials(tcfg)
+        if trace.draft is not None and dials:
+            names = ", ".join(f"trace.{f}={v:g}" for f, v in dials.items())
+            raise SimError(f"{tcfg.path}: {names} cannot apply: the trace carries its own draft columns, "
+                           "which win; unset them")
+        return trace
+    from traces.synth import synthesize
+
     return synthesize(params, seed=int(tcfg.seed), shape=model.shape_only())
 
 
@@ -212,9 +257,7 @@ def run_policy(prep: Prepared, pcfg: DictConfig, seed: int, *, timeline: bool = 
     schedule = prep.schedule
     if speculative:
         governor = build_governor(governor_cfg if governor_cfg is not None else {"name": "roofline"})
-        tc = trace_cfg or {}
-        draft = DraftSource(prep.trace, agreement=float(tc.get("draft_agreement", 0.9)),
-                            acceptance=float(tc.get("acceptance", 0.85)), seed=seed)
+        draft = DraftSource(speculative_trace(prep, trace_cfg))
         schedule = Schedule(prep.trace, prep.model, prep.cost, build=False)
     bar = None
     if progress:  # quiet when output is not a terminal (tqdm's disable=None), or TQDM_DISABLE=1
@@ -238,9 +281,25 @@ def run_policy(prep: Prepared, pcfg: DictConfig, seed: int, *, timeline: bool = 
     row["slots"], row["layout"] = plan.slots, plan.layout
     row["decoding"] = pcfg.decoding
     if speculative:
-        row["draft_source"] = draft.source
+        stand_in = draft.trace.meta.get("draft_stand_in")
+        row["draft_source"] = "trace" if stand_in is None else "stand-in({})".format(
+            ", ".join(f"{f}={stand_in[f]:g}" for f in DRAFT_DIALS))
         row["governor"] = governor.name
     return row, (sim, log)
+
+
+def speculative_trace(prep: Prepared, tcfg: Any) -> Trace:
+    """The trace with draft columns: its own, or (once per prepared config) a stand-in drawn with
+    the draft dials (the model preset's where the trace config leaves them null)."""
+    if prep.trace.draft is not None:
+        return prep.trace
+    cached = prep.__dict__.get("_draft_trace")
+    if cached is None:
+        from traces.synth import with_draft
+
+        tcfg = tcfg if tcfg is not None else OmegaConf.structured(TraceConf)
+        cached = prep.__dict__["_draft_trace"] = with_draft(prep.trace, synth_params(prep.model, tcfg), int(tcfg.seed))
+    return cached
 
 
 def bound_for(prep: Prepared, schedule: Schedule, pool_of: list[int], capacity: list[int]):
