@@ -49,6 +49,20 @@ class TraceConf:
 
 
 @dataclass
+class EngineConf:
+    """Host overhead of the decode path (docs/engine.md): ``ideal`` (none), ``graphed``, ``eager``.
+    Seconds of host work the GPU waits for, per decoder layer (target and draft separately) and per
+    kernel launch. With ``from_hardware``, a hardware profile's ``engine: {NAME: {...}}`` values
+    replace these (measured profiles carry them)."""
+
+    name: str = "ideal"
+    host_per_layer_s: float = 0.0
+    draft_host_per_layer_s: float = 0.0
+    host_per_launch_s: float = 0.0
+    from_hardware: bool = False
+
+
+@dataclass
 class CacheConf:
     """Expert slots: from the memory budget (both null), one global pool of ``slots``, or
     ``per_layer`` slots in each MoE layer's own partition."""
@@ -65,6 +79,7 @@ class SimConf:
     policy: Any = MISSING
     trace: Any = MISSING
     governor: Any = MISSING
+    engine: Any = MISSING
     cache: CacheConf = field(default_factory=CacheConf)
     seed: int = 0
     timeline_out: Optional[str] = None
@@ -86,3 +101,4 @@ def register_configs() -> None:
     cs.store(name="sim_schema", node=SimConf)
     cs.store(group="schema", name="policy", node=PolicyConf)
     cs.store(group="schema", name="trace", node=TraceConf)
+    cs.store(group="schema", name="engine", node=EngineConf)

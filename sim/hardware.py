@@ -1,6 +1,7 @@
 """The hardware spec: GPU compute and memory, and the host link (DESIGN.md §3).
 
-Units: ``memory_gb`` and ``workspace_gb`` in GB (1e9 bytes), ``flops_bf16`` in FLOP/s and
+Units: ``memory_gb`` and ``workspace_gb`` in GB (1e9 bytes; ``memory_gib`` in GiB, 2^30 bytes, gives the
+budget instead when set), ``flops_bf16`` in FLOP/s and
 ``hbm_bandwidth`` in bytes/s (both *achieved*, not datasheet peaks), link bandwidths in GB/s
 (1e9 bytes/s), times in seconds.
 
@@ -31,6 +32,7 @@ from sim.errors import SimError
 
 HOST_MEMORY = ("pinned", "pageable")
 GB = 1e9
+GIB = 2**30
 
 
 def _curve(points: Any, where: str) -> tuple[tuple[float, float], ...]:
@@ -89,6 +91,8 @@ class HardwareSpec:
     copies_in_flight: int = 4  # issued but unfinished copies, in total
     decision_delay_s: float = 0.0  # routing known on the GPU -> host decision
     profile_table: Optional[str] = None  # measured profiles: Parquet table of measured times
+    # measured profiles: host overhead per decode path, {graphed: {host_per_layer_s: ..., ...}, eager: {...}}
+    engine: Optional[Mapping[str, Any]] = None
 
     def __post_init__(self) -> None:
         where = f"hardware '{self.name}'"
@@ -114,6 +118,11 @@ class HardwareSpec:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
                 raise SimError(f"{where}: link_pace_gbps must be a number > 0 or null, got {v!r}")
             object.__setattr__(self, "link_pace_gbps", float(v))
+        if self.engine is not None:
+            if not isinstance(self.engine, Mapping) or not all(isinstance(v, Mapping) for v in self.engine.values()):
+                raise SimError(f"{where}: engine must map a decode path (graphed, eager) to its host-overhead "
+                               f"values, got {self.engine!r}")
+            object.__setattr__(self, "engine", {str(k): dict(v) for k, v in self.engine.items()})
         object.__setattr__(self, "pinned_curve", _curve(self.pinned_curve, f"{where}: pinned_curve"))
         object.__setattr__(self, "pageable_curve", _curve(self.pageable_curve, f"{where}: pageable_curve"))
 
@@ -184,6 +193,13 @@ class HardwareSpec:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str = "HardwareSpec") -> "HardwareSpec":
+        """``memory_gib`` (GiB = 2^30 bytes), when set, gives the budget instead of ``memory_gb``."""
+        d = dict(d)
+        gib = d.pop("memory_gib", None)
+        if gib is not None:
+            if isinstance(gib, bool) or not isinstance(gib, (int, float)) or not gib > 0 or not math.isfinite(gib):
+                raise SimError(f"{where}: field 'memory_gib' must be a number > 0 or null, got {gib!r}")
+            d["memory_gb"] = float(gib) * GIB / GB
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -224,6 +240,7 @@ class HardwareConf:
 
     name: str = "???"
     memory_gb: float = "???"  # type: ignore[assignment]
+    memory_gib: Optional[float] = None  # GiB (2^30 B); when set it gives the budget instead of memory_gb
     flops_bf16: float = "???"  # type: ignore[assignment]
     hbm_bandwidth: float = "???"  # type: ignore[assignment]
     launch_overhead_s: float = "???"  # type: ignore[assignment]
@@ -242,3 +259,4 @@ class HardwareConf:
     copies_in_flight: int = 4
     decision_delay_s: float = 0.0
     profile_table: Optional[str] = None
+    engine: Optional[Any] = None  # measured profiles: {graphed: {...}, eager: {...}} host overhead (docs/engine.md)

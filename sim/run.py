@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sim.bound import compute_bound
 from sim.config import TraceConf
-from sim.costmodel import CostModel, cost_model_for
+from sim.costmodel import CostModel, HostOverhead, cost_model_for
 from sim.engine import Simulation
 from sim.errors import InfeasibleError, SimError
 from sim.hardware import HardwareSpec
@@ -187,7 +187,7 @@ def prepare(cfg: DictConfig) -> Prepared:
     hw = HardwareSpec.from_cfg(cfg.hardware)
     trace = load_trace(cfg.trace, model)
     ctx = int(cfg.cache.max_context_tokens or int(trace.position.max()) + 1)
-    cost = cost_model_for(model, hw)
+    cost = cost_model_for(model, hw, host=HostOverhead.from_cfg(cfg.get("engine"), hw))
     prep = Prepared(model, hw, trace, cost, Schedule(trace, model, cost), ctx, cfg.cache.slots, cfg.cache.per_layer)
     try:
         prep.plan = plan_for(prep, speculative=False)
@@ -220,12 +220,29 @@ def policy_plan(prep: Prepared, pcfg: DictConfig) -> MemoryPlan:
     return plan_for(prep, speculative=False)
 
 
+def engine_name(cfg: DictConfig) -> str:
+    """The decode path of a config: ``engine.name`` (a group node) or ``engine`` (a plain string, as
+    the GPU runtime may carry it); ``ideal`` when absent."""
+    e = cfg.get("engine")
+    if e is None:
+        return "ideal"
+    return str(e) if isinstance(e, str) else str(e.get("name", "ideal"))
+
+
+def memory_gb(hcfg: Any) -> float | None:
+    """The budget in GB (1e9 B): ``memory_gib`` x 2^30 / 1e9 when set, else ``memory_gb``."""
+    gib = hcfg.get("memory_gib")
+    return float(gib) * 2**30 / 1e9 if gib is not None else hcfg.get("memory_gb")
+
+
 def base_keys(cfg: DictConfig) -> dict[str, Any]:
     return {
         "model": cfg.model.get("name"),
         "model_layers": cfg.model.get("layers"),
         "hardware": cfg.hardware.get("name"),
-        "memory_gb": cfg.hardware.get("memory_gb"),
+        "memory_gb": memory_gb(cfg.hardware),
+        "memory_gib": cfg.hardware.get("memory_gib"),
+        "engine": engine_name(cfg),
         "h2d_gbps": cfg.hardware.get("h2d_gbps"),
         "host_memory": cfg.hardware.get("host_memory"),
         "link_pace_gbps": cfg.hardware.get("link_pace_gbps"),
@@ -278,6 +295,8 @@ def run_policy(prep: Prepared, pcfg: DictConfig, seed: int, *, timeline: bool = 
     bound = bound_for(prep, schedule, sim.cache.pool_of, sim.cache.capacity)
     row = results_row(log, bound, prep.model.bytes_per_expert(), prep.model.num_moe_layers)
     row["wall_s"] = wall
+    row.update(prep.cost.host.columns())
+    row["engine_values"] = prep.cost.host.source
     row["slots"], row["layout"] = plan.slots, plan.layout
     row["decoding"] = pcfg.decoding
     if speculative:

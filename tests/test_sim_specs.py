@@ -161,7 +161,18 @@ def test_unknown_preset_lists_the_known_ones(tmp_path: Path) -> None:
 
 def test_schemas_mirror_the_specs() -> None:
     assert [f.name for f in fields(ModelConf)] == [f.name for f in fields(ModelSpec)] + ["layers", "hf_config"]
-    assert [f.name for f in fields(HardwareConf)] == [f.name for f in fields(HardwareSpec)]
+    # memory_gib is a config-side alternative to memory_gb (the spec keeps the budget in GB)
+    assert [f.name for f in fields(HardwareConf) if f.name != "memory_gib"] == [f.name for f in fields(HardwareSpec)]
+
+
+def test_memory_gib_gives_the_budget() -> None:
+    d = HardwareSpec.from_preset("a100-40g-pcie4").to_dict()
+    assert d["memory_gb"] == 40 * 2**30 / 1e9  # the A100-40GB preset: 40 GiB
+    d["memory_gib"] = 24
+    assert HardwareSpec.from_dict(d).memory_gb == pytest.approx(25.769803776)
+    d["memory_gib"] = 0
+    with pytest.raises(SimError, match="'memory_gib' must be a number > 0"):
+        HardwareSpec.from_dict(d)
 
 
 # ------------------------------------------------------------------ config.json
