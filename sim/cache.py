@@ -6,6 +6,8 @@ is never evicted; a token's own experts at a layer are in use together (DESIGN.m
 
 from __future__ import annotations
 
+from typing import Callable
+
 from sim.errors import SimError
 from sim.policies.base import EvictionPolicy
 
@@ -45,7 +47,10 @@ class ExpertCache:
         self.drop_on_release = False  # whole-layer streaming keeps nothing between steps
         self.prefetched = [False] * n  # arrived by prefetch and not used yet (the host clears it on use)
         self.wasted_prefetches = 0  # prefetched experts evicted before any use
+        self.refused = 0  # loads refused by ``admit`` (they wait for a free slot)
         self._can_evict = self.can_evict
+        # admission (a prefetch policy's ``admits``): (incoming key, victim) -> may it evict?
+        self.admit: Callable[[int, int], bool] | None = None
 
     @property
     def num_pools(self) -> int:
@@ -65,6 +70,9 @@ class ExpertCache:
         if occupancy[pool] >= self.capacity[pool]:
             victim = self.eviction.victim(pool, g, self._can_evict)
             if victim is None:
+                return False
+            if self.admit is not None and not self.admit(key, victim):
+                self.refused += 1
                 return False
             if state[victim] != RESIDENT or self.in_use[victim] or self.pool_of[victim] != pool:
                 raise SimError(f"eviction policy {self.eviction.name} chose non-evictable key {victim}")
