@@ -11,41 +11,30 @@ directory; live runs also write the executed routing as ``executed_trace.parquet
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import MISSING
-
-from sim.config import CacheConf
+from sim.config import RunBase
+from sim.presets import setting
 
 
 @dataclass
-class RunConf:
-    """Structured config of `python -m runtime` (ConfigStore name ``run_schema``)."""
+class RunConf(RunBase):
+    """Structured config of `python -m runtime` (ConfigStore name ``run_schema``): the simulator's
+    groups and run keys (sim.config.RunBase) plus the runtime's own."""
 
-    model: Any = MISSING
-    hardware: Any = MISSING
-    policy: Any = MISSING
-    trace: Any = MISSING
-    governor: Any = MISSING
-    cache: CacheConf = field(default_factory=CacheConf)
-    source: Optional[str] = None  # model= resolved to a checkpoint dir, config.json or tiny-<family>
-    layers: Optional[int] = None  # depth reduction of `source` (presets: model.layers)
-    mode: str = "replay"  # replay | live
-    device: str = "auto"
-    dtype: str = "auto"
-    seed: int = 0
-    repetitions: int = 3
-    warmup_steps: int = -1  # -1: one unmeasured pass over the whole trace first; N: its first N steps; 0: none
-    timeline_out: Optional[str] = None
-    results_name: str = "results"
-    host_memory: Optional[str] = None  # pinned | pageable (sets hardware.host_memory)
-    link_pace_gbps: Optional[float] = None  # sets hardware.link_pace_gbps
-    cpu_backend: str = "sync"  # sync | thread (CPU only)
-    predict: bool = True
-    plugins: list[str] = field(default_factory=list)
-    experiment: Any = None
+    source: Optional[str] = setting(None, "model= resolved to a checkpoint dir, config.json or tiny-<family>")
+    layers: Optional[int] = setting(None, "depth reduction of `source` (presets: model.layers)")
+    mode: str = setting("replay", "replay: execute the trace's routing | live: the model's own routing")
+    device: str = setting("auto", "auto: cuda if present, else cpu")
+    dtype: str = setting("auto", "random weights: auto = bf16 on a GPU, fp32 on the CPU")
+    repetitions: int = setting(3, "measured repetitions of each policy")
+    warmup_steps: int = setting(-1, "-1: one unmeasured pass over the whole trace first; N: its first N steps; 0: none")
+    host_memory: Optional[str] = setting(None, "pinned | pageable: sets hardware.host_memory")
+    link_pace_gbps: Optional[float] = setting(None, "pace copies to this bandwidth: sets hardware.link_pace_gbps")
+    cpu_backend: str = setting("sync", "on the CPU: sync (inline) | thread (two stream threads)")
+    predict: bool = setting(True, "also the simulator's row of each config (source=sim)")
 
 
 def register_configs() -> None:

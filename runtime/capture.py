@@ -555,20 +555,17 @@ class CaptureConf:
 
 
 def register_configs() -> None:
-    """Idempotent: the capture schema plus the model schema the presets pull in."""
+    """Idempotent: the capture schema plus the group schemas the presets pull in."""
     from hydra.core.config_store import ConfigStore
 
-    try:
-        from sim.spec import register_schemas
+    from sim.config import register_configs as register_sim
 
-        register_schemas()
-    except ImportError:  # pragma: no cover - sim ships with the project
-        pass
+    register_sim()
     ConfigStore.instance().store(name="capture_schema", node=CaptureConf)
 
 
 def _is_preset(value: str) -> bool:
-    from runtime.models import conf_dir
+    from sim.presets import conf_dir
 
     return bool(value) and "/" not in value and (conf_dir() / "model" / f"{value}.yaml").is_file()
 
@@ -596,7 +593,8 @@ def run_capture(cfg: Any) -> Path:
     """Load, capture, write; ``cfg`` is the composed capture config. Returns the trace path."""
     from omegaconf import OmegaConf
 
-    from runtime.models import conf_dir, load_model
+    from runtime.models import load_model
+    from sim.presets import conf_dir
     from runtime.prompts import load_prompts
     from traces.io import write_trace
 

@@ -187,7 +187,7 @@ def apply_overrides(cfg: Any) -> None:
 def model_source(cfg: Any) -> tuple[str, int | None]:
     """What ``load_model`` builds for this config: a checkpoint/config/tiny source, or a preset's
     shipped config.json (random weights), depth-reduced by ``model.layers``."""
-    from runtime.models import conf_dir
+    from sim.presets import conf_dir
 
     if cfg.get("source"):
         return str(cfg.source), cfg.get("layers")

@@ -29,9 +29,9 @@ def app(cfg: DictConfig) -> float:
             or (isinstance(exp, DictConfig) and exp.get("search") is not None)):
         # sweeps, resume and search behave exactly as under `python -m sim.sweep` (a failing job
         # is recorded and the sweep goes on; finished jobs are reused)
-        from sim.sweep import _task
+        from sim.experiments.sweep import task
 
-        return _task(cfg)
+        return task(cfg)
 
     from sim.report import format_speculative, format_table, write_results
     from sim.run import simulate

@@ -35,11 +35,12 @@ reading predicts the observed cycle times better (``cycle_model_error``).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 from sim.errors import SimError
 from sim.policies.base import Registry
+from sim.presets import setting
 
 GOVERNORS = Registry("governor")
 
@@ -58,29 +59,26 @@ class GovernorConf:
     defaults here; see docs/governor.md.
     """
 
-    name: str = "fixed"
-    k: int = 4  # fixed: the draft length (0 = autoregressive)
-    k_min: int = 1  # roofline: search range [k_min, k_max]
-    k_max: int = 16
-    latency_budget_ms: Optional[float] = None  # roofline: k_SLO cap; null = no cap
-    ema_alpha: float = 0.2  # weight of the newest observation, in (0, 1]
-    warmup_cycles: int = 4  # cycles (with k >= 1) whose plain mean seeds the EMA
-    prior_accept: float = 0.8  # p_j before any observation of position j
-    warmup_k: Optional[int] = None  # roofline: k during warm-up; null = the top of the allowed range
-    objective: str = "accepted"  # accepted (paper as printed) | emitted (+1 bonus token)
-    pcie_new: str = "exposed"  # exposed (paper as printed) | overlapped (streams during drafting)
-    # ttft: T_prefill + T_cycle(k) <= budget, decided once | cycle: T_cycle <= budget every cycle |
-    # per_token: T_cycle / (k_accept + 1) <= budget every cycle
-    slo: str = "ttft"
-    acceptance: str = "per_position"  # per_position p_j | shared (one p for all positions)
+    name: str = setting("fixed", "fixed | roofline (GOVERNORS registry)")
+    k: int = setting(4, "fixed: the draft length (0 = autoregressive)")
+    k_min: int = setting(1, "roofline: lower end of the search range [k_min, k_max]")
+    k_max: int = setting(16, "roofline: upper end of the search range")
+    latency_budget_ms: Optional[float] = setting(None, "roofline: k_SLO cap on the predicted latency; null = no cap")
+    ema_alpha: float = setting(0.2, "weight of the newest observation, in (0, 1]")
+    warmup_cycles: int = setting(4, "cycles (with k >= 1) whose plain mean seeds the EMA")
+    prior_accept: float = setting(0.8, "p_j before any observation of position j")
+    warmup_k: Optional[int] = setting(None, "roofline: k during warm-up; null = the top of the allowed range")
+    objective: str = setting("accepted", "accepted (the paper as printed) | emitted (+1: the target's bonus token)")
+    pcie_new: str = setting("exposed", "exposed (the paper as printed) | overlapped (new experts stream "
+                                       "while drafting)")
+    slo: str = setting("ttft", "ttft: T_prefill + T_cycle(k) <= budget, decided once at the first decision (the "
+                               "paper's offline TTFT cap) | cycle: T_cycle <= budget every cycle | per_token: "
+                               "T_cycle / (k_accept + 1) <= budget every cycle")
+    acceptance: str = setting("per_position", "per_position p_j | shared (one p for all positions)")
 
 
-def register_governor_schema() -> None:
-    """Store ``GovernorConf`` in Hydra's ConfigStore as group ``schema``, name ``governor``;
-    presets pull it in with ``defaults: [/schema/governor@_here_, _self_]``. Idempotent."""
-    from hydra.core.config_store import ConfigStore
-
-    ConfigStore.instance().store(group="schema", name="governor", node=GovernorConf)
+#: a governor's settings and their defaults (GovernorConf's fields less the name)
+_SETTINGS = {k: v for k, v in asdict(GovernorConf()).items() if k != "name"}
 
 
 def build_governor(cfg: Any) -> "Governor":
@@ -98,11 +96,7 @@ def build_governor(cfg: Any) -> "Governor":
         if not isinstance(cfg, Mapping):
             raise SimError(f"governor config must be a mapping, got {type(cfg).__name__}")
         d = dict(cfg)
-    known = {f.name for f in fields(GovernorConf)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise SimError(f"governor: unknown field(s) {unknown}; known: {sorted(known)}")
-    name = d.pop("name", "fixed")
+    name = d.pop("name", GovernorConf.name)
     return GOVERNORS.create(str(name), **d)
 
 
@@ -275,22 +269,16 @@ class Governor:
 
     name = "base"
 
-    def __init__(
-        self,
-        *,
-        k: int = 4,
-        k_min: int = 1,
-        k_max: int = 16,
-        latency_budget_ms: float | None = None,
-        ema_alpha: float = 0.2,
-        warmup_cycles: int = 4,
-        prior_accept: float = 0.8,
-        warmup_k: int | None = None,
-        objective: str = "accepted",
-        pcie_new: str = "exposed",
-        slo: str = "ttft",
-        acceptance: str = "per_position",
-    ) -> None:
+    def __init__(self, **settings: Any) -> None:
+        """Keyword settings are ``GovernorConf``'s fields (its defaults for the ones not given)."""
+        unknown = sorted(set(settings) - set(_SETTINGS))
+        if unknown:
+            raise SimError(f"governor: unknown field(s) {unknown}; known: {sorted(_SETTINGS)}")
+        c = {**_SETTINGS, **settings}
+        k, k_min, k_max, warmup_k = c["k"], c["k_min"], c["k_max"], c["warmup_k"]
+        latency_budget_ms, ema_alpha, prior_accept = c["latency_budget_ms"], c["ema_alpha"], c["prior_accept"]
+        warmup_cycles, objective, pcie_new = c["warmup_cycles"], c["objective"], c["pcie_new"]
+        slo, acceptance = c["slo"], c["acceptance"]
         self.k = _check_int("k", k, 0)
         self.k_min = _check_int("k_min", k_min, 0)
         self.k_max = _check_int("k_max", k_max, 0)
@@ -577,5 +565,5 @@ def _log_entry(cycle: int, d: Decision | None) -> dict[str, Any]:
 __all__ = [
     "ACCEPTANCE_MODELS", "GOVERNORS", "OBJECTIVES", "PCIE_NEW", "SLO_KINDS", "AcceptanceTracker", "CycleCosts",
     "Decision", "FixedGovernor", "Governor", "GovernorConf", "Prediction", "RooflineGovernor", "build_governor",
-    "cycle_model_error", "expected_accepted", "register_governor_schema",
+    "cycle_model_error", "expected_accepted",
 ]

@@ -1,4 +1,4 @@
-"""The hardware spec: GPU compute and memory, and the host link (DESIGN.md §3).
+"""The hardware spec: GPU compute and memory, and the host link.
 
 Units: ``memory_gb`` and ``workspace_gb`` in GB (1e9 bytes; ``memory_gib`` in GiB, 2^30 bytes, gives the
 budget instead when set), ``flops_bf16`` in FLOP/s and
@@ -24,11 +24,12 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_right
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
-from typing import Any, List, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 from sim.errors import SimError
+from sim.presets import conf_dir, hydra_schema, load_preset, missing_keys, setting, to_plain
 
 HOST_MEMORY = ("pinned", "pageable")
 GB = 1e9
@@ -71,31 +72,47 @@ def curve_fraction(curve: Sequence[tuple[float, float]], nbytes: float) -> float
 class HardwareSpec:
     """One GPU and its host link (see the module docstring for units and the link model)."""
 
-    name: str
-    memory_gb: float  # the budget: GPU memory in GB (1e9 bytes)
-    flops_bf16: float  # achieved dense bf16 FLOP/s
-    hbm_bandwidth: float  # achieved GPU memory bandwidth, bytes/s
-    launch_overhead_s: float  # fixed cost per kernel on the GPU stream
-    workspace_gb: float  # CUDA context, activations, library workspaces, allocator slack
-    h2d_gbps: float  # pinned host -> device plateau, GB/s
-    d2h_gbps: float  # pinned device -> host plateau, GB/s
-    pageable_h2d_gbps: float
-    pageable_d2h_gbps: float
-    pinned_curve: tuple[tuple[float, float], ...] = ((1.0, 1.0),)
-    pageable_curve: tuple[tuple[float, float], ...] = ((1.0, 1.0),)
-    host_memory: str = "pinned"
-    link_pace_gbps: Optional[float] = None  # copies paced to at most this bandwidth
-    copy_latency_s: float = 0.0  # fixed link time per copy
-    copy_issue_overhead_s: float = 0.0  # host time to issue one copy
-    copy_engines: int = 1  # per direction
-    copies_in_flight: int = 4  # issued but unfinished copies, in total
-    decision_delay_s: float = 0.0  # routing known on the GPU -> host decision
-    profile_table: Optional[str] = None  # measured profiles: Parquet table of measured times
-    # measured profiles: host overhead per decode path, {graphed: {host_per_layer_s: ..., ...}, eager: {...}}
-    engine: Optional[Mapping[str, Any]] = None
+    name: str = setting(help="the preset's id")
+    memory_gb: float = setting(help="the budget: GPU memory in GB (1e9 bytes)")
+    flops_bf16: float = setting(help="achieved dense bf16 FLOP/s (not the datasheet peak)")
+    hbm_bandwidth: float = setting(help="achieved GPU memory bandwidth, bytes/s")
+    launch_overhead_s: float = setting(help="fixed cost per kernel on the GPU stream, s")
+    workspace_gb: float = setting(help="CUDA context, activations, library workspaces, allocator slack, GB")
+    h2d_gbps: float = setting(help="pinned host -> device plateau, GB/s (overriding it scales its whole curve)")
+    d2h_gbps: float = setting(help="pinned device -> host plateau, GB/s")
+    pageable_h2d_gbps: float = setting(help="pageable host -> device plateau, GB/s")
+    pageable_d2h_gbps: float = setting(help="pageable device -> host plateau, GB/s")
+    pinned_curve: tuple[tuple[float, float], ...] = setting(
+        ((1.0, 1.0),), "pinned bandwidth vs copy size: [bytes, fraction of the plateau] points")
+    pageable_curve: tuple[tuple[float, float], ...] = setting(
+        ((1.0, 1.0),), "pageable bandwidth vs copy size: [bytes, fraction of the plateau] points")
+    host_memory: str = setting("pinned", "pinned | pageable: the host memory the experts are copied from")
+    link_pace_gbps: Optional[float] = setting(None, "copies paced to at most this bandwidth, GB/s; null: unpaced")
+    copy_latency_s: float = setting(0.0, "fixed link time per copy, s")
+    copy_issue_overhead_s: float = setting(0.0, "host time to issue one copy, s")
+    copy_engines: int = setting(1, "copy engines per direction")
+    copies_in_flight: int = setting(4, "issued but unfinished copies, in total")
+    decision_delay_s: float = setting(0.0, "routing known on the GPU -> host decision, s")
+    profile_table: Optional[str] = setting(None, "measured profiles: Parquet table of measured times")
+    memory_gib: Optional[float] = setting(
+        None, "the budget in GiB (2^30 bytes) instead of memory_gb (GB, 1e9 bytes); when set it wins")
+    engine: Optional[dict] = setting(
+        None, "measured profiles: host overhead per decode path, {graphed: {host_per_layer_s: ..., "
+              "draft_host_per_layer_s: ..., host_per_launch_s: ...}, eager: {...}} (docs/engine.md)")
 
     def __post_init__(self) -> None:
         where = f"hardware '{self.name}'"
+        if self.memory_gib is not None:
+            v = self.memory_gib
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or not math.isfinite(v):
+                raise SimError(f"{where}: field 'memory_gib' must be a number > 0 or null, got {v!r}")
+            object.__setattr__(self, "memory_gib", float(v))
+            object.__setattr__(self, "memory_gb", float(v) * GIB / GB)
+        if self.engine is not None:
+            if not isinstance(self.engine, Mapping) or not all(isinstance(v, Mapping) for v in self.engine.values()):
+                raise SimError(f"{where}: engine must map a decode path (graphed, eager) to its host-overhead "
+                               f"values, got {self.engine!r}")
+            object.__setattr__(self, "engine", {str(k): dict(v) for k, v in self.engine.items()})
         for f in ("memory_gb", "flops_bf16", "hbm_bandwidth", "h2d_gbps", "d2h_gbps",
                   "pageable_h2d_gbps", "pageable_d2h_gbps"):
             v = getattr(self, f)
@@ -118,11 +135,6 @@ class HardwareSpec:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
                 raise SimError(f"{where}: link_pace_gbps must be a number > 0 or null, got {v!r}")
             object.__setattr__(self, "link_pace_gbps", float(v))
-        if self.engine is not None:
-            if not isinstance(self.engine, Mapping) or not all(isinstance(v, Mapping) for v in self.engine.values()):
-                raise SimError(f"{where}: engine must map a decode path (graphed, eager) to its host-overhead "
-                               f"values, got {self.engine!r}")
-            object.__setattr__(self, "engine", {str(k): dict(v) for k, v in self.engine.items()})
         object.__setattr__(self, "pinned_curve", _curve(self.pinned_curve, f"{where}: pinned_curve"))
         object.__setattr__(self, "pageable_curve", _curve(self.pageable_curve, f"{where}: pageable_curve"))
 
@@ -171,8 +183,6 @@ class HardwareSpec:
         if p.is_absolute():
             return p
         if base is None:
-            from sim.spec import conf_dir
-
             base = conf_dir() / "hardware" / "measured"
         return Path(base) / p
 
@@ -193,19 +203,12 @@ class HardwareSpec:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str = "HardwareSpec") -> "HardwareSpec":
-        """``memory_gib`` (GiB = 2^30 bytes), when set, gives the budget instead of ``memory_gb``."""
-        d = dict(d)
-        gib = d.pop("memory_gib", None)
-        if gib is not None:
-            if isinstance(gib, bool) or not isinstance(gib, (int, float)) or not gib > 0 or not math.isfinite(gib):
-                raise SimError(f"{where}: field 'memory_gib' must be a number > 0 or null, got {gib!r}")
-            d["memory_gb"] = float(gib) * GIB / GB
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise SimError(f"{where}: unknown field(s) {unknown}")
         required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING and f.name not in d]
-        missing = [k for k, v in d.items() if v == "???"] + required
+        missing = missing_keys(d) + required
         if missing:
             raise SimError(f"{where}: missing value(s) for {sorted(set(missing))}")
         return cls(**dict(d))
@@ -213,18 +216,14 @@ class HardwareSpec:
     @classmethod
     def from_cfg(cls, cfg: Any) -> "HardwareSpec":
         """Spec from a composed ``hardware`` group node (or a plain mapping with the same keys)."""
-        from sim.spec import _to_plain
-
-        d = _to_plain(cfg)
+        d = to_plain(cfg)
         return cls.from_dict(d, where=f"hardware '{d.get('name', '?')}'")
 
     @classmethod
     def from_preset(cls, hw_id: str, root: Path | None = None) -> "HardwareSpec":
         """Spec of conf/hardware/<hw_id>.yaml without Hydra; ``measured/NAME`` loads a measured
         profile, whose relative ``profile_table`` is resolved against the YAML file's folder."""
-        from sim.spec import conf_dir, load_group_file
-
-        cfg = load_group_file("hardware", hw_id, root)
+        cfg = load_preset("hardware", hw_id, HardwareConf, root)
         spec = cls.from_cfg(cfg)
         if spec.profile_table and not Path(spec.profile_table).is_absolute():
             folder = (Path(root) if root is not None else conf_dir()) / "hardware" / Path(hw_id).parent
@@ -232,31 +231,5 @@ class HardwareSpec:
         return spec
 
 
-@dataclass
-class HardwareConf:
-    """Hydra schema of the ``hardware`` group (mirrors HardwareSpec; lists instead of tuples).
-
-    Overriding a plateau bandwidth (``hardware.h2d_gbps=...``) scales its whole size curve."""
-
-    name: str = "???"
-    memory_gb: float = "???"  # type: ignore[assignment]
-    memory_gib: Optional[float] = None  # GiB (2^30 B); when set it gives the budget instead of memory_gb
-    flops_bf16: float = "???"  # type: ignore[assignment]
-    hbm_bandwidth: float = "???"  # type: ignore[assignment]
-    launch_overhead_s: float = "???"  # type: ignore[assignment]
-    workspace_gb: float = "???"  # type: ignore[assignment]
-    h2d_gbps: float = "???"  # type: ignore[assignment]
-    d2h_gbps: float = "???"  # type: ignore[assignment]
-    pageable_h2d_gbps: float = "???"  # type: ignore[assignment]
-    pageable_d2h_gbps: float = "???"  # type: ignore[assignment]
-    pinned_curve: List[Any] = field(default_factory=lambda: [[1.0, 1.0]])
-    pageable_curve: List[Any] = field(default_factory=lambda: [[1.0, 1.0]])
-    host_memory: str = "pinned"
-    link_pace_gbps: Optional[float] = None
-    copy_latency_s: float = 0.0
-    copy_issue_overhead_s: float = 0.0
-    copy_engines: int = 1
-    copies_in_flight: int = 4
-    decision_delay_s: float = 0.0
-    profile_table: Optional[str] = None
-    engine: Optional[Any] = None  # measured profiles: {graphed: {...}, eager: {...}} host overhead (docs/engine.md)
+#: the ``hardware`` group's schema: HardwareSpec's fields
+HardwareConf = hydra_schema(HardwareSpec, "HardwareConf")

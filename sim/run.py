@@ -10,11 +10,10 @@ import hashlib
 import json
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from sim.bound import compute_bound
 from sim.config import TraceConf
@@ -25,21 +24,10 @@ from sim.hardware import HardwareSpec
 from sim.memory import MemoryPlan, plan_memory
 from sim.metrics import results_row
 from sim.policies import EVICTION, PREDICTORS, PREFETCH
+from sim.presets import load_preset
 from sim.schedule import Schedule
 from sim.spec import ModelSpec
 from traces import Trace, TraceError, read_trace
-
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-
-
-def conf_dir() -> Path:
-    """The shipped configs (a source checkout or an installed ``conf`` package)."""
-    if CONF_DIR.is_dir():
-        return CONF_DIR
-    import conf
-
-    return Path(conf.__file__).resolve().parent
-
 
 # ------------------------------------------------------------------ inputs
 DRAFT_DIALS = ("draft_agreement", "draft_wrong_ids", "acceptance", "acceptance_corr")
@@ -49,7 +37,7 @@ def draft_dials(tcfg: Any) -> dict[str, float]:
     """The draft-quality dials set in the trace config (null ones are left to the model preset)."""
     out = {}
     for f in DRAFT_DIALS:
-        v = tcfg.get(f)
+        v = getattr(tcfg, f, None)
         if v is None:
             continue
         if isinstance(v, bool) or not isinstance(v, (int, float)):
@@ -135,13 +123,10 @@ def load_policy(name: str, where: str = "policy") -> DictConfig:
     """A policy preset file (conf/policy/NAME.yaml) validated against the policy schema."""
     from sim.config import PolicyConf
 
-    path = conf_dir() / "policy" / f"{name}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in (conf_dir() / "policy").glob("*.yaml"))
-        raise SimError(f"{where} names unknown policy '{name}'; known: {', '.join(known)}")
-    raw = OmegaConf.load(path)
-    raw.pop("defaults", None)
-    return OmegaConf.merge(OmegaConf.structured(PolicyConf), raw)
+    try:
+        return load_preset("policy", name, PolicyConf)
+    except SimError as e:
+        raise SimError(f"{where}: {e}") from None
 
 
 def policy_presets(pcfg: Any) -> list[DictConfig]:
@@ -223,7 +208,7 @@ def policy_plan(prep: Prepared, pcfg: DictConfig) -> MemoryPlan:
 def engine_name(cfg: DictConfig) -> str:
     """The decode path of a config: ``engine.name`` (a group node) or ``engine`` (a plain string, as
     the GPU runtime may carry it); ``ideal`` when absent."""
-    e = cfg.get("engine")
+    e = cfg.get("engine") if "engine" in cfg else None
     if e is None:
         return "ideal"
     return str(e) if isinstance(e, str) else str(e.get("name", "ideal"))
@@ -256,6 +241,7 @@ def base_keys(cfg: DictConfig) -> dict[str, Any]:
 def run_policy(prep: Prepared, pcfg: DictConfig, seed: int, *, timeline: bool = False, governor_cfg: Any = None,
                trace_cfg: Any = None, plan: MemoryPlan | None = None, progress: bool = False) -> tuple[dict[str, Any], Any]:
     """One policy on a prepared config: its results row (without config keys) and (sim, log)."""
+    from sim.config import TraceConf
     from sim.governor import build_governor
     from sim.speculative import DraftSource
 
@@ -328,7 +314,7 @@ def speculative_trace(prep: Prepared, tcfg: Any) -> Trace:
     if cached is None:
         from traces.synth import with_draft
 
-        tcfg = tcfg if tcfg is not None else OmegaConf.structured(TraceConf)
+        tcfg = tcfg if tcfg is not None else TraceConf()
         cached = prep.__dict__["_draft_trace"] = with_draft(prep.trace, synth_params(prep.model, tcfg), int(tcfg.seed))
     return cached
 

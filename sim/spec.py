@@ -1,4 +1,4 @@
-"""The model spec: every shape the simulator, the memory budget and the runtime need (DESIGN.md §3).
+"""The model spec: every shape the simulator, the memory budget and the runtime need.
 
 ``ModelSpec`` extends ``traces.ModelShape`` (the routing part) with widths, the attention shape and
 the expert storage dtype, and derives bytes per expert, non-expert bytes and KV-cache bytes from
@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import MISSING as MISSING_FACTORY, dataclass, field, fields
+from dataclasses import MISSING as MISSING_FACTORY, dataclass, fields
 from pathlib import Path
-from typing import Any, List, Mapping, Optional
+from typing import Any, Mapping, Optional
 
 from sim.errors import SimError
+from sim.presets import hydra_schema, load_preset, missing_keys, setting, to_plain
 from traces.errors import TraceError
 from traces.shape import ModelShape
 
@@ -34,16 +35,6 @@ BF16_BYTES = 2
 SUPPORTED_FAMILIES = (
     "mixtral", "phimoe", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "olmoe", "gpt_oss",
 )
-
-
-def conf_dir() -> Path:
-    """The shipped Hydra configs: conf/ of a source checkout, or the installed ``conf`` package."""
-    here = Path(__file__).resolve().parent.parent / "conf"
-    if here.is_dir():
-        return here
-    import conf  # installed as package data (pyproject: packages conf*)
-
-    return Path(conf.__file__).resolve().parent
 
 
 def _rows_groups(rows: int, cols: int, group: int) -> int:
@@ -62,35 +53,35 @@ class ModelSpec(ModelShape):
     that many tokens of KV cache (GPT-OSS alternates sliding and full layers).
     """
 
-    family: str = ""  # Hugging Face model_type (mixtral, qwen3_moe, ...)
-    hidden_size: int = 0
-    expert_intermediate_size: int = 0
-    shared_intermediate_size: int = 0  # per shared expert; 0 if none
-    dense_intermediate_size: int = 0  # FFN of the dense (non-MoE) decoder layers; 0 if none
-    num_attention_heads: int = 0
-    num_key_value_heads: int = 0
-    head_dim: int = 0
-    attention: str = "gqa"
-    q_lora_rank: int = 0
-    kv_lora_rank: int = 0
-    qk_nope_head_dim: int = 0
-    qk_rope_head_dim: int = 0
-    v_head_dim: int = 0
-    qkv_bias: bool = False  # biases on q/k/v (MLA: on q_a and kv_a) projections
-    o_bias: bool = False  # bias on the output projection
-    qk_norm: str = "none"  # none | head (Qwen3: RMSNorm over head_dim) | full (OLMoE: over all heads)
-    attention_sinks: bool = False  # GPT-OSS: one learned sink logit per head
-    sliding_window: int = 0
-    sliding_layers: tuple[int, ...] = ()
-    norm: str = "rmsnorm"  # rmsnorm (weight) | layernorm (weight + bias, Phi-3.5-MoE)
-    vocab_size: int = 0
-    tie_word_embeddings: bool = False
-    lm_head_bias: bool = False
-    max_position_embeddings: int = 0
-    expert_dtype: str = "bf16"  # how the routed experts are stored and moved: bf16 | int4 | mxfp4
-    expert_bias: bool = False  # GPT-OSS: biases on gate_up (2*inter) and down (hidden), kept bf16
-    router_bias: bool = False  # GPT-OSS router has a bias
-    shared_expert_gate: bool = False  # Qwen2-MoE: sigmoid gate (hidden -> 1) on the shared expert
+    family: str = setting("", "Hugging Face model_type (mixtral, qwen3_moe, ...)")
+    hidden_size: int = setting(0, "residual stream width (config.json hidden_size)", required=True)
+    expert_intermediate_size: int = setting(0, "FFN width of one routed expert", required=True)
+    shared_intermediate_size: int = setting(0, "FFN width of one shared expert; 0 if none")
+    dense_intermediate_size: int = setting(0, "FFN width of the dense (non-MoE) decoder layers; 0 if none")
+    num_attention_heads: int = setting(0, "query heads", required=True)
+    num_key_value_heads: int = setting(0, "key/value heads (gqa)", required=True)
+    head_dim: int = setting(0, "query-key head dim (mla: qk_nope_head_dim + qk_rope_head_dim)", required=True)
+    attention: str = setting("gqa", "gqa | mla (DeepSeek's multi-head latent attention)")
+    q_lora_rank: int = setting(0, "mla: rank of the query down-projection; 0 = a plain q projection")
+    kv_lora_rank: int = setting(0, "mla: rank of the compressed key/value latent (what the KV cache holds)")
+    qk_nope_head_dim: int = setting(0, "mla: per-head query-key dims without rotary embedding")
+    qk_rope_head_dim: int = setting(0, "mla: per-head query-key dims with rotary embedding (shared key)")
+    v_head_dim: int = setting(0, "mla: per-head value dim")
+    qkv_bias: bool = setting(False, "biases on the q/k/v projections (mla: on q_a and kv_a)")
+    o_bias: bool = setting(False, "bias on the attention output projection")
+    qk_norm: str = setting("none", "none | head (Qwen3: RMSNorm over head_dim) | full (OLMoE: over all heads)")
+    attention_sinks: bool = setting(False, "GPT-OSS: one learned sink logit per head")
+    sliding_window: int = setting(0, "keys a sliding-window layer attends to (and keeps in its KV cache)")
+    sliding_layers: tuple[int, ...] = setting((), "decoder layers with sliding-window attention")
+    norm: str = setting("rmsnorm", "rmsnorm (weight) | layernorm (weight + bias, Phi-3.5-MoE)")
+    vocab_size: int = setting(0, "vocabulary size", required=True)
+    tie_word_embeddings: bool = setting(False, "the lm head shares the embedding matrix")
+    lm_head_bias: bool = setting(False, "bias on the lm head")
+    max_position_embeddings: int = setting(0, "longest context the model supports (0: unknown)")
+    expert_dtype: str = setting("bf16", "how the routed experts are stored and moved: bf16 | int4 | mxfp4")
+    expert_bias: bool = setting(False, "GPT-OSS: biases on gate_up (2*inter) and down (hidden), kept bf16")
+    router_bias: bool = setting(False, "the router has a bias (GPT-OSS)")
+    shared_expert_gate: bool = setting(False, "Qwen2-MoE: sigmoid gate (hidden -> 1) on the shared expert")
 
     # ------------------------------------------------------------------ validation
     def __post_init__(self) -> None:
@@ -371,11 +362,11 @@ class ModelSpec(ModelShape):
 
         ``layers`` (if set) gives the depth-reduced variant; ``hf_config`` is informational here
         (the runtime uses it to build the model)."""
-        d = _to_plain(cfg)
+        d = to_plain(cfg)
         layers = d.pop("layers", None)
         d.pop("hf_config", None)
         name = d.get("name", "?")
-        missing = [k for k, v in d.items() if v == "???"]
+        missing = missing_keys(d)
         if missing:
             raise SimError(f"model '{name}': missing value(s) for {missing}")
         spec = cls.from_dict(d, where=f"model '{name}'")
@@ -384,7 +375,7 @@ class ModelSpec(ModelShape):
     @classmethod
     def from_preset(cls, model_id: str, layers: int | None = None, root: Path | None = None) -> "ModelSpec":
         """Spec of preset conf/model/<model_id>.yaml without Hydra (composed with the schema)."""
-        cfg = load_group_file("model", model_id, root)
+        cfg = load_preset("model", model_id, ModelConf, root)
         if layers is not None:
             cfg["layers"] = int(layers)
         return cls.from_cfg(cfg)
@@ -447,20 +438,6 @@ def _replace(spec: ModelSpec, **changes: Any) -> ModelSpec:
     d = spec.to_dict()
     d.update(changes)
     return ModelSpec(**d)
-
-
-def _to_plain(cfg: Any) -> dict[str, Any]:
-    """A mutable plain dict from a DictConfig or mapping (missing values kept as '???')."""
-    try:
-        from omegaconf import DictConfig, OmegaConf
-
-        if isinstance(cfg, DictConfig):
-            return dict(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False))
-    except ImportError:  # pragma: no cover - omegaconf is a dependency
-        pass
-    if not isinstance(cfg, Mapping):
-        raise SimError(f"expected a mapping for the config node, got {type(cfg).__name__}")
-    return dict(cfg)
 
 
 # ---------------------------------------------------------------------------- Hugging Face parsing
@@ -633,85 +610,12 @@ def _spec_from_hf(d: Mapping[str, Any], where: str, name: str | None) -> ModelSp
 
 
 # ---------------------------------------------------------------------------- Hydra schema
-@dataclass
-class ModelConf:
-    """Hydra schema of the ``model`` group (mirrors ModelSpec; lists instead of tuples).
-
-    ``layers``: depth reduction (``model.layers=N`` keeps the first N decoder layers).
-    ``hf_config``: the Hugging Face config.json shipped beside the preset (relative to conf/model/).
-    """
-
-    name: str = "???"
-    num_layers: int = "???"  # type: ignore[assignment]
-    moe_layers: List[int] = "???"  # type: ignore[assignment]
-    num_experts: int = "???"  # type: ignore[assignment]
-    top_k: int = "???"  # type: ignore[assignment]
-    num_shared_experts: int = 0
-    family: str = ""
-    hidden_size: int = "???"  # type: ignore[assignment]
-    expert_intermediate_size: int = "???"  # type: ignore[assignment]
-    shared_intermediate_size: int = 0
-    dense_intermediate_size: int = 0
-    num_attention_heads: int = "???"  # type: ignore[assignment]
-    num_key_value_heads: int = "???"  # type: ignore[assignment]
-    head_dim: int = "???"  # type: ignore[assignment]
-    attention: str = "gqa"
-    q_lora_rank: int = 0
-    kv_lora_rank: int = 0
-    qk_nope_head_dim: int = 0
-    qk_rope_head_dim: int = 0
-    v_head_dim: int = 0
-    qkv_bias: bool = False
-    o_bias: bool = False
-    qk_norm: str = "none"
-    attention_sinks: bool = False
-    sliding_window: int = 0
-    sliding_layers: List[int] = field(default_factory=list)
-    norm: str = "rmsnorm"
-    vocab_size: int = "???"  # type: ignore[assignment]
-    tie_word_embeddings: bool = False
-    lm_head_bias: bool = False
-    max_position_embeddings: int = 0
-    expert_dtype: str = "bf16"
-    expert_bias: bool = False
-    router_bias: bool = False
-    shared_expert_gate: bool = False
-    layers: Optional[int] = None
-    hf_config: Optional[str] = None
-
-
-def register_schemas() -> None:
-    """Store the ``model`` and ``hardware`` schemas in Hydra's ConfigStore under group ``schema``
-    (so ``model=glob(*)`` never sweeps a schema); presets pull them in with
-    ``defaults: [/schema/model@_here_, _self_]``. Safe to call any number of times."""
-    from hydra.core.config_store import ConfigStore
-
-    from sim.hardware import HardwareConf
-
-    cs = ConfigStore.instance()
-    cs.store(group="schema", name="model", node=ModelConf)
-    cs.store(group="schema", name="hardware", node=HardwareConf)
-
-
-def load_group_file(group: str, option: str, root: Path | None = None) -> Any:
-    """Compose conf/<group>/<option>.yaml with its schema the way Hydra does, without Hydra:
-    for loading presets in the runtime, in notebooks and in tests. Returns a DictConfig."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    from sim.hardware import HardwareConf
-
-    schemas = {"model": ModelConf, "hardware": HardwareConf}
-    if group not in schemas:
-        raise SimError(f"no schema for config group '{group}'; known: {sorted(schemas)}")
-    base = Path(root) if root is not None else conf_dir()
-    path = base / group / f"{option}.yaml"
-    if not path.is_file():
-        known = sorted(str(p.relative_to(base / group).with_suffix("")) for p in (base / group).rglob("*.yaml"))
-        raise SimError(f"unknown {group} preset '{option}' ({path} not found); known: {', '.join(known)}")
-    try:
-        raw = OmegaConf.load(path)
-        raw.pop("defaults", None)
-        return OmegaConf.merge(OmegaConf.structured(schemas[group]), raw)
-    except OmegaConfBaseException as e:
-        raise SimError(f"{path}: {e}") from None
+#: the ``model`` group's schema: ModelSpec's fields, plus what only the config has
+ModelConf = hydra_schema(
+    ModelSpec, "ModelConf", required=("name", "num_layers", "moe_layers", "num_experts", "top_k"),
+    extra=[
+        ("layers", Optional[int], setting(None, "depth reduction: keep the first N decoder layers (same shapes)")),
+        ("hf_config", Optional[str], setting(None, "the Hugging Face config.json shipped beside the preset "
+                                               "(relative to conf/model/); presets and config.json agree (tested)")),
+    ],
+)

@@ -10,7 +10,9 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 
 from sim.config import register_configs
-from sim.run import conf_dir, simulate
+from sim.run import simulate
+
+from sim.presets import conf_dir
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 SMALL = ["model=tiny", "trace.requests=1", "trace.prompt_tokens=4", "trace.decode_tokens=10"]

@@ -21,7 +21,8 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from runtime.__main__ import register_configs, rewrite_args, run_app  # noqa: E402
 from runtime.measure import Session  # noqa: E402
 from sim.config import register_configs as register_sim  # noqa: E402
-from sim.run import conf_dir, load_policy, simulate  # noqa: E402
+from sim.run import load_policy, simulate  # noqa: E402
+from sim.presets import conf_dir  # noqa: E402
 from traces import read_trace, write_trace  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -171,7 +172,8 @@ def test_live_mode_writes_the_executed_routing_as_a_trace(tmp_path):
 def test_replay_of_a_captured_trace(tmp_path):
     """A trace captured from the model's own routing replays offloaded (predictor recorded)."""
     from runtime.capture import CaptureSettings, capture
-    from runtime.models import conf_dir as model_conf, load_model
+    from runtime.models import load_model
+    from sim.presets import conf_dir as model_conf
 
     lm = load_model(str(model_conf() / "model" / "tiny.config.json"), device="cpu")
     tr = capture(lm, ["hello world", "a second prompt"], CaptureSettings(max_new_tokens=5, lookahead=1, progress=False))

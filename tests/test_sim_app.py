@@ -14,7 +14,8 @@ from hydra import compose, initialize_config_dir
 
 from sim.config import register_configs
 from sim.errors import InfeasibleError, SimError
-from sim.run import conf_dir, simulate
+from sim.run import simulate
+from sim.presets import conf_dir
 from traces import TraceError, write_trace
 
 register_configs()

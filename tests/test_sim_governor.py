@@ -23,9 +23,9 @@ from sim.governor import (
     build_governor,
     cycle_model_error,
     expected_accepted,
-    register_governor_schema,
 )
-from sim.spec import conf_dir
+from sim.config import register_configs
+from sim.presets import conf_dir
 
 MS = 1e-3
 
@@ -393,8 +393,8 @@ def test_presets_compose_through_hydra(tmp_path: Path) -> None:
     (tmp_path / "config.yaml").write_text(
         f"defaults:\n  - governor: roofline\n  - _self_\nhydra:\n  searchpath:\n    - file://{conf_dir()}\n"
     )
-    register_governor_schema()
-    register_governor_schema()  # idempotent
+    register_configs()
+    register_configs()  # idempotent
     with initialize_config_dir(config_dir=str(tmp_path), version_base="1.3"):
         cfg = compose(config_name="config")
         fixed = compose(config_name="config", overrides=["governor=fixed", "governor.k=6"])

@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 
 from sim.errors import SimError
+from sim.config import register_configs
 from sim.hardware import HardwareConf, HardwareSpec
-from sim.spec import ModelConf, ModelSpec, conf_dir, register_schemas
+from sim.presets import conf_dir
+from sim.spec import ModelConf, ModelSpec
 
 CONF = conf_dir()
 MODELS = ["mixtral-8x7b", "phi-3.5-moe", "qwen1.5-moe-a2.7b", "qwen3-30b-a3b", "deepseek-v2-lite",
@@ -74,8 +76,8 @@ def compose(hydra_dir: Path, overrides: list[str]):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    register_schemas()
-    register_schemas()  # idempotent
+    register_configs()
+    register_configs()  # idempotent
     with initialize_config_dir(config_dir=str(hydra_dir), version_base="1.3"):
         return hydra_compose(config_name="config", overrides=overrides)
 
@@ -161,8 +163,7 @@ def test_unknown_preset_lists_the_known_ones(tmp_path: Path) -> None:
 
 def test_schemas_mirror_the_specs() -> None:
     assert [f.name for f in fields(ModelConf)] == [f.name for f in fields(ModelSpec)] + ["layers", "hf_config"]
-    # memory_gib is a config-side alternative to memory_gb (the spec keeps the budget in GB)
-    assert [f.name for f in fields(HardwareConf) if f.name != "memory_gib"] == [f.name for f in fields(HardwareSpec)]
+    assert [f.name for f in fields(HardwareConf)] == [f.name for f in fields(HardwareSpec)]
 
 
 def test_memory_gib_gives_the_budget() -> None:

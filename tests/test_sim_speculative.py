@@ -10,7 +10,8 @@ from omegaconf import OmegaConf
 
 from sim.config import PolicyConf, register_configs
 from sim.errors import SimError
-from sim.run import conf_dir, load_policy, plan_for, policy_plan, prepare, run_policy, simulate
+from sim.run import load_policy, plan_for, policy_plan, prepare, run_policy, simulate
+from sim.presets import conf_dir
 from sim.speculative import DraftSource
 from traces import Trace
 

@@ -21,8 +21,6 @@ rows are the same, bit for bit, under the basic, joblib, submitit and Ray launch
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import json
 import math
 import os
@@ -36,70 +34,13 @@ from typing import Any, Mapping, Sequence
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-from sim.aggregate import MARKER, file_sha, index_job, indexed_results, read_marker, write_json_atomic, write_marker
+from sim.experiments.jobs import MARKER, config_fingerprint, index_job, indexed_results, read_marker, write_marker
 from sim.config import register_configs
 from sim.errors import SimError
 from traces import TraceError
-from traces.atomic import write_bytes_atomic, write_text_atomic
+from traces.atomic import write_bytes_atomic, write_json_atomic, write_text_atomic
 
 register_configs()
-
-#: config keys that change how a run is shown or stored, never its rows
-RUN_ONLY_KEYS = frozenset({"hydra", "progress", "timeline_out", "resume", "results_name", "experiment"})
-
-
-# ------------------------------------------------------------------ fingerprints
-@functools.lru_cache(maxsize=None)
-def code_fingerprint(plugins: tuple[str, ...] = ()) -> str:
-    """Digest of what decides a run's rows besides its resolved config: the ``sim`` and ``traces``
-    sources, the policy presets a suite loads at run time, and the sources of ``plugins``."""
-    import importlib.util
-
-    import traces
-
-    import sim
-    from sim.run import conf_dir
-
-    files: list[Path] = []
-    for pkg in (sim, traces):
-        files += sorted(Path(pkg.__file__).resolve().parent.rglob("*.py"))
-    files += sorted((conf_dir() / "policy").glob("*.yaml"))
-    for name in plugins:
-        try:
-            spec = importlib.util.find_spec(name)
-        except (ImportError, ValueError):
-            spec = None
-        if spec is not None and spec.origin and os.path.isfile(spec.origin):
-            files.append(Path(spec.origin))
-    h = hashlib.sha1()
-    for f in files:
-        h.update(f.name.encode())
-        h.update(f.read_bytes())
-    return h.hexdigest()
-
-
-@functools.lru_cache(maxsize=64)
-def _file_digest(path: str, size: int, mtime_ns: int) -> str:
-    return file_sha(path) or "missing"
-
-
-def config_fingerprint(cfg: DictConfig) -> str:
-    """Digest of a job's resolved config (less the keys that only change how it is shown), the
-    simulator code and, for ``trace.path``, the trace file's bytes: equal digests, equal rows."""
-    data = OmegaConf.to_container(cfg, resolve=True)
-    data = {k: v for k, v in data.items() if k not in RUN_ONLY_KEYS}
-    path = (data.get("trace") or {}).get("path")
-    trace_digest = None
-    if path:
-        try:
-            st = os.stat(path)
-            trace_digest = _file_digest(os.path.abspath(path), st.st_size, st.st_mtime_ns)
-        except OSError:
-            trace_digest = "missing"
-    blob = json.dumps({"config": data, "code": code_fingerprint(tuple(data.get("plugins") or ())),
-                       "trace_file": trace_digest}, sort_keys=True, default=str)
-    return hashlib.sha1(blob.encode()).hexdigest()
-
 
 # ------------------------------------------------------------------ one job
 @dataclass
@@ -136,10 +77,6 @@ def find_reusable(fp: str, job_dir: Path, sweep_dir: Path | None, name: str) -> 
     return f"index (first run as job {src})", blobs
 
 
-def _write_bytes_atomic(data: bytes, path: Path) -> None:
-    write_bytes_atomic(path, data)
-
-
 def run_job(cfg: DictConfig, out_dir: str | os.PathLike, *, sweep_dir: str | os.PathLike | None = None,
             resume: bool | None = None) -> JobResult:
     """Simulate one config into ``out_dir`` (results + marker), or reuse earlier results of the same
@@ -165,7 +102,7 @@ def run_job(cfg: DictConfig, out_dir: str | os.PathLike, *, sweep_dir: str | os.
             if where != "self":
                 (out / MARKER).unlink(missing_ok=True)
                 for fname, data in blobs.items():
-                    _write_bytes_atomic(data, out / fname)
+                    write_bytes_atomic(out / fname, data)
             rows = pd.read_parquet(out / f"{name}.parquet").to_dict("records")
             write_marker(out, {"status": "ok", "fingerprint": fp, "rows": len(rows), "reused_from": where,
                                "wall_s": time.perf_counter() - t0})
@@ -262,7 +199,7 @@ def parse_space(params: Mapping[str, Any]) -> list[Param]:
 
 
 def _is_group(key: str) -> bool:
-    from sim.run import conf_dir
+    from sim.presets import conf_dir
 
     return "." not in key and (conf_dir() / key).is_dir()
 
@@ -296,16 +233,12 @@ def layout_slots(prep: Any) -> dict[bool, int | None]:
     """Slots per layer when the budget's global pool (autoregressive, or beside a speculative
     policy's resident INT4 draft) is split evenly across the MoE layers (rounded down)."""
     from sim.errors import InfeasibleError
+    from sim.run import plan_for
 
     out: dict[bool, int | None] = {}
     for spec in (False, True):
         try:
-            try:
-                from sim.run import plan_for
-
-                plan = plan_for(prep, speculative=spec)
-            except ImportError:  # an older sim.run: one plan
-                plan = prep.plan
+            plan = plan_for(prep, speculative=spec)
             n = min(prep.model.num_experts, plan.slots // prep.model.num_moe_layers)
             out[spec] = n if n >= 1 else None
         except (InfeasibleError, AttributeError, TypeError):
@@ -332,7 +265,7 @@ def compose_sim(overrides: Sequence[str]) -> DictConfig:
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from sim.run import conf_dir
+    from sim.presets import conf_dir
 
     if GlobalHydra.instance().is_initialized():
         return compose(config_name="sim", overrides=list(overrides))
@@ -514,13 +447,14 @@ def _write_search(out: Path, trials: pd.DataFrame, default: Mapping[str, Any], b
     if not trials.empty:
         write_results(trials.to_dict("records"), out, "search_trials")
     cmd = "python -m sim " + " ".join([*base, *(str(best.get("overrides", "")).split())])
-    write_json_atomic({"default": dict(default), "best": dict(best), "base": list(base), "command": cmd},
-                      out / "search_best.json")
+    write_json_atomic(out / "search_best.json",
+                      {"default": dict(default), "best": dict(best), "base": list(base), "command": cmd})
     write_text_atomic(out / "search_report.txt", table + f"\nreproduce the best: {cmd}\n")
 
 
 # ------------------------------------------------------------------ the Hydra app
-def _task(cfg: DictConfig) -> float:
+def task(cfg: DictConfig) -> float:
+    """One job of the sweep app (also what ``python -m sim`` hands multiruns, resume and search to)."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
@@ -561,12 +495,12 @@ def _task(cfg: DictConfig) -> float:
 def _app() -> None:
     import hydra
 
-    hydra.main(version_base="1.3", config_path="pkg://conf", config_name="sim")(_task)()
+    hydra.main(version_base="1.3", config_path="pkg://conf", config_name="sim")(task)()
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m sim.sweep [search] [OVERRIDES]``."""
-    from sim import aggregate
+    """``python -m sim.sweep [search] [OVERRIDES]`` (also ``moe-sweep``)."""
+    from sim.experiments import aggregate
 
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] == "search":
@@ -582,8 +516,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    # run the imported module, not this __main__ copy: jobs then pickle ``sim.sweep._task`` by
-    # reference (joblib, submitit, Ray workers import it instead of receiving a copy)
-    from sim.sweep import main as _main
+    # run the imported module, not this __main__ copy: jobs then pickle ``task`` by reference
+    # (joblib, submitit, Ray workers import it instead of receiving a copy)
+    from sim.experiments.sweep import main as _main
 
     _main()
