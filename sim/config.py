@@ -41,7 +41,14 @@ class PolicyConf:
     decoding: str = setting("autoregressive", "autoregressive | speculative (draft/verify cycles, a governor picks k)")
     cache_as: Optional[str] = setting(
         None, "speculative: an autoregressive policy given the expert-cache slots a speculative policy has at this "
-              "budget (the draft's memory left unused): the 'same cache' comparison")
+              "budget (the draft's memory left unused): the 'same cache' comparison; autoregressive: a speculative "
+              "policy given the slots an autoregressive one has (as if its draft took no memory)")
+    layout: Optional[str] = setting(
+        None, "per_layer: the budget's expert slots split evenly over the MoE layers (a per-layer cache, as "
+              "offloading stacks keep one per layer); null: cache.slots / cache.per_layer / one global pool")
+    governor: Optional[dict[str, Any]] = setting(
+        None, "speculative: governor settings for this policy only, over the run's governor= ({name: fixed, k: 4})")
+    engine: Optional[str] = setting(None, "a conf/engine preset for this policy only (the paper-like baseline: eager)")
     suite: list[str] = setting([], "non-empty: run each named preset instead (one results row each)")
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from sim.bound import compute_bound
 from sim.config import TraceConf
@@ -181,6 +181,23 @@ def prepare(cfg: DictConfig) -> Prepared:
     return prep
 
 
+def with_engine(prep: Prepared, name: str | None) -> Prepared:
+    """``prep`` with the host overhead of conf/engine/NAME.yaml (a policy's own ``engine``): the same
+    trace and budget, another cost model and schedule. Memoised per name."""
+    if not name or name == prep.cost.host.name:
+        return prep
+    variants = prep.__dict__.setdefault("_engines", {})
+    if name not in variants:
+        from dataclasses import replace
+
+        from sim.config import load_group_file
+
+        host = HostOverhead.from_cfg(load_group_file("engine", name), prep.hw)
+        cost = cost_model_for(prep.model, prep.hw, host=host)
+        variants[name] = replace(prep, cost=cost, schedule=Schedule(prep.trace, prep.model, cost))
+    return variants[name]
+
+
 def plan_for(prep: Prepared, *, speculative: bool) -> MemoryPlan:
     """The memory plan of one policy: a speculative one keeps its INT4 draft experts resident."""
     return plan_memory(prep.model, prep.hw, max_context_tokens=prep.context_tokens, slots=prep.slots,
@@ -188,21 +205,33 @@ def plan_for(prep: Prepared, *, speculative: bool) -> MemoryPlan:
 
 
 def policy_plan(prep: Prepared, pcfg: DictConfig) -> MemoryPlan:
-    """``cache_as: speculative`` gives an autoregressive policy the slot count a speculative policy
-    has at this budget, in the same layout (the paper's "same cache"; the draft's memory idles)."""
+    """The policy's memory plan. ``cache_as`` lends it the slot count of the other decoding mode at
+    this budget, in the same layout: ``speculative`` for an autoregressive policy (the paper's "same
+    cache"; the draft's memory idles), ``autoregressive`` for a speculative one (as if its draft took
+    no memory). ``layout: per_layer`` splits the slots evenly over the MoE layers."""
+    from dataclasses import replace
+
     if pcfg.decoding not in ("autoregressive", "speculative"):
         raise SimError(f"policy '{pcfg.name}': decoding must be 'autoregressive' or 'speculative', got '{pcfg.decoding}'")
-    if pcfg.decoding == "speculative":
-        return plan_for(prep, speculative=True)
-    if pcfg.get("cache_as") == "speculative":
-        spec = plan_for(prep, speculative=True)
-        own = plan_for(prep, speculative=False)
-        from dataclasses import replace
-
-        return replace(own, slots=spec.slots, per_layer=spec.per_layer, layout=spec.layout)
-    if pcfg.get("cache_as"):
-        raise SimError(f"policy '{pcfg.name}': cache_as must be null or 'speculative', got '{pcfg.cache_as}'")
-    return plan_for(prep, speculative=False)
+    other = {"autoregressive": "speculative", "speculative": "autoregressive"}[pcfg.decoding]
+    cache_as = pcfg.get("cache_as")
+    if cache_as not in (None, other):
+        raise SimError(f"policy '{pcfg.name}': cache_as must be null or '{other}' for a {pcfg.decoding} policy, "
+                       f"got '{cache_as}'")
+    layout = pcfg.get("layout")
+    if layout not in (None, "per_layer"):
+        raise SimError(f"policy '{pcfg.name}': layout must be null or 'per_layer', got '{layout}'")
+    own = plan_for(prep, speculative=pcfg.decoding == "speculative")
+    if cache_as:
+        lent = plan_for(prep, speculative=cache_as == "speculative")
+        own = replace(own, slots=lent.slots, per_layer=lent.per_layer, layout=lent.layout)
+    if layout == "per_layer" and own.per_layer is None:
+        per = own.slots // prep.model.num_moe_layers
+        if per < 1:
+            raise InfeasibleError(f"policy '{pcfg.name}': {own.slots} slots leave none per MoE layer "
+                                  f"({prep.model.num_moe_layers} layers)")
+        own = replace(own, slots=per * prep.model.num_moe_layers, per_layer=per, layout="per_layer")
+    return own
 
 
 def engine_name(cfg: DictConfig) -> str:
@@ -283,6 +312,8 @@ def run_policy(prep: Prepared, pcfg: DictConfig, seed: int, *, timeline: bool = 
     row = results_row(log, bound, prep.model.bytes_per_expert(), prep.model.num_moe_layers)
     row["wall_s"] = wall
     row.update(prep.cost.host.columns())
+    row.update(prefetch.summary())
+    row["prefetches_refused"] = sim.cache.refused
     row["engine_values"] = prep.cost.host.source
     row["slots"], row["layout"] = plan.slots, plan.layout
     row["decoding"] = pcfg.decoding
@@ -344,13 +375,18 @@ def simulate(cfg: DictConfig, *, on_policy=None) -> list[dict[str, Any]]:
     load_plugins(cfg.get("plugins") or [])
     presets = policy_presets(cfg.policy)
     keys = base_keys(cfg)
-    prep = prepare(cfg)
+    base = prepare(cfg)
     rows = []
     for p in presets:
-        k = {**keys, "policy": p.name, "eviction": p.eviction, "prefetch": p.prefetch, "predictor": p.predictor}
+        prep = with_engine(base, p.get("engine"))
+        gov = cfg.get("governor")
+        if p.get("governor"):
+            gov = OmegaConf.merge(gov, p.governor) if gov is not None else OmegaConf.create(dict(p.governor))
+        k = {**keys, "policy": p.name, "eviction": p.eviction, "prefetch": p.prefetch, "predictor": p.predictor,
+             "engine": prep.cost.host.name}
         if p.decoding == "speculative":
-            k["governor"] = cfg.governor.get("name")
-            k["governor_k"] = cfg.governor.get("k")
+            k["governor"] = gov.get("name")
+            k["governor_k"] = gov.get("k")
         try:
             plan = policy_plan(prep, p)
         except InfeasibleError as e:
@@ -358,7 +394,7 @@ def simulate(cfg: DictConfig, *, on_policy=None) -> list[dict[str, Any]]:
                          "config_id": config_id(k), "repetition": 0})
             continue
         row, (sim, log) = run_policy(prep, p, int(cfg.seed), timeline=bool(cfg.timeline_out),
-                                     governor_cfg=cfg.get("governor"), trace_cfg=cfg.trace, plan=plan,
+                                     governor_cfg=gov, trace_cfg=cfg.trace, plan=plan,
                                      progress=bool(cfg.get("progress", False)))
         rows.append({**k, "source": "sim", "status": "ok", "reason": "", "config_id": config_id(k), "repetition": 0, **row})
         if on_policy is not None:

@@ -7,7 +7,7 @@ positions of the target's experts; the ELB forecasts k of those positions.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 from sim.errors import SimError
 from sim.policies.base import PREFETCH, Action, Cancel, CycleInfo, Fetch, LayerStep, PolicyContext, PrefetchPolicy
@@ -68,6 +68,9 @@ class SpeqScheduler(PrefetchPolicy):
         self.cancelled = 0  # stale prefetches cancelled (queued when cancelled)
         ctx.extra["predicted_next_use"] = self.predicted_next_use
         ctx.extra["predicted_keys"] = self._protected
+
+    def summary(self) -> dict[str, Any]:
+        return {"prefetches_cancelled": self.cancelled}
 
     def predicted_next_use(self, key: int, g: int | None = None) -> int | None:
         m = key // self.ctx.num_experts
@@ -171,8 +174,9 @@ class SpeqScheduler(PrefetchPolicy):
 
 @PREFETCH.register("spmoe")
 class SpMoeCutoff(PrefetchPolicy):
-    """SP-MoE's cutoff-layer policy (moe-speq.md §7): prefetch the draft-predicted experts only for
-    the first L_cut MoE layers, as the predictions arrive; deeper layers load on demand.
+    """SP-MoE's cutoff-layer policy (arXiv 2510.10302; docs/speculation.md): prefetch the
+    draft-predicted experts only for the first L_cut MoE layers, as the predictions arrive; deeper
+    layers load on demand.
 
     L_cut = max L with L * n * t_io <= T_draft (the transfers hide under drafting) and
     L * n <= slots * ``memory_share`` (they fit), n = min(E, k * top_k) experts per layer,
@@ -204,3 +208,9 @@ class SpMoeCutoff(PrefetchPolicy):
     def on_draft_token(self, i: int, row: Sequence[tuple[int, ...]], budget: int) -> list[Action]:
         cached = self.ctx.cached
         return [Fetch(key, 1 + m) for m in range(self.l_cut) for key in row[m] if not cached(key)]
+
+    def summary(self) -> dict[str, Any]:
+        """``spmoe_l_cut_mean`` / ``_max``: the cutoff chosen per cycle (0: nothing prefetched, the
+        rows then equal spec-lru's; docs/speculation.md says when and why)."""
+        return {"spmoe_l_cut_mean": sum(self.log) / len(self.log) if self.log else float("nan"),
+                "spmoe_l_cut_max": max(self.log, default=0)}
