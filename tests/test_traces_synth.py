@@ -349,3 +349,15 @@ def test_draft_and_acceptance_dials():
 def test_draft_dials_range_checked(field, value):
     with pytest.raises(TraceError, match=rf"SynthParams.{field}"):
         synthesize(dataclasses.replace(small("qwen1.5-moe-a2.7b"), **{field: value}), 0)
+
+
+def test_with_draft_draws_exactly_the_generators_draft_columns():
+    """A trace without draft columns gets, from the same dials and seed, the very draft columns the
+    generator writes (the speculation map and stand-in drafts rely on it)."""
+    p = dataclasses.replace(small("qwen1.5-moe-a2.7b"), length_jitter=0.3, acceptance=0.7, acceptance_corr=0.2)
+    a = synthesize(p, 4)
+    b = synth.with_draft(synthesize(dataclasses.replace(p, draft=False), 4), p, 4)
+    assert np.array_equal(a.draft, b.draft) and np.array_equal(a.draft_match, b.draft_match)
+    assert b.meta["draft_stand_in"]["acceptance"] == 0.7
+    with pytest.raises(TraceError, match="already carries draft columns"):
+        synth.with_draft(a, p, 4)

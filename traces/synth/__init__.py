@@ -162,11 +162,6 @@ def synthesize_with_internals(
             pred = noisy_copy(_rng(seed, _LOOKAHEAD, d), truth, recall_at[d], E)
             a[:, :, src] = pred.reshape(R, T, len(src), k)
         lookahead[d] = a
-    draft = draft_match = None
-    if params.draft:
-        draft = draft_rows(_rng(seed, _DRAFT), expert_ids.reshape(-1, k), weights.reshape(-1, k),
-                           params.draft_agreement, params.draft_wrong_ids, E).reshape(R, T, M, k)
-        draft_match = markov_matches(_rng(seed, _ACCEPT), (R, T), params.acceptance, params.acceptance_corr)
 
     # --- padding
     pad = ~valid
@@ -176,10 +171,9 @@ def synthesize_with_internals(
     for d, a in lookahead.items():
         a[pad] = -1
         lookahead[d] = a.astype(np.int16)
-    if draft is not None:
-        draft[pad] = -1
-        draft = draft.astype(np.int16)
-        draft_match &= valid
+    draft = draft_match = None
+    if params.draft:  # from the padded routing, exactly as with_draft draws it for any trace
+        draft, draft_match = _draft_columns(expert_ids, weights, valid, params, seed, E)
 
     reuse, hot_share = depth_profile(params.reuse, M), depth_profile(params.hot_share, M)
     derived = {
@@ -234,19 +228,25 @@ def with_draft(trace: Trace, params: SynthParams, seed: int) -> Trace:
     if trace.draft is not None:
         raise TraceError("with_draft: the trace already carries draft columns")
     params.validate(trace.shape)
-    R, T, M, k = trace.expert_ids.shape
-    E = trace.shape.num_experts
-    valid = trace.valid_mask()
-    truth = np.where(trace.expert_ids >= 0, trace.expert_ids, 0).astype(np.int64).reshape(-1, k)
-    w = None if trace.gate_weights is None else trace.gate_weights.reshape(-1, k)
+    draft, match = _draft_columns(trace.expert_ids, trace.gate_weights, trace.valid_mask(), params, seed,
+                                  trace.shape.num_experts)
+    meta = dict(trace.meta)
+    meta["draft_stand_in"] = {"seed": int(seed), "generator_version": SYNTH_VERSION, **{
+        f: getattr(params, f) for f in ("draft_agreement", "draft_wrong_ids", "acceptance", "acceptance_corr")}}
+    return dataclasses.replace(trace, draft=draft, draft_match=match, meta=meta)
+
+
+def _draft_columns(expert_ids: np.ndarray, weights: np.ndarray | None, valid: np.ndarray, params: SynthParams,
+                   seed: int, E: int) -> tuple[np.ndarray, np.ndarray]:
+    """(draft (R, T, M, k) int16, draft_match (R, T) bool) from padded routing (-1 / NaN on pads)."""
+    R, T, M, k = expert_ids.shape
+    truth = np.where(expert_ids >= 0, expert_ids, 0).astype(np.int64).reshape(-1, k)
+    w = None if weights is None else weights.reshape(-1, k)
     draft = draft_rows(_rng(seed, _DRAFT), truth, w, params.draft_agreement, params.draft_wrong_ids, E)
     draft = draft.reshape(R, T, M, k)
     draft[~valid] = -1
     match = markov_matches(_rng(seed, _ACCEPT), (R, T), params.acceptance, params.acceptance_corr) & valid
-    meta = dict(trace.meta)
-    meta["draft_stand_in"] = {"seed": int(seed), "generator_version": SYNTH_VERSION, **{
-        f: getattr(params, f) for f in ("draft_agreement", "draft_wrong_ids", "acceptance", "acceptance_corr")}}
-    return dataclasses.replace(trace, draft=draft.astype(np.int16), draft_match=match, meta=meta)
+    return draft.astype(np.int16), match
 
 
 __all__ = [
