@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from runtime.executor import OffloadedModel, Run
-from sim.engine import RunLog
+from sim.runlog import RunLog
 from sim.metrics import results_row
 from sim.timeline import chrome_trace
 
@@ -333,7 +333,7 @@ class Session:
                 predictor.attach_live(self.loaded)
             else:
                 predictor = PREDICTORS.create(pcfg.predictor, **dict(pcfg.predictor_args))
-                predictor.attach(trace, schedule, tuple(range(1, depth + 1)), int(cfg.seed))
+                predictor.attach(trace, schedule.layer_steps(), tuple(range(1, depth + 1)), int(cfg.seed))
         rc = RunConfig(
             eviction=eviction, prefetch=prefetch, predictor=predictor,
             slots=None if plan.per_layer else plan.slots, per_layer=plan.per_layer,

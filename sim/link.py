@@ -26,12 +26,13 @@ class CopyQueue:
     Priorities are small integers (0 = demand, d = a prefetch d layers ahead), so one deque per
     priority beats a heap here."""
 
-    __slots__ = ("_buckets", "_entry", "_seq")
+    __slots__ = ("_buckets", "_entry", "_seq", "queued")
 
     def __init__(self) -> None:
         self._buckets: list[deque[tuple[int, int]]] = [deque()]  # priority -> (seq, key)
         self._entry: dict[int, tuple[int, int]] = {}  # key -> (priority, seq) of its live entry
         self._seq = 0
+        self.queued: Callable[[int], bool] = self._entry.__contains__  # the policies' view (fast)
 
     def __contains__(self, key: int) -> bool:
         return key in self._entry

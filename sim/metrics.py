@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from sim.bound import Bound
-from sim.engine import RunLog
+from sim.runlog import RunLog
 
 GB = 1e9
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from sim.costmodel import CostModel
+from sim.policies.predictors import LayerSteps
 from sim.spec import ModelSpec
 from traces import Trace
 
@@ -83,6 +84,17 @@ class Schedule:
                 for a, b in zip(bounds[:-1], bounds[1:]):
                     self.add_step(r, int(a), int(b), int(steps_r[a]), int(trace.phase[r, a]))
                 self.request_steps.append((first, len(self.steps)))
+
+    def layer_steps(self) -> LayerSteps:
+        """Each layer-step's request, trace rows and MoE ordinal (a predictor's input)."""
+        g_step = np.asarray(self.g_step, dtype=np.int64)
+        st = self.steps
+        return LayerSteps(
+            request=np.array([s.request for s in st], dtype=np.int64)[g_step],
+            t0=np.array([s.t0 for s in st], dtype=np.int64)[g_step],
+            t1=np.array([s.t1 for s in st], dtype=np.int64)[g_step],
+            m=np.arange(len(g_step)) - np.array([s.g0 for s in st], dtype=np.int64)[g_step],
+        )
 
     @property
     def num_layer_steps(self) -> int:

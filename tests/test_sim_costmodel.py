@@ -24,7 +24,7 @@ from sim.errors import SimError
 from sim.hardware import HardwareSpec, curve_fraction
 from sim.spec import ModelSpec
 
-HARDWARE = ["rtx3090", "rtx4090", "l4", "a100-40g-pcie4", "h100-pcie5", "h200"]
+HARDWARE = ["rtx3090", "rtx4090", "l4", "a100-40g-pcie4", "h100-pcie5", "h100-sxm", "h200"]
 
 # A toy model and GPU with round numbers, so every term can be checked by hand.
 TOY = ModelSpec(

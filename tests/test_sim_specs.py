@@ -20,7 +20,7 @@ MODELS = ["mixtral-8x7b", "phi-3.5-moe", "qwen1.5-moe-a2.7b", "qwen3-30b-a3b", "
 REAL = [m for m in MODELS if m not in ("tiny", "small-moe")]
 # the project's own trained model: its config.json lives with its checkpoint
 HF_CONFIG = {m: f"{m}.config.json" for m in MODELS} | {"small-moe": "../../models/small-moe/config.json"}
-HARDWARE = ["rtx3090", "rtx4090", "l4", "a100-40g-pcie4", "h100-pcie5", "h200"]
+HARDWARE = ["rtx3090", "rtx4090", "l4", "a100-40g-pcie4", "h100-pcie5", "h100-sxm", "h200"]
 
 # research/anchors-offload.md §1.2: (params per expert, bytes per expert bf16, routed experts / layer,
 # top-k, MoE layers, total layers)

@@ -7,6 +7,7 @@ layer ``l`` would see them. Empty where ``l + d`` is dense or past the last laye
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -16,23 +17,29 @@ from sim.policies.base import PREDICTORS
 from traces import Trace
 
 
+@dataclass(frozen=True)
+class LayerSteps:
+    """Where each layer-step of a run sits in its trace: the one input a trace-backed predictor
+    needs besides the trace (the simulator's schedule provides it, ``Schedule.layer_steps``)."""
+
+    request: np.ndarray  # (G,) request ordinal of layer-step g
+    t0: np.ndarray  # (G,) first trace row of its step
+    t1: np.ndarray  # (G,) one past its step's last row
+    m: np.ndarray  # (G,) its MoE-layer ordinal
+
+
 class Predictor:
     """Base: reads an (R, T, M, k) array of predicted ids per depth, indexed at the source layer."""
 
     name = "base"
 
-    def attach(self, trace: Trace, schedule, depths: Sequence[int], seed: int) -> None:
+    def attach(self, trace: Trace, steps: LayerSteps, depths: Sequence[int], seed: int) -> None:
         """Precompute, for every layer-step and depth, the predicted keys (one list read per query)."""
-        self.trace, self.schedule, self.E = trace, schedule, trace.shape.num_experts
+        self.trace, self.E = trace, trace.shape.num_experts
         self.depths = list(depths)
         E = self.E
-        steps = schedule.steps
-        g_step = np.asarray(schedule.g_step, dtype=np.int64)
-        req = np.array([s.request for s in steps], dtype=np.int64)[g_step]
-        t0 = np.array([s.t0 for s in steps], dtype=np.int64)[g_step]
-        g0 = np.array([s.g0 for s in steps], dtype=np.int64)[g_step]
-        multi = np.array([s.t1 - s.t0 > 1 for s in steps], dtype=bool)[g_step]
-        m = np.arange(len(g_step)) - g0
+        req, t0, t1, m = steps.request, steps.t0, steps.t1, steps.m
+        multi = t1 - t0 > 1
         self._table: dict[int, list[tuple[int, ...]]] = {}
         for d in self.depths:
             arr = self._array(d, seed)
@@ -43,8 +50,7 @@ class Predictor:
             for g in np.flatnonzero((keys < 0).any(axis=1)):  # no target layer, or fewer ids
                 table[g] = tuple(int(x) for x in keys[g] if x >= 0)
             for g in np.flatnonzero(multi & (tm >= 0)):  # prefill: the union over the step's tokens
-                s = steps[g_step[g]]
-                u = np.unique(arr[s.request, s.t0:s.t1, m[g]])
+                u = np.unique(arr[req[g], t0[g]:t1[g], m[g]])
                 table[g] = tuple(int(tm[g]) * E + int(x) for x in u if x >= 0)
             self._table[d] = table
 

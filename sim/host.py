@@ -1,0 +1,402 @@
+"""The host controller: every decision the host makes during a run, written once.
+
+It owns routing classification (hit, late, miss), the policies' calls, applying their actions to the
+copy queue, completions and releases in timestamp order (through the copy stream, sim/link.py), and
+the demand waits; the speculative cycle (draft k, fill the Expert Lookahead Buffer, verify k + 1,
+acceptance, the governor's calls, the cycle records) too. It has no clock of its own: it is a
+generator that yields *wait requests* and is resumed with the time at which the wait is over.
+
+- ``Sleep(dt)``: let ``dt`` seconds pass on the compute stream. The simulator's SimPy process
+  answers with ``env.timeout(dt)``; the controller yields only where the compute stream must really
+  wait for the host (once per target pass, once per draft token, at request boundaries), and keeps
+  the host's decision times within a pass in a local clock (docs/host-controller.md).
+
+Same-time order, everywhere: at one instant, slot releases, then copy completions (each followed by
+the issues it allows), then the host reads the routing; a copy landing exactly at a decision is a hit.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, NamedTuple
+
+import numpy as np
+
+from sim.cache import LOADING, RESIDENT, ExpertCache
+from sim.errors import SimError
+from sim.governor import CycleCosts
+from sim.policies.base import DEMAND, CycleInfo, EvictionPolicy, PolicyContext, PrefetchPolicy
+from sim.runlog import RunLog
+
+
+class Sleep(NamedTuple):
+    """Wait request: ``dt`` seconds pass on the compute stream; resume with the new time."""
+
+    dt: float
+
+
+def policy_context(schedule: Any, cache: ExpertCache, queued: Any, predictor: Any, top_k: int) -> PolicyContext:
+    """The facts policies read, from a schedule (replay: future, next use, layer-steps)."""
+    return PolicyContext(
+        num_moe_layers=schedule.M,
+        num_experts=schedule.E,
+        top_k=top_k,
+        future=schedule.future,
+        num_layer_steps=schedule.num_layer_steps,
+        next_use=schedule.next_use,
+        cached=cache.state.__getitem__,  # truthy when loading or resident
+        layer_step=schedule.layer_step,
+        queued=queued,
+        predictor=predictor,
+    )
+
+
+def overridden(policy: Any, base: type, name: str) -> bool:
+    """Whether ``policy`` implements hook ``name`` (the host skips calls to the base's no-ops)."""
+    return getattr(type(policy), name) is not getattr(base, name)
+
+
+class HostController:
+    """The host of one run: policies, the copy queue and stream, the cache, the counters.
+
+    ``copy`` is the copy stream (``sim.link.CopyEngine``: the exact timestamp model). ``drive()`` is
+    the generator of the whole run (every request of the schedule's trace, in order)."""
+
+    def __init__(
+        self,
+        schedule: Any,
+        cache: ExpertCache,
+        copy: Any,
+        *,
+        eviction: EvictionPolicy,
+        prefetch: PrefetchPolicy,
+        log: RunLog,
+        decision_delay: float,
+        expert_bytes: int,
+        transfer_s: float,
+        copy_latency_s: float = 0.0,
+        governor: Any = None,
+        draft: Any = None,
+        layer_names: list[str] | None = None,
+        progress: Any = None,
+    ) -> None:
+        if (governor is None) != (draft is None):
+            raise SimError("speculative decoding needs both a governor and a draft source")
+        self.schedule, self.cache, self.copy, self.log = schedule, cache, copy, log
+        self.eviction, self.prefetch = eviction, prefetch
+        self.governor, self.draft = governor, draft
+        self.decision_delay = float(decision_delay)
+        self.expert_bytes = expert_bytes
+        self.transfer_s = transfer_s
+        self.copy_latency_s = float(copy_latency_s)
+        self.progress = progress  # e.g. a tqdm bar: update(1) after each request
+        self.layer_names = layer_names or [f"m{m}" for m in range(schedule.M)]
+        self.prefetched = cache.prefetched
+        self.has_layer_start = overridden(prefetch, PrefetchPolicy, "on_layer_start")
+        self.has_routed = overridden(prefetch, PrefetchPolicy, "on_routed")
+        self.has_done = overridden(prefetch, PrefetchPolicy, "on_transfer_done")
+        self.g = 0
+        self.now = 0.0  # the compute stream's time when the controller was last resumed
+        self.carry = 0.0  # compute committed on the stream but not waited for (relative to now)
+        self.counts = [0, 0, 0, 0, 0.0, 0.0]  # hits, late, misses, useful, late_wait, stall
+        self.stall_layer = [0.0] * schedule.M
+
+    # ------------------------------------------------------------ host events
+    def apply(self, actions) -> None:
+        """A policy's actions onto the copy queue (sim.link.CopyQueue.apply)."""
+        self.copy.queue.apply(actions, self.cache.state)
+
+    def copy_done(self, key: int, t: float) -> None:
+        """A copy completed (called by the copy stream, in completion order)."""
+        if self.has_done:
+            self.apply(self.prefetch.on_transfer_done(key))
+        if self.log.occupancy is not None:
+            self.log.occupancy.append((t, self.cache.resident_count()))
+
+    def _settle(self) -> Iterator[Sleep]:
+        """Wait for the compute already committed to the stream."""
+        if self.carry > 0:
+            self.now = yield Sleep(self.carry)
+        self.carry = 0.0
+
+    # --------------------------------------------------------------- the run
+    def drive(self) -> Iterator[Sleep]:
+        """The whole run: for each request, prefill, then autoregressive steps or speculative
+        draft/verify cycles; the counters go to the log at the end."""
+        sch, log, prefetch, copy = self.schedule, self.log, self.prefetch, self.copy
+        for r in range(sch.trace.num_requests):
+            yield from self._settle()
+            now = self.now
+            log.request_start.append(now)
+            times: list[float] = [now]  # the request start; dropped below
+            copy.advance(now)
+            self.apply(prefetch.on_request_start(r))
+            copy.try_issue()
+            if self.governor is None:
+                s_first, s_end = sch.request_steps[r]
+                for s_idx in range(s_first, s_end):
+                    yield from self.target_pass(s_idx, times)
+            else:
+                yield from self.speculative_request(r, times)
+            log.token_times.append(times[1:])
+            yield from self._settle()
+            copy.advance(self.now)
+            self.apply(prefetch.on_request_end(r))
+            copy.try_issue()
+            if self.progress is not None:
+                self.progress.update(1)
+        c = self.counts
+        log.hits, log.late, log.misses = c[0], c[1], c[2]
+        log.useful_prefetch_bytes = c[3] * self.expert_bytes
+        log.late_wait, log.stall = c[4], c[5]
+        log.stall_per_layer = np.asarray(self.stall_layer)
+
+    def speculative_request(self, r: int, times: list[float]) -> Iterator[Sleep]:
+        """Prefill, then draft/verify cycles (sim/speculative.py states the replay rule)."""
+        sch, copy, cache, log = self.schedule, self.copy, self.cache, self.log
+        trace, draft, governor, prefetch = sch.trace, self.draft, self.governor, self.prefetch
+        dd = self.decision_delay
+        L = int(trace.lengths[r])
+        P = int((trace.phase[r, :L] == 0).sum())
+        if P == 0:
+            raise SimError(f"request {int(trace.request_ids[r])} has no prefill token")
+        yield from self.target_pass(sch.add_step(r, 0, P, 0, 0), times)
+        xfer = self.transfer_s
+        miss_share: float | None = None  # EMA: experts fetched / experts a verify pass needed
+        t, cycle = P, 0
+        while t < L:
+            cycle += 1
+            gpu0 = self.now + self.carry  # the stream is free: the cycle starts
+            draft_memo: dict[int, float] = {}
+            union_memo: dict[int, float] = {}
+
+            def t_draft(k: int, t=t, memo=draft_memo) -> float:
+                if k not in memo:
+                    memo[k] = sum(sch.draft_token_time(r, t + i) for i in range(min(k, L - 1 - t)))
+                return memo[k]
+
+            def t_verify(n: int, t=t) -> float:
+                return sch.verify_estimate(n, int(trace.position[r, min(t + n, L) - 1]) + 1, dd)
+
+            def new_experts(k: int, t=t, memo=union_memo) -> int:
+                """|E_new(k)|, causally: the distinct experts of the last k + 1 positions already
+                verified (how fast this request's union grows with window length), times the share
+                of a verify pass's experts that recent cycles had to fetch (an EMA). Comparing the
+                *previous* ELB with the cache instead would count experts of positions that are
+                verified and cached by now."""
+                if miss_share is None:
+                    return min(sch.M * sch.E, (k + 1) * sch.model.top_k * sch.M)
+                if k not in memo:
+                    lo = max(0, t - (k + 1))
+                    ids = np.sort(trace.expert_ids[r, lo:t].transpose(1, 0, 2).reshape(sch.M, -1), axis=1)
+                    memo[k] = int((np.diff(ids, axis=1) != 0).sum()) + sch.M  # distinct ids per layer
+                    if t - lo < k + 1 and t - lo > 0:  # short history: extrapolate per position
+                        memo[k] = memo[k] * (k + 1) / (t - lo)
+                return int(round(miss_share * memo[k]))
+
+            queued = len(copy.queue) + len(copy.in_flight)
+            costs = CycleCosts(
+                t_draft=t_draft, t_verify=t_verify,
+                t_pcie_init=max(0.0, copy.link_free - gpu0) + len(copy.queue) * xfer if queued else 0.0,
+                t_overhead=self.copy_latency_s + dd, expert_transfer_s=xfer,
+                new_experts=new_experts, k_limit=L - 1 - t, expert_bytes=self.expert_bytes,
+            )
+            decision = governor.decide(costs)
+            k = min(decision.k, L - 1 - t)
+            bytes0, busy0 = copy.copies, copy.busy_time
+            self.apply(prefetch.on_cycle_start(CycleInfo(
+                request=r, t=t, k=k, t_draft_s=t_draft(k), expert_transfer_s=xfer,
+                slots=cache.total_slots, top_k=sch.model.top_k)))
+            copy.try_issue()
+            # drafting: the draft runs on the GPU without waiting for the host; the host reads each
+            # ELB row ``decision_delay`` after its draft token ends
+            rows = []
+            gpu = gpu0
+            remaining = t_draft(k)
+            for i in range(k):
+                dt = sch.draft_token_time(r, t + i)
+                if log.compute_spans is not None:
+                    log.compute_spans.append((gpu, gpu + dt, f"draft {i + 1}/{k}"))
+                gpu += dt
+                remaining -= dt
+                self.now = now = yield Sleep(max(0.0, gpu + dd - self.now))
+                copy.advance(now)
+                row = draft.elb_row(r, t + i)
+                rows.append(row)
+                busy = max(0.0, copy.link_free - now) if copy.in_flight else 0.0
+                budget = int((remaining - busy) / xfer) - len(copy.queue) if xfer > 0 else 0
+                self.apply(prefetch.on_draft_token(i, row, budget))
+                copy.try_issue()
+            if k:
+                self.carry = gpu - self.now
+            a = draft.accepted(r, t, k)
+            s_idx = sch.add_step(r, t, t + k + 1, cycle, 1, emitted=a + 1, draft_s=gpu - gpu0)
+            yield from self.target_pass(s_idx, times)
+            observed = times[-1] - gpu0
+            governor.observe(k, a, observed)
+            log.cycles.append({
+                "request": r, "cycle": cycle, "t": t, "k": k, "accepted": a, "emitted": a + 1,
+                "observed_cycle_s": observed, "predicted_cycle_s": decision.predicted_cycle_s,
+                "predicted_exposed_s": decision.predicted_cycle_exposed_s,
+                "predicted_overlapped_s": decision.predicted_cycle_overlapped_s,
+                "governor_phase": decision.phase, "predicted_new_experts": decision.new_experts,
+                "t_draft": gpu - gpu0, "t_verify": sch.compute_time(s_idx, dd) - (gpu - gpu0),
+                "bytes_moved": (copy.copies - bytes0) * self.expert_bytes, "t_pcie": copy.busy_time - busy0,
+                "coverage": log.coverage[-1],
+            })
+            union = sum(len(sch.needed[g]) for g in range(sch.steps[s_idx].g0, sch.steps[s_idx].g0 + sch.M))
+            share = (copy.copies - bytes0) / union if union else 0.0
+            miss_share = share if miss_share is None else 0.7 * miss_share + 0.3 * share
+            t += a + 1
+
+    def target_pass(self, s_idx: int, times: list[float]) -> Iterator[Sleep]:
+        """One target pass (prefill, decode step or verify) through every MoE layer: the hot path.
+
+        The copy stream is an exact lazy model (sim/link.py), so within a pass the host's decision
+        times are kept in a local clock and the pass yields once, at its end: the coarsest wait
+        that still changes a decision. Compute that needs no decision is carried to the next
+        decision point; a carried computation's experts stay in use until it ends (the copy stream
+        releases them then, in order). Counters are locals, added at the end."""
+        sch, cache, copy, log = self.schedule, self.cache, self.copy, self.log
+        prefetch = self.prefetch
+        state, in_use, ready_at, prefetched = cache.state, cache.in_use, cache.ready_at, self.prefetched
+        pre, exp, needed_all, infos = sch.pre, sch.exp, sch.needed, sch.infos
+        dd = self.decision_delay
+        M, E = sch.M, sch.E
+        layer_names = self.layer_names
+        spans = log.compute_spans
+        occupancy = log.occupancy
+        stall_layer = self.stall_layer
+        caps = cache.capacity
+        per_layer = cache.per_layer is not None
+        keeps = prefetch.keeps_cache
+        has_start, has_routed = self.has_layer_start, self.has_routed
+        apply = self.apply
+        pool_of = cache.pool_of
+        accessed = cache.eviction.accessed
+        advance, try_issue, request, ready_time, hold = copy.advance, copy.try_issue, copy.request, copy.ready_time, copy.hold
+        clock = self.now  # the host's time within this pass (the driver catches up at the end)
+        hits = late = misses = useful = 0
+        late_wait = stall_total = 0.0
+        carry = self.carry
+        step = sch.steps[s_idx]
+        g0 = step.g0
+        # per-step coverage: share of the step's needed experts resident as it starts
+        t_start = clock + carry
+        tot = hit0 = 0
+        for g in range(g0, g0 + M):
+            for key in needed_all[g]:
+                tot += 1
+                st = state[key]
+                hit0 += st == RESIDENT or (st == LOADING and ready_at[key] <= t_start)
+        log.coverage.append(hit0 / tot if tot else 1.0)
+        kind = "verify " if step.emitted > 1 or step.draft_s else ""
+        for m in range(M):
+            g = g0 + m
+            self.g = copy.g = g
+            if has_start:
+                if carry > 0:
+                    clock += carry
+                carry = 0.0
+                advance(clock)
+                apply(prefetch.on_layer_start(infos[g]))
+                try_issue()
+            t = clock + carry
+            clock = now = t + pre[g] + dd
+            carry = 0.0
+            advance(now)
+            if spans is not None:
+                spans.append((t, now, f"{kind}attn+router {layer_names[m]}"))
+            needed = needed_all[g]
+            cap = caps[m if per_layer else 0]
+            if len(needed) <= cap:
+                waves = (needed,)
+            else:
+                waves = tuple(needed[i:i + cap] for i in range(0, len(needed), cap))
+            last = len(waves) - 1
+            for w, wave in enumerate(waves):
+                wait = None
+                missed = None
+                for key in wave:
+                    in_use[key] += 1
+                    st = state[key]
+                    if st == RESIDENT:
+                        hits += 1
+                        accessed(key, pool_of[key], g)
+                    else:
+                        if st == LOADING:
+                            late += 1
+                            late_wait += ready_at[key] - now
+                            accessed(key, pool_of[key], g)
+                        else:
+                            misses += 1
+                            request(key, DEMAND)
+                            if missed is None:
+                                missed = [key]
+                            else:
+                                missed.append(key)
+                        if wait is None:
+                            wait = {key}
+                        else:
+                            wait.add(key)
+                    if st and prefetched[key]:
+                        prefetched[key] = False
+                        useful += 1
+                held = wave
+                if not keeps:
+                    # streaming moves the whole layer and computes once all of it landed
+                    extra = tuple(x for x in range(m * E, (m + 1) * E) if x not in wave)
+                    for key in extra:
+                        in_use[key] += 1
+                        if state[key] != RESIDENT:
+                            request(key, DEMAND)
+                            if wait is None:
+                                wait = set()
+                            wait.add(key)
+                    held = wave + extra
+                if has_routed and w == 0:
+                    apply(prefetch.on_routed(infos[g], needed))
+                try_issue()
+                stall = 0.0
+                if wait:
+                    # the stall needs no wait of its own: nothing is decided when the experts
+                    # land, so it is carried into the next wait with the compute
+                    t_ready = ready_time(wait)
+                    if missed:
+                        for key in missed:  # arrived on demand: count the use now
+                            accessed(key, pool_of[key], g)
+                    stall = t_ready - now
+                    stall_total += stall
+                    stall_layer[m] += stall
+                    if spans is not None:
+                        spans.append((now, t_ready, f"stall {layer_names[m]}"))
+                    now = t_ready
+                dur = exp[g] if last == 0 else exp[g] * len(wave) / len(needed)
+                if spans is not None:
+                    spans.append((now, now + dur, f"{kind}experts {layer_names[m]}"))
+                hold(held, now + dur)
+                if w < last:
+                    clock = now = now + dur
+                    advance(now)
+                else:
+                    carry = stall + dur
+            if occupancy is not None:
+                occupancy.append((now, cache.resident_count()))
+        if step.tail:
+            if spans is not None:
+                spans.append((clock + carry, clock + carry + step.tail, "head"))
+            carry += step.tail
+        end = clock + carry
+        prev = times[-1]
+        n = step.emitted
+        times.extend(prev + (end - prev) * (j + 1) / n for j in range(n - 1))
+        times.append(end)
+        if clock > self.now:
+            self.now = yield Sleep(clock - self.now)
+        self.carry = carry  # relative to clock, which the driver's clock now equals
+        c = self.counts
+        c[0] += hits
+        c[1] += late
+        c[2] += misses
+        c[3] += useful
+        c[4] += late_wait
+        c[5] += stall_total
