@@ -303,7 +303,6 @@ def run_policy(prep: Prepared, pcfg: DictConfig, seed: int, *, timeline: bool = 
         slots=None if plan.per_layer else plan.slots, per_layer=plan.per_layer,
         seed=seed, timeline=timeline, lookahead_depths=depths, governor=governor, draft=draft, progress=bar,
     )
-    _wire_admission(sim, prefetch)
     log = sim.run()
     wall = time.perf_counter() - t0
     if bar is not None:
@@ -323,17 +322,6 @@ def run_policy(prep: Prepared, pcfg: DictConfig, seed: int, *, timeline: bool = 
             ", ".join(f"{f}={stand_in[f]:g}" for f in DRAFT_DIALS))
         row["governor"] = governor.name
     return row, (sim, log)
-
-
-def _wire_admission(sim: Simulation, prefetch: Any) -> None:
-    """The facts and hook a prefetch policy's admission needs from the host: the pools' slot
-    counts and the policy's ``admits`` on every load that must evict."""
-    from sim.policies.base import PrefetchPolicy
-
-    sim.ctx.extra["pool_capacity"] = list(sim.cache.capacity)
-    sim.ctx.extra["pool_of"] = sim.cache.pool_of
-    if type(prefetch).admits is not PrefetchPolicy.admits:
-        sim.cache.admit = prefetch.admits
 
 
 def speculative_trace(prep: Prepared, tcfg: Any) -> Trace:

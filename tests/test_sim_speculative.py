@@ -140,16 +140,14 @@ def test_speculative_policy_refuses_autoregressive_predictors():
         simulate(cfg_of("model=tiny", "policy=spec-lru", "policy.prefetch=lookahead", *SMALL))
 
 
-def test_noisy_draft_when_trace_has_none():
-    cfg = cfg_of("model=tiny", *SMALL)
-    tr = prepare(cfg).trace
-    bare = with_draft(tr, None, None)
-    src = DraftSource(bare, agreement=1.0, acceptance=1.0, seed=3)
-    assert src.source.startswith("noisy")
-    row = src.elb_row(0, 5)
+def test_draft_source_needs_draft_columns():
+    tr = prepare(cfg_of("model=tiny", *SMALL)).trace
+    src = DraftSource(tr)
     E = tr.shape.num_experts
-    assert [sorted(x % E for x in keys) for keys in row] == [sorted(tr.expert_ids[0, 5, m].tolist()) for m in range(tr.shape.num_moe_layers)]
-    assert src.accepted(0, 5, 3) == 3
+    assert [sorted(x % E for x in keys) for keys in src.elb_row(0, 5)] == [
+        sorted(int(x) for x in tr.draft[0, 5, m] if x >= 0) for m in range(tr.shape.num_moe_layers)]
+    with pytest.raises(SimError, match="needs a trace with draft columns"):
+        DraftSource(with_draft(tr, None, None))
 
 
 def test_governor_roofline_decisions_logged_and_deterministic():
