@@ -1,6 +1,6 @@
-"""Where a speculative run's draft comes from: the trace's recorded draft, or a noisy stand-in.
+"""Where a speculative run's draft comes from: the trace's draft columns (recorded, synthetic or a stand-in).
 
-Rule (DESIGN.md §3, decoding modes): with t the last emitted token's position, the draft processes
+Rule (docs/speculation.md): with t the last emitted token's position, the draft processes
 positions t..t+k-1 (its ELB rows are the ``draft`` ids of those rows) and proposes t+1..t+k; the
 verify pass processes t..t+k and needs the target's ``expert_ids`` of those rows; the accepted
 length a is the number of leading true ``draft_match`` flags among rows t..t+k-1; the cycle emits
