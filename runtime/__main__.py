@@ -1,7 +1,8 @@
 """`python -m runtime` (also `moe-run`): offloaded execution measured in the simulator's terms.
 
 Composes conf/run.yaml (the simulator's groups model, hardware, policy, trace, cache, governor plus
-mode=live|replay, device, repetitions, timeline_out, host_memory, link_pace_gbps), runs each policy
+mode=live|replay, engine=graphed|eager, device, repetitions, timeline_out, host_memory,
+link_pace_gbps), runs each policy
 ``repetitions`` times on the offloaded model, prints the simulator's table and writes
 ``results.parquet``/``.json`` (``source = measured``, and with ``predict=true`` the simulator's row
 of each config, ``source = sim``, joined by ``config_id``) beside the resolved config in the Hydra run
@@ -34,6 +35,8 @@ class RunConf(RunBase):
     host_memory: Optional[str] = setting(None, "pinned | pageable: sets hardware.host_memory")
     link_pace_gbps: Optional[float] = setting(None, "pace copies to this bandwidth: sets hardware.link_pace_gbps")
     cpu_backend: str = setting("sync", "on the CPU: sync (inline) | thread (two stream threads)")
+    engine: Any = setting(None, "graphed: static KV cache + CUDA graphs between routing reads (runtime.lean) | "
+                                "eager: transformers' forward | null: graphed on a GPU, eager on the CPU")
     predict: bool = setting(True, "also the simulator's row of each config (source=sim)")
 
 
@@ -58,7 +61,7 @@ def run_app(cfg: Any, out_dir: Path) -> list[dict[str, Any]]:
     """Measure every policy of ``cfg``, write results (and timelines) under ``out_dir``; return the rows."""
     from runtime.measure import Session, timeline_json
     from sim.report import format_table, write_results
-    from sim.timeline import write_json_atomic
+    from traces.atomic import write_json_atomic
     from traces.io import write_trace
 
     timelines = []
@@ -79,7 +82,7 @@ def run_app(cfg: Any, out_dir: Path) -> list[dict[str, Any]]:
             path = Path(cfg.timeline_out)
             if len(names) > 1:
                 path = path.with_name(f"{path.stem}.{name}{path.suffix or '.json'}")
-            write_json_atomic(timeline_json(log, sess.om), path)
+            write_json_atomic(path, timeline_json(log, sess.om), indent=None)
     finally:
         sess.close()
     print(format_table(rows, extra=["source", "repetition"]))

@@ -29,7 +29,6 @@ import datetime as _dt
 import inspect
 import os
 import platform
-import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,10 +37,11 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from runtime.models import LoadedModel, ModelLoadError
+from runtime.models import LoadedModel
 from runtime.routing import base_model, experts_call_args, lookahead_route, sort_by_weight
 from traces.errors import TraceError
 from traces.io import Rows, trace_from_rows
+from traces.provenance import git_sha, project_version
 from traces.trace import DECODE, PREFILL, Trace
 
 
@@ -405,15 +405,6 @@ def _rows(reqs: list[_Req], loaded: LoadedModel, D: int, draft: bool) -> Rows:
     return rows
 
 
-def _git_sha() -> str | None:
-    try:
-        root = Path(__file__).resolve().parents[1]
-        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or None if out.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def versions() -> dict[str, Any]:
     import transformers
 
@@ -425,13 +416,8 @@ def versions() -> dict[str, Any]:
         v["accelerate"] = accelerate.__version__
     except ImportError:
         pass
-    try:
-        from importlib.metadata import version
-
-        v["project"] = version("moe-offload-sim")
-    except Exception:  # noqa: BLE001 - not installed as a distribution
-        pass
-    sha = _git_sha()
+    v["project"] = project_version()
+    sha = git_sha()
     if sha:
         v["git"] = sha
     return v
@@ -573,7 +559,7 @@ def _is_preset(value: str) -> bool:
 def rewrite_model_args(argv: list[str]) -> list[str]:
     """``model=X`` where X is not a conf/model preset (a directory, a config.json, a cached hub name,
     tiny-<family>) becomes ``~model source=X``, and ``model.layers=N`` then becomes ``layers=N``:
-    resolved before composition (DESIGN.md §3)."""
+    resolved before composition."""
     out: list[str] = []
     source = False
     for a in argv:

@@ -205,9 +205,29 @@ def ExecutorError_(msg: str):  # noqa: N802 - a constructor-like helper
     return ExecutorError(msg)
 
 
+def engine_name(cfg: Any) -> str | None:
+    """The config's ``engine`` as a name (a plain value, or a group node with a ``name``); None: auto."""
+    e = cfg.get("engine")
+    if e is not None and not isinstance(e, str):
+        e = e.get("name")
+    return e
+
+
+def resolved_engine(cfg: Any) -> str:
+    """``graphed`` or ``eager`` for this config on its device (null: graphed on a GPU, eager on the CPU)."""
+    from runtime.lean import LeanError, resolve_engine
+    from runtime.models import resolve_device
+
+    try:
+        return resolve_engine(engine_name(cfg), resolve_device(cfg.get("device", "auto")))
+    except LeanError as e:
+        raise ExecutorError_(str(e)) from None
+
+
 def check_config(cfg: Any) -> None:
     """Errors a config can be refused for before any model is built."""
     apply_overrides(cfg)
+    resolved_engine(cfg)
     mode = cfg.get("mode", "replay")
     if mode not in ("replay", "live"):
         raise ExecutorError_(f"mode={mode!r}: use replay or live")
@@ -254,6 +274,14 @@ class Session:
         self.om = OffloadedModel(self.loaded, max_slots=min(int(max_slots), total),
                                  host_memory=str(cfg.hardware.host_memory), cpu_backend=str(cfg.get("cpu_backend", "sync")),
                                  record_routing=cfg.get("mode", "replay") == "live")
+        self.engine = resolved_engine(cfg)
+        if self.engine == "graphed":
+            from runtime.lean import ExecutorExperts, LeanModel
+
+            ex = ExecutorExperts(self.om)
+            # on the CPU the segments run uncaptured (the same static-KV path, no graphs)
+            self.om.stepper = LeanModel(self.loaded, max_len=self.context_tokens(cfg), experts=ex,
+                                        layer_start=ex.layer_start)
         self.h2d_gbps = float("nan")
         if self.om.device.type == "cuda":
             self.h2d_gbps = self.om.measure_copy() / 1e9
@@ -263,6 +291,14 @@ class Session:
         self.warm = False
 
     # ------------------------------------------------------------------ helpers
+    def context_tokens(self, cfg: Any) -> int:
+        """The longest context a run of ``cfg`` reaches (the lean path's static KV length)."""
+        if cfg.get("mode", "replay") == "live":
+            n = int(cfg.trace.prompt_tokens) + int(cfg.trace.decode_tokens)
+        else:
+            n = int(self.prepare(cfg).trace.position.max()) + 1
+        return max(n, int(cfg.cache.max_context_tokens or 0))
+
     def plans(self, cfg: Any) -> list[Any]:
         """Memory plan of each policy preset (None where infeasible)."""
         from sim.errors import InfeasibleError
@@ -408,7 +444,7 @@ class Session:
         check_config(cfg)
         load_plugins(cfg.get("plugins") or [])
         mode = cfg.get("mode", "replay")
-        keys = base_keys(cfg)
+        keys = {**base_keys(cfg), "engine": self.engine}  # the resolved engine (null -> graphed/eager)
         prompts = None
         if mode == "live":
             R, P, D = int(cfg.trace.requests), int(cfg.trace.prompt_tokens), int(cfg.trace.decode_tokens)
@@ -440,6 +476,9 @@ class Session:
             elif mode == "live" and (p.eviction in LIVE_ONLY_TRACE or p.prefetch in FUTURE_PREFETCH
                                      or (p.predictor in FUTURE_PREDICTORS)):
                 reason = f"policy '{p.name}' reads the trace's future or truth: it needs mode=replay"
+            elif self.engine == "graphed" and mode == "live" and p.predictor:
+                reason = (f"policy '{p.name}': the live gate predictor hooks the post-attention norms, which run "
+                          "inside CUDA graphs with engine=graphed (use engine=eager, or mode=replay)")
             elif plan.slots > self.om.num_slots:
                 reason = f"the plan needs {plan.slots} slots, the session's pool has {self.om.num_slots}"
             if reason:

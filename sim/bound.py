@@ -1,4 +1,4 @@
-"""The bound no policy beats (DESIGN.md §4).
+"""The bound no policy beats (docs/metrics.md, The bound).
 
 Same trace, decoding mode and acceptance sequence; Belady (MIN) eviction over the full future with
 the run's slot layout; every miss fetched as early as the link allows; compute and transfers fully

@@ -1,7 +1,7 @@
 """The GPU expert cache: a fixed number of slots, one global pool or one pool per MoE layer.
 
 A slot is empty, loading (ready at a known time), resident, or in use. A loading or in-use slot
-is never evicted; a token's own experts at a layer are in use together (DESIGN.md §3).
+is never evicted; a token's own experts at a layer are in use together.
 """
 
 from __future__ import annotations

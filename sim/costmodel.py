@@ -1,4 +1,5 @@
-"""Cost model: seconds for every GPU op and host-link copy the engine schedules (DESIGN.md §4).
+"""Cost model: seconds for every GPU op and host-link copy the engine schedules
+(docs/architecture.md §4).
 
 One interface (``CostModel``), pure functions of their arguments, memoised per instance:
 

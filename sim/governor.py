@@ -1,4 +1,4 @@
-"""Speculation governors: choose the draft length k of each draft/verify cycle (DESIGN.md §3).
+"""Speculation governors: choose the draft length k of each draft/verify cycle.
 
 A governor is a plain object (no clock, no SimPy, no torch) so the simulator's decode driver and
 the GPU runtime host the very same object. The host calls, once per cycle::
@@ -11,7 +11,7 @@ Two governors are registered in ``GOVERNORS``:
 
 - ``fixed``: always ``k`` (k = 0 is autoregressive decoding). It still tracks acceptance and
   predicts its cycle time, so a fixed-k sweep validates the cycle model.
-- ``roofline``: MoE-SpeQ's Amortization Roofline governor (research/moe-speq.md §3.6),
+- ``roofline``: MoE-SpeQ's Amortization Roofline governor (arXiv 2511.14102, Sec. 3.2),
   k* = argmax_{k in [k_min, min(k_max, k_SLO)]} Θ(k), Θ(k) = k_accept(k) / T_cycle(k), with
 
   - k_accept(k) = sum_{i<=k} prod_{j<=i} p_j, p_j = P(draft token j accepted | tokens < j

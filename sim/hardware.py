@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_right
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 from sim.errors import SimError
-from sim.presets import conf_dir, hydra_schema, load_preset, missing_keys, setting, to_plain
+from sim.presets import conf_dir, hydra_schema, load_preset, setting, spec_from_dict, to_plain
 
 HOST_MEMORY = ("pinned", "pageable")
 GB = 1e9
@@ -203,15 +203,7 @@ class HardwareSpec:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str = "HardwareSpec") -> "HardwareSpec":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise SimError(f"{where}: unknown field(s) {unknown}")
-        required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING and f.name not in d]
-        missing = missing_keys(d) + required
-        if missing:
-            raise SimError(f"{where}: missing value(s) for {sorted(set(missing))}")
-        return cls(**dict(d))
+        return spec_from_dict(cls, d, where)
 
     @classmethod
     def from_cfg(cls, cfg: Any) -> "HardwareSpec":

@@ -108,6 +108,20 @@ def missing_keys(d: Mapping[str, Any]) -> list[str]:
     return [k for k, v in d.items() if isinstance(v, str) and v == MISSING]
 
 
+def spec_from_dict(cls: type, d: Mapping[str, Any], where: str, required: Collection[str] = ()) -> Any:
+    """``cls(**d)`` once ``d`` names only fields of ``cls`` and sets every required one (those
+    without a default, those in ``required``, none left MISSING); errors name the fields."""
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - set(names))
+    if unknown:
+        raise SimError(f"{where}: unknown field(s) {unknown}")
+    needed = set(required) | {n for n, f in names.items() if f.default is NO_DEFAULT and f.default_factory is NO_DEFAULT}
+    missing = sorted((needed - set(d)) | set(missing_keys(d)))
+    if missing:
+        raise SimError(f"{where}: missing value(s) for {missing}")
+    return cls(**dict(d))
+
+
 def load_preset(group: str, option: str, schema: type, root: Path | None = None) -> Any:
     """conf/<group>/<option>.yaml merged onto its schema the way Hydra composes it, without Hydra
     (the runtime, notebooks, tests, a policy suite's members). Returns a DictConfig."""

@@ -264,6 +264,9 @@ def base_keys(cfg: DictConfig) -> dict[str, Any]:
         "cache_slots": cfg.cache.slots,
         "cache_per_layer": cfg.cache.per_layer,
         "seed": int(cfg.seed),
+        # the host-overhead regime: runtime engine=graphed|eager (the simulator's engine group, a name
+        # or a node with one); None where the config names none
+        "engine": (lambda e: e if e is None or isinstance(e, str) else e.get("name"))(cfg.get("engine")),
     }
 
 

@@ -3,7 +3,8 @@
 A *step* is one forward call of the target on one request (prefill = step 0, all prompt tokens; a
 decode step = one token). A *layer-step* ``g`` is one (step, MoE layer). Compute between two MoE
 layers' routing decisions is folded into the later one's ``pre`` time, so the replay needs one
-decision point per layer-step and no pandas or cost-model calls in its hot loop (anchors-sim §7.4).
+decision point per layer-step and no pandas or cost-model calls in its hot loop (times precomputed, as in Vidur,
+arXiv 2405.05465).
 """
 
 from __future__ import annotations

@@ -163,3 +163,52 @@ def test_graphed_logits_equal_eager_on_cuda(fam, grouped):
     assert toks == ref["tokens"][0]
     ids, w = lean.routing(0)
     assert ids.shape == (1, lm.shape.top_k) and (ids >= 0).all()
+
+
+# ------------------------------------------------------------------------------ the runtime's engine switch
+def _run_cfg(*overrides: str):
+    from hydra import compose, initialize_config_dir
+
+    from runtime.__main__ import register_configs, rewrite_args
+    from sim.presets import conf_dir
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        return compose(config_name="run", overrides=rewrite_args(["device=cpu", "repetitions=1", "predict=false", *overrides]))
+
+
+@pytest.mark.parametrize("mode", ["live", "replay"])
+def test_engine_switch_same_decisions_and_tokens_on_cpu(mode):
+    """engine=graphed on the CPU runs the lean segments uncaptured with the executor's experts: the
+    host controller sees the same routing, so every count and the generated tokens equal
+    engine=eager's; the engine is a column and part of config_id."""
+    from runtime.measure import Session
+
+    over = ["model=tiny", "trace.requests=2", "trace.prompt_tokens=6", "trace.decode_tokens=8", "cache.slots=5",
+            "policy=lru", f"mode={mode}"]
+    rows = {}
+    for engine in ("eager", "graphed"):
+        cfg = _run_cfg(*over, f"engine={engine}")
+        sess = Session(cfg)
+        try:
+            rows[engine] = sess.measure(cfg)[0]
+            if mode == "live":
+                rows[engine]["tokens"] = sess.executed.expert_ids.tolist()
+        finally:
+            sess.close()
+    a, b = rows["eager"], rows["graphed"]
+    assert a["status"] == b["status"] == "ok"
+    assert (a["engine"], b["engine"]) == ("eager", "graphed") and a["config_id"] != b["config_id"]
+    for col in ("hits", "misses", "late", "copies", "gb_moved", "hit_rate"):
+        if col in a:
+            assert a[col] == b[col], col
+    if mode == "live":
+        assert a["tokens"] == b["tokens"]  # the executed routing, token by token
+
+
+def test_engine_refused_before_building():
+    from runtime.executor import ExecutorError
+    from runtime.measure import check_config
+
+    with pytest.raises(ExecutorError, match="engine='fast'"):
+        check_config(_run_cfg("engine=fast"))

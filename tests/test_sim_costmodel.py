@@ -80,17 +80,17 @@ def test_pacing_caps_the_bandwidth() -> None:
 
 
 def test_h200_preset_reproduces_the_measured_copies() -> None:
-    """anchors-offload.md §1.1: pinned H2D 55.5 GB/s >= 47 MiB, 53.5 at 9 MiB, 50.5 at 2.25 MiB, 42.7 at 0.5 MiB."""
+    """Measured on the H200 (conf/hardware/h200.yaml): pinned H2D 55.5 GB/s >= 47 MiB, 53.5 at 9 MiB, 50.5 at 2.25 MiB, 42.7 at 0.5 MiB."""
     hw = HardwareSpec.from_preset("h200")
     for nbytes, gbps in ((49283072, 55.5), (9437184, 53.5), (2359296, 50.5), (524288, 42.7)):
         effective = nbytes / hw.h2d_time(nbytes) / 1e9
         assert effective == pytest.approx(gbps, rel=0.03)
     pageable = hw.replace(host_memory="pageable")
-    assert 5 < 2**30 / pageable.h2d_time(2**30) / 1e9 < 17  # 9-17 GB/s measured (anchors), 8.3 on 2026-11-28
+    assert 5 < 2**30 / pageable.h2d_time(2**30) / 1e9 < 17  # 9-17 GB/s measured over sizes, 8.3 at 1 GiB on 2026-11-28
 
 
 def test_gen4_presets_reproduce_the_rtx4090_copies() -> None:
-    """anchors-offload.md §1.1 (NVlabs/cuda-oxide PR #976): 22.5 GB/s at 1 MiB, 23.9 GB/s at 16-64 MiB."""
+    """RTX 4090 copies reported in NVlabs/cuda-oxide PR #976: 22.5 GB/s at 1 MiB, 23.9 GB/s at 16-64 MiB."""
     for hw_id in ("rtx4090", "rtx3090", "l4", "a100-40g-pcie4"):
         hw = HardwareSpec.from_preset(hw_id)
         for nbytes, gbps in ((2**20, 22.5), (2**24, 23.9), (2**26, 23.9)):

@@ -2,7 +2,7 @@
 
 Why: routing is often already logged by a serving stack (vLLM-based loggers write records
 ``{layer, token_idx, topk_ids, topk_weights}``; SGLang's recorder dumps top-k ids per token per
-layer, see ecosystem.md §3.1). Such logs are one record per (token, layer), often grouped by layer,
+layer). Such logs are one record per (token, layer), often grouped by layer,
 sometimes ragged (a few rows missing in some layers), with string request names. This module turns
 them into the project's trace with the same validation as every other path
 (``traces.io.trace_from_rows``) and records where the data came from in the metadata.
@@ -32,6 +32,7 @@ import numpy as np
 
 from traces.errors import TraceError
 from traces.io import Rows, trace_from_rows, write_trace
+from traces.provenance import project_version
 from traces.shape import ModelShape
 from traces.trace import DECODE, PREFILL, Trace
 
@@ -59,22 +60,6 @@ class RaggedLogWarning(UserWarning):
 
 
 # ----------------------------------------------------------------------------- helpers
-def _tool_version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("moe-offload-sim")
-    except Exception:
-        pass
-    try:
-        import tomllib
-
-        pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
-        return str(tomllib.loads(pyproject.read_text())["project"]["version"])
-    except Exception:
-        return "unknown"
-
-
 def _natural_key(s: str) -> list[Any]:
     return [(0, int(p), p) if p.isdigit() else (1, 0, p) for p in re.split(r"(\d+)", s) if p]
 
@@ -620,7 +605,7 @@ def import_log(
         "format": fmt,
         "fields": {role: fields[role] for role in DEFAULT_FIELDS},
         "tool": "traces.importers",
-        "tool_version": _tool_version(),
+        "tool_version": project_version(),
         "date": date or datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "rows_read": n,
         "dropped_rows": dropped,

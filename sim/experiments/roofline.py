@@ -1,6 +1,6 @@
 """Pictures of speculative decoding: the Amortization Roofline and one draft/verify cycle.
 
-``roofline_figure`` draws MoE-SpeQ's Amortization Roofline (research/moe-speq.md §3.6, Fig. 8)
+``roofline_figure`` draws MoE-SpeQ's Amortization Roofline (arXiv 2511.14102, Sec. 3.2, Fig. 8)
 for a run: effective throughput Θ (tokens per second) against amortization intensity
 
     I = tokens / bytes moved over the host link            (Eq. 1 with S_token = 1)
@@ -32,11 +32,12 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from sim.errors import SimError
+from sim.timeline import PID_CACHE, PID_GPU, PID_LINK
 from traces.atomic import atomic_write
 
 CYCLE_COLUMNS = ("k", "accepted", "observed_cycle_s", "bytes_moved", "t_draft", "t_verify", "t_pcie")
 GB = 1e9
-PID_GPU, PID_LINK, PID_CACHE = 1, 2, 3
+
 SPAN_KINDS = ("draft", "verify", "stall", "other")
 COLORS = {"draft": "#4C72B0", "verify": "#55A868", "stall": "#C44E52", "other": "#8C8C8C",
           "prefetch": "#8172B3", "demand": "#DD8452"}

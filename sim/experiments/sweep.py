@@ -137,14 +137,15 @@ def _fail(out: Path, fp: str | None, e: BaseException, t0: float) -> JobResult:
 
 def _timelines(runs: list[tuple[str, Any, Any]], base: str, out: Path) -> None:
     """In a sweep every job writes its timeline(s) into its own dir, under timeline_out's file name."""
-    from sim.timeline import chrome_trace, write_json_atomic as write_tl
+    from sim.timeline import chrome_trace
 
     for pname, s, log in runs:
         path = out / base
         if len(runs) > 1:
             path = path.with_name(f"{path.stem}.{pname}{path.suffix or '.json'}")
-        write_tl(chrome_trace(log.compute_spans, log.copy_spans, log.occupancy,
-                              num_experts=s.model.num_experts, moe_layers=s.model.moe_layers), path)
+        write_json_atomic(path, chrome_trace(log.compute_spans, log.copy_spans, log.occupancy,
+                                             num_experts=s.model.num_experts, moe_layers=s.model.moe_layers),
+                          indent=None)
 
 
 # ------------------------------------------------------------------ policy search

@@ -17,7 +17,8 @@ PHASE3, PHASE2 = 1, 2  # copy priorities (0 is demand)
 
 @PREFETCH.register("speq")
 class SpeqScheduler(PrefetchPolicy):
-    """MoE-SpeQ's three-phase schedule, keyed to how much of the ELB exists (arXiv 2511.14102 §3.4).
+    """MoE-SpeQ's three-phase schedule, keyed to how much of the ELB exists (arXiv 2511.14102,
+    Sec. 3.3, Fig. 9).
 
     - Phase I (ELB filled below ``phase2_start``): serve what is cached, leave the link idle.
     - Phase II (from ``phase2_start``): prefetch the experts predicted by the *middle* draft tokens

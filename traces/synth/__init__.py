@@ -1,4 +1,4 @@
-"""Seeded synthetic routing traces with the statistics of research/routing-statistics.md as dials.
+"""Seeded synthetic routing traces with the routing statistics the literature reports as dials.
 
 ``python -m traces synth --model NAME -o FILE [...]`` or, from Python::
 
@@ -50,7 +50,7 @@ tokens in position order):
   exactly. Null exactly where layer l+d is not an MoE layer.
 * **Draft** (dials ``draft_agreement``, ``draft_wrong_ids``): ``draft`` is the INT4 draft's
   routing of the same (token, layer). ``draft_agreement`` is *exact top-k set agreement* (the
-  metric of MoE-SpeQ, arXiv 2511.14102 §3.2: 90.9% for its INT4 draft): a row equals the truth
+  metric of MoE-SpeQ, arXiv 2511.14102, Sec. 4: 90.9% for its INT4 draft): a row equals the truth
   with that probability; a disagreeing row has j = 1 + Binomial(k-1, (w-1)/(k-1)) wrong ids
   (mean w = ``draft_wrong_ids``), the j lowest-weight ones (the borderline experts flip first),
   replaced by ids outside the true set. Per-id recall follows: 1 - (1 - agreement) * w / k.
@@ -71,8 +71,9 @@ bit-identical trace; no wall-clock date is recorded. Dials, seed and the derived
 per-depth targets are recorded in ``meta["synth"]``.
 
 The family presets (``synth_params_for``) are plausible values guided by the literature ranges
-in routing-statistics.md and moe-speq.md (e.g. one-layer lookahead recall 80-97%, INT4 draft set
-agreement ~91%, acceptance ~90%, reuse near chance at the first layer); they are not fitted to
+(e.g. one-layer lookahead recall 80-97%: Eliseev & Mazur, arXiv 2312.17238, and Fate, arXiv
+2502.12224; INT4 draft set agreement ~91% and acceptance ~90%: MoE-SpeQ, arXiv 2511.14102, Sec. 4;
+reuse near chance at the first layer: Mixtral, arXiv 2401.04088, Sec. 5); they are not fitted to
 captured traces.
 """
 
@@ -84,6 +85,7 @@ import numpy as np
 
 from traces.errors import TraceError
 from traces.presets import shape_for
+from traces.provenance import project_version
 from traces.shape import ModelShape
 from traces.synth.cli import add_arguments, run
 from traces.synth.params import (
@@ -95,24 +97,6 @@ from traces.synth.streams import _ACCEPT, _DRAFT, _LOOKAHEAD, _rng
 from traces.trace import Trace
 
 SYNTH_VERSION = 2  # 2: draft_agreement is exact top-k set agreement; draft_match a Markov chain
-
-
-def _package_version() -> str:
-    """The project's version (installed metadata, else pyproject.toml beside the package)."""
-    try:
-        from importlib.metadata import version
-
-        return version("moe-offload-sim")
-    except Exception:
-        pass
-    try:
-        import tomllib
-        from pathlib import Path
-
-        with open(Path(__file__).resolve().parents[1] / "pyproject.toml", "rb") as f:
-            return str(tomllib.load(f)["project"]["version"])
-    except Exception:
-        return "unknown"
 
 
 @dataclass
@@ -192,7 +176,7 @@ def synthesize_with_internals(
         "provenance": {
             "generator": "traces.synth",
             "generator_version": SYNTH_VERSION,
-            "package_version": _package_version(),
+            "package_version": project_version(),
             "numpy": np.__version__,
             "date": None,  # deliberately none: the same params and seed give the same file
         },
