@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from sim.bound import compute_bound
+from sim.bound import RESETS, compute_bound
 from sim.config import TraceConf
 from sim.costmodel import CostModel, HostOverhead, cost_model_for
 from sim.engine import Simulation
@@ -149,6 +149,8 @@ def load_plugins(modules: list[str]) -> None:
 
 def config_id(keys: dict[str, Any]) -> str:
     """Hash of the keys that the simulator and the runtime share, so their rows join."""
+    # keys added after results were published hash only when set, so earlier ids stay valid
+    keys = {k: v for k, v in keys.items() if not (k == "cache_reset" and v == "never")}
     blob = json.dumps(keys, sort_keys=True, default=str).encode()
     return hashlib.sha1(blob).hexdigest()[:12]
 
@@ -165,6 +167,7 @@ class Prepared:
     slots: int | None = None
     per_layer: int | None = None
     plan: MemoryPlan | None = None  # the autoregressive plan at this budget (None: infeasible)
+    reset: str = "never"  # cache.reset: 'never' (warm across requests) or 'request' (cold at each start)
 
 
 def prepare(cfg: DictConfig) -> Prepared:
@@ -173,7 +176,11 @@ def prepare(cfg: DictConfig) -> Prepared:
     trace = load_trace(cfg.trace, model)
     ctx = int(cfg.cache.max_context_tokens or int(trace.position.max()) + 1)
     cost = cost_model_for(model, hw, host=HostOverhead.from_cfg(cfg.get("engine"), hw))
-    prep = Prepared(model, hw, trace, cost, Schedule(trace, model, cost), ctx, cfg.cache.slots, cfg.cache.per_layer)
+    reset = str(cfg.cache.get("reset", "never"))
+    if reset not in RESETS:
+        raise SimError(f"cache.reset must be one of {list(RESETS)}, got '{reset}'")
+    prep = Prepared(model, hw, trace, cost, Schedule(trace, model, cost), ctx, cfg.cache.slots, cfg.cache.per_layer,
+                    reset=reset)
     try:
         prep.plan = plan_for(prep, speculative=False)
     except InfeasibleError:
@@ -198,10 +205,11 @@ def with_engine(prep: Prepared, name: str | None) -> Prepared:
     return variants[name]
 
 
-def plan_for(prep: Prepared, *, speculative: bool) -> MemoryPlan:
-    """The memory plan of one policy: a speculative one keeps its INT4 draft experts resident."""
+def plan_for(prep: Prepared, *, speculative: bool, streaming: bool = False) -> MemoryPlan:
+    """The memory plan of one policy: a speculative one keeps its INT4 draft experts resident;
+    whole-layer streaming keeps whole layers resident and streams the rest through one layer's slots."""
     return plan_memory(prep.model, prep.hw, max_context_tokens=prep.context_tokens, slots=prep.slots,
-                       per_layer=prep.per_layer, draft_resident=speculative)
+                       per_layer=prep.per_layer, draft_resident=speculative, streaming=streaming)
 
 
 def policy_plan(prep: Prepared, pcfg: DictConfig) -> MemoryPlan:
@@ -221,7 +229,9 @@ def policy_plan(prep: Prepared, pcfg: DictConfig) -> MemoryPlan:
     layout = pcfg.get("layout")
     if layout not in (None, "per_layer"):
         raise SimError(f"policy '{pcfg.name}': layout must be null or 'per_layer', got '{layout}'")
-    own = plan_for(prep, speculative=pcfg.decoding == "speculative")
+    streaming = (pcfg.decoding == "autoregressive" and not PREFETCH.get(pcfg.prefetch).keeps_cache
+                 and prep.per_layer is None and not cache_as and not layout)
+    own = plan_for(prep, speculative=pcfg.decoding == "speculative", streaming=streaming)
     if cache_as:
         lent = plan_for(prep, speculative=cache_as == "speculative")
         own = replace(own, slots=lent.slots, per_layer=lent.per_layer, layout=lent.layout)
@@ -235,8 +245,9 @@ def policy_plan(prep: Prepared, pcfg: DictConfig) -> MemoryPlan:
 
 
 def engine_name(cfg: DictConfig) -> str:
-    """The decode path of a config: ``engine.name`` (a group node) or ``engine`` (a plain string, as
-    the GPU runtime may carry it); ``ideal`` when absent."""
+    """The host-overhead regime of a config: ``engine.name`` (the simulator's group node) or
+    ``engine`` (a plain name: the GPU runtime's engine=graphed|eager, which then puts the resolved
+    one in its keys); ``ideal`` when absent."""
     e = cfg.get("engine") if "engine" in cfg else None
     if e is None:
         return "ideal"
@@ -263,10 +274,8 @@ def base_keys(cfg: DictConfig) -> dict[str, Any]:
         "trace": str(cfg.trace.path) if cfg.trace.path else f"synth:{cfg.model.get('name')}:{cfg.trace.seed}",
         "cache_slots": cfg.cache.slots,
         "cache_per_layer": cfg.cache.per_layer,
+        "cache_reset": str(cfg.cache.get("reset", "never")),
         "seed": int(cfg.seed),
-        # the host-overhead regime: runtime engine=graphed|eager (the simulator's engine group, a name
-        # or a node with one); None where the config names none
-        "engine": (lambda e: e if e is None or isinstance(e, str) else e.get("name"))(cfg.get("engine")),
     }
 
 
@@ -300,11 +309,19 @@ def run_policy(prep: Prepared, pcfg: DictConfig, seed: int, *, timeline: bool = 
 
         bar = tqdm(total=prep.trace.num_requests, desc=f"{pcfg.name}", unit="request", disable=None, leave=False)
     t0 = time.perf_counter()
+    hw, cost = prep.hw, prep.cost
+    host_memory = getattr(prefetch, "host_memory", None)  # a policy that copies from its own host memory
+    if host_memory and host_memory != hw.host_memory:
+        from dataclasses import replace
+
+        hw = replace(hw, host_memory=host_memory)
+        cost = cost_model_for(prep.model, hw)
     sim = Simulation(
-        schedule, prep.model, prep.hw, prep.cost,
+        schedule, prep.model, hw, cost,
         eviction=eviction, prefetch=prefetch, predictor=predictor,
         slots=None if plan.per_layer else plan.slots, per_layer=plan.per_layer,
         seed=seed, timeline=timeline, lookahead_depths=depths, governor=governor, draft=draft, progress=bar,
+        reset=prep.reset,
     )
     log = sim.run()
     wall = time.perf_counter() - t0
@@ -318,6 +335,11 @@ def run_policy(prep: Prepared, pcfg: DictConfig, seed: int, *, timeline: bool = 
     row["prefetches_refused"] = sim.cache.refused
     row["engine_values"] = prep.cost.host.source
     row["slots"], row["layout"] = plan.slots, plan.layout
+    if plan.resident_layers is not None:
+        row["resident_layers"] = plan.resident_layers
+    if host_memory:
+        row["host_memory"] = host_memory
+    row["prefetches_refused"] = sim.copy.refused
     row["decoding"] = pcfg.decoding
     if speculative:
         stand_in = draft.trace.meta.get("draft_stand_in")
@@ -343,7 +365,7 @@ def speculative_trace(prep: Prepared, tcfg: Any) -> Trace:
 
 def bound_for(prep: Prepared, schedule: Schedule, pool_of: list[int], capacity: list[int]):
     """Bound of a (realized) schedule under a slot layout, memoised per schedule and layout."""
-    key = (id(schedule), len(schedule.steps), tuple(capacity), tuple(pool_of[:1]))
+    key = (id(schedule), len(schedule.steps), tuple(capacity), tuple(pool_of[:1]), prep.reset)
     bounds = prep.__dict__.setdefault("_bounds", {})
     if key in bounds:
         return bounds[key]
@@ -352,9 +374,9 @@ def bound_for(prep: Prepared, schedule: Schedule, pool_of: list[int], capacity: 
     steps = sch.steps
     b = compute_bound(
         sch.needed, sch.g_step, np.array([sch.compute_time(i, dd) for i in range(len(steps))]),
-        np.array([s.request for s in steps]), np.array([s.phase for s in steps]),
-        np.array([s.emitted for s in steps], dtype=np.int64), sch.trace.num_requests,
-        pool_of, capacity, prep.cost.h2d(prep.model.bytes_per_expert()),
+        np.array([s.request for s in steps]), np.array([s.emitted for s in steps], dtype=np.int64),
+        sch.trace.num_requests, pool_of, capacity, prep.cost.h2d(prep.model.bytes_per_expert()),
+        reset=prep.reset,
     )
     bounds[key] = b
     return b

@@ -308,7 +308,7 @@ def test_measured_profile_with_a_parquet_table(tmp_path: Path) -> None:
     folder.mkdir(parents=True)
     pd.DataFrame(TABLE).to_parquet(folder / "toy.parquet")
     yaml = "\n".join(f"{k}: {v}" for k, v in GPU.to_dict().items()
-                     if k not in ("name", "link_pace_gbps", "profile_table") and v is not None)
+                     if k not in ("name", "link_pace_gbps", "profile_table", "engine", "provenance") and v is not None)
     (folder / "toy.yaml").write_text(
         "defaults:\n  - /schema/hardware@_here_\n  - _self_\nname: measured/toy\nprofile_table: toy.parquet\n" + yaml + "\n"
     )
@@ -363,15 +363,16 @@ def test_host_overhead_enters_the_schedule_by_hand() -> None:
 
 
 def test_engine_values_from_a_measured_hardware_profile() -> None:
-    hw = GPU.replace(engine={"eager": {"host_per_layer_s": 5e-4}})
+    measured = {"host_per_layer_s": 5e-4, "draft_host_per_layer_s": 7e-5, "host_per_launch_s": 0.0}
+    hw = GPU.replace(engine={"eager": measured})
     cfg = {"name": "eager", "host_per_layer_s": 1e-4, "draft_host_per_layer_s": 6e-5, "host_per_launch_s": 8e-6,
            "from_hardware": True}
     h = HostOverhead.from_cfg(cfg, hw)
-    assert (h.host_per_layer_s, h.draft_host_per_layer_s, h.source) == (5e-4, 6e-5, "hardware")
+    assert (h.host_per_layer_s, h.draft_host_per_layer_s, h.host_per_launch_s, h.source) == (5e-4, 7e-5, 0.0, "hardware")
     assert HostOverhead.from_cfg({**cfg, "from_hardware": False}, hw).host_per_layer_s == 1e-4
     assert HostOverhead.from_cfg({**cfg, "name": "graphed"}, hw).source == "config"  # the profile has no graphed
     assert HostOverhead.from_cfg(None, hw).zero
-    with pytest.raises(SimError, match=r"engine.eager has unknown field\(s\) \['per_layer'\]"):
-        HostOverhead.from_cfg(cfg, GPU.replace(engine={"eager": {"per_layer": 1}}))
+    with pytest.raises(SimError, match=r"engine.eager: unknown key\(s\) \['per_layer'\]"):
+        GPU.replace(engine={"eager": {**measured, "per_layer": 1}})
     with pytest.raises(SimError, match=r"engine.host_per_launch_s must be a number of seconds >= 0"):
         HostOverhead("x", host_per_launch_s=-1.0)
