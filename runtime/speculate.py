@@ -533,7 +533,7 @@ class SpeculativeDecoder:
             for j in range(a + 1):
                 routing.append(vrows[j])
                 drafts.append(rows[j] if j < k else None)
-                match.append(j < a)
+                match.append(j < a or a == k)  # a == k: the bonus position was not drafted (see executed_spec_trace)
             fetched = (run.copies - copies0) if run is not None else 0
             needed = sum(len({e for j in range(k + 1) for e in vrows[j][m]}) for m in range(self.M))
             if k:
@@ -587,3 +587,40 @@ class SpeculativeDecoder:
             "acceptance_by_position": per_pos,
             "draft_agreement": float(np.mean(ag)) if ag else float("nan"),
         }
+
+
+def executed_spec_trace(dec: SpeculativeDecoder, shape: Any, meta: dict[str, Any]) -> Any:
+    """The routing a live speculative run kept (prefill and every emitted position, the target's
+    ids from its verify passes), with the draft's ELB row of each drafted position as ``draft``
+    and whether its token was accepted as ``draft_match``: the trace on which the simulator predicts
+    the same run. Where the draft did not run (the prompt; the bonus position of a cycle that
+    accepted all k) the target's ids stand in: the simulator never
+    drafts the prompt, and reads such a bonus position only if its own k differs. Such a bonus
+    position's ``draft_match`` is True (the cycle's run of matches continues; unmeasured, optimistic),
+    a prompt position's False."""
+    from traces.io import Rows, trace_from_rows
+    from traces.trace import DECODE, PREFILL
+
+    k = int(shape.top_k)
+    moe = list(shape.moe_layers)
+    cols: dict[str, list] = {x: [] for x in ("rid", "pos", "step", "phase", "layer", "ids", "draft", "match")}
+    for r, routing in enumerate(dec.routing):
+        P = len(routing) - sum(1 for c in dec.cycles if c.request == r for _ in range(c.emitted))
+        for p, row in enumerate(routing):
+            d = dec.draft_rows[r][p]
+            for m, layer in enumerate(moe):
+                cols["rid"].append(r)
+                cols["pos"].append(p)
+                cols["step"].append(0 if p < P else p - P + 1)
+                cols["phase"].append(PREFILL if p < P else DECODE)
+                cols["layer"].append(layer)
+                cols["ids"].append(list(row[m]))
+                cols["draft"].append(list(d[m]) if d is not None else list(row[m]))
+                cols["match"].append(bool(dec.draft_match[r][p]))
+    rows = Rows(
+        request_id=np.asarray(cols["rid"], dtype=np.int64), position=np.asarray(cols["pos"], dtype=np.int64),
+        step=np.asarray(cols["step"], dtype=np.int64), phase=np.asarray(cols["phase"], dtype=np.int8),
+        layer=np.asarray(cols["layer"], dtype=np.int64), expert_ids=np.asarray(cols["ids"], dtype=np.int64).reshape(-1, k),
+        draft=np.asarray(cols["draft"], dtype=np.int64).reshape(-1, k), draft_match=np.asarray(cols["match"], dtype=bool),
+    )
+    return trace_from_rows(rows, shape, meta, where="executed routing of a live speculative run")
