@@ -402,7 +402,7 @@ class Session:
                 predictor.close()
         return run
 
-    def speculative(self, cfg: Any, run: Any, hw: Any) -> Any:
+    def speculative(self, cfg: Any, run: Any, hw: Any, governor: Any = None) -> Any:
         """The speculative decoder of one run (runtime.speculate): the session's INT4 draft on its
         engine, the config's governor, costs measured as the run goes (the link's per-expert time
         measured at the session's start on a GPU, the hardware spec's elsewhere)."""
@@ -417,7 +417,7 @@ class Session:
                                  else HFEngine(self.om.model, self.om.modules, fn))
         xfer = self.om.copy_s if self.om.copy_s else hw.h2d_time(self.om.nbytes)
         costs = MeasuredCosts(xfer, copy_latency_s=float(hw.copy_latency_s) + float(hw.decision_delay_s))
-        return SpeculativeDecoder(self._spec_engine, build_governor(cfg.governor), num_experts=self.om.E,
+        return SpeculativeDecoder(self._spec_engine, build_governor(governor or cfg.governor), num_experts=self.om.E,
                                   top_k=self.om.top_k, run=run, costs=costs, expert_bytes=self.om.nbytes)
 
     def warmup(self, cfg: Any, steps: int) -> None:
@@ -455,6 +455,18 @@ class Session:
                 live(self.om, run, prompts, D if steps < 0 else steps)
             finally:
                 self.om.end_run()
+            if self.draft is not None:  # the draft's graphs and every verify width up to k_max + 1
+                from sim.hardware import HardwareSpec
+
+                g = cfg.governor
+                kw = max(int(g.get("k") or 1), int(g.get("k_max") or 1))
+                rc.eviction, rc.prefetch = EVICTION.create("lru"), PREFETCH.create("none")
+                run = self.om.start_run(rc)
+                try:
+                    dec = self.speculative(cfg, run, HardwareSpec.from_cfg(cfg.hardware), governor={"name": "fixed", "k": kw})
+                    dec.generate(prompts[:1], min(D, 3 * (kw + 1)) if steps < 0 else max(2, steps))
+                finally:
+                    self.om.end_run()
         self.warm = True
 
     # ------------------------------------------------------------------ the config's rows

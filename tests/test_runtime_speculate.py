@@ -99,6 +99,10 @@ def test_rollback_leaves_the_cache_of_a_non_speculative_run(family, kind):
     assert n == len(seq)
     ref = _engine(lm, kind, draft=lambda m, h, idx, w: torch.zeros_like(h))
     ref.reset()
+    if kind == "eager":  # transformers' own cache, as a non-speculative run keeps it (no past recording)
+        from transformers import DynamicCache
+
+        ref.cache = DynamicCache(config=lm.model.config)
     for p, tok in enumerate(seq):  # one token at a time: the non-speculative decode
         ref.target(torch.tensor([[tok]]), p)
     ref_kv = ref.kv()
@@ -239,3 +243,24 @@ def test_speculative_replay_is_refused_with_a_reason(tmp_path):
     finally:
         sess.close()
     assert rows[0]["status"] == "failed" and "mode=live" in rows[0]["reason"]
+
+
+def test_gpu_speculative_benchmark_smoke(tmp_path):
+    """The GPU evidence script runs end to end on the CPU (tiny preset) and writes its rows."""
+    import json
+
+    from benchmarks.gpu_speculative import main
+
+    assert main(["--smoke", "--out", str(tmp_path), "--ks", "2", "--reps", "1"]) == 0
+    rows = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
+    labels = {r["label"]: r for r in rows}
+    assert {"lru", "lru-same-cache", "speq", "speq-k2", "spec-lru", "spmoe"} <= set(labels)
+    for r in rows:
+        assert r["status"] == "ok", r.get("reason")
+        for c in ("card", "model", "engine", "policy", "budget", "k", "tpot_measured_s", "tpot_sim_s",
+                  "speedup_measured", "speedup_sim"):
+            assert c in r and r[c] is not None or c == "k", c
+    assert labels["lru"]["speedup_measured"] == 1.0 and labels["lru"]["slots"] > labels["lru-same-cache"]["slots"]
+    assert labels["speq"]["k"] == "governor" and labels["speq-k2"]["mean_k"] <= 2
+    assert labels["speq"]["token_mismatch_share"] == 0.0  # fp32 on the CPU: the target's greedy output
+    assert (tmp_path / "summary.md").read_text().count("MoE-SpeQ") >= 2
