@@ -20,9 +20,9 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from sim.errors import SimError
 from sim.governor import GovernorConf
 from sim.hardware import HardwareConf
-from sim.errors import SimError
 from sim.presets import help_of, load_preset, setting
 from sim.spec import ModelConf
 
@@ -70,6 +70,10 @@ class CacheConf:
     per_layer: Optional[int] = setting(None, "this many slots in each MoE layer's own partition")
     max_context_tokens: Optional[int] = setting(
         None, "the KV cache is sized for this context; null: the trace's longest request")
+    reset: str = setting(
+        "never", "'never': the cache stays warm across requests (as a server runs them); 'request': cold at each "
+        "request's start, every policy's state cleared and Belady's future ending with the request (as trace "
+        "studies count hit rates)")
 
 
 @dataclass

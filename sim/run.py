@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig
 
-from sim.bound import compute_bound
+from sim.bound import RESETS, compute_bound
 from sim.costmodel import CostModel, cost_model_for
 from sim.engine import Simulation
 from sim.errors import InfeasibleError, SimError
@@ -104,6 +104,8 @@ def load_plugins(modules: list[str]) -> None:
 
 def config_id(keys: dict[str, Any]) -> str:
     """Hash of the keys that the simulator and the runtime share, so their rows join."""
+    # keys added after results were published hash only when set, so earlier ids stay valid
+    keys = {k: v for k, v in keys.items() if not (k == "cache_reset" and v == "never")}
     blob = json.dumps(keys, sort_keys=True, default=str).encode()
     return hashlib.sha1(blob).hexdigest()[:12]
 
@@ -120,6 +122,7 @@ class Prepared:
     slots: int | None = None
     per_layer: int | None = None
     plan: MemoryPlan | None = None  # the autoregressive plan at this budget (None: infeasible)
+    reset: str = "never"  # cache.reset: 'never' (warm across requests) or 'request' (cold at each start)
 
 
 def prepare(cfg: DictConfig) -> Prepared:
@@ -128,7 +131,11 @@ def prepare(cfg: DictConfig) -> Prepared:
     trace = load_trace(cfg.trace, model)
     ctx = int(cfg.cache.max_context_tokens or int(trace.position.max()) + 1)
     cost = cost_model_for(model, hw)
-    prep = Prepared(model, hw, trace, cost, Schedule(trace, model, cost), ctx, cfg.cache.slots, cfg.cache.per_layer)
+    reset = str(cfg.cache.get("reset", "never"))
+    if reset not in RESETS:
+        raise SimError(f"cache.reset must be one of {list(RESETS)}, got '{reset}'")
+    prep = Prepared(model, hw, trace, cost, Schedule(trace, model, cost), ctx, cfg.cache.slots, cfg.cache.per_layer,
+                    reset=reset)
     try:
         prep.plan = plan_for(prep, speculative=False)
     except InfeasibleError:
@@ -136,10 +143,11 @@ def prepare(cfg: DictConfig) -> Prepared:
     return prep
 
 
-def plan_for(prep: Prepared, *, speculative: bool) -> MemoryPlan:
-    """The memory plan of one policy: a speculative one keeps its INT4 draft experts resident."""
+def plan_for(prep: Prepared, *, speculative: bool, streaming: bool = False) -> MemoryPlan:
+    """The memory plan of one policy: a speculative one keeps its INT4 draft experts resident;
+    whole-layer streaming keeps whole layers resident and streams the rest through one layer's slots."""
     return plan_memory(prep.model, prep.hw, max_context_tokens=prep.context_tokens, slots=prep.slots,
-                       per_layer=prep.per_layer, draft_resident=speculative)
+                       per_layer=prep.per_layer, draft_resident=speculative, streaming=streaming)
 
 
 def policy_plan(prep: Prepared, pcfg: DictConfig) -> MemoryPlan:
@@ -157,7 +165,8 @@ def policy_plan(prep: Prepared, pcfg: DictConfig) -> MemoryPlan:
         return replace(own, slots=spec.slots, per_layer=spec.per_layer, layout=spec.layout)
     if pcfg.get("cache_as"):
         raise SimError(f"policy '{pcfg.name}': cache_as must be null or 'speculative', got '{pcfg.cache_as}'")
-    return plan_for(prep, speculative=False)
+    streaming = not PREFETCH.get(pcfg.prefetch).keeps_cache and prep.per_layer is None
+    return plan_for(prep, speculative=False, streaming=streaming)
 
 
 def base_keys(cfg: DictConfig) -> dict[str, Any]:
@@ -172,6 +181,7 @@ def base_keys(cfg: DictConfig) -> dict[str, Any]:
         "trace": str(cfg.trace.path) if cfg.trace.path else f"synth:{cfg.model.get('name')}:{cfg.trace.seed}",
         "cache_slots": cfg.cache.slots,
         "cache_per_layer": cfg.cache.per_layer,
+        "cache_reset": str(cfg.cache.get("reset", "never")),
         "seed": int(cfg.seed),
         # the host-overhead regime: runtime engine=graphed|eager (the simulator's engine group, a name
         # or a node with one); None where the config names none
@@ -210,11 +220,19 @@ def run_policy(prep: Prepared, pcfg: DictConfig, seed: int, *, timeline: bool = 
 
         bar = tqdm(total=prep.trace.num_requests, desc=f"{pcfg.name}", unit="request", disable=None, leave=False)
     t0 = time.perf_counter()
+    hw, cost = prep.hw, prep.cost
+    host_memory = getattr(prefetch, "host_memory", None)  # a policy that copies from its own host memory
+    if host_memory and host_memory != hw.host_memory:
+        from dataclasses import replace
+
+        hw = replace(hw, host_memory=host_memory)
+        cost = cost_model_for(prep.model, hw)
     sim = Simulation(
-        schedule, prep.model, prep.hw, prep.cost,
+        schedule, prep.model, hw, cost,
         eviction=eviction, prefetch=prefetch, predictor=predictor,
         slots=None if plan.per_layer else plan.slots, per_layer=plan.per_layer,
         seed=seed, timeline=timeline, lookahead_depths=depths, governor=governor, draft=draft, progress=bar,
+        reset=prep.reset,
     )
     log = sim.run()
     wall = time.perf_counter() - t0
@@ -224,6 +242,11 @@ def run_policy(prep: Prepared, pcfg: DictConfig, seed: int, *, timeline: bool = 
     row = results_row(log, bound, prep.model.bytes_per_expert(), prep.model.num_moe_layers)
     row["wall_s"] = wall
     row["slots"], row["layout"] = plan.slots, plan.layout
+    if plan.resident_layers is not None:
+        row["resident_layers"] = plan.resident_layers
+    if host_memory:
+        row["host_memory"] = host_memory
+    row["prefetches_refused"] = sim.copy.refused
     row["decoding"] = pcfg.decoding
     if speculative:
         row["draft_source"] = draft.source
@@ -233,7 +256,7 @@ def run_policy(prep: Prepared, pcfg: DictConfig, seed: int, *, timeline: bool = 
 
 def bound_for(prep: Prepared, schedule: Schedule, pool_of: list[int], capacity: list[int]):
     """Bound of a (realized) schedule under a slot layout, memoised per schedule and layout."""
-    key = (id(schedule), len(schedule.steps), tuple(capacity), tuple(pool_of[:1]))
+    key = (id(schedule), len(schedule.steps), tuple(capacity), tuple(pool_of[:1]), prep.reset)
     bounds = prep.__dict__.setdefault("_bounds", {})
     if key in bounds:
         return bounds[key]
@@ -242,9 +265,9 @@ def bound_for(prep: Prepared, schedule: Schedule, pool_of: list[int], capacity: 
     steps = sch.steps
     b = compute_bound(
         sch.needed, sch.g_step, np.array([sch.compute_time(i, dd) for i in range(len(steps))]),
-        np.array([s.request for s in steps]), np.array([s.phase for s in steps]),
-        np.array([s.emitted for s in steps], dtype=np.int64), sch.trace.num_requests,
-        pool_of, capacity, prep.cost.h2d(prep.model.bytes_per_expert()),
+        np.array([s.request for s in steps]), np.array([s.emitted for s in steps], dtype=np.int64),
+        sch.trace.num_requests, pool_of, capacity, prep.cost.h2d(prep.model.bytes_per_expert()),
+        reset=prep.reset,
     )
     bounds[key] = b
     return b

@@ -200,6 +200,18 @@ class Schedule:
             self._uses = uses
         return self._uses
 
+    def request_end(self, g: int) -> int:
+        """One past the last layer-step of ``g``'s request (planned so far)."""
+        r = self.steps[self.g_step[g]].request
+        if r < len(self.request_steps):
+            return self.steps[self.request_steps[r][1] - 1].g0 + self.M
+        return len(self.needed)
+
+    def next_use_in_request(self, key: int, g: int) -> int:
+        """``next_use`` within ``g``'s request only (``cache.reset=request``: the future ends there)."""
+        n = self.next_use(key, g)
+        return n if n < self.request_end(g) else NEVER
+
     def next_use(self, key: int, g: int) -> int:
         """First layer-step after ``g`` that needs ``key``; NEVER if none."""
         lst = self.uses().get(key)

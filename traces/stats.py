@@ -16,13 +16,16 @@ Definitions (k = top-k, E = routed experts):
 * ``reuse_next``: mean over tokens with a previous token of |S_t ∩ S_(t-1)| / k at the same layer,
   the share of a token's experts that the previous token also used. Chance is about k/E.
 * ``reuse_w<W>``: mean over tokens with W previous tokens of |S_t ∩ (S_(t-1) ∪ ... ∪ S_(t-W))| / k.
-* ``lru_c<c>``: hit rate of a per-layer LRU cache of c expert slots. Per request and per layer the
-  cache starts empty at the request's first selected token (cold start; prefill is not replayed
-  into it unless ``phase`` selects it); tokens are processed in order; an expert is a hit if it is
-  resident when its token arrives; then the token's k experts become most recently used (touched
-  lowest gate weight first, so that with c < k the highest-weight ones stay). Hit rate = hits /
-  (k x tokens), cold misses included. (An LRU cache holds exactly the c most recently used
-  distinct experts, so a hit is a stack distance < c.)
+* ``lru_c<c>``: hit rate of a per-layer LRU cache of c >= k expert slots. Per request and per
+  layer the cache starts empty at the request's first selected token (cold start, the simulator's
+  ``cache.reset=request``; prefill is not replayed into it unless ``phase`` selects it); tokens
+  are processed one by one, in order; an expert is a hit if it is resident when its token
+  arrives; a token's own experts never evict each other; then its k experts become the most
+  recently used, touched in the simulator's order (docs/metrics.md, "LRU order"): the resident
+  ones first, then the ones fetched on demand, each group in gate-weight order (highest first),
+  so the lowest-weight fetched expert is the most recent. Hit rate = hits / (k x tokens), cold
+  misses included. (An LRU cache holds exactly the c most recently used distinct experts, so a
+  hit is a stack distance < c.)
 * ``top_quarter_window`` / ``top_quarter_global``: share of selections taken by the ceil(E/4) most
   selected experts, within non-overlapping windows of ``skew_window`` tokens of one request (a
   trailing partial window is dropped unless it is the request's only window; mean over windows),
@@ -191,30 +194,34 @@ def lru_hit_rates(
     R, T, M, k = s.ids.shape
     E = s.trace.shape.num_experts
     sizes = [int(c) for c in cache_sizes]
-    if any(c < 1 for c in sizes):
-        raise TraceError(f"stats: cache sizes must be >= 1, got {sizes}")
+    if any(c < k for c in sizes):
+        raise TraceError(f"stats: LRU cache sizes must be >= top_k = {k} (a token's experts are resident together), "
+                         f"got {sizes}")
     n = R * M
     chains = s.ids.transpose(0, 2, 1, 3).reshape(n, T, k)  # (request, layer) chains
     live = np.repeat(s.valid, M, axis=0)  # (n, T)
-    last = np.full((n, E), -1, dtype=np.int64)
     rows = np.arange(n)[:, None]
-    touch = (k - 1 - np.arange(k))[None, :]  # lowest weight touched first, top-1 most recent
-    hits = {c: np.zeros(n) for c in sizes}
-    for t in range(T):
-        on = live[:, t]
-        if not on.any():
-            break
-        ids = np.where(on[:, None], chains[:, t], 0)
-        lu = last[rows, ids]  # (n, k)
-        dist = (last[:, None, :] > lu[:, :, None]).sum(-1)  # stack distance
-        seen = (lu >= 0) & on[:, None]
-        for c in sizes:
-            hits[c] += (seen & (dist < c)).sum(1)
-        stamp = t * k + touch
-        upd = np.where(on[:, None], stamp, last[rows, ids])
-        last[rows, ids] = upd
+    col = np.arange(k)[None, :]
     den = np.full(M, s.tokens, dtype=np.int64)
-    return {c: Rate(hits[c].reshape(R, M).sum(0) / k, den.copy()) for c in sizes}
+    out: dict[int, Rate] = {}
+    for c in sizes:
+        # the touch order depends on which experts hit, so each size keeps its own recency stamps
+        last = np.full((n, E), -1, dtype=np.int64)
+        hits = np.zeros(n)
+        for t in range(T):
+            on = live[:, t]
+            if not on.any():
+                break
+            ids = np.where(on[:, None], chains[:, t], 0)
+            lu = last[rows, ids]  # (n, k)
+            dist = (last[:, None, :] > lu[:, :, None]).sum(-1)  # stack distance
+            hit = (lu >= 0) & (dist < c) & on[:, None]
+            hits += hit.sum(1)
+            # resident experts are touched first, then the fetched ones, each in gate-weight order
+            rank = np.argsort(np.argsort(np.where(hit, 0, k) + col, axis=1, kind="stable"), axis=1)
+            last[rows, ids] = np.where(on[:, None], t * k + rank, lu)
+        out[c] = Rate(hits.reshape(R, M).sum(0) / k, den.copy())
+    return out
 
 
 def _windows(s: Selected, w: int) -> tuple[np.ndarray, np.ndarray]:
@@ -448,7 +455,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--cache-sizes", type=_sizes, default=None,
         help="LRU slots per layer, comma-separated (default: k,2k,4k capped at E)",
     )
-    p.add_argument("--phase", choices=PHASE_CHOICES, default="decode", help="which tokens count (default decode)")
+    p.add_argument("--phase", choices=PHASE_CHOICES, default=None,
+                   help="which tokens count (default: decode; prefill when the trace has no decode token)")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     p.add_argument("-o", "--output", default=None, help="also write the JSON to this file")
 
@@ -457,10 +465,19 @@ def run(args: argparse.Namespace) -> int:
     from traces.io import read_trace
 
     trace = read_trace(args.path)
+    phase, note = args.phase, None
+    valid = trace.valid_mask()
+    has_decode = bool((valid & (trace.phase == DECODE)).any())
+    if not has_decode and phase in (None, "decode"):
+        if phase == "decode":
+            raise TraceError(f"{args.path}: no decode token in this trace (a prefill-only log); "
+                             "--phase prefill gives its prefill statistics")
+        phase = "prefill"
+        note = "prefill-only trace (no decode token): prefill statistics, prompt tokens in position order"
     st = compute_stats(
-        trace, window=args.window, skew_window=args.skew_window, cache_sizes=args.cache_sizes, phase=args.phase
+        trace, window=args.window, skew_window=args.skew_window, cache_sizes=args.cache_sizes, phase=phase or "decode"
     )
-    d = {"file": str(args.path), **st.to_dict()}
+    d = {"file": str(args.path), **({"note": note} if note else {}), **st.to_dict()}
     text = json.dumps(d, indent=2, sort_keys=False)
     if args.output:
         write_text_atomic(args.output, text + "\n")
@@ -468,5 +485,7 @@ def run(args: argparse.Namespace) -> int:
         print(text)
     else:
         print(f"{args.path}")
+        if note:
+            print(note)
         print(st.to_text())
     return 0
