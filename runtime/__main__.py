@@ -58,6 +58,24 @@ def rewrite_args(argv: list[str]) -> list[str]:
     return rewrite_model_args(argv)
 
 
+SPECULATIVE_COLUMNS = ["policy", "source", "repetition", "acceptance_rate", "mean_k", "tokens_per_cycle",
+                       "draft_agreement", "acceptance_by_position"]
+
+
+def speculative_table(rows: list[dict[str, Any]]) -> str:
+    """Acceptance, mean k, tokens per cycle (and, measured live, the draft's routing agreement and
+    acceptance per draft position) of the speculative rows; empty when there are none."""
+    import pandas as pd
+
+    spec = [r for r in rows if r.get("status") == "ok" and r.get("mean_k") is not None
+            and not (isinstance(r.get("mean_k"), float) and r["mean_k"] != r["mean_k"])]
+    if not spec:
+        return ""
+    df = pd.DataFrame(spec)
+    df = df[[c for c in SPECULATIVE_COLUMNS if c in df.columns]]
+    return df.to_string(index=False, float_format=lambda v: f"{v:.3f}")
+
+
 def run_app(cfg: Any, out_dir: Path) -> list[dict[str, Any]]:
     """Measure every policy of ``cfg``, write results (and timelines) under ``out_dir``; return the rows."""
     from runtime.errors import OffloadRuntimeError
@@ -107,6 +125,9 @@ def run_app(cfg: Any, out_dir: Path) -> list[dict[str, Any]]:
     finally:
         sess.close()
     print(format_table(rows, extra=["source", "repetition"]))
+    spec = speculative_table(rows)
+    if spec:
+        print(spec)
     if reasons(rows):
         print(reasons(rows))
     print(f"results: {results.parquet}")
@@ -117,15 +138,15 @@ def run_app(cfg: Any, out_dir: Path) -> list[dict[str, Any]]:
 
 def refuse_single_policy(cfg: Any) -> None:
     """One named policy that cannot run is refused before the model is built (exit 2): a speculative
-    policy (the runtime has no speculative path yet) or a budget that cannot hold it. In a suite such
+    policy in replay mode (the runtime speculates live only) or a budget that cannot hold it. In a suite such
     policies are rows with their status and reason, and the others run."""
     from sim.errors import UnsupportedError
 
     if cfg.policy.get("suite"):
         return
-    if cfg.policy.get("decoding") == "speculative":
-        raise UnsupportedError(f"policy '{cfg.policy.name}': speculative decoding is not in this runtime yet; "
-                               "run it in the simulator (python -m sim policy=...)")
+    if cfg.policy.get("decoding") == "speculative" and cfg.get("mode", "replay") != "live":
+        raise UnsupportedError(f"policy '{cfg.policy.name}': speculative replay is not in this runtime yet; "
+                               "use mode=live (the model drafts and verifies) or the simulator")
     if cfg.get("mode", "replay") == "replay" and not cfg.get("source"):
         from runtime.measure import apply_overrides
         from sim.run import policy_plan, prepare

@@ -34,7 +34,7 @@ def app(cfg: DictConfig) -> float:
 
         return task(cfg)
 
-    from sim.report import ResultsWriter, format_table, reasons, write_results
+    from sim.report import ResultsWriter, format_speculative, format_table, reasons, write_results
     from sim.run import simulate
     from sim.timeline import chrome_trace
     from traces.atomic import check_output_file, write_json_atomic
@@ -69,6 +69,9 @@ def app(cfg: DictConfig) -> float:
             indent=None,
         )
     print(format_table(rows))
+    spec = format_speculative(rows)
+    if spec:
+        print(spec)
     if reasons(rows):
         print(reasons(rows))
     print(f"results: {results.parquet}")

@@ -204,7 +204,7 @@ def test_runtime_refuses_a_run_that_cannot_fit_before_building_it(tmp_path):
 
 def test_runtime_refuses_a_single_speculative_policy_before_building(tmp_path):
     out = run("-m", "runtime", "model=tiny", "policy=speq", "device=cpu", cwd=tmp_path)
-    assert out.returncode == 2 and "speculative decoding is not in this runtime yet" in one_line(out.stderr)
+    assert out.returncode == 2 and "speculative replay is not in this runtime yet" in one_line(out.stderr)
 
 
 # ------------------------------------------------------------------ numeric settings, range-checked where read
