@@ -145,6 +145,29 @@ def spec_of(cfg: Any) -> tuple[Any, bool, str | None]:
     return spec, not path.is_dir(), str(d.get("torch_dtype") or d.get("dtype") or "") or None
 
 
+def steady_gpu_bytes(cfg: Any, wbytes: int) -> int:
+    """The GPU bytes of the config's largest feasible memory plan at the run's weight dtype
+    (the plan counts weights in bf16): non-expert weights, slots, draft, KV cache, workspace."""
+    from sim.run import policy_plan, policy_presets, prepare
+    from traces.errors import MoeOffloadError
+
+    if cfg.get("source") or cfg.get("mode", "replay") != "replay":
+        return 0
+    try:
+        prep = prepare(cfg)
+    except MoeOffloadError:
+        return 0
+    out = 0
+    for p in policy_presets(cfg.policy):
+        try:
+            plan = policy_plan(prep, p)
+        except MoeOffloadError:
+            continue
+        weights = plan.non_expert_bytes + plan.slots_bytes + plan.draft_bytes
+        out = max(out, weights * wbytes // 2 + plan.kv_bytes + plan.workspace_bytes)
+    return out
+
+
 def check_run(cfg: Any) -> MemoryEstimate | None:
     """The pre-check of ``python -m runtime``: estimate, compare with what this machine has, refuse."""
     from runtime.models import resolve_device
@@ -154,9 +177,7 @@ def check_run(cfg: Any) -> MemoryEstimate | None:
         return None
     device = resolve_device(cfg.get("device", "auto")).type
     wbytes = weight_bytes(str(cfg.get("dtype", "auto")), device, random_weights, ckpt_dtype)
-    plan_bytes = 0
-    if device == "cuda":
-        plan_bytes = int(float(cfg.hardware.memory_gb) * GB)  # the budget the plan fills
+    plan_bytes = steady_gpu_bytes(cfg, wbytes) if device == "cuda" else 0
     est = estimate(spec, device=device, wbytes=wbytes, gpu_plan_bytes=plan_bytes)
     limit = os.environ.get("MOE_OFFLOAD_HOST_BYTES")  # tests and shared machines: a stricter cap
     host = available_host_bytes()

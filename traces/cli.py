@@ -56,23 +56,23 @@ def error_line(e: BaseException) -> str:
     return " ".join(part.strip() for part in text.splitlines() if part.strip()) or type(e).__name__
 
 
-_DEFERRED: list[MoeOffloadError] = []
+_DEFERRED: list[Exception] = []
 
 
 def hydra_task(task: Callable) -> Callable:
-    """Decorate a Hydra task function (under ``hydra.main``): a :class:`MoeOffloadError` of a single
-    run is handed to :func:`run_cli` after Hydra returns (Hydra would first print its own 'Error
+    """Decorate a Hydra task function (under ``hydra.main``): a :class:`MoeOffloadError` (or a
+    config-access error of OmegaConf) of a single run is handed to :func:`run_cli` after Hydra returns (Hydra would first print its own 'Error
     executing job' line). In a multirun the error propagates to the sweep as before."""
 
     @functools.wraps(task)
     def wrapped(cfg):
         try:
             return task(cfg)
-        except MoeOffloadError as e:
+        except Exception as e:
             from hydra.core.hydra_config import HydraConfig
             from hydra.types import RunMode
 
-            if HydraConfig.get().mode == RunMode.MULTIRUN:
+            if HydraConfig.get().mode == RunMode.MULTIRUN or not (isinstance(e, MoeOffloadError) or _is_usage(e)):
                 raise
             _DEFERRED.append(e)
             return None
