@@ -414,6 +414,9 @@ def _search_table(base: Sequence[str], default: Mapping[str, Any], best: Mapping
             lines.append(f"best {metric} {b:.4g} vs {what} {r:.4g}: {100 * (r - b) / r:.1f}% lower")
         elif math.isfinite(b):
             lines.append(f"best {metric} {b:.4g}; the {what} is infeasible or failed ({ref.get('reason')})")
+    if baseline and best.get("trial") is not None and best.get("trial") == baseline.get("trial"):
+        lines.append(f"the best is a baseline preset (policy={baseline.get('policy')}): "
+                     "no searched configuration beats it")
     return "\n".join(lines)
 
 
