@@ -126,7 +126,11 @@ def _style():
 
 
 def _save_png(fig: Any, path: str | os.PathLike) -> Path:
-    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=130))
+    """Save with the whole title inside the image; a figure with an empty panel is a bug."""
+    from sim.experiments.figures import empty_axes
+
+    assert not empty_axes(fig), f"{path}: empty panels {empty_axes(fig)}"
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=130, bbox_inches="tight"))
 
 
 # ---------------------------------------------------------------------------- the roofline
