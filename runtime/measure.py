@@ -343,9 +343,10 @@ class Session:
         """sim.run.Prepared of this config (replay: its trace; live: the executed trace)."""
         from sim.costmodel import cost_model_for
         from sim.hardware import HardwareSpec
-        from sim.run import Prepared, load_trace
+        from sim.run import Prepared, load_trace, resolve_trace_seed
         from sim.schedule import Schedule
 
+        resolve_trace_seed(cfg)
         key = (id(cfg), id(trace))
         cached = getattr(self, "_prep", None)
         if cached is not None and cached[0] == key:

@@ -96,7 +96,7 @@ def load_trace(tcfg: Any, model: ModelSpec) -> Trace:
         return trace
     from traces.synth import synthesize
 
-    return synthesize(params, seed=int(tcfg.seed), shape=model.shape_only())
+    return synthesize(params, seed=int(tcfg.seed or 0), shape=model.shape_only())
 
 
 def check_trace_matches(trace: Trace, model: ModelSpec, where: str) -> None:
@@ -171,7 +171,19 @@ class Prepared:
     reset: str = "never"  # cache.reset: 'never' (warm across requests) or 'request' (cold at each start)
 
 
+def resolve_trace_seed(cfg: DictConfig) -> int:
+    """``trace.seed`` null means the run's ``seed``: written into the config (idempotent) so that
+    the trace, its stand-in draft, the config keys and the saved config all show the seed used."""
+    from omegaconf import open_dict
+
+    if cfg.trace.get("seed") is None:
+        with open_dict(cfg):
+            cfg.trace.seed = int(cfg.get("seed", 0) or 0)
+    return int(cfg.trace.seed)
+
+
 def prepare(cfg: DictConfig) -> Prepared:
+    resolve_trace_seed(cfg)
     model = ModelSpec.from_cfg(cfg.model)
     hw = HardwareSpec.from_cfg(cfg.hardware)
     trace = load_trace(cfg.trace, model)
@@ -265,6 +277,7 @@ def memory_gb(hcfg: Any) -> float | None:
 
 
 def base_keys(cfg: DictConfig) -> dict[str, Any]:
+    resolve_trace_seed(cfg)
     return {
         "model": cfg.model.get("name"),
         "model_layers": cfg.model.get("layers"),
@@ -363,7 +376,7 @@ def speculative_trace(prep: Prepared, tcfg: Any) -> Trace:
         from traces.synth import with_draft
 
         tcfg = tcfg if tcfg is not None else TraceConf()
-        cached = prep.__dict__["_draft_trace"] = with_draft(prep.trace, synth_params(prep.model, tcfg), int(tcfg.seed))
+        cached = prep.__dict__["_draft_trace"] = with_draft(prep.trace, synth_params(prep.model, tcfg), int(tcfg.seed or 0))
     return cached
 
 

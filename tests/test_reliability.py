@@ -225,3 +225,22 @@ def test_moe_layers_range_that_runs_backwards():
     assert parse_layers("1,3,5-7") == (1, 3, 5, 6, 7)
     with pytest.raises(TraceError, match="runs backwards"):
         parse_layers("5-2")
+
+
+def test_the_run_seed_changes_the_synthetic_trace_unless_trace_seed_is_set():
+    from hydra import compose, initialize_config_dir
+
+    from sim.config import register_configs
+    from sim.presets import conf_dir
+    from sim.run import base_keys, prepare
+
+    register_configs()
+
+    def trace_of(*ovr):
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+            cfg = compose(config_name="sim", overrides=[*TINY, "policy=lru", *ovr])
+        return prepare(cfg).trace.expert_ids, base_keys(cfg)["trace"]
+
+    (a, ka), (b, kb), (c, kc) = trace_of(), trace_of("seed=1"), trace_of("seed=1", "trace.seed=0")
+    assert ka == "synth:tiny:0" and kb == "synth:tiny:1" and kc == ka
+    assert not (a == b).all() and (a == c).all()
