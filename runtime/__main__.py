@@ -30,7 +30,6 @@ class RunConf(RunBase):
     layers: Optional[int] = setting(None, "depth reduction of `source` (presets: model.layers)")
     mode: str = setting("replay", "replay: execute the trace's routing | live: the model's own routing")
     device: str = setting("auto", "auto: cuda if present, else cpu")
-    dtype: str = setting("auto", "random weights: auto = bf16 on a GPU, fp32 on the CPU")
     repetitions: int = setting(3, "measured repetitions of each policy")
     warmup_steps: int = setting(-1, "-1: one unmeasured pass over the whole trace first; N: its first N steps; 0: none")
     host_memory: Optional[str] = setting(None, "pinned | pageable: sets hardware.host_memory")

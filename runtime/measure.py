@@ -265,7 +265,17 @@ class Session:
             spec = self.loaded.spec
             with open_dict(cfg):
                 cfg.model = OmegaConf.create({**spec.to_dict(), "layers": None, "hf_config": None})
-        self.spec = ModelSpec.from_cfg(cfg.model)
+        # the dtype the model was built in is the run's: in config_id and in the prediction's bytes
+        import torch
+
+        names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+        built = names.get(next(self.loaded.model.parameters()).dtype)
+        if built is not None:
+            with open_dict(cfg):
+                cfg.dtype = built
+        from sim.run import model_for
+
+        self.spec = model_for(cfg)
         sh = self.loaded.shape
         for f in ("moe_layers", "num_experts", "top_k"):
             if tuple(np.atleast_1d(getattr(sh, f))) != tuple(np.atleast_1d(getattr(self.spec, f))):

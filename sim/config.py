@@ -115,6 +115,8 @@ class RunBase:
     trace: Any = setting(MISSING, "conf/trace/synth.yaml, or trace.path=FILE")
     governor: Any = setting(MISSING, "speculative policies: conf/governor preset (roofline | fixed)")
     cache: CacheConf = setting(CacheConf(), "expert-cache layout (default: from the memory budget)")
+    dtype: str = setting("auto", "weights' dtype, part of config_id: auto (the simulator: the model preset's, bf16; "
+                                 "the runtime: bf16 on a GPU, fp32 on the CPU, a checkpoint's own) | bf16 | fp16 | fp32")
     seed: int = setting(0, "the run's seed: the synthetic trace's (unless trace.seed= is set), noisy predictors', "
                            "draft acceptance's")
     timeline_out: Optional[str] = setting(None, "Chrome/Perfetto trace JSON of the run (one per policy of a suite)")

@@ -182,9 +182,32 @@ def resolve_trace_seed(cfg: DictConfig) -> int:
     return int(cfg.trace.seed)
 
 
+def run_dtype(cfg: DictConfig, model: ModelSpec | None = None) -> str:
+    """The run's float dtype: ``dtype=``, or with ``auto`` the model preset's (bf16; bf16 beside
+    quantized experts). The runtime writes the dtype it actually loaded into ``dtype`` first."""
+    from sim.spec import FLOAT_BYTES
+
+    d = str(cfg.get("dtype", "auto") or "auto")
+    if d == "auto":
+        exp = (model.expert_dtype if model is not None else cfg.model.get("expert_dtype")) or "bf16"
+        return exp if exp in FLOAT_BYTES else "bf16"
+    if d not in FLOAT_BYTES:
+        raise SimError(f"dtype must be auto, {', '.join(FLOAT_BYTES)}; got {d!r}")
+    return d
+
+
+def model_for(cfg: DictConfig) -> ModelSpec:
+    """The model spec at the run's dtype (quantized experts keep theirs)."""
+    from sim.spec import FLOAT_BYTES
+
+    model = ModelSpec.from_cfg(cfg.model)
+    d = run_dtype(cfg, model)
+    return model.with_expert_dtype(d) if model.expert_dtype in FLOAT_BYTES and d != model.expert_dtype else model
+
+
 def prepare(cfg: DictConfig) -> Prepared:
     resolve_trace_seed(cfg)
-    model = ModelSpec.from_cfg(cfg.model)
+    model = model_for(cfg)
     hw = HardwareSpec.from_cfg(cfg.hardware)
     trace = load_trace(cfg.trace, model)
     mct = cfg.cache.max_context_tokens
@@ -293,6 +316,7 @@ def base_keys(cfg: DictConfig) -> dict[str, Any]:
         "cache_per_layer": cfg.cache.per_layer,
         "cache_reset": str(cfg.cache.get("reset", "never")),
         "seed": int(cfg.seed),
+        "dtype": run_dtype(cfg),
     }
 
 

@@ -244,3 +244,19 @@ def test_the_run_seed_changes_the_synthetic_trace_unless_trace_seed_is_set():
     (a, ka), (b, kb), (c, kc) = trace_of(), trace_of("seed=1"), trace_of("seed=1", "trace.seed=0")
     assert ka == "synth:tiny:0" and kb == "synth:tiny:1" and kc == ka
     assert not (a == b).all() and (a == c).all()
+
+
+def test_committed_benchmark_results_join_after_the_dtype_rekey():
+    from sim.run import config_id
+
+    keys = ["model", "model_layers", "hardware", "memory_gb", "h2d_gbps", "host_memory", "link_pace_gbps", "trace",
+            "cache_slots", "cache_per_layer", "seed", "policy", "eviction", "prefetch", "predictor", "dtype"]
+    for f in sorted((ROOT / "benchmarks" / "results").glob("gpu_runtime-*.parquet")):
+        df = pd.read_parquet(f)
+        assert (df.dtype == "bf16").all()
+        sim_ids = set(df[df.source == "sim"].config_id)
+        assert sim_ids and sim_ids <= set(df[df.source == "measured"].config_id), f.name
+        r = df.iloc[0]
+        k = {c: (None if pd.isna(r[c]) else (int(r[c]) if c in ("model_layers", "cache_slots", "cache_per_layer", "seed")
+                                              else r[c].item() if hasattr(r[c], "item") else r[c])) for c in keys}
+        assert config_id(k) == r.config_id  # the ids are the keys' hash, dtype included
