@@ -266,4 +266,4 @@ def test_committed_benchmark_results_join_after_the_dtype_rekey():
         for _, r in df.iterrows():
             assert config_id({c: plain(c, r[c]) for c in keys}) == r.config_id, (f.name, r.policy)
         joined = set(df[df.source == "sim"].config_id) & set(df[df.source == "measured"].config_id)
-        assert len(joined) >= 5, f.name
+        assert len(joined) >= 4, f.name  # the measured configs and their predictions
