@@ -267,3 +267,23 @@ def test_committed_benchmark_results_join_after_the_dtype_rekey():
             assert config_id({c: plain(c, r[c]) for c in keys}) == r.config_id, (f.name, r.policy)
         joined = set(df[df.source == "sim"].config_id) & set(df[df.source == "measured"].config_id)
         assert len(joined) >= 4, f.name  # the measured configs and their predictions
+
+
+def test_dtype_is_in_the_config_id_and_the_bytes_moved():
+    from hydra import compose, initialize_config_dir
+
+    from sim.config import register_configs
+    from sim.presets import conf_dir
+    from sim.run import simulate
+
+    register_configs()
+
+    def row(*ovr):
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+            return simulate(compose(config_name="sim", overrides=[*TINY, "policy=lru", "cache.slots=8",
+                                                                   "hardware=h200", *ovr]))[0]
+
+    bf16, auto, fp32 = row("dtype=bf16"), row(), row("dtype=fp32")
+    assert bf16["config_id"] == auto["config_id"] != fp32["config_id"]
+    assert fp32["dtype"] == "fp32" and fp32["hit_rate"] == bf16["hit_rate"]
+    assert fp32["gb_moved"] == pytest.approx(2 * bf16["gb_moved"], rel=0.01)  # twice the bytes per expert
