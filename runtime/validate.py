@@ -161,7 +161,8 @@ def run_validate(cfg: Any, log: Any = print) -> Path:
     import pandas as pd
 
     from runtime.measure import Session, timeline_json
-    from sim.timeline import chrome_trace, write_json_atomic
+    from sim.timeline import chrome_trace
+    from traces.atomic import write_json_atomic
     from runtime.models import resolve_device
     from runtime.profile import card_info, card_name
     from sim.run import base_keys, config_id, load_policy, prepare, run_policy
@@ -270,10 +271,12 @@ def run_validate(cfg: Any, log: Any = print) -> Path:
                     srow, (sobj, slog) = run_policy(prep, load_policy(p), int(cfg.seed), timeline=p in logs)
                     if p in logs:  # both timelines of the config (last measured repetition)
                         tdir = path.parent / "timelines"
-                        write_json_atomic(timeline_json(logs[p], sess.om), tdir / f"{ms[0]['config_id']}.measured.json")
-                        write_json_atomic(chrome_trace(slog.compute_spans, slog.copy_spans, slog.occupancy,
+                        write_json_atomic(tdir / f"{ms[0]['config_id']}.measured.json", timeline_json(logs[p], sess.om),
+                                          indent=None)
+                        write_json_atomic(tdir / f"{ms[0]['config_id']}.sim.json",
+                                          chrome_trace(slog.compute_spans, slog.copy_spans, slog.occupancy,
                                                        num_experts=sobj.model.num_experts, moe_layers=sobj.model.moe_layers),
-                                          tdir / f"{ms[0]['config_id']}.sim.json")
+                                          indent=None)
                     base = {**{k: ms[0][k] for k in ("level", "config_id", "card", "date", "engine", "link", "model", "budget")},
                             "policy": p, "source": "sim", "repetition": 0}
                     s = validation_row(base, srow, gaps_of(slog))
