@@ -42,7 +42,7 @@ class RunConf:
     results_name: str = "results"
     host_memory: Optional[str] = None  # pinned | pageable (sets hardware.host_memory)
     link_pace_gbps: Optional[float] = None  # sets hardware.link_pace_gbps
-    cpu_backend: str = "sync"  # sync | thread (CPU only)
+    cpu_backend: str = "sync"  # sync | thread | virtual (CPU only; virtual: deterministic, the simulator's times, replay)
     predict: bool = True
     plugins: list[str] = field(default_factory=list)
     experiment: Any = None

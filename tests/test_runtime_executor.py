@@ -11,8 +11,11 @@ pytest.importorskip("transformers")
 
 from hydra import compose, initialize_config_dir  # noqa: E402
 
-from runtime.executor import (  # noqa: E402
-    ExecutorError, LiveGatePredictor, OffloadedModel, RunConfig, SlotCache, ThreadBackend, view_part)
+from runtime.backends import ThreadBackend  # noqa: E402
+from runtime.errors import ExecutorError  # noqa: E402
+from runtime.executor import LiveGatePredictor, RunConfig, SlotCache  # noqa: E402
+from runtime.offloaded import OffloadedModel  # noqa: E402
+from runtime.store import view_part  # noqa: E402
 from runtime.models import FAMILIES, load_model  # noqa: E402
 from runtime.replay import live, reference_decode  # noqa: E402
 from sim.cache import ABSENT, RESIDENT  # noqa: E402
@@ -352,7 +355,7 @@ def test_cuda_backend_control_path_with_a_stand_in_for_cuda(monkeypatch):
     import contextlib
     import time as _time
 
-    from runtime import executor as ex
+    from runtime import backends as ex
 
     class Ev:
         def __init__(self, enable_timing=False):
