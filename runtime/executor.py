@@ -396,6 +396,8 @@ class Run:
         if self._step is None:
             return
         if type(self._req) is LayerStart:
+            be = self.backend
+            be.block(be.mark())  # the policy acts as the device reaches the layer (as in the model)
             self._resume(None)
 
     def layer_forward(self, m: int, module: nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor,

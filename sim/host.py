@@ -43,7 +43,8 @@ class Sleep(NamedTuple):
 
 
 class LayerStart(NamedTuple):
-    """Wait request (runtime): MoE layer-step ``g`` is about to run its attention; resume with None."""
+    """Wait request (runtime): resume (with None) once the compute stream reaches layer-step ``g``
+    (its attention is about to run): only for policies with ``on_layer_start``."""
 
     g: int
 
