@@ -96,7 +96,7 @@ def compose_run(overrides: list[str]):
     from hydra import compose, initialize_config_dir
 
     from runtime.__main__ import register_configs
-    from sim.run import conf_dir
+    from sim.presets import conf_dir
 
     register_configs()
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):

@@ -24,7 +24,8 @@ from hydra import compose, initialize_config_dir
 from sim.config import register_configs
 from sim.engine import Simulation
 from sim.policies import EVICTION, PREDICTORS, PREFETCH
-from sim.run import bound_for, conf_dir, load_policy, policy_presets, prepare, run_policy
+from sim.run import bound_for, load_policy, policy_presets, prepare, run_policy
+from sim.presets import conf_dir
 from sim.schedule import Schedule
 
 

@@ -1,7 +1,8 @@
 """`python -m runtime` (also `moe-run`): offloaded execution measured in the simulator's terms.
 
 Composes conf/run.yaml (the simulator's groups model, hardware, policy, trace, cache, governor plus
-mode=live|replay, device, repetitions, timeline_out, host_memory, link_pace_gbps), runs each policy
+mode=live|replay, engine=graphed|eager, device, repetitions, timeline_out, host_memory,
+link_pace_gbps), runs each policy
 ``repetitions`` times on the offloaded model, prints the simulator's table and writes
 ``results.parquet``/``.json`` (``source = measured``, and with ``predict=true`` the simulator's row
 of each config, ``source = sim``, joined by ``config_id``) beside the resolved config in the Hydra run
@@ -11,41 +12,33 @@ directory; live runs also write the executed routing as ``executed_trace.parquet
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import MISSING
-
-from sim.config import CacheConf
+from sim.config import RunBase
+from sim.presets import setting
 
 
 @dataclass
-class RunConf:
-    """Structured config of `python -m runtime` (ConfigStore name ``run_schema``)."""
+class RunConf(RunBase):
+    """Structured config of `python -m runtime` (ConfigStore name ``run_schema``): the simulator's
+    groups and run keys (sim.config.RunBase) plus the runtime's own."""
 
-    model: Any = MISSING
-    hardware: Any = MISSING
-    policy: Any = MISSING
-    trace: Any = MISSING
-    governor: Any = MISSING
-    cache: CacheConf = field(default_factory=CacheConf)
-    source: Optional[str] = None  # model= resolved to a checkpoint dir, config.json or tiny-<family>
-    layers: Optional[int] = None  # depth reduction of `source` (presets: model.layers)
-    mode: str = "replay"  # replay | live
-    device: str = "auto"
-    dtype: str = "auto"
-    seed: int = 0
-    repetitions: int = 3
-    warmup_steps: int = -1  # -1: one unmeasured pass over the whole trace first; N: its first N steps; 0: none
-    timeline_out: Optional[str] = None
-    results_name: str = "results"
-    host_memory: Optional[str] = None  # pinned | pageable (sets hardware.host_memory)
-    link_pace_gbps: Optional[float] = None  # sets hardware.link_pace_gbps
-    cpu_backend: str = "sync"  # sync | thread | virtual (CPU only; virtual: deterministic, the simulator's times, replay)
-    predict: bool = True
-    plugins: list[str] = field(default_factory=list)
-    experiment: Any = None
+    source: Optional[str] = setting(None, "model= resolved to a checkpoint dir, config.json or tiny-<family>")
+    layers: Optional[int] = setting(None, "depth reduction of `source` (presets: model.layers)")
+    mode: str = setting("replay", "replay: execute the trace's routing | live: the model's own routing")
+    device: str = setting("auto", "auto: cuda if present, else cpu")
+    dtype: str = setting("auto", "random weights: auto = bf16 on a GPU, fp32 on the CPU")
+    repetitions: int = setting(3, "measured repetitions of each policy")
+    warmup_steps: int = setting(-1, "-1: one unmeasured pass over the whole trace first; N: its first N steps; 0: none")
+    host_memory: Optional[str] = setting(None, "pinned | pageable: sets hardware.host_memory")
+    link_pace_gbps: Optional[float] = setting(None, "pace copies to this bandwidth: sets hardware.link_pace_gbps")
+    cpu_backend: str = setting("sync", "on the CPU: sync (inline) | thread (two stream threads) | "
+                                       "virtual (deterministic virtual time, the simulator's durations; replay)")
+    engine: Any = setting(None, "graphed: static KV cache + CUDA graphs between routing reads (runtime.lean) | "
+                                "eager: transformers' forward | null: graphed on a GPU, eager on the CPU")
+    predict: bool = setting(True, "also the simulator's row of each config (source=sim)")
 
 
 def register_configs() -> None:
@@ -65,11 +58,29 @@ def rewrite_args(argv: list[str]) -> list[str]:
     return rewrite_model_args(argv)
 
 
+SPECULATIVE_COLUMNS = ["policy", "source", "repetition", "acceptance_rate", "mean_k", "tokens_per_cycle",
+                       "draft_agreement", "acceptance_by_position"]
+
+
+def speculative_table(rows: list[dict[str, Any]]) -> str:
+    """Acceptance, mean k, tokens per cycle (and, measured live, the draft's routing agreement and
+    acceptance per draft position) of the speculative rows; empty when there are none."""
+    import pandas as pd
+
+    spec = [r for r in rows if r.get("status") == "ok" and r.get("mean_k") is not None
+            and not (isinstance(r.get("mean_k"), float) and r["mean_k"] != r["mean_k"])]
+    if not spec:
+        return ""
+    df = pd.DataFrame(spec)
+    df = df[[c for c in SPECULATIVE_COLUMNS if c in df.columns]]
+    return df.to_string(index=False, float_format=lambda v: f"{v:.3f}")
+
+
 def run_app(cfg: Any, out_dir: Path) -> list[dict[str, Any]]:
     """Measure every policy of ``cfg``, write results (and timelines) under ``out_dir``; return the rows."""
     from runtime.measure import Session, timeline_json
     from sim.report import format_table, write_results
-    from sim.timeline import write_json_atomic
+    from traces.atomic import write_json_atomic
     from traces.io import write_trace
 
     timelines = []
@@ -90,10 +101,13 @@ def run_app(cfg: Any, out_dir: Path) -> list[dict[str, Any]]:
             path = Path(cfg.timeline_out)
             if len(names) > 1:
                 path = path.with_name(f"{path.stem}.{name}{path.suffix or '.json'}")
-            write_json_atomic(timeline_json(log, sess.om), path)
+            write_json_atomic(path, timeline_json(log, sess.om), indent=None)
     finally:
         sess.close()
     print(format_table(rows, extra=["source", "repetition"]))
+    spec = speculative_table(rows)
+    if spec:
+        print(spec)
     print(f"results: {out_dir / (cfg.results_name + '.parquet')}")
     return rows
 

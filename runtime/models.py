@@ -28,6 +28,8 @@ import torch
 from torch import nn
 
 from runtime.routing import LayerHandles, layer_handles
+from sim.presets import conf_dir
+from sim.spec import ModelSpec
 from traces.errors import TraceError
 from traces.shape import ModelShape
 
@@ -42,7 +44,6 @@ class Family:
 
     model_type: str
     router_attr: str
-    experts_keys: tuple[str, ...]  # config attributes holding the routed expert count, first found wins
     tiny: dict[str, Any]
     notes: str = ""
 
@@ -59,30 +60,30 @@ _MLA = dict(kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=4, qk_nope_head_di
 FAMILIES: dict[str, Family] = {
     f.model_type: f
     for f in [
-        Family("mixtral", "gate", ("num_local_experts",), dict(num_local_experts=4, num_experts_per_tok=2),
+        Family("mixtral", "gate", dict(num_local_experts=4, num_experts_per_tok=2),
                "softmax over all experts, top-k, renormalised"),
-        Family("qwen2_moe", "gate", ("num_experts", "num_local_experts"),
+        Family("qwen2_moe", "gate",
                dict(num_experts=6, num_experts_per_tok=2, moe_intermediate_size=32,
                     shared_expert_intermediate_size=48, mlp_only_layers=[1], norm_topk_prob=False),
                "softmax top-k (norm_topk_prob), one gated shared expert, mlp_only_layers / decoder_sparse_step"),
-        Family("qwen3_moe", "gate", ("num_experts", "num_local_experts"),
+        Family("qwen3_moe", "gate",
                dict(num_experts=6, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=2,
                     num_hidden_layers=4, norm_topk_prob=True, head_dim=8),
                "softmax top-k, renormalised; decoder_sparse_step / mlp_only_layers"),
-        Family("olmoe", "gate", ("num_experts", "num_local_experts"), dict(num_experts=6, num_experts_per_tok=2),
+        Family("olmoe", "gate", dict(num_experts=6, num_experts_per_tok=2),
                "softmax top-k (norm_topk_prob)"),
-        Family("phimoe", "router", ("num_local_experts",), dict(num_local_experts=4, num_experts_per_tok=2),
+        Family("phimoe", "router", dict(num_local_experts=4, num_experts_per_tok=2),
                "sparsemixer top-2 (weights from two masked softmaxes; reordered by weight)"),
-        Family("deepseek_v2", "gate", ("n_routed_experts", "num_experts", "num_local_experts"),
+        Family("deepseek_v2", "gate",
                dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1,
                     first_k_dense_replace=1, topk_method="group_limited_greedy", n_group=2, topk_group=1,
                     **{**_MLA, "q_lora_rank": None}),
                "softmax, greedy or group-limited top-k (unsorted), x routed_scaling_factor; first_k_dense_replace; shared experts"),
-        Family("deepseek_v3", "gate", ("n_routed_experts", "num_local_experts", "num_experts"),
+        Family("deepseek_v3", "gate",
                dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1,
                     first_k_dense_replace=1, n_group=2, topk_group=1, **_MLA),
                "sigmoid + e_score_correction_bias, group-limited top-k, renormalised, x routed_scaling_factor"),
-        Family("gpt_oss", "router", ("num_local_experts",),
+        Family("gpt_oss", "router",
                dict(num_local_experts=4, num_experts_per_tok=2, head_dim=8, sliding_window=4,
                     layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
                "top-k on logits (with bias), softmax over the k; experts transposed with biases"),
@@ -105,19 +106,6 @@ def tiny_config(family: str, **overrides: Any):
         lt = FAMILIES[family].tiny.get("layer_types") or ["full_attention"]
         kw["layer_types"] = [lt[i % len(lt)] for i in range(n)]
     return AutoConfig.for_model(family, **kw)
-
-
-def conf_dir() -> Path:
-    """The project's conf/ directory (package data when installed, the repository's otherwise)."""
-    try:
-        from importlib.resources import files
-
-        p = Path(str(files("conf")))
-        if p.is_dir():
-            return p
-    except (ImportError, ModuleNotFoundError, TypeError):
-        pass
-    return Path(__file__).resolve().parents[1] / "conf"
 
 
 def preset_config_path(preset: str) -> Path:
@@ -159,53 +147,13 @@ def hf_config_dict(config: Any) -> dict[str, Any]:
 
 
 def spec_from_hf_config(config: Any, name: str) -> tuple[ModelShape, Any]:
-    """(routing shape, full ModelSpec or None): sim.spec.ModelSpec.from_hf_config when sim is
-    importable (one reader of configs for the simulator and the runtime), else a local reading."""
-    try:
-        from sim.spec import ModelSpec  # type: ignore[import-not-found]
-    except ImportError:
-        return _shape_from_config(config, name), None
+    """(routing shape, full ModelSpec) of a transformers config: sim.spec.ModelSpec.from_hf_config,
+    the one reader of config.json for the simulator and the runtime."""
     try:
         spec = ModelSpec.from_hf_config(hf_config_dict(config), name=name)
     except ValueError as e:  # SimError / TraceError
         raise ModelLoadError(f"{name}: {e}") from None
     return spec.shape_only(), spec
-
-
-def shape_from_hf_config(config: Any, name: str) -> ModelShape:
-    """Routing shape of a transformers config (see spec_from_hf_config)."""
-    return spec_from_hf_config(config, name)[0]
-
-
-def _shape_from_config(config: Any, name: str) -> ModelShape:
-    mt = config.model_type
-    fam = FAMILIES.get(mt)
-    L = int(config.num_hidden_layers)
-    E = None
-    for key in (fam.experts_keys if fam else ("num_local_experts", "num_experts", "n_routed_experts")):
-        v = getattr(config, key, None)
-        if isinstance(v, int) and v > 0:
-            E = v
-            break
-    if E is None:
-        raise ModelLoadError(f"{name}: config has no routed-expert count")
-    k = int(config.num_experts_per_tok)
-    if mt in ("qwen2_moe", "qwen3_moe"):
-        step = int(getattr(config, "decoder_sparse_step", 1) or 1)
-        skip = set(getattr(config, "mlp_only_layers", []) or [])
-        moe = [i for i in range(L) if i not in skip and (i + 1) % step == 0]
-    elif mt in ("deepseek_v2", "deepseek_v3"):
-        moe = list(range(int(getattr(config, "first_k_dense_replace", 0) or 0), L))
-    else:
-        moe = list(range(L))
-    shared = 0
-    if mt == "qwen2_moe" and int(getattr(config, "shared_expert_intermediate_size", 0) or 0) > 0:
-        shared = 1
-    elif mt in ("deepseek_v2", "deepseek_v3"):
-        shared = int(getattr(config, "n_shared_experts", 0) or 0)
-    if not moe:
-        raise ModelLoadError(f"{name}: no MoE layer among the {L} decoder layers (depth-reduced below the first MoE layer?)")
-    return ModelShape(name=name, num_layers=L, moe_layers=tuple(moe), num_experts=E, top_k=k, num_shared_experts=shared)
 
 
 def family_of(config: Any, where: str) -> Family:

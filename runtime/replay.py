@@ -58,6 +58,27 @@ def forward_step(model: torch.nn.Module, ids: torch.Tensor, positions: torch.Ten
     return out.logits[:, -1, :]
 
 
+def stepper(om: OffloadedModel):
+    """``(new_request, step)``: the model's forward for one request, ``step(ids [1, n], start)`` ->
+    last logits [1, V]. With ``om.stepper`` (engine=graphed: runtime.lean.LeanModel) its static-KV
+    path; otherwise transformers' forward with a dynamic cache."""
+    lean = getattr(om, "stepper", None)
+    if lean is not None:
+        return lean.reset, lean.forward
+    model, dev = om.model, om.device
+    extra = _forward_kwargs(model)
+    box: list[Any] = [None]
+
+    def new_request() -> None:
+        box[0] = new_cache(model)
+
+    def step(ids: torch.Tensor, start: int) -> torch.Tensor:
+        pos = torch.arange(start, start + ids.shape[1], device=dev).reshape(1, -1)
+        return forward_step(model, ids, pos, box[0], extra)
+
+    return new_request, step
+
+
 def prompt_tokens(vocab: int, lengths: Sequence[int], seed: int) -> list[list[int]]:
     """Deterministic random prompts (token ids above the 3 special ids) of the given lengths."""
     rng = np.random.default_rng([seed, 4242])
@@ -70,7 +91,7 @@ def replay(om: OffloadedModel, run: Run, trace: Trace, schedule: Any, *, seed: i
     """Execute the trace's routing (every step of ``schedule``, or the first ``max_steps`` steps of
     the given ``requests`` for warm-up) through the offloaded model."""
     model, dev = om.model, om.device
-    extra = _forward_kwargs(model)
+    new_request, step = stepper(om)
     M, k = om.M, om.top_k
     w_all = trace.gate_weights
     vocab = int(model.config.vocab_size)
@@ -82,7 +103,7 @@ def replay(om: OffloadedModel, run: Run, trace: Trace, schedule: Any, *, seed: i
             if max_steps is not None:
                 s_end = min(s_end, s_first + max_steps)
             run.request_start(r)
-            cache = new_cache(model)
+            new_request()
             nxt = None
             for s_idx in range(s_first, s_end):
                 st = schedule.steps[s_idx]
@@ -99,14 +120,14 @@ def replay(om: OffloadedModel, run: Run, trace: Trace, schedule: Any, *, seed: i
                 ids_host = ids_np.transpose(1, 0, 2).tolist()  # (M, n, k)
                 ov_ids = torch.from_numpy(np.ascontiguousarray(ids_np.transpose(1, 0, 2))).to(dev, non_blocking=True)
                 ov_w = torch.from_numpy(np.ascontiguousarray(w_np.transpose(1, 0, 2))).to(dev, non_blocking=True)
-                pos = torch.from_numpy(trace.position[r, a:b].astype(np.int64)).reshape(1, n).to(dev, non_blocking=True)
+                start = int(trace.position[r, a])
                 if nxt is None or n > 1:
                     toks = torch.from_numpy(rng.integers(3, max(vocab, 4), size=n)).reshape(1, n).to(dev)
                 else:
                     toks = nxt
                 needed = [schedule.needed[g] for g in range(st.g0, st.g0 + M)]
                 run.begin_step(r, st.step, n, needed=needed, override=(ov_ids, ov_w, ids_host), emitted=st.emitted)
-                logits = forward_step(model, toks, pos, cache, extra)
+                logits = step(toks, start)
                 nxt = logits.argmax(-1).reshape(1, 1)
                 run.end_step()
             run.request_end(r)
@@ -117,29 +138,28 @@ def live(om: OffloadedModel, run: Run, prompts: Sequence[Sequence[int]], new_tok
          keep_logits: bool = False, stop_ids: set[int] | None = None) -> dict[str, Any]:
     """Greedy decoding of each prompt (batch 1): prefill, then ``new_tokens - 1`` decode steps (the
     prefill emits the first token). Returns the generated tokens (and logits per step)."""
-    model, dev = om.model, om.device
-    extra = _forward_kwargs(model)
+    dev = om.device
+    new_request, step = stepper(om)
     gen: list[list[int]] = []
     logits_all: list[list[torch.Tensor]] = []
     with torch.inference_mode():
         for r, prompt in enumerate(prompts):
             run.request_start(r)
-            cache = new_cache(model)
+            new_request()
             toks = torch.tensor([list(prompt)], dtype=torch.long, device=dev)
-            pos = torch.arange(len(prompt), device=dev).reshape(1, -1)
+            start = 0
             out_tok: list[torch.Tensor] = []
             lg: list[torch.Tensor] = []
-            p = len(prompt)
             for i in range(max(1, new_tokens)):
                 run.begin_step(r, i, toks.shape[1])
-                logits = forward_step(model, toks, pos, cache, extra)
+                logits = step(toks, start)
                 nxt = logits.argmax(-1).reshape(1, 1)
                 run.end_step()
                 out_tok.append(nxt)
                 if keep_logits:
                     lg.append(logits.float().cpu())
+                start += toks.shape[1]
                 toks = nxt
-                pos = torch.tensor([[p + i]], device=dev)
             run.request_end(r)
             gen.append(torch.cat(out_tok, dim=1).reshape(-1).tolist())
             logits_all.append(lg)

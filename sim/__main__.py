@@ -29,13 +29,14 @@ def app(cfg: DictConfig) -> float:
             or (isinstance(exp, DictConfig) and exp.get("search") is not None)):
         # sweeps, resume and search behave exactly as under `python -m sim.sweep` (a failing job
         # is recorded and the sweep goes on; finished jobs are reused)
-        from sim.sweep import _task
+        from sim.experiments.sweep import task
 
-        return _task(cfg)
+        return task(cfg)
 
-    from sim.report import format_table, write_results
+    from sim.report import format_speculative, format_table, write_results
     from sim.run import simulate
-    from sim.timeline import chrome_trace, write_json_atomic
+    from sim.timeline import chrome_trace
+    from traces.atomic import write_json_atomic
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     timelines, cycles = [], []
@@ -59,11 +60,15 @@ def app(cfg: DictConfig) -> float:
         if len(timelines) > 1:
             path = path.with_name(f"{path.stem}.{name}{path.suffix or '.json'}")
         write_json_atomic(
+            path,
             chrome_trace(runlog.compute_spans, runlog.copy_spans, runlog.occupancy,
                          num_experts=sim.model.num_experts, moe_layers=sim.model.moe_layers),
-            path,
+            indent=None,
         )
     print(format_table(rows))
+    spec = format_speculative(rows)
+    if spec:
+        print(spec)
     print(f"results: {out_dir / (cfg.results_name + '.parquet')}")
     ok = [r["tpot_ms"] for r in rows if r.get("status") == "ok"]
     return float(min(ok)) if ok else float("inf")

@@ -1,4 +1,4 @@
-"""The model spec: every shape the simulator, the memory budget and the runtime need (DESIGN.md §3).
+"""The model spec: every shape the simulator, the memory budget and the runtime need.
 
 ``ModelSpec`` extends ``traces.ModelShape`` (the routing part) with widths, the attention shape and
 the expert storage dtype, and derives bytes per expert, non-expert bytes and KV-cache bytes from
@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import MISSING as MISSING_FACTORY, dataclass, field, fields
+from dataclasses import MISSING as MISSING_FACTORY, dataclass, fields
 from pathlib import Path
-from typing import Any, List, Mapping, Optional
+from typing import Any, Mapping, Optional
 
 from sim.errors import SimError
+from sim.presets import hydra_schema, load_preset, setting, spec_from_dict, to_plain
 from traces.errors import TraceError
 from traces.shape import ModelShape
 
@@ -31,19 +32,12 @@ INT4_GROUP = 128  # int4: one bf16 scale per 128 weights along each row's input 
 MXFP4_BLOCK = 32  # mxfp4 (as GPT-OSS ships): 4-bit E2M1 values + one uint8 E8M0 scale per 32 weights
 BF16_BYTES = 2
 
+#: ModelShape's fields have placeholder defaults; a model spec must set them
+REQUIRED_FIELDS = ("name", "num_layers", "moe_layers", "num_experts", "top_k")
+
 SUPPORTED_FAMILIES = (
     "mixtral", "phimoe", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "olmoe", "gpt_oss",
 )
-
-
-def conf_dir() -> Path:
-    """The shipped Hydra configs: conf/ of a source checkout, or the installed ``conf`` package."""
-    here = Path(__file__).resolve().parent.parent / "conf"
-    if here.is_dir():
-        return here
-    import conf  # installed as package data (pyproject: packages conf*)
-
-    return Path(conf.__file__).resolve().parent
 
 
 def _rows_groups(rows: int, cols: int, group: int) -> int:
@@ -62,35 +56,35 @@ class ModelSpec(ModelShape):
     that many tokens of KV cache (GPT-OSS alternates sliding and full layers).
     """
 
-    family: str = ""  # Hugging Face model_type (mixtral, qwen3_moe, ...)
-    hidden_size: int = 0
-    expert_intermediate_size: int = 0
-    shared_intermediate_size: int = 0  # per shared expert; 0 if none
-    dense_intermediate_size: int = 0  # FFN of the dense (non-MoE) decoder layers; 0 if none
-    num_attention_heads: int = 0
-    num_key_value_heads: int = 0
-    head_dim: int = 0
-    attention: str = "gqa"
-    q_lora_rank: int = 0
-    kv_lora_rank: int = 0
-    qk_nope_head_dim: int = 0
-    qk_rope_head_dim: int = 0
-    v_head_dim: int = 0
-    qkv_bias: bool = False  # biases on q/k/v (MLA: on q_a and kv_a) projections
-    o_bias: bool = False  # bias on the output projection
-    qk_norm: str = "none"  # none | head (Qwen3: RMSNorm over head_dim) | full (OLMoE: over all heads)
-    attention_sinks: bool = False  # GPT-OSS: one learned sink logit per head
-    sliding_window: int = 0
-    sliding_layers: tuple[int, ...] = ()
-    norm: str = "rmsnorm"  # rmsnorm (weight) | layernorm (weight + bias, Phi-3.5-MoE)
-    vocab_size: int = 0
-    tie_word_embeddings: bool = False
-    lm_head_bias: bool = False
-    max_position_embeddings: int = 0
-    expert_dtype: str = "bf16"  # how the routed experts are stored and moved: bf16 | int4 | mxfp4
-    expert_bias: bool = False  # GPT-OSS: biases on gate_up (2*inter) and down (hidden), kept bf16
-    router_bias: bool = False  # GPT-OSS router has a bias
-    shared_expert_gate: bool = False  # Qwen2-MoE: sigmoid gate (hidden -> 1) on the shared expert
+    family: str = setting("", "Hugging Face model_type (mixtral, qwen3_moe, ...)")
+    hidden_size: int = setting(0, "residual stream width (config.json hidden_size)", required=True)
+    expert_intermediate_size: int = setting(0, "FFN width of one routed expert", required=True)
+    shared_intermediate_size: int = setting(0, "FFN width of one shared expert; 0 if none")
+    dense_intermediate_size: int = setting(0, "FFN width of the dense (non-MoE) decoder layers; 0 if none")
+    num_attention_heads: int = setting(0, "query heads", required=True)
+    num_key_value_heads: int = setting(0, "key/value heads (gqa)", required=True)
+    head_dim: int = setting(0, "query-key head dim (mla: qk_nope_head_dim + qk_rope_head_dim)", required=True)
+    attention: str = setting("gqa", "gqa | mla (DeepSeek's multi-head latent attention)")
+    q_lora_rank: int = setting(0, "mla: rank of the query down-projection; 0 = a plain q projection")
+    kv_lora_rank: int = setting(0, "mla: rank of the compressed key/value latent (what the KV cache holds)")
+    qk_nope_head_dim: int = setting(0, "mla: per-head query-key dims without rotary embedding")
+    qk_rope_head_dim: int = setting(0, "mla: per-head query-key dims with rotary embedding (shared key)")
+    v_head_dim: int = setting(0, "mla: per-head value dim")
+    qkv_bias: bool = setting(False, "biases on the q/k/v projections (mla: on q_a and kv_a)")
+    o_bias: bool = setting(False, "bias on the attention output projection")
+    qk_norm: str = setting("none", "none | head (Qwen3: RMSNorm over head_dim) | full (OLMoE: over all heads)")
+    attention_sinks: bool = setting(False, "GPT-OSS: one learned sink logit per head")
+    sliding_window: int = setting(0, "keys a sliding-window layer attends to (and keeps in its KV cache)")
+    sliding_layers: tuple[int, ...] = setting((), "decoder layers with sliding-window attention")
+    norm: str = setting("rmsnorm", "rmsnorm (weight) | layernorm (weight + bias, Phi-3.5-MoE)")
+    vocab_size: int = setting(0, "vocabulary size", required=True)
+    tie_word_embeddings: bool = setting(False, "the lm head shares the embedding matrix")
+    lm_head_bias: bool = setting(False, "bias on the lm head")
+    max_position_embeddings: int = setting(0, "longest context the model supports (0: unknown)")
+    expert_dtype: str = setting("bf16", "how the routed experts are stored and moved: bf16 | int4 | mxfp4")
+    expert_bias: bool = setting(False, "GPT-OSS: biases on gate_up (2*inter) and down (hidden), kept bf16")
+    router_bias: bool = setting(False, "the router has a bias (GPT-OSS)")
+    shared_expert_gate: bool = setting(False, "Qwen2-MoE: sigmoid gate (hidden -> 1) on the shared expert")
 
     # ------------------------------------------------------------------ validation
     def __post_init__(self) -> None:
@@ -355,14 +349,7 @@ class ModelSpec(ModelShape):
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str = "ModelSpec") -> "ModelSpec":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise SimError(f"{where}: unknown field(s) {unknown}")
-        missing = [f for f in ("name", "num_layers", "moe_layers", "num_experts", "top_k") if f not in d]
-        if missing:
-            raise SimError(f"{where}: missing field(s) {missing}")
-        return cls(**dict(d))
+        return spec_from_dict(cls, d, where, REQUIRED_FIELDS)
 
     # ------------------------------------------------------------------ Hydra
     @classmethod
@@ -371,20 +358,16 @@ class ModelSpec(ModelShape):
 
         ``layers`` (if set) gives the depth-reduced variant; ``hf_config`` is informational here
         (the runtime uses it to build the model)."""
-        d = _to_plain(cfg)
+        d = to_plain(cfg)
         layers = d.pop("layers", None)
         d.pop("hf_config", None)
-        name = d.get("name", "?")
-        missing = [k for k, v in d.items() if v == "???"]
-        if missing:
-            raise SimError(f"model '{name}': missing value(s) for {missing}")
-        spec = cls.from_dict(d, where=f"model '{name}'")
+        spec = cls.from_dict(d, where=f"model '{d.get('name', '?')}'")
         return spec.with_layers(layers) if layers is not None else spec
 
     @classmethod
     def from_preset(cls, model_id: str, layers: int | None = None, root: Path | None = None) -> "ModelSpec":
         """Spec of preset conf/model/<model_id>.yaml without Hydra (composed with the schema)."""
-        cfg = load_group_file("model", model_id, root)
+        cfg = load_preset("model", model_id, ModelConf, root)
         if layers is not None:
             cfg["layers"] = int(layers)
         return cls.from_cfg(cfg)
@@ -449,20 +432,6 @@ def _replace(spec: ModelSpec, **changes: Any) -> ModelSpec:
     return ModelSpec(**d)
 
 
-def _to_plain(cfg: Any) -> dict[str, Any]:
-    """A mutable plain dict from a DictConfig or mapping (missing values kept as '???')."""
-    try:
-        from omegaconf import DictConfig, OmegaConf
-
-        if isinstance(cfg, DictConfig):
-            return dict(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False))
-    except ImportError:  # pragma: no cover - omegaconf is a dependency
-        pass
-    if not isinstance(cfg, Mapping):
-        raise SimError(f"expected a mapping for the config node, got {type(cfg).__name__}")
-    return dict(cfg)
-
-
 # ---------------------------------------------------------------------------- Hugging Face parsing
 def _read_hf(path_or_dict: str | Path | Mapping[str, Any]) -> tuple[dict[str, Any], str]:
     if isinstance(path_or_dict, Mapping):
@@ -519,6 +488,15 @@ def _spec_from_hf(d: Mapping[str, Any], where: str, name: str | None) -> ModelSp
             f"supported: {', '.join(SUPPORTED_FAMILIES)}"
         )
     f = _Fields(d, where, family)
+    kw = _hf_common(f, name)
+    kw.update(_HF_FAMILY[family](f, kw["num_layers"]))
+    kw.update(_hf_quantization(d, where))
+    return ModelSpec(**kw)
+
+
+def _hf_common(f: _Fields, name: str | None) -> dict[str, Any]:
+    """Fields every family names alike, and the routed experts (whose count key varies)."""
+    d, where, family = f.d, f.where, f.family
     h = f.req("hidden_size")
     layers = f.req("num_hidden_layers")
     heads = f.req("num_attention_heads")
@@ -547,171 +525,122 @@ def _spec_from_hf(d: Mapping[str, Any], where: str, name: str | None) -> ModelSp
         raise SimError(f"{where}: field '{experts_key}' is {experts}: not an MoE config")
     top_k = f.req("num_experts_per_tok", alt=("experts_per_token",) if family == "gpt_oss" else ())
     kw.update(num_experts=experts, top_k=top_k)
-    all_layers = tuple(range(layers))
+    return kw
 
-    if family in ("mixtral", "phimoe"):
-        kw.update(moe_layers=all_layers, expert_intermediate_size=f.req("intermediate_size"))
-        if family == "phimoe":
-            bias = f.opt("attention_bias", False, bool)
-            kw.update(qkv_bias=bias, o_bias=bias, norm="layernorm", lm_head_bias=f.opt("lm_head_bias", False, bool))
-    elif family in ("qwen2_moe", "qwen3_moe"):
-        step = f.opt("decoder_sparse_step", 1)
-        if step < 1:
-            raise SimError(f"{where}: field 'decoder_sparse_step' must be >= 1, got {step}")
-        only = set(d.get("mlp_only_layers") or [])
-        moe = tuple(i for i in all_layers if i not in only and (i + 1) % step == 0)
-        kw.update(moe_layers=moe, expert_intermediate_size=f.req("moe_intermediate_size"))
-        if len(moe) < layers:
-            kw["dense_intermediate_size"] = f.req("intermediate_size")
-        if family == "qwen2_moe":
-            shared = f.opt("shared_expert_intermediate_size", 0)
-            kw.update(qkv_bias=f.opt("qkv_bias", True, bool))
-            if shared > 0:
-                kw.update(num_shared_experts=1, shared_intermediate_size=shared, shared_expert_gate=True)
-        else:
-            bias = f.opt("attention_bias", False, bool)
-            kw.update(qkv_bias=bias, o_bias=bias, qk_norm="head")
-    elif family in ("deepseek_v2", "deepseek_v3"):
-        first = f.opt("first_k_dense_replace", 0)
-        freq = f.opt("moe_layer_freq", 1)
-        if freq < 1:
-            raise SimError(f"{where}: field 'moe_layer_freq' must be >= 1, got {freq}")
-        moe = tuple(i for i in all_layers if i >= first and i % freq == 0)
-        inter = f.req("moe_intermediate_size")
-        shared = f.opt("n_shared_experts", 0)
+
+def _hf_mixtral(f: _Fields, layers: int) -> dict[str, Any]:
+    """mixtral, phimoe: every layer sparse; Phi-3.5-MoE adds biases and layernorm."""
+    kw: dict[str, Any] = dict(moe_layers=tuple(range(layers)), expert_intermediate_size=f.req("intermediate_size"))
+    if f.family == "phimoe":
         bias = f.opt("attention_bias", False, bool)
-        nope, rope = f.req("qk_nope_head_dim"), f.req("qk_rope_head_dim")
-        kw.update(
-            moe_layers=moe,
-            expert_intermediate_size=inter,
-            num_shared_experts=shared,
-            shared_intermediate_size=inter if shared else 0,
-            attention="mla",
-            q_lora_rank=f.opt("q_lora_rank", 0),
-            kv_lora_rank=f.req("kv_lora_rank"),
-            qk_nope_head_dim=nope,
-            qk_rope_head_dim=rope,
-            v_head_dim=f.req("v_head_dim"),
-            head_dim=nope + rope,
-            qkv_bias=bias,
-            o_bias=bias,
-        )
-        if len(moe) < layers:
-            kw["dense_intermediate_size"] = f.req("intermediate_size")
-    elif family == "olmoe":
+        kw.update(qkv_bias=bias, o_bias=bias, norm="layernorm", lm_head_bias=f.opt("lm_head_bias", False, bool))
+    return kw
+
+
+def _hf_qwen(f: _Fields, layers: int) -> dict[str, Any]:
+    """qwen2_moe, qwen3_moe: MoE layers from decoder_sparse_step and mlp_only_layers."""
+    step = f.opt("decoder_sparse_step", 1)
+    if step < 1:
+        raise SimError(f"{f.where}: field 'decoder_sparse_step' must be >= 1, got {step}")
+    only = set(f.d.get("mlp_only_layers") or [])
+    moe = tuple(i for i in range(layers) if i not in only and (i + 1) % step == 0)
+    kw: dict[str, Any] = dict(moe_layers=moe, expert_intermediate_size=f.req("moe_intermediate_size"))
+    if len(moe) < layers:
+        kw["dense_intermediate_size"] = f.req("intermediate_size")
+    if f.family == "qwen2_moe":
+        shared = f.opt("shared_expert_intermediate_size", 0)
+        kw.update(qkv_bias=f.opt("qkv_bias", True, bool))
+        if shared > 0:
+            kw.update(num_shared_experts=1, shared_intermediate_size=shared, shared_expert_gate=True)
+    else:
         bias = f.opt("attention_bias", False, bool)
-        kw.update(moe_layers=all_layers, expert_intermediate_size=f.req("intermediate_size"),
-                  qkv_bias=bias, o_bias=bias, qk_norm="full")
-    elif family == "gpt_oss":
-        bias = f.opt("attention_bias", True, bool)
-        types = d.get("layer_types") or []
-        if types and len(types) != layers:
-            raise SimError(f"{where}: field 'layer_types' has {len(types)} entries for num_hidden_layers={layers}")
-        sliding = tuple(i for i, t in enumerate(types) if t == "sliding_attention")
-        kw.update(
-            moe_layers=all_layers,
-            expert_intermediate_size=f.req("intermediate_size"),
-            head_dim=f.opt("head_dim", 64),
-            qkv_bias=bias,
-            o_bias=bias,
-            attention_sinks=True,
-            sliding_layers=sliding,
-            sliding_window=f.opt("sliding_window", 0) if sliding else 0,
-            expert_bias=True,
-            router_bias=True,
-        )
+        kw.update(qkv_bias=bias, o_bias=bias, qk_norm="head")
+    return kw
+
+
+def _hf_deepseek(f: _Fields, layers: int) -> dict[str, Any]:
+    """deepseek_v2, deepseek_v3: MoE from first_k_dense_replace every moe_layer_freq layers; MLA."""
+    first = f.opt("first_k_dense_replace", 0)
+    freq = f.opt("moe_layer_freq", 1)
+    if freq < 1:
+        raise SimError(f"{f.where}: field 'moe_layer_freq' must be >= 1, got {freq}")
+    moe = tuple(i for i in range(layers) if i >= first and i % freq == 0)
+    inter = f.req("moe_intermediate_size")
+    shared = f.opt("n_shared_experts", 0)
+    bias = f.opt("attention_bias", False, bool)
+    nope, rope = f.req("qk_nope_head_dim"), f.req("qk_rope_head_dim")
+    kw: dict[str, Any] = dict(
+        moe_layers=moe,
+        expert_intermediate_size=inter,
+        num_shared_experts=shared,
+        shared_intermediate_size=inter if shared else 0,
+        attention="mla",
+        q_lora_rank=f.opt("q_lora_rank", 0),
+        kv_lora_rank=f.req("kv_lora_rank"),
+        qk_nope_head_dim=nope,
+        qk_rope_head_dim=rope,
+        v_head_dim=f.req("v_head_dim"),
+        head_dim=nope + rope,
+        qkv_bias=bias,
+        o_bias=bias,
+    )
+    if len(moe) < layers:
+        kw["dense_intermediate_size"] = f.req("intermediate_size")
+    return kw
+
+
+def _hf_olmoe(f: _Fields, layers: int) -> dict[str, Any]:
+    bias = f.opt("attention_bias", False, bool)
+    return dict(moe_layers=tuple(range(layers)), expert_intermediate_size=f.req("intermediate_size"),
+                qkv_bias=bias, o_bias=bias, qk_norm="full")
+
+
+def _hf_gpt_oss(f: _Fields, layers: int) -> dict[str, Any]:
+    """gpt_oss: sliding and full attention layers alternate (layer_types); sinks and biases."""
+    bias = f.opt("attention_bias", True, bool)
+    types = f.d.get("layer_types") or []
+    if types and len(types) != layers:
+        raise SimError(f"{f.where}: field 'layer_types' has {len(types)} entries for num_hidden_layers={layers}")
+    sliding = tuple(i for i, t in enumerate(types) if t == "sliding_attention")
+    return dict(
+        moe_layers=tuple(range(layers)),
+        expert_intermediate_size=f.req("intermediate_size"),
+        head_dim=f.opt("head_dim", 64),
+        qkv_bias=bias,
+        o_bias=bias,
+        attention_sinks=True,
+        sliding_layers=sliding,
+        sliding_window=f.opt("sliding_window", 0) if sliding else 0,
+        expert_bias=True,
+        router_bias=True,
+    )
+
+
+_HF_FAMILY = {"mixtral": _hf_mixtral, "phimoe": _hf_mixtral, "qwen2_moe": _hf_qwen, "qwen3_moe": _hf_qwen,
+              "deepseek_v2": _hf_deepseek, "deepseek_v3": _hf_deepseek, "olmoe": _hf_olmoe, "gpt_oss": _hf_gpt_oss}
+
+
+def _hf_quantization(d: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """Experts quantized with MXFP4 (GPT-OSS as shipped) are moved as mxfp4; other methods are refused."""
     q = d.get("quantization_config")
-    if q:
-        method = q.get("quant_method") if isinstance(q, Mapping) else None
-        if method != "mxfp4":
-            raise SimError(
-                f"{where}: field 'quantization_config.quant_method' is {method!r}; only 'mxfp4' "
-                "(GPT-OSS as shipped) is understood: give the unquantized config"
-            )
-        kw["expert_dtype"] = "mxfp4"
-    return ModelSpec(**kw)
+    if not q:
+        return {}
+    method = q.get("quant_method") if isinstance(q, Mapping) else None
+    if method != "mxfp4":
+        raise SimError(
+            f"{where}: field 'quantization_config.quant_method' is {method!r}; only 'mxfp4' "
+            "(GPT-OSS as shipped) is understood: give the unquantized config"
+        )
+    return {"expert_dtype": "mxfp4"}
 
 
 # ---------------------------------------------------------------------------- Hydra schema
-@dataclass
-class ModelConf:
-    """Hydra schema of the ``model`` group (mirrors ModelSpec; lists instead of tuples).
-
-    ``layers``: depth reduction (``model.layers=N`` keeps the first N decoder layers).
-    ``hf_config``: the Hugging Face config.json shipped beside the preset (relative to conf/model/).
-    """
-
-    name: str = "???"
-    num_layers: int = "???"  # type: ignore[assignment]
-    moe_layers: List[int] = "???"  # type: ignore[assignment]
-    num_experts: int = "???"  # type: ignore[assignment]
-    top_k: int = "???"  # type: ignore[assignment]
-    num_shared_experts: int = 0
-    family: str = ""
-    hidden_size: int = "???"  # type: ignore[assignment]
-    expert_intermediate_size: int = "???"  # type: ignore[assignment]
-    shared_intermediate_size: int = 0
-    dense_intermediate_size: int = 0
-    num_attention_heads: int = "???"  # type: ignore[assignment]
-    num_key_value_heads: int = "???"  # type: ignore[assignment]
-    head_dim: int = "???"  # type: ignore[assignment]
-    attention: str = "gqa"
-    q_lora_rank: int = 0
-    kv_lora_rank: int = 0
-    qk_nope_head_dim: int = 0
-    qk_rope_head_dim: int = 0
-    v_head_dim: int = 0
-    qkv_bias: bool = False
-    o_bias: bool = False
-    qk_norm: str = "none"
-    attention_sinks: bool = False
-    sliding_window: int = 0
-    sliding_layers: List[int] = field(default_factory=list)
-    norm: str = "rmsnorm"
-    vocab_size: int = "???"  # type: ignore[assignment]
-    tie_word_embeddings: bool = False
-    lm_head_bias: bool = False
-    max_position_embeddings: int = 0
-    expert_dtype: str = "bf16"
-    expert_bias: bool = False
-    router_bias: bool = False
-    shared_expert_gate: bool = False
-    layers: Optional[int] = None
-    hf_config: Optional[str] = None
-
-
-def register_schemas() -> None:
-    """Store the ``model`` and ``hardware`` schemas in Hydra's ConfigStore under group ``schema``
-    (so ``model=glob(*)`` never sweeps a schema); presets pull them in with
-    ``defaults: [/schema/model@_here_, _self_]``. Safe to call any number of times."""
-    from hydra.core.config_store import ConfigStore
-
-    from sim.hardware import HardwareConf
-
-    cs = ConfigStore.instance()
-    cs.store(group="schema", name="model", node=ModelConf)
-    cs.store(group="schema", name="hardware", node=HardwareConf)
-
-
-def load_group_file(group: str, option: str, root: Path | None = None) -> Any:
-    """Compose conf/<group>/<option>.yaml with its schema the way Hydra does, without Hydra:
-    for loading presets in the runtime, in notebooks and in tests. Returns a DictConfig."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    from sim.hardware import HardwareConf
-
-    schemas = {"model": ModelConf, "hardware": HardwareConf}
-    if group not in schemas:
-        raise SimError(f"no schema for config group '{group}'; known: {sorted(schemas)}")
-    base = Path(root) if root is not None else conf_dir()
-    path = base / group / f"{option}.yaml"
-    if not path.is_file():
-        known = sorted(str(p.relative_to(base / group).with_suffix("")) for p in (base / group).rglob("*.yaml"))
-        raise SimError(f"unknown {group} preset '{option}' ({path} not found); known: {', '.join(known)}")
-    try:
-        raw = OmegaConf.load(path)
-        raw.pop("defaults", None)
-        return OmegaConf.merge(OmegaConf.structured(schemas[group]), raw)
-    except OmegaConfBaseException as e:
-        raise SimError(f"{path}: {e}") from None
+#: the ``model`` group's schema: ModelSpec's fields, plus what only the config has
+ModelConf = hydra_schema(
+    ModelSpec, "ModelConf", required=REQUIRED_FIELDS,
+    extra=[
+        ("layers", Optional[int], setting(None, "depth reduction: keep the first N decoder layers (same shapes)")),
+        ("hf_config", Optional[str], setting(None, "the Hugging Face config.json shipped beside the preset "
+                                               "(relative to conf/model/); presets and config.json agree (tested)")),
+    ],
+)

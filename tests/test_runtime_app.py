@@ -127,7 +127,9 @@ def test_captured_trace_replays_in_the_simulator(tmp_path):
     from hydra import initialize_config_dir
 
     from sim.config import register_configs as register_sim
-    from sim.run import conf_dir, simulate
+    from sim.run import simulate
+
+    from sim.presets import conf_dir
 
     out = tmp_path / "tiny.parquet"
     run_capture(cfg_for("model=tiny", "prompts.limit=2", "max_new_tokens=6", "lookahead=2", "draft.enabled=true",

@@ -278,7 +278,7 @@ ZERO_LINK = ["hardware.h2d_gbps=1e9", "hardware.pageable_h2d_gbps=1e9", "hardwar
 
 def _run_cfg(*overrides):
     from runtime.__main__ import register_configs
-    from sim.run import conf_dir
+    from sim.presets import conf_dir
 
     register_configs()
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):

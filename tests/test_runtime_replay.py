@@ -21,7 +21,8 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from runtime.__main__ import register_configs, rewrite_args, run_app  # noqa: E402
 from runtime.measure import Session  # noqa: E402
 from sim.config import register_configs as register_sim  # noqa: E402
-from sim.run import conf_dir, load_policy, simulate  # noqa: E402
+from sim.run import load_policy, simulate  # noqa: E402
+from sim.presets import conf_dir  # noqa: E402
 from traces import read_trace, write_trace  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,7 +99,8 @@ def test_app_replay_rows_join_the_simulators(tmp_path):
     meas, sim = df[df.source == "measured"], df[df.source == "sim"]
     assert len(meas) == 2 and list(meas.repetition) == [0, 1] and len(sim) == 1
     assert (df.status == "ok").all()
-    srows = simulate(sim_cfg(*over))
+    srows = simulate(sim_cfg(*over, "+engine=eager"))  # the runtime on the CPU: engine null -> eager
+    assert meas.engine.iloc[0] == "eager"
     assert srows[0]["config_id"] == meas.config_id.iloc[0] == sim.config_id.iloc[0]
     assert srows[0]["tokens_per_s"] == pytest.approx(float(sim.tokens_per_s.iloc[0]))
     for col in ("tpot_ms", "ttft_ms", "tokens_per_s", "hit_rate", "gb_moved", "stall_share", "x_bound", "link_util",
@@ -171,7 +173,8 @@ def test_live_mode_writes_the_executed_routing_as_a_trace(tmp_path):
 def test_replay_of_a_captured_trace(tmp_path):
     """A trace captured from the model's own routing replays offloaded (predictor recorded)."""
     from runtime.capture import CaptureSettings, capture
-    from runtime.models import conf_dir as model_conf, load_model
+    from runtime.models import load_model
+    from sim.presets import conf_dir as model_conf
 
     lm = load_model(str(model_conf() / "model" / "tiny.config.json"), device="cpu")
     tr = capture(lm, ["hello world", "a second prompt"], CaptureSettings(max_new_tokens=5, lookahead=1, progress=False))

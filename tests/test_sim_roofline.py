@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 from sim.errors import SimError
-from sim.roofline import (
+from sim.experiments.roofline import (
     CYCLE_COLUMNS,
     compute_roofs_from_cycles,
     cycle_overlap,
@@ -219,8 +219,8 @@ def test_cli_writes_both_figures(tmp_path: Path, capsys: pytest.CaptureFixture) 
 def test_cli_link_bandwidth_from_the_resolved_config(tmp_path: Path) -> None:
     from omegaconf import OmegaConf
 
-    from sim.roofline import link_bandwidth_for_run
-    from sim.spec import load_group_file
+    from sim.experiments.roofline import link_bandwidth_for_run
+    from sim.config import load_group_file
 
     run = tmp_path / "run"
     write_run(run)

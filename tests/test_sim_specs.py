@@ -1,4 +1,4 @@
-"""ModelSpec and HardwareSpec: presets compose, config.json round-trips, sizes match the anchors."""
+"""ModelSpec and HardwareSpec: presets compose, config.json round-trips, sizes match the hand-derived ones."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 
 from sim.errors import SimError
+from sim.config import register_configs
 from sim.hardware import HardwareConf, HardwareSpec
-from sim.spec import ModelConf, ModelSpec, conf_dir, register_schemas
+from sim.presets import conf_dir
+from sim.spec import ModelConf, ModelSpec
 
 CONF = conf_dir()
 MODELS = ["mixtral-8x7b", "phi-3.5-moe", "qwen1.5-moe-a2.7b", "qwen3-30b-a3b", "deepseek-v2-lite",
@@ -18,10 +20,10 @@ MODELS = ["mixtral-8x7b", "phi-3.5-moe", "qwen1.5-moe-a2.7b", "qwen3-30b-a3b", "
 REAL = [m for m in MODELS if m not in ("tiny", "small-moe")]
 # the project's own trained model: its config.json lives with its checkpoint
 HF_CONFIG = {m: f"{m}.config.json" for m in MODELS} | {"small-moe": "../../models/small-moe/config.json"}
-HARDWARE = ["rtx3090", "rtx4090", "l4", "a100-40g-pcie4", "h100-pcie5", "h200"]
+HARDWARE = ["rtx3090", "rtx4090", "l4", "a100-40g-pcie4", "h100-pcie5", "h100-sxm", "h200"]
 
-# research/anchors-offload.md §1.2: (params per expert, bytes per expert bf16, routed experts / layer,
-# top-k, MoE layers, total layers)
+# From each model's config.json on the Hugging Face Hub, by hand: (params per expert = 3 x hidden x
+# expert intermediate, bytes per expert bf16, routed experts / layer, top-k, MoE layers, total layers)
 ANCHORS = {
     "mixtral-8x7b": (176_160_768, 352_321_536, 8, 2, 32, 32),
     "phi-3.5-moe": (78_643_200, 157_286_400, 16, 2, 32, 32),
@@ -74,8 +76,8 @@ def compose(hydra_dir: Path, overrides: list[str]):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    register_schemas()
-    register_schemas()  # idempotent
+    register_configs()
+    register_configs()  # idempotent
     with initialize_config_dir(config_dir=str(hydra_dir), version_base="1.3"):
         return hydra_compose(config_name="config", overrides=overrides)
 
@@ -164,6 +166,16 @@ def test_schemas_mirror_the_specs() -> None:
     assert [f.name for f in fields(HardwareConf)] == [f.name for f in fields(HardwareSpec)]
 
 
+def test_memory_gib_gives_the_budget() -> None:
+    d = HardwareSpec.from_preset("a100-40g-pcie4").to_dict()
+    assert d["memory_gb"] == 40 * 2**30 / 1e9  # the A100-40GB preset: 40 GiB
+    d["memory_gib"] = 24
+    assert HardwareSpec.from_dict(d).memory_gb == pytest.approx(25.769803776)
+    d["memory_gib"] = 0
+    with pytest.raises(SimError, match="'memory_gib' must be a number > 0"):
+        HardwareSpec.from_dict(d)
+
+
 # ------------------------------------------------------------------ config.json
 @pytest.mark.parametrize("model_id", MODELS)
 def test_config_json_round_trips_into_the_preset_spec(model_id: str) -> None:
@@ -230,7 +242,7 @@ def test_from_hf_config_bad_files(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------ sizes
 @pytest.mark.parametrize("model_id", REAL)
-def test_bytes_per_expert_match_the_anchors(model_id: str) -> None:
+def test_bytes_per_expert_match_the_hand_derived_sizes(model_id: str) -> None:
     params, bf16, experts, top_k, moe_layers, layers = ANCHORS[model_id]
     s = ModelSpec.from_preset(model_id)
     assert s.expert_params == params

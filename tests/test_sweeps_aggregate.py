@@ -18,10 +18,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn, JobStatus
 from omegaconf import open_dict
 
-from sim import aggregate
-from sim.aggregate import AggregateSweep, aggregate_dir, scan_sweep, summary_table
+from sim.experiments import aggregate
+from sim.experiments.aggregate import AggregateSweep, aggregate_dir, scan_sweep, summary_table
 from sim.config import register_configs
-from sim.run import conf_dir
+from sim.presets import conf_dir
 
 register_configs()
 TINY = ["model=tiny", "trace.requests=1", "trace.prompt_tokens=4", "trace.decode_tokens=8"]

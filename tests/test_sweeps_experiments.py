@@ -14,8 +14,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from sim.config import register_configs
-from sim.run import conf_dir
-from sim.sweep import parse_space
+from sim.presets import conf_dir
+from sim.experiments.search import parse_space
 
 register_configs()
 EXPERIMENTS = sorted(p.stem for p in (conf_dir() / "experiment").glob("*.yaml"))

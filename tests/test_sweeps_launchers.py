@@ -19,7 +19,9 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from sim.config import register_configs
-from sim.run import conf_dir, simulate
+from sim.run import simulate
+
+from sim.presets import conf_dir
 
 register_configs()
 TINY = ["model=tiny", "trace.requests=1", "trace.prompt_tokens=4", "trace.decode_tokens=8"]

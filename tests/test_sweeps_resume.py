@@ -13,8 +13,9 @@ import pandas as pd
 from hydra import compose, initialize_config_dir
 
 from sim.config import register_configs
-from sim.run import conf_dir
-from sim.sweep import config_fingerprint, run_job
+from sim.presets import conf_dir
+from sim.experiments.jobs import config_fingerprint
+from sim.experiments.sweep import run_job
 
 register_configs()
 TINY = ["model=tiny", "trace.requests=1", "trace.prompt_tokens=4", "trace.decode_tokens=8"]

@@ -3,10 +3,11 @@ leaves nothing behind, and readers never see half a file."""
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 
 def _default_mode() -> int:
@@ -37,3 +38,8 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
     return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any, *, indent: int | None = 1) -> Path:
+    """JSON of ``obj`` (values JSON does not know are written as ``str``)."""
+    return write_text_atomic(path, json.dumps(obj, indent=indent, default=str))

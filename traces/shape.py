@@ -16,12 +16,12 @@ class ModelShape:
     (first-k dense layers, ``decoder_sparse_step``) keep the model's own numbering.
     """
 
-    name: str = "unknown"
-    num_layers: int = 1
-    moe_layers: tuple[int, ...] = field(default_factory=lambda: (0,))
-    num_experts: int = 8
-    top_k: int = 2
-    num_shared_experts: int = 0
+    name: str = field(default="unknown", metadata={"help": "the model's name (a conf/model preset id)"})
+    num_layers: int = field(default=1, metadata={"help": "decoder layers (config.json num_hidden_layers)"})
+    moe_layers: tuple[int, ...] = field(default=(0,), metadata={"help": "decoder layers with routed experts"})
+    num_experts: int = field(default=8, metadata={"help": "routed experts per MoE layer"})
+    top_k: int = field(default=2, metadata={"help": "routed experts each token uses per MoE layer"})
+    num_shared_experts: int = field(default=0, metadata={"help": "always-active shared experts per MoE layer"})
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "moe_layers", tuple(int(x) for x in self.moe_layers))

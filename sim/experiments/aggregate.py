@@ -11,108 +11,35 @@ Writes into the sweep dir: ``results_all.parquet`` / ``.json`` (every job's rows
 started, stale), and, where the experiment config asks for them (``hydra.callbacks.aggregate.table``
 and ``.figure``), ``summary.csv`` / ``summary.txt`` (a pivot) and ``figure.png`` (seaborn).
 
-How a job's state is known (docs/sweeps.md): each job dir holds Hydra's ``.hydra/`` and, once it
-ends, ``results.parquet`` and a marker ``sweep_job.json`` (written last, atomically) with the job's
-status, error and the digest of the ``.hydra/config.yaml`` it ran with. A job dir whose config was
-rewritten by a later launch that did not finish is ``unfinished``, not silently reported with the
-old results. The list of jobs a sweep should have comes from its ``multirun.yaml`` (basic sweeper),
+A job's state comes from the record it leaves (sim/experiments/jobs.py; docs/sweeps.md). A job dir
+whose config was rewritten by a later launch that did not finish is ``unfinished``, not silently
+reported with the old results. The list of jobs a sweep should have comes from its ``multirun.yaml`` (basic sweeper),
 so jobs that never started are listed too.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import math
 import os
-import shutil
-import tempfile
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import pandas as pd
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from sim.experiments.figures import plot_sweep, varying_keys
+from sim.experiments.jobs import config_fingerprint, file_sha, index_job, read_marker, write_marker
 from sim.report import format_table, write_results
 from traces.atomic import atomic_write, write_text_atomic
 
-MARKER = "sweep_job.json"
-INDEX_DIR = ".sweep_index"
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 
 #: job states, in the order they are reported
 JOB_STATES = ("ok", "failed", "unfinished", "not started", "stale")
-
-
-# ------------------------------------------------------------------ small file helpers
-def file_sha(path: str | os.PathLike) -> str | None:
-    """sha1 of a file's bytes (None if absent): ties a marker to the config a job ran with."""
-    try:
-        return hashlib.sha1(Path(path).read_bytes()).hexdigest()
-    except FileNotFoundError:
-        return None
-
-
-def write_json_atomic(data: Any, path: str | os.PathLike) -> None:
-    write_text_atomic(path, json.dumps(data, indent=1, default=str))
-
-
-def read_marker(job_dir: str | os.PathLike) -> dict[str, Any] | None:
-    try:
-        return json.loads((Path(job_dir) / MARKER).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-
-
-def write_marker(job_dir: str | os.PathLike, data: dict[str, Any]) -> None:
-    """The job's marker, stamped with the digest of its ``.hydra/config.yaml`` (if any)."""
-    job_dir = Path(job_dir)
-    data = {**data, "config_sha": file_sha(job_dir / ".hydra" / "config.yaml")}
-    write_json_atomic(data, job_dir / MARKER)
-
-
-def index_job(sweep_dir: str | os.PathLike | None, fingerprint: str, job_dir: str | os.PathLike,
-              name: str = "results") -> None:
-    """Keep the job's results under their config fingerprint in ``<sweep>/.sweep_index/<fp>/``, so
-    a resumed sweep finds them even after the job numbering changed and another job overwrote this
-    dir. Hard links (no extra space; a later rewrite of the job dir replaces its files, not these),
-    or copies where links are not possible. Written once, atomically (a temp dir renamed)."""
-    if sweep_dir is None:
-        return
-    index = Path(sweep_dir) / INDEX_DIR
-    entry = index / fingerprint
-    if entry.is_dir():
-        return
-    index.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{fingerprint}.", dir=index))
-    try:
-        for suffix in (".parquet", ".json"):
-            src = Path(job_dir) / f"{name}{suffix}"
-            try:
-                os.link(src, tmp / f"results{suffix}")
-            except OSError:
-                shutil.copyfile(src, tmp / f"results{suffix}")
-        write_json_atomic({"fingerprint": fingerprint, "job": str(Path(job_dir).name)}, tmp / "entry.json")
-        try:
-            os.rename(tmp, entry)
-        except OSError:  # another job with the same config got there first
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def indexed_results(sweep_dir: str | os.PathLike | None, fingerprint: str) -> Path | None:
-    """The index entry (a dir with results.parquet and results.json) of a fingerprint, if any."""
-    if sweep_dir is None:
-        return None
-    entry = Path(sweep_dir) / INDEX_DIR / fingerprint
-    ok = all((entry / f"results{x}").is_file() for x in (".parquet", ".json")) and (entry / "entry.json").is_file()
-    return entry if ok else None
 
 
 def _job_key(name: str) -> tuple:
@@ -151,7 +78,7 @@ def _config_loader():
     from hydra._internal.config_loader_impl import ConfigLoaderImpl
     from hydra._internal.utils import create_config_search_path
 
-    from sim.run import conf_dir
+    from sim.presets import conf_dir
 
     return ConfigLoaderImpl(config_search_path=create_config_search_path(str(conf_dir())))
 
@@ -233,10 +160,7 @@ def _failed_row(job: Path, marker: Mapping[str, Any]) -> dict[str, Any]:
         from sim.run import base_keys
 
         cfg = OmegaConf.load(job / ".hydra" / "config.yaml")
-        try:
-            row.update(base_keys(cfg))
-        except TypeError:  # base_keys(cfg, prep) in older versions of sim.run
-            row.update(base_keys(cfg, None))
+        row.update(base_keys(cfg))
         row["policy"] = cfg.policy.get("name")
     except Exception:
         pass
@@ -302,7 +226,7 @@ def scan_sweep(sweep_dir: str | os.PathLike, name: str = "results") -> SweepScan
     return SweepScan(sweep, rows, jobs_df, None if expected is None else len(expected))
 
 
-# ------------------------------------------------------------------ public functions (kept)
+# ------------------------------------------------------------------ writing the aggregate
 def aggregate_dir(sweep_dir: str | Path, name: str = "results") -> tuple[pd.DataFrame, list[str]]:
     """Every job's rows (a failed job gives one ``status = failed`` row) and the names of the jobs
     without current results (failed, unfinished, never started)."""
@@ -310,15 +234,9 @@ def aggregate_dir(sweep_dir: str | Path, name: str = "results") -> tuple[pd.Data
     return scan.rows, scan.incomplete
 
 
-def write_aggregate(sweep_dir: str | Path, name: str = "results", *, figure: Mapping[str, Any] | None = None,
-                    table: Mapping[str, Any] | None = None) -> tuple[pd.DataFrame, list[str]]:
-    """Scan, then write ``<name>_all``, ``jobs.csv`` and the summary/figure if asked for."""
-    scan = write_scan(sweep_dir, name, figure=figure, table=table)
-    return scan.rows, scan.incomplete
-
-
 def write_scan(sweep_dir: str | Path, name: str = "results", *, figure: Mapping[str, Any] | None = None,
                table: Mapping[str, Any] | None = None) -> SweepScan:
+    """Scan, then write ``<name>_all``, ``jobs.csv`` and the summary table and figure if asked for."""
     scan = scan_sweep(sweep_dir, name)
     sweep = Path(sweep_dir)
     if not scan.rows.empty:
@@ -341,24 +259,11 @@ def _write_text_atomic(text: str, path: Path) -> None:
     write_text_atomic(path, text)
 
 
-# ------------------------------------------------------------------ summary table and figure
+# ------------------------------------------------------------------ summary table
 def _as_list(v: Any) -> list[str]:
     if v is None:
         return []
     return [str(x) for x in v] if isinstance(v, (list, tuple)) else [str(v)]
-
-
-#: results columns that are config keys (sim.run.base_keys and the policy's), for grouping
-KEY_COLUMNS = ("model", "model_layers", "hardware", "memory_gb", "h2d_gbps", "host_memory", "link_pace_gbps",
-               "trace", "cache_slots", "cache_per_layer", "seed", "policy", "eviction", "prefetch", "predictor",
-               "governor", "governor_k")
-
-
-def varying_keys(rows: pd.DataFrame, used: Sequence[str] = ()) -> list[str]:
-    """Config-key columns that take more than one value and are not in ``used``: a table or figure
-    that ignored them would silently mix configs (a sweep scaled from the command line)."""
-    return [c for c in KEY_COLUMNS if c in rows.columns and c not in used
-            and rows[c].astype(str).nunique(dropna=False) > 1]
 
 
 def summary_table(rows: pd.DataFrame, spec: Mapping[str, Any]) -> tuple[str, pd.DataFrame]:
@@ -402,74 +307,6 @@ def summary_table(rows: pd.DataFrame, spec: Mapping[str, Any]) -> tuple[str, pd.
     text_p = text_p.fillna("-")
     title = f"{values} by {', '.join(index)}" + (f" x {', '.join(columns)}" if columns else "")
     return f"{title}\n{text_p.to_string()}", num_p
-
-
-def plot_sweep(rows: pd.DataFrame, spec: Mapping[str, Any], path: str | os.PathLike) -> Path | None:
-    """A seaborn figure of the ok rows (PNG, written atomically).
-
-    spec: ``x``, ``y`` (default tpot_ms), ``hue``, ``col``, ``row``, ``style``, ``kind`` (line,
-    scatter, bar, point), ``logx``, ``logy``, ``title``. Infeasible and failed configs are left out
-    and counted in the title."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import seaborn as sns
-
-    path = Path(path)
-    y = str(spec.get("y", "tpot_ms"))
-    x = spec.get("x")
-    kind = str(spec.get("kind", "line"))
-    ok = rows[rows["status"] == "ok"] if "status" in rows.columns else rows
-    if x is None or x not in rows.columns or y not in rows.columns or ok.empty:
-        return None
-    dims = {k: spec.get(k) for k in ("hue", "col", "row", "style") if spec.get(k) in rows.columns}
-    # a key the sweep varied that the spec does not place gets a free facet, not a silent average
-    derived = {"eviction", "prefetch", "predictor", "governor", "governor_k"} if "policy" in dims.values() else set()
-    for extra in [c for c in varying_keys(ok, [x, *dims.values()]) if c not in derived]:
-        free = next((k for k in ("col", "row", "style", "hue") if k not in dims), None)
-        if free is None:
-            break
-        dims[free] = extra
-    data = ok.copy()
-    for c in dims.values():
-        data[c] = data[c].astype(str)
-    if kind in ("line", "scatter"):
-        kw = dict(dims)
-        g = sns.relplot(data=data, x=x, y=y, kind=kind, facet_kws={"sharey": bool(spec.get("sharey", False))},
-                        height=float(spec.get("height", 3.2)), aspect=float(spec.get("aspect", 1.3)),
-                        **({"marker": "o"} if kind == "line" else {}), **kw)
-    else:
-        kw = {k: v for k, v in dims.items() if k != "style"}
-        g = sns.catplot(data=data, x=x, y=y, kind=kind, sharey=bool(spec.get("sharey", False)),
-                        height=float(spec.get("height", 3.2)), aspect=float(spec.get("aspect", 1.3)), **kw)
-    if "row" in dims and "col" in dims:
-        g.set_titles("{row_name} | {col_name}")
-    elif "row" in dims:
-        g.set_titles("{row_name}")
-    elif "col" in dims:
-        g.set_titles("{col_name}")
-    if spec.get("logx"):
-        g.set(xscale="log")
-        xs = sorted(pd.to_numeric(data[x], errors="coerce").dropna().unique())
-        if 0 < len(xs) <= 12:  # label the swept values themselves, not log-scale minor ticks
-            from matplotlib.ticker import NullFormatter
-
-            for ax in g.axes.flat:
-                ax.set_xticks(xs, [f"{v:g}" for v in xs])
-                ax.xaxis.set_minor_formatter(NullFormatter())
-    if spec.get("logy"):
-        g.set(yscale="log")
-    left_out = len(rows) - len(ok)
-    title = str(spec.get("title", "")) + (f" ({left_out} infeasible/failed configs not shown)" if left_out else "")
-    if title.strip():
-        g.figure.suptitle(title.strip(), y=1.02)
-    try:
-        atomic_write(path, lambda tmp: g.savefig(tmp, format="png", dpi=int(spec.get("dpi", 110)),
-                                                 bbox_inches="tight"))
-    finally:
-        plt.close(g.figure)
-    return path
 
 
 # ------------------------------------------------------------------ printing
@@ -542,8 +379,6 @@ class AggregateSweep(Callback):
             write_marker(out, {"status": "failed", "error": f"{type(err).__name__}: {err}"})
         elif status == JobStatus.COMPLETED and (out / f"{name}.parquet").is_file():
             try:
-                from sim.sweep import config_fingerprint
-
                 task_cfg = OmegaConf.masked_copy(config, [k for k in config.keys() if k != "hydra"])
                 fp = config_fingerprint(task_cfg)
             except Exception:

@@ -1,216 +1,30 @@
-"""Sweeps that scale: self-contained, resumable jobs, and policy search with Optuna.
+"""Policy search: Optuna's seeded TPE sampler over policy parameters for the lowest TPOT (or another
+metric) of one model and hardware, each trial's config built with Hydra's compose API; the best
+configuration is reported against the default (docs/sweeps.md#policy-search).
 
-``python -m sim.sweep [OVERRIDES]`` is the simulator app (the same config, conf/sim.yaml, and the
-same rows as ``python -m sim``) made for sweeps:
-
-- a job that fails (a bad config, a bug) is recorded in its dir (``sweep_job.json``: status, error,
-  traceback) and the sweep goes on; the aggregated table at the end lists it, and the command exits
-  with status 1;
-- ``resume=true``: a job whose results for the same resolved config (and the same simulator code,
-  policy presets and trace file) already exist, in its own dir or anywhere in the sweep dir, reuses
-  them instead of simulating. With a fixed ``hydra.sweep.dir=DIR``, re-running an interrupted or
-  extended sweep recomputes only what is missing.
-
-``python -m sim.sweep search [OVERRIDES]`` (= ``experiment=search``) searches policy parameters for
-the lowest TPOT of one model and hardware with Optuna's seeded TPE sampler, building each trial's
-config with Hydra's compose API, and reports the best configuration against the default.
-
-Everything a job needs comes from its config: nothing is shared between jobs in one process, so the
-rows are the same, bit for bit, under the basic, joblib, submitit and Ray launchers.
+``python -m sim.sweep search [OVERRIDES]`` (= ``experiment=search``; conf/experiment/search.yaml
+holds the space) runs it. Deterministic: one process, trials in sequence, a seeded sampler and a
+deterministic simulator.
 """
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import json
 import math
 import os
-import sys
-import time
-import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-from sim.aggregate import MARKER, file_sha, index_job, indexed_results, read_marker, write_json_atomic, write_marker
-from sim.config import register_configs
 from sim.errors import SimError
+from sim.presets import conf_dir
 from traces import TraceError
-from traces.atomic import write_bytes_atomic, write_text_atomic
-
-register_configs()
-
-#: config keys that change how a run is shown or stored, never its rows
-RUN_ONLY_KEYS = frozenset({"hydra", "progress", "timeline_out", "resume", "results_name", "experiment"})
+from traces.atomic import write_json_atomic, write_text_atomic
 
 
-# ------------------------------------------------------------------ fingerprints
-@functools.lru_cache(maxsize=None)
-def code_fingerprint(plugins: tuple[str, ...] = ()) -> str:
-    """Digest of what decides a run's rows besides its resolved config: the ``sim`` and ``traces``
-    sources, the policy presets a suite loads at run time, and the sources of ``plugins``."""
-    import importlib.util
-
-    import traces
-
-    import sim
-    from sim.run import conf_dir
-
-    files: list[Path] = []
-    for pkg in (sim, traces):
-        files += sorted(Path(pkg.__file__).resolve().parent.rglob("*.py"))
-    files += sorted((conf_dir() / "policy").glob("*.yaml"))
-    for name in plugins:
-        try:
-            spec = importlib.util.find_spec(name)
-        except (ImportError, ValueError):
-            spec = None
-        if spec is not None and spec.origin and os.path.isfile(spec.origin):
-            files.append(Path(spec.origin))
-    h = hashlib.sha1()
-    for f in files:
-        h.update(f.name.encode())
-        h.update(f.read_bytes())
-    return h.hexdigest()
-
-
-@functools.lru_cache(maxsize=64)
-def _file_digest(path: str, size: int, mtime_ns: int) -> str:
-    return file_sha(path) or "missing"
-
-
-def config_fingerprint(cfg: DictConfig) -> str:
-    """Digest of a job's resolved config (less the keys that only change how it is shown), the
-    simulator code and, for ``trace.path``, the trace file's bytes: equal digests, equal rows."""
-    data = OmegaConf.to_container(cfg, resolve=True)
-    data = {k: v for k, v in data.items() if k not in RUN_ONLY_KEYS}
-    path = (data.get("trace") or {}).get("path")
-    trace_digest = None
-    if path:
-        try:
-            st = os.stat(path)
-            trace_digest = _file_digest(os.path.abspath(path), st.st_size, st.st_mtime_ns)
-        except OSError:
-            trace_digest = "missing"
-    blob = json.dumps({"config": data, "code": code_fingerprint(tuple(data.get("plugins") or ())),
-                       "trace_file": trace_digest}, sort_keys=True, default=str)
-    return hashlib.sha1(blob.encode()).hexdigest()
-
-
-# ------------------------------------------------------------------ one job
-@dataclass
-class JobResult:
-    status: str  # ok | failed
-    rows: list[dict[str, Any]] = field(default_factory=list)
-    reused_from: str | None = None
-    error: str | None = None
-
-
-def _result_files(job_dir: Path, name: str) -> list[Path]:
-    return [job_dir / f"{name}.parquet", job_dir / f"{name}.json"]
-
-
-def find_reusable(fp: str, job_dir: Path, sweep_dir: Path | None, name: str) -> tuple[str, dict[str, bytes]] | None:
-    """Results of the same fingerprint: in the job's own dir first (its marker says so), then in the
-    sweep's index (results kept by fingerprint: job numbers change when a sweep is extended or
-    reordered, and a job dir may since hold another config)."""
-    m = read_marker(job_dir)
-    if m and m.get("status") == "ok" and m.get("fingerprint") == fp:
-        try:
-            return "self", {p.name: p.read_bytes() for p in _result_files(job_dir, name)}
-        except FileNotFoundError:
-            pass
-    entry = indexed_results(sweep_dir, fp)
-    if entry is None:
-        return None
-    try:
-        src = json.loads((entry / "entry.json").read_text()).get("job", "?")
-        blobs = {f"{name}.parquet": (entry / "results.parquet").read_bytes(),
-                 f"{name}.json": (entry / "results.json").read_bytes()}
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-    return f"index (first run as job {src})", blobs
-
-
-def _write_bytes_atomic(data: bytes, path: Path) -> None:
-    write_bytes_atomic(path, data)
-
-
-def run_job(cfg: DictConfig, out_dir: str | os.PathLike, *, sweep_dir: str | os.PathLike | None = None,
-            resume: bool | None = None) -> JobResult:
-    """Simulate one config into ``out_dir`` (results + marker), or reuse earlier results of the same
-    fingerprint when resuming. Errors become a failed marker, never an exception: one bad config
-    must not stop a sweep (KeyboardInterrupt still does)."""
-    from sim.report import write_results
-    from sim.run import simulate
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    sweep = Path(sweep_dir) if sweep_dir is not None else None
-    name = str(cfg.get("results_name") or "results")
-    resume = bool(cfg.get("resume", False)) if resume is None else resume
-    t0 = time.perf_counter()
-    try:
-        fp = config_fingerprint(cfg)
-    except Exception as e:
-        return _fail(out, None, e, t0)
-    if resume:
-        found = find_reusable(fp, out, sweep, name)
-        if found is not None:
-            where, blobs = found
-            if where != "self":
-                (out / MARKER).unlink(missing_ok=True)
-                for fname, data in blobs.items():
-                    _write_bytes_atomic(data, out / fname)
-            rows = pd.read_parquet(out / f"{name}.parquet").to_dict("records")
-            write_marker(out, {"status": "ok", "fingerprint": fp, "rows": len(rows), "reused_from": where,
-                               "wall_s": time.perf_counter() - t0})
-            index_job(sweep, fp, out, name)
-            return JobResult("ok", rows, reused_from=where)
-    # a fresh run: results of an earlier run in this dir must not outlive a crash of this one
-    (out / MARKER).unlink(missing_ok=True)
-    for p in _result_files(out, name):
-        p.unlink(missing_ok=True)
-    runs: list[tuple[str, Any, Any]] = []
-    on_policy = (lambda p, s, log, row: runs.append((p.name, s, log))) if cfg.get("timeline_out") else None
-    try:
-        rows = simulate(cfg, on_policy=on_policy)
-        if runs:
-            _timelines(runs, Path(str(cfg.timeline_out)).name, out)
-        write_results(rows, out, name)
-    except Exception as e:
-        return _fail(out, fp, e, t0)
-    write_marker(out, {"status": "ok", "fingerprint": fp, "rows": len(rows), "reused_from": None,
-                       "wall_s": time.perf_counter() - t0})
-    index_job(sweep, fp, out, name)
-    return JobResult("ok", rows)
-
-
-def _fail(out: Path, fp: str | None, e: BaseException, t0: float) -> JobResult:
-    kind = "" if isinstance(e, (SimError, TraceError)) else f"{type(e).__name__}: "
-    err = f"{kind}{e}"
-    write_marker(out, {"status": "failed", "fingerprint": fp, "error": err,
-                       "traceback": traceback.format_exc(), "wall_s": time.perf_counter() - t0})
-    return JobResult("failed", error=err)
-
-
-def _timelines(runs: list[tuple[str, Any, Any]], base: str, out: Path) -> None:
-    """In a sweep every job writes its timeline(s) into its own dir, under timeline_out's file name."""
-    from sim.timeline import chrome_trace, write_json_atomic as write_tl
-
-    for pname, s, log in runs:
-        path = out / base
-        if len(runs) > 1:
-            path = path.with_name(f"{path.stem}.{pname}{path.suffix or '.json'}")
-        write_tl(chrome_trace(log.compute_spans, log.copy_spans, log.occupancy,
-                              num_experts=s.model.num_experts, moe_layers=s.model.moe_layers), path)
-
-
-# ------------------------------------------------------------------ policy search
 @dataclass(frozen=True)
 class Param:
     """One search dimension: ``choices`` (categorical), ``int`` or ``float`` [low, high]; ``when``
@@ -262,8 +76,6 @@ def parse_space(params: Mapping[str, Any]) -> list[Param]:
 
 
 def _is_group(key: str) -> bool:
-    from sim.run import conf_dir
-
     return "." not in key and (conf_dir() / key).is_dir()
 
 
@@ -296,16 +108,12 @@ def layout_slots(prep: Any) -> dict[bool, int | None]:
     """Slots per layer when the budget's global pool (autoregressive, or beside a speculative
     policy's resident INT4 draft) is split evenly across the MoE layers (rounded down)."""
     from sim.errors import InfeasibleError
+    from sim.run import plan_for
 
     out: dict[bool, int | None] = {}
     for spec in (False, True):
         try:
-            try:
-                from sim.run import plan_for
-
-                plan = plan_for(prep, speculative=spec)
-            except ImportError:  # an older sim.run: one plan
-                plan = prep.plan
+            plan = plan_for(prep, speculative=spec)
             n = min(prep.model.num_experts, plan.slots // prep.model.num_moe_layers)
             out[spec] = n if n >= 1 else None
         except (InfeasibleError, AttributeError, TypeError):
@@ -332,8 +140,9 @@ def compose_sim(overrides: Sequence[str]) -> DictConfig:
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from sim.run import conf_dir
+    from sim.config import register_configs
 
+    register_configs()
     if GlobalHydra.instance().is_initialized():
         return compose(config_name="sim", overrides=list(overrides))
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
@@ -450,30 +259,40 @@ def run_search(base: Sequence[str], spec: Mapping[str, Any], out_dir: str | os.P
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="minimize", sampler=optuna.samplers.TPESampler(seed=seed))
+    dflt = _default_point(params, default_cfg)
+    if dflt:
+        study.enqueue_trial(dflt)  # trial 0 is the default (when the space holds it)
+    study.optimize(objective, n_trials=n_trials)
+
+    default_row = {"config": "default", "overrides": " ".join(default_ovr) or "(base)", **evaluate(list(default_ovr))}
+    trials = pd.DataFrame(records)
+    best_row = _best(trials, metric)
+    table = _search_table(base, default_row, best_row, metric, n_trials, len(memo))
+    if out_dir is not None:
+        _write_search(Path(out_dir), trials, default_row, best_row, base, table)
+    return SearchResult(trials, default_row, best_row, table)
+
+
+def _default_point(params: Sequence[Param], default_cfg: DictConfig) -> dict[str, Any]:
+    """The default config as a point of the space ({} when the space does not hold it)."""
     dflt: dict[str, Any] = {}
     for p in params:
         if _active(p, dflt):
             v = _default_value(default_cfg, p)
             if _valid(p, v):
                 dflt[p.name] = v
-    if dflt and all(p.name in dflt for p in params if _active(p, dflt)):
-        study.enqueue_trial(dflt)  # trial 0 is the default (when the space holds it)
-    study.optimize(objective, n_trials=n_trials)
+    return dflt if dflt and all(p.name in dflt for p in params if _active(p, dflt)) else {}
 
-    default_row = {"config": "default", "overrides": " ".join(default_ovr) or "(base)", **evaluate(list(default_ovr))}
-    trials = pd.DataFrame(records)
+
+def _best(trials: pd.DataFrame, metric: str) -> dict[str, Any]:
+    """The row of the trial with the lowest finite ``metric`` (a failed row if none)."""
     finite = trials[[math.isfinite(float(v)) for v in trials[metric]]] if not trials.empty else trials
     if finite.empty:
-        best_row = {"config": "best", "overrides": "-", "status": "failed", metric: math.inf,
-                    "reason": "no feasible configuration found"}
-    else:
-        b = finite.loc[finite[metric].astype(float).idxmin()]
-        best_row = {"config": "best", **{k: _py(b[k]) for k in b.index if k not in ("trial", "cached")},
-                    "trial": int(b["trial"])}
-    table = _search_table(base, default_row, best_row, metric, n_trials, len(memo))
-    if out_dir is not None:
-        _write_search(Path(out_dir), trials, default_row, best_row, base, table)
-    return SearchResult(trials, default_row, best_row, table)
+        return {"config": "best", "overrides": "-", "status": "failed", metric: math.inf,
+                "reason": "no feasible configuration found"}
+    b = finite.loc[finite[metric].astype(float).idxmin()]
+    return {"config": "best", **{k: _py(b[k]) for k in b.index if k not in ("trial", "cached")},
+            "trial": int(b["trial"])}
 
 
 def _py(v: Any) -> Any:
@@ -514,76 +333,6 @@ def _write_search(out: Path, trials: pd.DataFrame, default: Mapping[str, Any], b
     if not trials.empty:
         write_results(trials.to_dict("records"), out, "search_trials")
     cmd = "python -m sim " + " ".join([*base, *(str(best.get("overrides", "")).split())])
-    write_json_atomic({"default": dict(default), "best": dict(best), "base": list(base), "command": cmd},
-                      out / "search_best.json")
+    write_json_atomic(out / "search_best.json",
+                      {"default": dict(default), "best": dict(best), "base": list(base), "command": cmd})
     write_text_atomic(out / "search_report.txt", table + f"\nreproduce the best: {cmd}\n")
-
-
-# ------------------------------------------------------------------ the Hydra app
-def _task(cfg: DictConfig) -> float:
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    from sim.report import format_table
-
-    hc = HydraConfig.get()
-    out = Path(hc.runtime.output_dir)
-    multirun = hc.mode == RunMode.MULTIRUN
-    exp = cfg.get("experiment")
-    if isinstance(exp, DictConfig) and exp.get("search") is not None:
-        if multirun:
-            print("error: experiment=search runs its own trials; do not combine it with a multirun", file=sys.stderr)
-            sys.exit(2)
-        base = [str(o) for o in hc.overrides.task]
-        spec = OmegaConf.to_container(exp.search, resolve=True)
-        try:
-            res = run_search(base, spec, out)
-        except (SimError, TraceError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
-        print(res.table)
-        print(f"search results: {out}")
-        return float(res.best.get(str(spec.get("metric", "tpot_ms")), math.inf))
-
-    res = run_job(cfg, out, sweep_dir=Path(hc.sweep.dir) if multirun else None)
-    if res.status == "failed":
-        print(f"error: {res.error}", file=sys.stderr)
-        if not multirun:
-            sys.exit(2)
-        return math.inf
-    print(format_table(res.rows))
-    note = f" (reused from {res.reused_from})" if res.reused_from else ""
-    print(f"results: {out / (str(cfg.results_name) + '.parquet')}{note}")
-    ok = [r["tpot_ms"] for r in res.rows if r.get("status") == "ok"]
-    return float(min(ok)) if ok else math.inf
-
-
-def _app() -> None:
-    import hydra
-
-    hydra.main(version_base="1.3", config_path="pkg://conf", config_name="sim")(_task)()
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m sim.sweep [search] [OVERRIDES]``."""
-    from sim import aggregate
-
-    args = list(sys.argv[1:] if argv is None else argv)
-    if args and args[0] == "search":
-        args = args[1:]
-        if not any(a.startswith("experiment=") for a in args):
-            args.insert(0, "experiment=search")
-    sys.argv = [sys.argv[0], *args]
-    aggregate.LAST_SCAN = None
-    _app()
-    scan = aggregate.LAST_SCAN
-    if scan is not None and scan.incomplete:
-        sys.exit(1)
-
-
-if __name__ == "__main__":
-    # run the imported module, not this __main__ copy: jobs then pickle ``sim.sweep._task`` by
-    # reference (joblib, submitit, Ray workers import it instead of receiving a copy)
-    from sim.sweep import main as _main
-
-    _main()

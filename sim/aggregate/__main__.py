@@ -1,0 +1,5 @@
+import sys
+
+from sim.experiments.aggregate import main
+
+sys.exit(main())

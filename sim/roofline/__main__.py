@@ -1,0 +1,5 @@
+import sys
+
+from sim.experiments.roofline import main
+
+sys.exit(main())

@@ -1,0 +1,3 @@
+from sim.experiments.sweep import main
+
+main()
