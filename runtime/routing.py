@@ -9,7 +9,7 @@ top_k_weights)``: exactly what the experts compute with) and ``post_attention_la
 
 Those are the seams used here: the experts' input is the ground truth of routing, and the
 router of layer ``l+d`` applied to ``post_attention_layernorm_{l+d}(residual_l)`` is the
-lookahead prediction (DESIGN.md §3). Ids are always reported ordered by gate weight
+lookahead prediction (the next-layer gate of Pre-gated MoE, arXiv 2308.12066). Ids are always reported ordered by gate weight
 (descending; DeepSeek's routers return them unsorted).
 """
 

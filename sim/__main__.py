@@ -33,9 +33,10 @@ def app(cfg: DictConfig) -> float:
 
         return task(cfg)
 
-    from sim.report import format_table, write_results
+    from sim.report import format_speculative, format_table, write_results
     from sim.run import simulate
-    from sim.timeline import chrome_trace, write_json_atomic
+    from sim.timeline import chrome_trace
+    from traces.atomic import write_json_atomic
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     timelines, cycles = [], []
@@ -59,11 +60,15 @@ def app(cfg: DictConfig) -> float:
         if len(timelines) > 1:
             path = path.with_name(f"{path.stem}.{name}{path.suffix or '.json'}")
         write_json_atomic(
+            path,
             chrome_trace(runlog.compute_spans, runlog.copy_spans, runlog.occupancy,
                          num_experts=sim.model.num_experts, moe_layers=sim.model.moe_layers),
-            path,
+            indent=None,
         )
     print(format_table(rows))
+    spec = format_speculative(rows)
+    if spec:
+        print(spec)
     print(f"results: {out_dir / (cfg.results_name + '.parquet')}")
     ok = [r["tpot_ms"] for r in rows if r.get("status") == "ok"]
     return float(min(ok)) if ok else float("inf")

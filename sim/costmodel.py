@@ -1,4 +1,5 @@
-"""Cost model: seconds for every GPU op and host-link copy the engine schedules (DESIGN.md §4).
+"""Cost model: seconds for every GPU op and host-link copy the engine schedules
+(docs/architecture.md §4).
 
 One interface (``CostModel``), pure functions of their arguments, memoised per instance:
 
@@ -8,7 +9,9 @@ One interface (``CostModel``), pure functions of their arguments, memoised per i
 - ``expert_ffn(layer, n_tokens, dtype=None)``: one routed expert applied to ``n_tokens`` tokens
   (dtype default: the model's expert_dtype; "int4" for the speculative draft's resident experts),
 - ``embed_and_head(n_tokens, logits_tokens=None)``: embedding, final norm and lm head,
-- ``h2d(nbytes)``, ``d2h(nbytes)``: one copy over the host link.
+- ``h2d(nbytes)``, ``d2h(nbytes)``: one copy over the host link,
+- ``host_layer(layer, experts, draft=False)``: host overhead of one decoder layer (``HostOverhead``,
+  the ``engine`` config group): time the GPU waits for the host to launch that layer's work.
 
 ``RooflineCostModel`` prices each op as max(FLOPs / flops_bf16, bytes / hbm_bandwidth) +
 launch_overhead_s * kernels (the kernel counts are the ``KERNELS`` table below) and a copy as
@@ -26,11 +29,12 @@ import statistics
 from abc import ABC, abstractmethod
 from bisect import bisect_left
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from sim.errors import SimError
-from sim.hardware import HardwareSpec
+from sim.hardware import HOST_MEMORY, HardwareSpec
 from sim.spec import BF16_BYTES, EXPERT_DTYPES, ModelSpec
 
 OPS = ("attention", "router", "dense_ffn", "shared_experts", "expert_ffn", "embed_and_head", "h2d", "d2h")
@@ -73,6 +77,55 @@ def causal_pairs(n_tokens: int, kv_len: int, window: int | None = None) -> int:
     return (a + window) * (window - a + 1) // 2 + (b - window) * window
 
 
+ENGINE_FIELDS = ("host_per_layer_s", "draft_host_per_layer_s", "host_per_launch_s")
+
+
+@dataclass(frozen=True)
+class HostOverhead:
+    """Host overhead of a decode path (docs/engine.md), added to the GPU time of every decoder layer:
+    ``host_per_layer_s`` (target) or ``draft_host_per_layer_s`` (draft) + ``host_per_launch_s`` x
+    the layer's kernel launches (the ``KERNELS`` table). Additive, not overlapped: a layer's
+    dispatch waits for the previous MoE layer's routing on the host, so the host cannot run ahead
+    of the GPU across a routing decision. ``ideal``: all zero."""
+
+    name: str = "ideal"
+    host_per_layer_s: float = 0.0
+    draft_host_per_layer_s: float = 0.0
+    host_per_launch_s: float = 0.0
+    source: str = "config"  # config | hardware (values of a measured hardware profile)
+
+    def __post_init__(self) -> None:
+        for f in ENGINE_FIELDS:
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0 or not math.isfinite(v):
+                raise SimError(f"engine.{f} must be a number of seconds >= 0, got {v!r}")
+            object.__setattr__(self, f, float(v))
+
+    @property
+    def zero(self) -> bool:
+        return not (self.host_per_layer_s or self.draft_host_per_layer_s or self.host_per_launch_s)
+
+    def columns(self) -> dict[str, Any]:
+        """The results columns: ``engine`` and the three values in use."""
+        return {"engine": self.name, **{f: getattr(self, f) for f in ENGINE_FIELDS}}
+
+    @classmethod
+    def from_cfg(cls, cfg: Any, hw: HardwareSpec | None = None) -> "HostOverhead":
+        """From a composed ``engine`` node (null: ideal); with ``from_hardware`` the hardware
+        profile's ``engine: {NAME: {...}}`` values replace the node's where present."""
+        if cfg is None:
+            return cls()
+        get = cfg.get if hasattr(cfg, "get") else (lambda k, d=None: getattr(cfg, k, d))
+        name = str(get("name", "ideal"))
+        vals = {f: get(f, 0.0) for f in ENGINE_FIELDS}
+        source = "config"
+        measured = hw.engine_values(name) if hw is not None and get("from_hardware", False) else None
+        if measured:  # validated by HardwareSpec (known paths, all three keys, seconds >= 0)
+            vals.update(measured)
+            source = "hardware"
+        return cls(name, source=source, **vals)
+
+
 class CostModel(ABC):
     """Seconds for each op; subclasses implement the ``_op`` methods, this class memoises and
     checks arguments.
@@ -81,9 +134,10 @@ class CostModel(ABC):
     construction share one entry (the roofline prices every MoE layer alike, and attention alike
     except on sliding-window layers), so a long trace computes each distinct cost once."""
 
-    def __init__(self, model: ModelSpec, hw: HardwareSpec) -> None:
+    def __init__(self, model: ModelSpec, hw: HardwareSpec, host: HostOverhead | None = None) -> None:
         self.model = model
         self.hw = hw
+        self.host = host or HostOverhead()
         self._memo: dict[tuple, float] = {}
         n = model.num_layers
         self._cls_attention = tuple(self.layer_class("attention", i) for i in range(n))
@@ -208,6 +262,35 @@ class CostModel(ABC):
             v = self._store(key, self._d2h(int(nbytes)))
         return v
 
+    # ---------------------------------------------------------------- host overhead
+    def layer_launches(self, layer: int, experts: int = 0) -> int:
+        """Kernel launches of decoder layer ``layer``: its attention, then its router, ``experts``
+        routed experts and its shared experts (MoE), or its dense FFN (the ``KERNELS`` table)."""
+        m = self.model
+        n = KERNELS["attention_gqa" if m.attention == "gqa" else "attention_mla"]
+        if m.attention == "gqa" and m.qk_norm != "none":
+            n += KERNELS["qk_norm"]
+        if m.attention != "gqa" and m.q_lora_rank:
+            n += KERNELS["q_lora_extra"]
+        if not m.is_moe_layer(layer):
+            return n + KERNELS["dense_ffn"]
+        n += KERNELS["router"] + experts * KERNELS["expert_ffn"]
+        if m.num_shared_experts:
+            n += KERNELS["shared_mlp"] + KERNELS["shared_add"] + (KERNELS["shared_gate"] if m.shared_expert_gate else 0)
+        return n
+
+    def host_layer(self, layer: int, experts: int = 0, draft: bool = False) -> float:
+        """Host overhead of one decoder layer running ``experts`` routed experts (``HostOverhead``)."""
+        h = self.host
+        if h.zero:
+            return 0.0
+        per = h.draft_host_per_layer_s if draft else h.host_per_layer_s
+        return per + h.host_per_launch_s * self.layer_launches(layer, experts)
+
+    def host_head(self) -> float:
+        """Host overhead of the embedding and LM head (their launches; no layer term)."""
+        return self.host.host_per_launch_s * KERNELS["embed_and_head"]
+
     # ---------------------------------------------------------------- conveniences
     def layer_pre_routing(self, layer: int, n_tokens: int, kv_len: int) -> float:
         """What must run before a layer's routing is known: attention, then the router."""
@@ -284,8 +367,9 @@ class RooflineCostModel(CostModel):
     INT4/MXFP4 experts read their packed bytes and run at the same FLOP rate as bf16.
     """
 
-    def __init__(self, model: ModelSpec, hw: HardwareSpec, *, mla_absorbed: bool = False) -> None:
-        super().__init__(model, hw)
+    def __init__(self, model: ModelSpec, hw: HardwareSpec, *, mla_absorbed: bool = False,
+                 host: HostOverhead | None = None) -> None:
+        super().__init__(model, hw, host)
         self.mla_absorbed = bool(mla_absorbed)
 
     def layer_class(self, kind: str, layer: int) -> Any:
@@ -381,12 +465,14 @@ class RooflineCostModel(CostModel):
 class ProfileTables:
     """Measured op times, one row per measurement: ``op`` (one of OPS), ``seconds``, and the keys
     ``layer`` (-1 = any layer), ``n_tokens``, ``kv_len`` (attention), ``dtype`` (expert_ffn),
-    ``nbytes`` (h2d/d2h), optional ``host_memory`` (h2d/d2h: pinned | pageable).
+    ``nbytes`` (h2d/d2h), optional ``host_memory`` (h2d/d2h: pinned | pageable) and optional
+    ``shape`` (compute ops: ``op_shape(model, op)`` of the shape measured; empty = any model).
 
-    Lookup is exact on the discrete keys (layer, then any layer; dtype; attention's n_tokens;
-    host_memory) and linear interpolation over the size variable (attention: kv_len; h2d/d2h:
-    nbytes; other ops: n_tokens). Repeated measurements of one point are reduced to their median.
-    Outside the measured range there is no answer (the caller falls back)."""
+    Lookup is exact on the discrete keys (shape, then any shape; layer, then any layer; dtype;
+    attention's n_tokens; host_memory, then rows without one) and linear interpolation over the
+    size variable (attention: kv_len; h2d/d2h: nbytes; other ops: n_tokens). Repeated measurements
+    of one point are reduced to their median. Outside the measured range there is no answer (the
+    caller falls back to the roofline)."""
 
     REQUIRED = ("op", "seconds")
 
@@ -408,12 +494,17 @@ class ProfileTables:
             layer = -1 if _missing(r.get("layer")) else int(r["layer"])
             dtype = "" if _missing(r.get("dtype")) else str(r["dtype"])
             mem = "" if _missing(r.get("host_memory")) else str(r["host_memory"])
+            shape = "" if _missing(r.get("shape")) else str(r["shape"])
             if op in ("h2d", "d2h"):
-                key, xcol = (op, -1, "", None, mem), "nbytes"
+                if mem and mem not in HOST_MEMORY:
+                    raise SimError(f"{where}: row {i}: host_memory must be one of {list(HOST_MEMORY)}, got {mem!r}")
+                key, xcol = (op, -1, "", None, mem, ""), "nbytes"
             elif op == "attention":
-                key, xcol = (op, layer, "", _int(r, "n_tokens", where, i), ""), "kv_len"
+                key, xcol = (op, layer, "", _int(r, "n_tokens", where, i), "", shape), "kv_len"
             else:
-                key, xcol = (op, layer, dtype, None, ""), "n_tokens"
+                if op == "expert_ffn" and dtype and dtype not in EXPERT_DTYPES:
+                    raise SimError(f"{where}: row {i}: expert dtype must be one of {list(EXPERT_DTYPES)}, got {dtype!r}")
+                key, xcol = (op, layer, dtype, None, "", shape), "n_tokens"
             x = _int(r, xcol, where, i)
             groups[key][float(x)].append(sec)
         self._curves: dict[tuple, tuple[list[float], list[float]]] = {}
@@ -450,16 +541,49 @@ class ProfileTables:
         dtype: str = "",
         n_tokens: int | None = None,
         host_memory: str = "",
+        shape: str = "",
     ) -> float | None:
         """Measured seconds at size ``x`` (see the class docstring), or None without data."""
         layers = (layer, -1) if layer != -1 else (-1,)
         mems = (host_memory, "") if host_memory else ("",)
-        for lay in layers:
-            for mem in mems:
-                curve = self._curves.get((op, lay, dtype, n_tokens, mem))
-                if curve is not None:
-                    return _interp(curve, x)
+        shapes = (shape, "") if shape else ("",)
+        for shp in shapes:
+            for lay in layers:
+                for mem in mems:
+                    curve = self._curves.get((op, lay, dtype, n_tokens, mem, shp))
+                    if curve is not None:
+                        return _interp(curve, x)
         return None
+
+    def has(self, op: str, *, shape: str = "", dtype: str = "", host_memory: str = "") -> bool:
+        """Whether any curve of ``op`` matches these keys exactly (tests, profile summaries)."""
+        return any(k[0] == op and k[5] == shape and k[2] == dtype and k[4] == host_memory for k in self._curves)
+
+
+def op_shape(model: ModelSpec, op: str) -> str:
+    """The dimensions that decide an op's time, as a key of profile rows: a profile measured on one
+    model's shapes serves every model (depth-reduced or not) whose op has the same dimensions."""
+    m = model
+    if op == "attention":
+        if m.attention == "mla":
+            dims = f"mla.h{m.hidden_size}.q{m.num_attention_heads}.ql{m.q_lora_rank}.kvl{m.kv_lora_rank}"
+            dims += f".n{m.qk_nope_head_dim}.r{m.qk_rope_head_dim}.v{m.v_head_dim}"
+        else:
+            dims = f"gqa.h{m.hidden_size}.q{m.num_attention_heads}.kv{m.num_key_value_heads}.d{m.head_dim}"
+        return dims + ("" if m.qk_norm == "none" else f".qkn-{m.qk_norm}")
+    if op == "router":
+        return f"h{m.hidden_size}.e{m.num_experts}.k{m.top_k}"
+    if op == "dense_ffn":
+        return f"h{m.hidden_size}.i{m.dense_intermediate_size}"
+    if op == "shared_experts":
+        return f"h{m.hidden_size}.i{m.shared_intermediate_size * m.num_shared_experts}" + (".gate" if m.shared_expert_gate else "")
+    if op == "expert_ffn":
+        return f"h{m.hidden_size}.i{m.expert_intermediate_size}" + (".bias" if m.expert_bias else "")
+    if op == "embed_and_head":
+        return f"h{m.hidden_size}.v{m.vocab_size}"
+    if op in ("h2d", "d2h"):
+        return ""
+    raise SimError(f"unknown op {op!r}; known: {', '.join(OPS)}")
 
 
 def _missing(v: Any) -> bool:
@@ -495,7 +619,7 @@ class ProfiledCostModel(CostModel):
     Link pacing (``link_pace_gbps``) still caps measured copies."""
 
     def __init__(self, base: CostModel, tables: ProfileTables, use: Iterable[str] | None = None) -> None:
-        super().__init__(base.model, base.hw)
+        super().__init__(base.model, base.hw, base.host)
         self.base = base
         self.tables = tables
         self.use = set(OPS if use is None else use)
@@ -504,11 +628,12 @@ class ProfiledCostModel(CostModel):
             raise SimError(f"ProfiledCostModel: unknown op(s) {sorted(unknown)}; known: {', '.join(OPS)}")
         self.hits = 0
         self.fallbacks = 0
+        self._shapes = {op: op_shape(self.model, op) for op in OPS}
 
     def _from_table(self, op: str, x: float, **keys: Any) -> float | None:
         if op not in self.use:
             return None
-        v = self.tables.lookup(op, x, **keys)
+        v = self.tables.lookup(op, x, shape=self._shapes[op], **keys)
         if v is None:
             self.fallbacks += 1
         else:
@@ -516,7 +641,9 @@ class ProfiledCostModel(CostModel):
         return v
 
     def _attention(self, layer: int, n_tokens: int, kv_len: int) -> float:
-        v = self._from_table("attention", kv_len, layer=layer, n_tokens=n_tokens)
+        m = self.model
+        keys = kv_len if not m.is_sliding_layer(layer) else min(kv_len, m.sliding_window + n_tokens - 1)
+        v = self._from_table("attention", keys, layer=layer, n_tokens=n_tokens)
         return self.base.attention(layer, n_tokens, kv_len) if v is None else v
 
     def _router(self, layer: int, n_tokens: int) -> float:
@@ -560,10 +687,11 @@ def cost_model_for(
     *,
     tables: ProfileTables | None = None,
     mla_absorbed: bool = False,
+    host: HostOverhead | None = None,
 ) -> CostModel:
     """The cost model for a run: the roofline, overridden by measured tables where the hardware
-    spec points at a profile table (or ``tables`` is given)."""
-    base = RooflineCostModel(model, hw, mla_absorbed=mla_absorbed)
+    spec points at a profile table (or ``tables`` is given), with ``host`` overhead (default none)."""
+    base = RooflineCostModel(model, hw, mla_absorbed=mla_absorbed, host=host)
     if tables is None and hw.profile_table:
         tables = ProfileTables.from_parquet(hw.profile_table_path())
     return base if tables is None else ProfiledCostModel(base, tables)

@@ -8,7 +8,7 @@ class SimError(ValueError):
 
 
 class InfeasibleError(SimError):
-    """A configuration that cannot run (DESIGN.md §3): the GPU memory budget is too small.
+    """A configuration that cannot run (docs/architecture.md, Memory budget): the GPU memory budget is too small.
 
     ``reason`` is a one-line explanation that says what does not fit and by how much; a sweep
     records it as a result row with ``status = infeasible``; on its own it is a clear error.

@@ -60,9 +60,9 @@ def _schema_type(tp: Any) -> Any:
     return tp
 
 
-def _default(value: Any) -> Any:
+def _as_lists(value: Any) -> Any:
     if isinstance(value, tuple):
-        return [_default(v) for v in value]
+        return [_as_lists(v) for v in value]
     return value
 
 
@@ -76,11 +76,11 @@ def hydra_schema(spec_cls: type, name: str, *, required: Collection[str] = (),
     for f in dataclasses.fields(spec_cls):
         meta = dict(f.metadata)
         tp = _schema_type(hints[f.name])
-        if f.name in required or f.metadata.get(REQUIRED) or (f.default is NO_DEFAULT and f.default_factory is NO_DEFAULT):
+        no_default = f.default is NO_DEFAULT and f.default_factory is NO_DEFAULT
+        if f.name in required or f.metadata.get(REQUIRED) or no_default:
             fld = dataclasses.field(default=MISSING, metadata=meta)
         else:
-            value = f.default if f.default is not NO_DEFAULT else f.default_factory()
-            value = _default(value)
+            value = _as_lists(f.default if f.default is not NO_DEFAULT else f.default_factory())
             if isinstance(value, (list, dict)):
                 fld = dataclasses.field(default_factory=lambda v=value: copy.deepcopy(v), metadata=meta)
             else:
@@ -106,6 +106,21 @@ def to_plain(cfg: Any) -> dict[str, Any]:
 def missing_keys(d: Mapping[str, Any]) -> list[str]:
     """Keys of a plain config dict left MISSING (a preset that did not set a required field)."""
     return [k for k, v in d.items() if isinstance(v, str) and v == MISSING]
+
+
+def spec_from_dict(cls: type, d: Mapping[str, Any], where: str, required: Collection[str] = ()) -> Any:
+    """``cls(**d)`` once ``d`` names only fields of ``cls`` and sets every required one (those
+    without a default, those in ``required``, none left MISSING); errors name the fields."""
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - set(names))
+    if unknown:
+        raise SimError(f"{where}: unknown field(s) {unknown}")
+    needed = set(required) | {n for n, f in names.items()
+                              if f.default is NO_DEFAULT and f.default_factory is NO_DEFAULT}
+    missing = sorted((needed - set(d)) | set(missing_keys(d)))
+    if missing:
+        raise SimError(f"{where}: missing value(s) for {missing}")
+    return cls(**dict(d))
 
 
 def load_preset(group: str, option: str, schema: type, root: Path | None = None) -> Any:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from sim.errors import SimError
-from sim.presets import hydra_schema, load_preset, missing_keys, setting, to_plain
+from sim.presets import hydra_schema, load_preset, setting, spec_from_dict, to_plain
 from traces.errors import TraceError
 from traces.shape import ModelShape
 
@@ -31,6 +31,9 @@ NORMS = ("rmsnorm", "layernorm")
 INT4_GROUP = 128  # int4: one bf16 scale per 128 weights along each row's input dimension
 MXFP4_BLOCK = 32  # mxfp4 (as GPT-OSS ships): 4-bit E2M1 values + one uint8 E8M0 scale per 32 weights
 BF16_BYTES = 2
+
+#: ModelShape's fields have placeholder defaults; a model spec must set them
+REQUIRED_FIELDS = ("name", "num_layers", "moe_layers", "num_experts", "top_k")
 
 SUPPORTED_FAMILIES = (
     "mixtral", "phimoe", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "olmoe", "gpt_oss",
@@ -346,14 +349,7 @@ class ModelSpec(ModelShape):
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str = "ModelSpec") -> "ModelSpec":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise SimError(f"{where}: unknown field(s) {unknown}")
-        missing = [f for f in ("name", "num_layers", "moe_layers", "num_experts", "top_k") if f not in d]
-        if missing:
-            raise SimError(f"{where}: missing field(s) {missing}")
-        return cls(**dict(d))
+        return spec_from_dict(cls, d, where, REQUIRED_FIELDS)
 
     # ------------------------------------------------------------------ Hydra
     @classmethod
@@ -365,11 +361,7 @@ class ModelSpec(ModelShape):
         d = to_plain(cfg)
         layers = d.pop("layers", None)
         d.pop("hf_config", None)
-        name = d.get("name", "?")
-        missing = missing_keys(d)
-        if missing:
-            raise SimError(f"model '{name}': missing value(s) for {missing}")
-        spec = cls.from_dict(d, where=f"model '{name}'")
+        spec = cls.from_dict(d, where=f"model '{d.get('name', '?')}'")
         return spec.with_layers(layers) if layers is not None else spec
 
     @classmethod
@@ -496,6 +488,15 @@ def _spec_from_hf(d: Mapping[str, Any], where: str, name: str | None) -> ModelSp
             f"supported: {', '.join(SUPPORTED_FAMILIES)}"
         )
     f = _Fields(d, where, family)
+    kw = _hf_common(f, name)
+    kw.update(_HF_FAMILY[family](f, kw["num_layers"]))
+    kw.update(_hf_quantization(d, where))
+    return ModelSpec(**kw)
+
+
+def _hf_common(f: _Fields, name: str | None) -> dict[str, Any]:
+    """Fields every family names alike, and the routed experts (whose count key varies)."""
+    d, where, family = f.d, f.where, f.family
     h = f.req("hidden_size")
     layers = f.req("num_hidden_layers")
     heads = f.req("num_attention_heads")
@@ -524,95 +525,119 @@ def _spec_from_hf(d: Mapping[str, Any], where: str, name: str | None) -> ModelSp
         raise SimError(f"{where}: field '{experts_key}' is {experts}: not an MoE config")
     top_k = f.req("num_experts_per_tok", alt=("experts_per_token",) if family == "gpt_oss" else ())
     kw.update(num_experts=experts, top_k=top_k)
-    all_layers = tuple(range(layers))
+    return kw
 
-    if family in ("mixtral", "phimoe"):
-        kw.update(moe_layers=all_layers, expert_intermediate_size=f.req("intermediate_size"))
-        if family == "phimoe":
-            bias = f.opt("attention_bias", False, bool)
-            kw.update(qkv_bias=bias, o_bias=bias, norm="layernorm", lm_head_bias=f.opt("lm_head_bias", False, bool))
-    elif family in ("qwen2_moe", "qwen3_moe"):
-        step = f.opt("decoder_sparse_step", 1)
-        if step < 1:
-            raise SimError(f"{where}: field 'decoder_sparse_step' must be >= 1, got {step}")
-        only = set(d.get("mlp_only_layers") or [])
-        moe = tuple(i for i in all_layers if i not in only and (i + 1) % step == 0)
-        kw.update(moe_layers=moe, expert_intermediate_size=f.req("moe_intermediate_size"))
-        if len(moe) < layers:
-            kw["dense_intermediate_size"] = f.req("intermediate_size")
-        if family == "qwen2_moe":
-            shared = f.opt("shared_expert_intermediate_size", 0)
-            kw.update(qkv_bias=f.opt("qkv_bias", True, bool))
-            if shared > 0:
-                kw.update(num_shared_experts=1, shared_intermediate_size=shared, shared_expert_gate=True)
-        else:
-            bias = f.opt("attention_bias", False, bool)
-            kw.update(qkv_bias=bias, o_bias=bias, qk_norm="head")
-    elif family in ("deepseek_v2", "deepseek_v3"):
-        first = f.opt("first_k_dense_replace", 0)
-        freq = f.opt("moe_layer_freq", 1)
-        if freq < 1:
-            raise SimError(f"{where}: field 'moe_layer_freq' must be >= 1, got {freq}")
-        moe = tuple(i for i in all_layers if i >= first and i % freq == 0)
-        inter = f.req("moe_intermediate_size")
-        shared = f.opt("n_shared_experts", 0)
+
+def _hf_mixtral(f: _Fields, layers: int) -> dict[str, Any]:
+    """mixtral, phimoe: every layer sparse; Phi-3.5-MoE adds biases and layernorm."""
+    kw: dict[str, Any] = dict(moe_layers=tuple(range(layers)), expert_intermediate_size=f.req("intermediate_size"))
+    if f.family == "phimoe":
         bias = f.opt("attention_bias", False, bool)
-        nope, rope = f.req("qk_nope_head_dim"), f.req("qk_rope_head_dim")
-        kw.update(
-            moe_layers=moe,
-            expert_intermediate_size=inter,
-            num_shared_experts=shared,
-            shared_intermediate_size=inter if shared else 0,
-            attention="mla",
-            q_lora_rank=f.opt("q_lora_rank", 0),
-            kv_lora_rank=f.req("kv_lora_rank"),
-            qk_nope_head_dim=nope,
-            qk_rope_head_dim=rope,
-            v_head_dim=f.req("v_head_dim"),
-            head_dim=nope + rope,
-            qkv_bias=bias,
-            o_bias=bias,
-        )
-        if len(moe) < layers:
-            kw["dense_intermediate_size"] = f.req("intermediate_size")
-    elif family == "olmoe":
+        kw.update(qkv_bias=bias, o_bias=bias, norm="layernorm", lm_head_bias=f.opt("lm_head_bias", False, bool))
+    return kw
+
+
+def _hf_qwen(f: _Fields, layers: int) -> dict[str, Any]:
+    """qwen2_moe, qwen3_moe: MoE layers from decoder_sparse_step and mlp_only_layers."""
+    step = f.opt("decoder_sparse_step", 1)
+    if step < 1:
+        raise SimError(f"{f.where}: field 'decoder_sparse_step' must be >= 1, got {step}")
+    only = set(f.d.get("mlp_only_layers") or [])
+    moe = tuple(i for i in range(layers) if i not in only and (i + 1) % step == 0)
+    kw: dict[str, Any] = dict(moe_layers=moe, expert_intermediate_size=f.req("moe_intermediate_size"))
+    if len(moe) < layers:
+        kw["dense_intermediate_size"] = f.req("intermediate_size")
+    if f.family == "qwen2_moe":
+        shared = f.opt("shared_expert_intermediate_size", 0)
+        kw.update(qkv_bias=f.opt("qkv_bias", True, bool))
+        if shared > 0:
+            kw.update(num_shared_experts=1, shared_intermediate_size=shared, shared_expert_gate=True)
+    else:
         bias = f.opt("attention_bias", False, bool)
-        kw.update(moe_layers=all_layers, expert_intermediate_size=f.req("intermediate_size"),
-                  qkv_bias=bias, o_bias=bias, qk_norm="full")
-    elif family == "gpt_oss":
-        bias = f.opt("attention_bias", True, bool)
-        types = d.get("layer_types") or []
-        if types and len(types) != layers:
-            raise SimError(f"{where}: field 'layer_types' has {len(types)} entries for num_hidden_layers={layers}")
-        sliding = tuple(i for i, t in enumerate(types) if t == "sliding_attention")
-        kw.update(
-            moe_layers=all_layers,
-            expert_intermediate_size=f.req("intermediate_size"),
-            head_dim=f.opt("head_dim", 64),
-            qkv_bias=bias,
-            o_bias=bias,
-            attention_sinks=True,
-            sliding_layers=sliding,
-            sliding_window=f.opt("sliding_window", 0) if sliding else 0,
-            expert_bias=True,
-            router_bias=True,
-        )
+        kw.update(qkv_bias=bias, o_bias=bias, qk_norm="head")
+    return kw
+
+
+def _hf_deepseek(f: _Fields, layers: int) -> dict[str, Any]:
+    """deepseek_v2, deepseek_v3: MoE from first_k_dense_replace every moe_layer_freq layers; MLA."""
+    first = f.opt("first_k_dense_replace", 0)
+    freq = f.opt("moe_layer_freq", 1)
+    if freq < 1:
+        raise SimError(f"{f.where}: field 'moe_layer_freq' must be >= 1, got {freq}")
+    moe = tuple(i for i in range(layers) if i >= first and i % freq == 0)
+    inter = f.req("moe_intermediate_size")
+    shared = f.opt("n_shared_experts", 0)
+    bias = f.opt("attention_bias", False, bool)
+    nope, rope = f.req("qk_nope_head_dim"), f.req("qk_rope_head_dim")
+    kw: dict[str, Any] = dict(
+        moe_layers=moe,
+        expert_intermediate_size=inter,
+        num_shared_experts=shared,
+        shared_intermediate_size=inter if shared else 0,
+        attention="mla",
+        q_lora_rank=f.opt("q_lora_rank", 0),
+        kv_lora_rank=f.req("kv_lora_rank"),
+        qk_nope_head_dim=nope,
+        qk_rope_head_dim=rope,
+        v_head_dim=f.req("v_head_dim"),
+        head_dim=nope + rope,
+        qkv_bias=bias,
+        o_bias=bias,
+    )
+    if len(moe) < layers:
+        kw["dense_intermediate_size"] = f.req("intermediate_size")
+    return kw
+
+
+def _hf_olmoe(f: _Fields, layers: int) -> dict[str, Any]:
+    bias = f.opt("attention_bias", False, bool)
+    return dict(moe_layers=tuple(range(layers)), expert_intermediate_size=f.req("intermediate_size"),
+                qkv_bias=bias, o_bias=bias, qk_norm="full")
+
+
+def _hf_gpt_oss(f: _Fields, layers: int) -> dict[str, Any]:
+    """gpt_oss: sliding and full attention layers alternate (layer_types); sinks and biases."""
+    bias = f.opt("attention_bias", True, bool)
+    types = f.d.get("layer_types") or []
+    if types and len(types) != layers:
+        raise SimError(f"{f.where}: field 'layer_types' has {len(types)} entries for num_hidden_layers={layers}")
+    sliding = tuple(i for i, t in enumerate(types) if t == "sliding_attention")
+    return dict(
+        moe_layers=tuple(range(layers)),
+        expert_intermediate_size=f.req("intermediate_size"),
+        head_dim=f.opt("head_dim", 64),
+        qkv_bias=bias,
+        o_bias=bias,
+        attention_sinks=True,
+        sliding_layers=sliding,
+        sliding_window=f.opt("sliding_window", 0) if sliding else 0,
+        expert_bias=True,
+        router_bias=True,
+    )
+
+
+_HF_FAMILY = {"mixtral": _hf_mixtral, "phimoe": _hf_mixtral, "qwen2_moe": _hf_qwen, "qwen3_moe": _hf_qwen,
+              "deepseek_v2": _hf_deepseek, "deepseek_v3": _hf_deepseek, "olmoe": _hf_olmoe, "gpt_oss": _hf_gpt_oss}
+
+
+def _hf_quantization(d: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """Experts quantized with MXFP4 (GPT-OSS as shipped) are moved as mxfp4; other methods are refused."""
     q = d.get("quantization_config")
-    if q:
-        method = q.get("quant_method") if isinstance(q, Mapping) else None
-        if method != "mxfp4":
-            raise SimError(
-                f"{where}: field 'quantization_config.quant_method' is {method!r}; only 'mxfp4' "
-                "(GPT-OSS as shipped) is understood: give the unquantized config"
-            )
-        kw["expert_dtype"] = "mxfp4"
-    return ModelSpec(**kw)
+    if not q:
+        return {}
+    method = q.get("quant_method") if isinstance(q, Mapping) else None
+    if method != "mxfp4":
+        raise SimError(
+            f"{where}: field 'quantization_config.quant_method' is {method!r}; only 'mxfp4' "
+            "(GPT-OSS as shipped) is understood: give the unquantized config"
+        )
+    return {"expert_dtype": "mxfp4"}
 
 
 # ---------------------------------------------------------------------------- Hydra schema
 #: the ``model`` group's schema: ModelSpec's fields, plus what only the config has
 ModelConf = hydra_schema(
-    ModelSpec, "ModelConf", required=("name", "num_layers", "moe_layers", "num_experts", "top_k"),
+    ModelSpec, "ModelConf", required=REQUIRED_FIELDS,
     extra=[
         ("layers", Optional[int], setting(None, "depth reduction: keep the first N decoder layers (same shapes)")),
         ("hf_config", Optional[str], setting(None, "the Hugging Face config.json shipped beside the preset "

@@ -6,12 +6,7 @@ https://ui.perfetto.dev or chrome://tracing.
 
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
 from typing import Iterable
-
-from traces.atomic import atomic_write
 
 PID_GPU, PID_LINK, PID_CACHE = 1, 2, 3
 
@@ -51,11 +46,3 @@ def chrome_trace(
     for t, n in occupancy:
         ev.append({"ph": "C", "pid": PID_CACHE, "name": "resident slots", "ts": t * us, "args": {"slots": n}})
     return {"traceEvents": ev, "displayTimeUnit": "ms"}
-
-
-def write_json_atomic(obj: dict, path: str | os.PathLike) -> Path:
-    def dump(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            json.dump(obj, f)
-
-    return atomic_write(path, dump)

@@ -1,4 +1,4 @@
-"""The GPU memory budget (DESIGN.md §3): arithmetic, slot layouts and every infeasible case's message."""
+"""The GPU memory budget (docs/architecture.md): arithmetic, slot layouts and every infeasible case's message."""
 
 from __future__ import annotations
 

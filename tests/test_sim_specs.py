@@ -1,4 +1,4 @@
-"""ModelSpec and HardwareSpec: presets compose, config.json round-trips, sizes match the anchors."""
+"""ModelSpec and HardwareSpec: presets compose, config.json round-trips, sizes match the hand-derived ones."""
 
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ REAL = [m for m in MODELS if m not in ("tiny", "small-moe")]
 HF_CONFIG = {m: f"{m}.config.json" for m in MODELS} | {"small-moe": "../../models/small-moe/config.json"}
 HARDWARE = ["rtx3090", "rtx4090", "l4", "a100-40g-pcie4", "h100-pcie5", "h100-sxm", "h200"]
 
-# research/anchors-offload.md §1.2: (params per expert, bytes per expert bf16, routed experts / layer,
-# top-k, MoE layers, total layers)
+# From each model's config.json on the Hugging Face Hub, by hand: (params per expert = 3 x hidden x
+# expert intermediate, bytes per expert bf16, routed experts / layer, top-k, MoE layers, total layers)
 ANCHORS = {
     "mixtral-8x7b": (176_160_768, 352_321_536, 8, 2, 32, 32),
     "phi-3.5-moe": (78_643_200, 157_286_400, 16, 2, 32, 32),
@@ -166,6 +166,16 @@ def test_schemas_mirror_the_specs() -> None:
     assert [f.name for f in fields(HardwareConf)] == [f.name for f in fields(HardwareSpec)]
 
 
+def test_memory_gib_gives_the_budget() -> None:
+    d = HardwareSpec.from_preset("a100-40g-pcie4").to_dict()
+    assert d["memory_gb"] == 40 * 2**30 / 1e9  # the A100-40GB preset: 40 GiB
+    d["memory_gib"] = 24
+    assert HardwareSpec.from_dict(d).memory_gb == pytest.approx(25.769803776)
+    d["memory_gib"] = 0
+    with pytest.raises(SimError, match="'memory_gib' must be a number > 0"):
+        HardwareSpec.from_dict(d)
+
+
 # ------------------------------------------------------------------ config.json
 @pytest.mark.parametrize("model_id", MODELS)
 def test_config_json_round_trips_into_the_preset_spec(model_id: str) -> None:
@@ -232,7 +242,7 @@ def test_from_hf_config_bad_files(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------ sizes
 @pytest.mark.parametrize("model_id", REAL)
-def test_bytes_per_expert_match_the_anchors(model_id: str) -> None:
+def test_bytes_per_expert_match_the_hand_derived_sizes(model_id: str) -> None:
     params, bf16, experts, top_k, moe_layers, layers = ANCHORS[model_id]
     s = ModelSpec.from_preset(model_id)
     assert s.expert_params == params

@@ -1,7 +1,7 @@
 """Parquet I/O for traces, and the one validating path from row columns to the dense form.
 
 Long table, one row per (request, token position, MoE layer); metadata as JSON under one key of
-the Arrow schema metadata (ecosystem.md §3.2). Every file that enters the project, read from
+the Arrow schema metadata (docs/architecture.md, Trace). Every file that enters the project, read from
 Parquet or converted by an importer, passes ``trace_from_rows``: nothing is silently repaired.
 """
 
@@ -72,13 +72,21 @@ def trace_from_rows(rows: Rows, shape: ModelShape, meta: dict[str, Any], where: 
     Rows must come grouped by request, then by position (never going back), each token with
     exactly one row per MoE layer in increasing layer order.
     """
-    n = len(rows.request_id)
-    M, k, E = shape.num_moe_layers, shape.top_k, shape.num_experts
-    moe = np.asarray(shape.moe_layers, dtype=np.int64)
-    if n == 0:
+    if len(rows.request_id) == 0:
         raise _fail(where, None, None, "request_id", "the trace has no rows")
+    _check_expert_columns(rows, shape, where)
+    starts = _request_blocks(rows, shape, where)
+    tok_start = _token_rows(rows, shape, where)
+    _check_token_fields(rows, shape, tok_start, where)
+    _check_lookahead_nulls(rows, shape, tok_start, where)
+    return _dense_trace(rows, shape, meta, starts, tok_start)
 
-    # --- widths (wrong k)
+
+def _check_expert_columns(rows: Rows, shape: ModelShape, where: str) -> None:
+    """Widths equal top_k; expert ids in range and distinct within a row; gate weights finite and
+    in decreasing order."""
+    n, k, E = len(rows.request_id), shape.top_k, shape.num_experts
+
     def check_width(name: str, a: np.ndarray | None) -> None:
         if a is not None and (a.ndim != 2 or a.shape[1] != k):
             width = a.shape[1] if a.ndim == 2 else "scalar"
@@ -90,7 +98,6 @@ def trace_from_rows(rows: Rows, shape: ModelShape, meta: dict[str, Any], where: 
     for d, a in (rows.lookahead or {}).items():
         check_width(f"lookahead_{d}", a)
 
-    # --- ids in range, no duplicates within a row
     def check_ids(name: str, a: np.ndarray, null: np.ndarray | None = None) -> None:
         live = np.ones(n, dtype=bool) if null is None else ~null
         bad = live & ((a < 0) | (a >= E)).any(axis=1)
@@ -122,13 +129,16 @@ def trace_from_rows(rows: Rows, shape: ModelShape, meta: dict[str, Any], where: 
                 r = _first(bad)
                 raise _fail(where, r, rows, "gate_weights", f"not ordered by gate weight: {w[r].tolist()}")
 
-    # --- layers
+
+def _request_blocks(rows: Rows, shape: ModelShape, where: str) -> np.ndarray:
+    """First row of each request: layers are MoE layers, each request one block of rows, positions
+    never going back."""
+    moe = np.asarray(shape.moe_layers, dtype=np.int64)
     bad = ~np.isin(rows.layer, moe)
     if bad.any():
         r = _first(bad)
         raise _fail(where, r, rows, "layer", f"layer {int(rows.layer[r])} is not an MoE layer {moe.tolist()}")
 
-    # --- grouping by request
     rid = rows.request_id.astype(np.int64)
     starts = np.flatnonzero(np.r_[True, rid[1:] != rid[:-1]])
     order_ids = rid[starts]
@@ -148,8 +158,14 @@ def trace_from_rows(rows: Rows, shape: ModelShape, meta: dict[str, Any], where: 
     if (pos < 0).any():
         r = _first(pos < 0)
         raise _fail(where, r, rows, "position", "negative position")
+    return starts
 
-    # --- tokens: exactly the MoE layers, in order
+
+def _token_rows(rows: Rows, shape: ModelShape, where: str) -> np.ndarray:
+    """First row of each token, after checking that every token has exactly the MoE layers, in order."""
+    n, M = len(rows.request_id), shape.num_moe_layers
+    moe = np.asarray(shape.moe_layers, dtype=np.int64)
+    rid, pos = rows.request_id.astype(np.int64), rows.position.astype(np.int64)
     tok_start = np.flatnonzero(np.r_[True, (rid[1:] != rid[:-1]) | (pos[1:] != pos[:-1])])
     tok_len = np.diff(np.r_[tok_start, n])
     bad_tok = tok_len != M
@@ -170,10 +186,13 @@ def trace_from_rows(rows: Rows, shape: ModelShape, meta: dict[str, Any], where: 
         if not detail:
             detail.append(f"layers out of order {got}")
         raise _fail(where, s, rows, "layer", "; ".join(detail) + f" (expected {moe.tolist()})")
+    return tok_start
 
-    # --- step and phase per token
-    tstep = rows.step[tok_start].astype(np.int64)
-    tphase = rows.phase[tok_start].astype(np.int8)
+
+def _check_token_fields(rows: Rows, shape: ModelShape, tok_start: np.ndarray, where: str) -> None:
+    """step, phase and draft_match are per token (equal on its layer rows); prefill is step 0 and
+    comes before decode (step >= 1, never going back) within a request."""
+    M = shape.num_moe_layers
     for name, col in (("step", rows.step), ("phase", rows.phase), ("draft_match", rows.draft_match)):
         if col is None:
             continue
@@ -181,10 +200,12 @@ def trace_from_rows(rows: Rows, shape: ModelShape, meta: dict[str, Any], where: 
         if incons.any():
             t = _first(incons)
             raise _fail(where, int(tok_start[t]), rows, name, "differs between the layer rows of one token")
+    tstep = rows.step[tok_start].astype(np.int64)
+    tphase = rows.phase[tok_start].astype(np.int8)
     bad = ~np.isin(tphase, (PREFILL, DECODE))
     if bad.any():
         raise _fail(where, int(tok_start[_first(bad)]), rows, "phase", "must be 'prefill' or 'decode'")
-    trid = rid[tok_start]
+    trid = rows.request_id.astype(np.int64)[tok_start]
     tsame = trid[1:] == trid[:-1]
     bad = tsame & (tstep[1:] < tstep[:-1])
     if bad.any():
@@ -199,11 +220,14 @@ def trace_from_rows(rows: Rows, shape: ModelShape, meta: dict[str, Any], where: 
         r = int(tok_start[_first(bad) + 1])
         raise _fail(where, r, rows, "phase", "a prefill token follows a decode token")
 
-    # --- lookahead nulls must sit exactly where the target layer does not exist
-    moe_set = set(moe.tolist())
+
+def _check_lookahead_nulls(rows: Rows, shape: ModelShape, tok_start: np.ndarray, where: str) -> None:
+    """lookahead_d is null exactly where layer l + d is not an MoE layer."""
+    n, M = len(rows.request_id), shape.num_moe_layers
+    moe_set = set(shape.moe_layers)
     for d, a in (rows.lookahead or {}).items():
         null = (rows.lookahead_null or {}).get(d, np.zeros(n, dtype=bool))
-        has_target = np.array([(int(layer) + d) in moe_set for layer in moe], dtype=bool)
+        has_target = np.array([(int(layer) + d) in moe_set for layer in shape.moe_layers], dtype=bool)
         want_null = ~has_target[np.tile(np.arange(M), len(tok_start))]
         bad = null != want_null
         if bad.any():
@@ -215,18 +239,21 @@ def trace_from_rows(rows: Rows, shape: ModelShape, meta: dict[str, Any], where: 
                 f"{what} layer {tgt} {'is' if want_null[r] else 'is not'} missing/dense (null exactly where l+d is not an MoE layer)",
             )
 
-    # --- dense arrays
-    R = len(starts)
-    ntok = len(tok_start)
+
+def _dense_trace(rows: Rows, shape: ModelShape, meta: dict[str, Any], starts: np.ndarray,
+                 tok_start: np.ndarray) -> Trace:
+    """The (request, token, MoE layer, k) arrays of validated rows."""
+    M, k = shape.num_moe_layers, shape.top_k
+    R, ntok = len(starts), len(tok_start)
     req_of_tok = np.searchsorted(starts, tok_start, side="right") - 1
     first_tok_of_req = np.searchsorted(tok_start, starts)
     t_idx = np.arange(ntok) - first_tok_of_req[req_of_tok]
     lengths = np.bincount(req_of_tok, minlength=R).astype(np.int32)
     T = int(lengths.max())
     arr = empty_arrays(R, T, M, k)
-    arr["position"][req_of_tok, t_idx] = pos[tok_start]
-    arr["step"][req_of_tok, t_idx] = tstep
-    arr["phase"][req_of_tok, t_idx] = tphase
+    arr["position"][req_of_tok, t_idx] = rows.position.astype(np.int64)[tok_start]
+    arr["step"][req_of_tok, t_idx] = rows.step[tok_start].astype(np.int64)
+    arr["phase"][req_of_tok, t_idx] = rows.phase[tok_start].astype(np.int8)
     arr["expert_ids"][req_of_tok, t_idx] = rows.expert_ids.reshape(ntok, M, k)
 
     def dense(a: np.ndarray, fill: Any, dtype: Any) -> np.ndarray:
@@ -249,7 +276,7 @@ def trace_from_rows(rows: Rows, shape: ModelShape, meta: dict[str, Any], where: 
         dm[req_of_tok, t_idx] = rows.draft_match[tok_start].astype(bool)
     return Trace(
         shape=shape,
-        request_ids=order_ids.astype(np.int64),
+        request_ids=rows.request_id.astype(np.int64)[starts],
         lengths=lengths,
         gate_weights=gw,
         lookahead=look,
@@ -379,12 +406,25 @@ def read_trace(path: str | os.PathLike) -> Trace:
     """Read and validate a trace file; errors name the file, row and field."""
     where = str(path)
     try:
-        pf = pq.ParquetFile(path)
-        table = pf.read()
+        table = pq.ParquetFile(path).read()
     except FileNotFoundError:
         raise TraceError(f"{where}: no such trace file") from None
     except (pa.ArrowInvalid, OSError) as e:
         raise TraceError(f"{where}: not a readable Parquet trace ({e})") from None
+    meta, shape = _file_meta(table, where)
+    _check_table(table, meta, where)
+    rows = _rows_of_table(table, shape, where)
+    for key in ("num_rows", "schema_version", "shape"):
+        meta.pop(key, None)
+    n_req = meta.pop("num_requests", None)
+    trace = trace_from_rows(rows, shape, meta, where)
+    if n_req is not None and n_req != trace.num_requests:
+        raise TraceError(f"{where}: metadata field 'num_requests' says {n_req}, the rows hold {trace.num_requests}")
+    return trace
+
+
+def _file_meta(table: pa.Table, where: str) -> tuple[dict[str, Any], ModelShape]:
+    """The file's metadata (schema version checked) and the model shape it names."""
     raw = (table.schema.metadata or {}).get(META_KEY)
     if raw is None:
         raise TraceError(f"{where}: no '{META_KEY.decode()}' metadata in the Parquet schema (not a trace file?)")
@@ -407,6 +447,11 @@ def read_trace(path: str | os.PathLike) -> Trace:
         raise
     except (TypeError, ValueError) as e:
         raise TraceError(f"{where}: metadata field 'shape' is invalid: {meta['shape']!r} ({e})") from None
+    return meta, shape
+
+
+def _check_table(table: pa.Table, meta: dict[str, Any], where: str) -> None:
+    """Required columns present, integer where they must be, no nulls outside lookahead columns."""
     for name in REQUIRED:
         if name not in table.column_names:
             raise TraceError(f"{where}: missing column '{name}'")
@@ -420,6 +465,9 @@ def read_trace(path: str | os.PathLike) -> Trace:
             r = _first(table.column(name).combine_chunks().is_null().to_numpy(zero_copy_only=False))
             raise TraceError(f"{where}: row {r} field '{name}': null value")
 
+
+def _rows_of_table(table: pa.Table, shape: ModelShape, where: str) -> Rows:
+    """The row columns as numpy arrays (phase as codes, list columns as (n, top_k) arrays)."""
     phase_col = table.column("phase").combine_chunks()
     if pa.types.is_dictionary(phase_col.type):
         phase_col = phase_col.cast(pa.string())
@@ -461,10 +509,4 @@ def read_trace(path: str | os.PathLike) -> Trace:
     extra = [c for c in table.column_names if c not in known and not LOOKAHEAD_RE.match(c)]
     if extra:
         raise TraceError(f"{where}: unknown column(s) {extra}")
-    for key in ("num_rows", "schema_version", "shape"):
-        meta.pop(key, None)
-    n_req = meta.pop("num_requests", None)
-    trace = trace_from_rows(rows, shape, meta, where)
-    if n_req is not None and n_req != trace.num_requests:
-        raise TraceError(f"{where}: metadata field 'num_requests' says {n_req}, the rows hold {trace.num_requests}")
-    return trace
+    return rows

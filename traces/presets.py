@@ -3,7 +3,7 @@
 Only the routing part (``ModelShape``): layers, which of them are MoE, routed experts, top-k and
 shared experts. The simulator's ``ModelSpec`` presets (conf/model/) extend these with hidden
 sizes, attention shape and dtypes; the values here must agree with them. Sources:
-research/anchors-offload.md §1.2 (checked against the models' config.json).
+each model's config.json on the Hugging Face Hub (shipped beside the conf/model/ presets).
 """
 
 from __future__ import annotations

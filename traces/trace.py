@@ -28,7 +28,7 @@ class Trace:
 
     ``lookahead[d][r, t, m]`` holds, on the row of source layer ``moe_layers[m]``, the experts
     that layer ``moe_layers[m] + d``'s router picks from this layer's post-attention residual
-    stream; -1 where that layer is dense or past the end (DESIGN.md §3).
+    stream; -1 where that layer is dense or past the end (docs/architecture.md, Trace).
     """
 
     shape: ModelShape

@@ -1,6 +1,6 @@
 """Pictures of speculative decoding: the Amortization Roofline and one draft/verify cycle.
 
-``roofline_figure`` draws MoE-SpeQ's Amortization Roofline (research/moe-speq.md §3.6, Fig. 8)
+``roofline_figure`` draws MoE-SpeQ's Amortization Roofline (arXiv 2511.14102, Sec. 3.2, Fig. 8)
 for a run: effective throughput Θ (tokens per second) against amortization intensity
 
     I = tokens / bytes moved over the host link            (Eq. 1 with S_token = 1)
@@ -32,11 +32,12 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from sim.errors import SimError
+from sim.timeline import PID_CACHE, PID_GPU, PID_LINK
 from traces.atomic import atomic_write
 
 CYCLE_COLUMNS = ("k", "accepted", "observed_cycle_s", "bytes_moved", "t_draft", "t_verify", "t_pcie")
 GB = 1e9
-PID_GPU, PID_LINK, PID_CACHE = 1, 2, 3
+
 SPAN_KINDS = ("draft", "verify", "stall", "other")
 COLORS = {"draft": "#4C72B0", "verify": "#55A868", "stall": "#C44E52", "other": "#8C8C8C",
           "prefetch": "#8172B3", "demand": "#DD8452"}
@@ -159,19 +160,7 @@ def roofline_figure(
 
     per = df.assign(_tok=_tokens(df, tokens))
     per = per[(per["observed_cycle_s"] > 0) & (per["bytes_moved"] > 0) & (per["_tok"] > 0)]
-    pts_x = [v * GB for v in op["intensity"] if math.isfinite(v) and v > 0]
-    pts_x += list(per["_tok"] / per["bytes_moved"] * GB)
-    pts_y = [v for v in op["throughput"] if v > 0 and math.isfinite(v)]
-    pts_y += list(per["_tok"] / per["observed_cycle_s"])
-    knees = [r / b_gb for r in roofs.values()]
-    xs = pts_x + knees
-    if not xs:
-        xs = [1.0]
-    x_lo, x_hi = min(xs) / 8, max(xs) * 8
-    ys = pts_y + list(roofs.values())
-    if not ys:
-        ys = [b_gb * x_lo, b_gb * x_hi]
-    y_lo, y_hi = min(ys) / 5, max(ys) * 3
+    x_lo, x_hi, y_lo, y_hi = _roofline_limits(op, per, roofs, b_gb)
 
     ks = sorted(set(roofs) | set(int(k) for k in op.index))
     import seaborn as sns
@@ -218,6 +207,18 @@ def roofline_figure(
         ax.set_title(title or "Amortization Roofline (one compute roof per draft length k)")
         ax.legend(fontsize=7, loc="lower right", framealpha=0.9)
         return _save_png(fig, path)
+
+
+def _roofline_limits(op: Any, per: Any, roofs: Mapping[int, float], b_gb: float) -> tuple[float, float, float, float]:
+    """Log-axis limits that hold every operating point, every cycle, and every roof's knee."""
+    pts_x = [v * GB for v in op["intensity"] if math.isfinite(v) and v > 0]
+    pts_x += list(per["_tok"] / per["bytes_moved"] * GB)
+    pts_y = [v for v in op["throughput"] if v > 0 and math.isfinite(v)]
+    pts_y += list(per["_tok"] / per["observed_cycle_s"])
+    xs = pts_x + [r / b_gb for r in roofs.values()] or [1.0]
+    x_lo, x_hi = min(xs) / 8, max(xs) * 8
+    ys = pts_y + list(roofs.values()) or [b_gb * x_lo, b_gb * x_hi]
+    return x_lo, x_hi, min(ys) / 5, max(ys) * 3
 
 
 # ---------------------------------------------------------------------------- Chrome traces
