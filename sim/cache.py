@@ -6,6 +6,8 @@ is never evicted; a token's own experts at a layer are in use together.
 
 from __future__ import annotations
 
+from typing import Callable
+
 from sim.errors import SimError
 from sim.policies.base import EvictionPolicy
 
@@ -42,10 +44,16 @@ class ExpertCache:
         self.occupancy = [0] * len(self.capacity)
         self.eviction = eviction
         self.evictions = 0
-        self.drop_on_release = False  # whole-layer streaming keeps nothing between steps
+        self.drop_on_release = False  # whole-layer streaming keeps nothing between steps (but pinned keys)
         self.prefetched = [False] * n  # arrived by prefetch and not used yet (the host clears it on use)
         self.wasted_prefetches = 0  # prefetched experts evicted before any use
+        self.refused = 0  # loads refused by ``admit`` (they wait for a free slot)
+        self.evicted = [False] * n  # evicted since its last load
+        self.refetches = 0  # loads of evicted experts
+        self.pinned: frozenset[int] = frozenset()  # preloaded for good (a streaming policy's resident layers)
         self._can_evict = self.can_evict
+        # admission (a prefetch policy's ``admits``): (incoming key, victim) -> may it evict?
+        self.admit: Callable[[int, int], bool] | None = None
 
     @property
     def num_pools(self) -> int:
@@ -66,10 +74,17 @@ class ExpertCache:
             victim = self.eviction.victim(pool, g, self._can_evict)
             if victim is None:
                 return False
+            if self.admit is not None and not self.admit(key, victim):
+                self.refused += 1
+                return False
             if state[victim] != RESIDENT or self.in_use[victim] or self.pool_of[victim] != pool:
                 raise SimError(f"eviction policy {self.eviction.name} chose non-evictable key {victim}")
             self.remove(victim)
             self.evictions += 1
+            self.evicted[victim] = True
+        if self.evicted[key]:  # an evicted expert comes back: what an eviction costs
+            self.evicted[key] = False
+            self.refetches += 1
         state[key] = LOADING
         self.ready_at[key] = ready_at
         occupancy[pool] += 1
@@ -81,6 +96,27 @@ class ExpertCache:
         if not self.load(key, 0.0, g):
             raise SimError(f"no free slot to preload key {key}")
         self.state[key] = RESIDENT
+
+    def pin(self, keys: list[int]) -> None:
+        """Keep resident ``keys`` for good (a policy's ``preload``, once they landed): each counts
+        as in use forever, so it is never evicted nor dropped."""
+        for key in keys:
+            if self.state[key] != RESIDENT:
+                raise SimError(f"cannot pin expert key {key}: not resident")
+            self.in_use[key] += 1
+        self.pinned = self.pinned | frozenset(keys)
+
+    def clear(self) -> None:
+        """Empty every slot but the pinned ones (``cache.reset=request``, between requests; the
+        host first lets every copy land and every computation end). Prefetched experts never used
+        count as wasted."""
+        state, in_use, pinned = self.state, self.in_use, self.pinned
+        for key, st in enumerate(state):
+            if st == ABSENT or key in pinned:
+                continue
+            if st == LOADING or in_use[key]:
+                raise SimError(f"cache cleared while expert key {key} is {'loading' if st == LOADING else 'in use'}")
+            self.remove(key)
 
     def remove(self, key: int) -> None:
         """Evict (or drop) a resident expert."""
@@ -102,6 +138,12 @@ class ExpertCache:
             for key in keys:
                 if state[key] == RESIDENT and not in_use[key]:
                     self.remove(key)
+
+    @property
+    def refetch_share(self) -> float:
+        """The share of evictions whose expert had to be copied back (Laplace-smoothed): the
+        expected extra transfer an eviction costs."""
+        return (self.refetches + 1) / (self.evictions + 2)
 
     def check(self) -> None:
         """Invariants (used by tests): occupancy matches states and never exceeds capacity."""

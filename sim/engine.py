@@ -59,6 +59,7 @@ class Simulation:
         governor=None,
         draft=None,
         progress=None,
+        reset: str = "never",
     ) -> None:
         self.schedule = schedule
         self.model, self.hw, self.cost = model, hw, cost
@@ -77,25 +78,31 @@ class Simulation:
         if timeline:
             log.compute_spans, log.copy_spans, log.occupancy = [], [], []
         transfer_s = cost.h2d(self.expert_bytes)
+        # a policy that copies from pageable memory (whole-layer streaming) copies host-synchronously:
+        # one copy at a time, the host blocked (the host controller waits for them)
+        sync = getattr(prefetch, "host_memory", None) == "pageable"
         self.copy = copy = CopyEngine(
             cache,
             nbytes=self.expert_bytes,
             transfer_time=transfer_s,
             issue_overhead=float(hw.copy_issue_overhead_s),
-            copies_in_flight=int(hw.copies_in_flight),
+            copies_in_flight=1 if sync else int(hw.copies_in_flight),
             record=log.copy_spans,
         )
         if predictor is not None:
             predictor.attach(sch.trace, sch.layer_steps(), lookahead_depths, seed)
-        self.ctx = policy_context(sch, cache, copy.queue.queued, predictor, model.top_k)
-        eviction.attach(self.ctx, cache.num_pools)
-        prefetch.attach(self.ctx)
+        self.ctx = ctx = policy_context(sch, cache, copy.queue.queued, predictor, model.top_k)
+        if reset == "request":  # Belady's (and any oracle's) future ends with the current request
+            ctx.next_use = sch.next_use_in_request
+            ctx.future = lambda g: sch.future(g) if g < sch.request_end(self.host.g) else ()
+        eviction.attach(ctx, cache.num_pools)
+        prefetch.attach(ctx)
         self.eviction, self.prefetch = eviction, prefetch
         self.host = host = HostController(
             sch, cache, copy, eviction=eviction, prefetch=prefetch, log=log,
             decision_delay=float(hw.decision_delay_s), expert_bytes=self.expert_bytes, transfer_s=transfer_s,
             copy_latency_s=float(hw.copy_latency_s), governor=governor, draft=draft,
-            layer_names=[f"L{x}" for x in model.moe_layers], progress=progress,
+            layer_names=[f"L{x}" for x in model.moe_layers], progress=progress, reset=reset,
         )
         if timeline or host.has_done:
             copy.on_done = host.copy_done

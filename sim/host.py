@@ -24,7 +24,7 @@ import numpy as np
 from sim.cache import LOADING, RESIDENT, ExpertCache
 from sim.errors import SimError
 from sim.governor import CycleCosts
-from sim.policies.base import DEMAND, CycleInfo, EvictionPolicy, PolicyContext, PrefetchPolicy
+from sim.policies.base import DEMAND, CycleInfo, EvictionPolicy, Fetch, PolicyContext, PrefetchPolicy
 from sim.runlog import RunLog
 
 
@@ -47,6 +47,7 @@ def policy_context(schedule: Any, cache: ExpertCache, queued: Any, predictor: An
         layer_step=schedule.layer_step,
         queued=queued,
         predictor=predictor,
+        extra={"pool_capacity": list(cache.capacity), "pool_of": cache.pool_of},  # admission (speq)
     )
 
 
@@ -78,9 +79,12 @@ class HostController:
         draft: Any = None,
         layer_names: list[str] | None = None,
         progress: Any = None,
+        reset: str = "never",
     ) -> None:
         if (governor is None) != (draft is None):
             raise SimError("speculative decoding needs both a governor and a draft source")
+        if reset not in ("never", "request"):
+            raise SimError(f"cache.reset must be 'never' or 'request', got {reset!r}")
         self.schedule, self.cache, self.copy, self.log = schedule, cache, copy, log
         self.eviction, self.prefetch = eviction, prefetch
         self.governor, self.draft = governor, draft
@@ -94,11 +98,74 @@ class HostController:
         self.has_layer_start = overridden(prefetch, PrefetchPolicy, "on_layer_start")
         self.has_routed = overridden(prefetch, PrefetchPolicy, "on_routed")
         self.has_done = overridden(prefetch, PrefetchPolicy, "on_transfer_done")
+        if overridden(prefetch, PrefetchPolicy, "admits"):  # asked on every load that must evict
+            cache.admit = prefetch.admits
         self.g = 0
         self.now = 0.0  # the compute stream's time when the controller was last resumed
         self.carry = 0.0  # compute committed on the stream but not waited for (relative to now)
         self.counts = [0, 0, 0, 0, 0.0, 0.0]  # hits, late, misses, useful, late_wait, stall
         self.stall_layer = [0.0] * schedule.M
+        self.reset = reset
+        # admission: the last routed layer-step, its routing time and the experts it waits for
+        self.anchor: tuple[int, float, Any] | None = None
+        self._routing_at: list[float] = []  # stall-free routing time of each layer-step (see admit)
+        self._steps_timed = 0
+        self._t_next = 0.0
+        copy.admit = self.admit
+
+    # ------------------------------------------------------------ admission
+    def admit(self, for_g: int, confidence: float, start: float) -> bool:
+        """Whether a prefetch for layer-step ``for_g`` that the link would start at ``start`` pays
+        for itself; the copy queue asks as it would issue it (sim.link.CopyEngine.try_issue), so
+        ``start`` already counts the bytes queued and in flight ahead of it.
+
+        The head start ``h`` is the time from ``start`` to the layer-step's routing, when a
+        demand fetch of the expert would be queued; D is one expert's transfer time. Right (with
+        the predictor's confidence p: the share of its past predictions at that depth that were
+        needed), the prefetch saves min(h, D). Wrong, its transfer occupies the link for D (a
+        demand fetch behind it waits) and its eviction costs the evicted expert's transfer again
+        with the measured refetch share q. It goes out only if p min(h, D) > (1 - p)(1 + q) D: a
+        confidence threshold per predictor that rises as the time left shrinks."""
+        h = self.routing_time(for_g) - start
+        if h <= 0.0:
+            return False
+        D = self.copy.duration
+        return confidence * min(h, D) > (1.0 - confidence) * (1.0 + self.cache.refetch_share) * D
+
+    def routing_time(self, g: int) -> float:
+        """When layer-step ``g``'s routing will reach the host, as the host estimates it now: the
+        last routed layer-step's experts start once the experts it waits for have landed (the
+        copy stream's model: ``ready_at``), then every layer runs stall-free (the schedule's
+        compute times)."""
+        at = self._routing_at
+        if g >= len(at):
+            self._time_steps()
+            if g >= len(at):
+                return float("inf")  # beyond the plan (a speculative pass not decided yet)
+        if self.anchor is None:
+            return at[g]  # before the first routing: the run starts at 0
+        g0, t, wait = self.anchor
+        if g <= g0:
+            return float("-inf")  # routed already
+        if wait:
+            state, ready_at = self.cache.state, self.cache.ready_at
+            for key in wait:
+                if state[key] == LOADING and ready_at[key] > t:
+                    t = ready_at[key]
+        return t + at[g] - at[g0]
+
+    def _time_steps(self) -> None:
+        """Extend the stall-free routing times over the schedule's steps added since."""
+        sch, dd, at = self.schedule, self.decision_delay, self._routing_at
+        pre, exp = sch.pre, sch.exp
+        t = self._t_next
+        for s in sch.steps[self._steps_timed:]:
+            for g in range(s.g0, s.g0 + sch.M):
+                at.append(t + pre[g] + dd)
+                t += pre[g] + dd + exp[g]
+            t += s.tail
+        self._t_next = t
+        self._steps_timed = len(sch.steps)
 
     # ------------------------------------------------------------ host events
     def apply(self, actions) -> None:
@@ -118,13 +185,44 @@ class HostController:
             self.now = yield Sleep(self.carry)
         self.carry = 0.0
 
+    def _preload(self) -> Iterator[Sleep]:
+        """The experts the prefetch policy keeps for good (a streaming policy's resident layers),
+        copied before the first request as a model load does: they count in the bytes moved and
+        the run's time, in no request's latency, and the run still starts cold for the bound."""
+        keys = self.prefetch.preload(self.cache.capacity)
+        if not keys:
+            return
+        copy = self.copy
+        self.apply([Fetch(key, DEMAND) for key in keys])
+        copy.try_issue()
+        t = copy.ready_time(set(keys))
+        if t > self.now:
+            self.now = yield Sleep(t - self.now)
+        self.cache.pin(keys)
+
+    def _cold_start(self) -> Iterator[Sleep]:
+        """``cache.reset=request``: nothing queued is issued any more, every copy in flight lands,
+        then the cache is emptied and every policy forgets what it learned."""
+        copy = self.copy
+        copy.queue.clear()
+        copy.advance(self.now)
+        while copy.in_flight:
+            self.now = yield Sleep(copy.in_flight[-1][0] - self.now)
+            copy.advance(self.now)
+        self.cache.clear()
+        self.eviction.reset()
+        self.prefetch.reset()
+
     # --------------------------------------------------------------- the run
     def drive(self) -> Iterator[Sleep]:
         """The whole run: for each request, prefill, then autoregressive steps or speculative
         draft/verify cycles; the counters go to the log at the end."""
         sch, log, prefetch, copy = self.schedule, self.log, self.prefetch, self.copy
+        yield from self._preload()
         for r in range(sch.trace.num_requests):
             yield from self._settle()
+            if self.reset == "request":
+                yield from self._cold_start()
             now = self.now
             log.request_start.append(now)
             times: list[float] = [now]  # the request start; dropped below
@@ -160,6 +258,7 @@ class HostController:
         if P == 0:
             raise SimError(f"request {int(trace.request_ids[r])} has no prefill token")
         yield from self.target_pass(sch.add_step(r, 0, P, 0, 0), times)
+        t_prefill = times[-1] - times[0]  # for a TTFT cap (governor slo="ttft")
         xfer = self.transfer_s
         miss_share: float | None = None  # EMA: experts fetched / experts a verify pass needed
         t, cycle = P, 0
@@ -198,7 +297,7 @@ class HostController:
                 t_draft=t_draft, t_verify=t_verify,
                 t_pcie_init=max(0.0, copy.link_free - gpu0) + len(copy.queue) * xfer if queued else 0.0,
                 t_overhead=self.copy_latency_s + dd, expert_transfer_s=xfer,
-                new_experts=new_experts, k_limit=L - 1 - t, expert_bytes=self.expert_bytes,
+                new_experts=new_experts, k_limit=L - 1 - t, expert_bytes=self.expert_bytes, t_prefill=t_prefill,
             )
             decision = governor.decide(costs)
             k = min(decision.k, L - 1 - t)
@@ -243,7 +342,15 @@ class HostController:
                 "bytes_moved": (copy.copies - bytes0) * self.expert_bytes, "t_pcie": copy.busy_time - busy0,
                 "coverage": log.coverage[-1],
             })
-            union = sum(len(sch.needed[g]) for g in range(sch.steps[s_idx].g0, sch.steps[s_idx].g0 + sch.M))
+            g0 = sch.steps[s_idx].g0
+            union = sum(len(sch.needed[g]) for g in range(g0, g0 + sch.M))
+            # ELB recall: the verify pass's experts that the k drafted rows predicted, per layer
+            elb_hits = 0
+            if rows:
+                for m in range(sch.M):
+                    elb = set().union(*(row[m] for row in rows))
+                    elb_hits += sum(1 for key in sch.needed[g0 + m] if key in elb)
+            log.cycles[-1].update(elb_hits=elb_hits, verify_experts=union)
             share = (copy.copies - bytes0) / union if union else 0.0
             miss_share = share if miss_share is None else 0.7 * miss_share + 0.3 * share
             t += a + 1
@@ -275,11 +382,14 @@ class HostController:
         accessed = cache.eviction.accessed
         advance, try_issue, request, ready_time, hold = copy.advance, copy.try_issue, copy.request, copy.ready_time, copy.hold
         clock = self.now  # the host's time within this pass (the driver catches up at the end)
-        hits = late = misses = useful = 0
-        late_wait = stall_total = 0.0
+        hits = late = misses = useful = queued = 0
+        late_wait = stall_total = cov_ready = cov_requested = 0.0
         carry = self.carry
         step = sch.steps[s_idx]
         g0 = step.g0
+        qentry = copy.queue._entry  # a miss whose key is queued as a prefetch was requested in time
+        track = step.phase != 0  # coverage is over decode and verify passes
+        copies0 = copy.copies
         # per-step coverage: share of the step's needed experts resident as it starts
         t_start = clock + carry
         tot = hit0 = 0
@@ -290,6 +400,7 @@ class HostController:
                 hit0 += st == RESIDENT or (st == LOADING and ready_at[key] <= t_start)
         log.coverage.append(hit0 / tot if tot else 1.0)
         kind = "verify " if step.emitted > 1 or step.draft_s else ""
+        fresh = None
         for m in range(M):
             g = g0 + m
             self.g = copy.g = g
@@ -298,8 +409,21 @@ class HostController:
                     clock += carry
                 carry = 0.0
                 advance(clock)
-                apply(prefetch.on_layer_start(infos[g]))
+                acts = prefetch.on_layer_start(infos[g])
+                apply(acts)
                 try_issue()
+                fresh = None
+                if not keeps and acts:
+                    # a pageable copy blocks the host (accelerate's offload): the layer's experts
+                    # land one after another while nothing else is issued, then the layer starts;
+                    # they count as misses at its routing and the wait as its stall
+                    fresh = {a.key for a in acts}
+                    t_ready = ready_time(fresh)
+                    stall_total += t_ready - clock
+                    stall_layer[m] += t_ready - clock
+                    if spans is not None:
+                        spans.append((clock, t_ready, f"pageable copy {layer_names[m]}"))
+                    clock = t_ready
             t = clock + carry
             clock = now = t + pre[g] + dd
             carry = 0.0
@@ -313,6 +437,7 @@ class HostController:
             else:
                 waves = tuple(needed[i:i + cap] for i in range(0, len(needed), cap))
             last = len(waves) - 1
+            h0, l0, q0 = hits, late, queued
             for w, wave in enumerate(waves):
                 wait = None
                 missed = None
@@ -320,7 +445,10 @@ class HostController:
                     in_use[key] += 1
                     st = state[key]
                     if st == RESIDENT:
-                        hits += 1
+                        if fresh is None or key not in fresh:
+                            hits += 1
+                        else:
+                            misses += 1
                         accessed(key, pool_of[key], g)
                     else:
                         if st == LOADING:
@@ -329,6 +457,8 @@ class HostController:
                             accessed(key, pool_of[key], g)
                         else:
                             misses += 1
+                            if key in qentry:
+                                queued += 1
                             request(key, DEMAND)
                             if missed is None:
                                 missed = [key]
@@ -353,6 +483,7 @@ class HostController:
                                 wait = set()
                             wait.add(key)
                     held = wave + extra
+                self.anchor = (g, now, wait)
                 if has_routed and w == 0:
                     apply(prefetch.on_routed(infos[g], needed))
                 try_issue()
@@ -379,6 +510,10 @@ class HostController:
                     advance(now)
                 else:
                     carry = stall + dur
+            if track:
+                n_needed = len(needed)
+                cov_ready += (hits - h0) / n_needed
+                cov_requested += (hits - h0 + late - l0 + queued - q0) / n_needed
             if occupancy is not None:
                 occupancy.append((now, cache.resident_count()))
         if step.tail:
@@ -400,3 +535,9 @@ class HostController:
         c[3] += useful
         c[4] += late_wait
         c[5] += stall_total
+        if track:
+            log.coverage_ready_sum += cov_ready
+            log.coverage_requested_sum += cov_requested
+            log.coverage_layers += M
+        else:
+            log.prefill_copies += copy.copies - copies0

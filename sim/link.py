@@ -26,12 +26,14 @@ class CopyQueue:
     Priorities are small integers (0 = demand, d = a prefetch d layers ahead), so one deque per
     priority beats a heap here."""
 
-    __slots__ = ("_buckets", "_entry", "_seq", "queued")
+    __slots__ = ("_buckets", "_entry", "_seq", "queued", "target")
 
     def __init__(self) -> None:
         self._buckets: list[deque[tuple[int, int]]] = [deque()]  # priority -> (seq, key)
         self._entry: dict[int, tuple[int, int]] = {}  # key -> (priority, seq) of its live entry
         self._seq = 0
+        # key -> (layer-step, confidence) of a queued prefetch that names its target (admission)
+        self.target: dict[int, tuple[int, float]] = {}
         self.queued: Callable[[int], bool] = self._entry.__contains__  # the policies' view (fast)
 
     def __contains__(self, key: int) -> bool:
@@ -59,7 +61,15 @@ class CopyQueue:
         buckets[priority].append((self._seq, key))
         return True
 
+    def clear(self) -> None:
+        """Drop every queued fetch (``cache.reset=request``: nothing of the last request is issued)."""
+        for dq in self._buckets:
+            dq.clear()
+        self._entry.clear()
+        self.target.clear()
+
     def cancel(self, key: int) -> bool:
+        self.target.pop(key, None)
         return self._entry.pop(key, None) is not None
 
     def apply(self, actions, state: list[int]) -> None:
@@ -71,8 +81,12 @@ class CopyQueue:
                 e = entry.get(a.key)
                 if e is not None and e[0] != DEMAND:
                     del entry[a.key]
-            elif state[a.key] == 0:
-                self.push(a.key, a.priority)
+                    self.target.pop(a.key, None)
+            elif state[a.key] == 0 and self.push(a.key, a.priority):
+                if a.priority != DEMAND and a.for_g >= 0:
+                    self.target[a.key] = (a.for_g, a.confidence)
+                else:
+                    self.target.pop(a.key, None)
 
     def peek(self) -> tuple[int, int] | None:
         """(key, priority) of the head, or None."""
@@ -93,6 +107,7 @@ class CopyQueue:
         key, p = self.peek()
         self._buckets[p].popleft()
         del self._entry[key]
+        self.target.pop(key, None)
 
 
 class CopyEngine:
@@ -134,6 +149,10 @@ class CopyEngine:
         self.copies = 0
         self.busy_time = 0.0
         self.blocked = False  # the queue head waits for a slot
+        # the host's admission rule for prefetches that name their layer-step:
+        # admit(for_g, confidence, start) -> issue it now? (None: every prefetch goes out)
+        self.admit: Callable[[int, float, float], bool] | None = None
+        self.refused = 0  # prefetches the admission rule dropped
         self._pending: tuple[int, ...] | None = None  # experts in use until _pending_until
         self._pending_until = 0.0
 
@@ -163,6 +182,7 @@ class CopyEngine:
         cache = self.cache
         state, load = cache.state, cache.load
         prefetched, record, g = cache.prefetched, self.record, self.g
+        admit, target = self.admit, queue.target
         self.blocked = False
         for p, dq in enumerate(queue._buckets):
             while dq:
@@ -179,11 +199,20 @@ class CopyEngine:
                 host = (clock if clock > self.host_free else self.host_free) + self.issue_overhead
                 start = host if host > self.link_free else self.link_free
                 end = start + self.duration
+                if p != DEMAND and target:
+                    tc = target.get(key)
+                    if tc is not None and admit is not None and not admit(tc[0], tc[1], start):
+                        dq.popleft()
+                        del entry[key], target[key]
+                        self.refused += 1
+                        continue
                 if not load(key, end, g):
                     self.blocked = True
                     return
                 dq.popleft()
                 del entry[key]
+                if target:
+                    target.pop(key, None)
                 self.host_free = host
                 self.link_free = end
                 self.busy_time += end - start

@@ -42,6 +42,7 @@ class MemoryPlan:
     layout: str  # "global" | "per_layer"
     all_resident: bool  # every routed expert has a slot: no transfers after warm-up
     max_context_tokens: int = 0
+    resident_layers: int | None = None  # whole-layer streaming: MoE layers kept on the GPU (None: not streaming)
 
     @property
     def slot_budget_bytes(self) -> int:
@@ -67,6 +68,8 @@ class MemoryPlan:
             f" ({self.max_context_tokens} tokens) + workspace {_gb(self.workspace_bytes)} + experts "
             f"{_gb(self.expert_budget_bytes)}{draft}: {self.slots} slots of {self.slot_bytes / 2**20:.2f} MiB ({pool})"
             + (", all experts resident" if self.all_resident else "")
+            + (f", {self.resident_layers} whole layers resident, the rest streamed through one layer's slots"
+               if self.resident_layers is not None and not self.all_resident else "")
         )
 
 
@@ -78,6 +81,7 @@ def plan_memory(
     slots: int | None = None,
     per_layer: int | None = None,
     draft_resident: bool = False,
+    streaming: bool = False,
 ) -> MemoryPlan:
     """Split ``hw.memory_gb`` (GB = 1e9 bytes) into non-expert weights, the KV cache of a request
     of ``max_context_tokens`` tokens, the workspace and X for experts (see the module docstring).
@@ -88,6 +92,11 @@ def plan_memory(
     Raises InfeasibleError if the non-expert weights alone exceed the budget, if nothing is left
     for experts, if the draft does not fit or leaves no slot, if a pool holds fewer slots than
     top_k (a token's experts at a layer are in use together), or if the slots asked for do not fit.
+
+    ``streaming`` (whole-layer streaming, accelerate's offload): one global pool holds as many whole
+    MoE layers as fit beside one layer's worth of slots for the streamed layers
+    (``resident_layers``); ``slots`` counts only the slots it uses. Fewer slots than one layer's
+    experts is infeasible.
     """
     if slots is not None and per_layer is not None:
         raise SimError("set either cache.slots (one global pool) or cache.per_layer (per-layer partitions), not both")
@@ -106,6 +115,9 @@ def plan_memory(
         n = _per_layer_slots(model, per_layer, split.avail, name, what)
         return MemoryPlan(*fixed, n * model.num_moe_layers, n, "per_layer", n == model.num_experts, ctx)
     n = _global_slots(model, slots, split, name, what, draft_resident)
+    if streaming:
+        n, layers = _streamed_slots(model, n, name)
+        return MemoryPlan(*fixed, n, None, "global", layers == model.num_moe_layers, ctx, layers)
     return MemoryPlan(*fixed, n, None, "global", n >= model.num_routed_experts_total, ctx)
 
 
@@ -207,3 +219,18 @@ def _global_slots(model: ModelSpec, slots: int | None, split: _Split, name: str,
             why = f"the {_gb(avail)} left {what} holds {n} slot(s) of {slot / 2**20:.1f} MiB, fewer than top_k={k}"
         raise InfeasibleError(f"{name}: {why} (short by {_gb(short)} for {k} slots)", short)
     return int(n)
+
+
+def _streamed_slots(model: ModelSpec, n: int, name: str) -> tuple[int, int]:
+    """Whole-layer streaming in a pool of n slots: the slots it uses and the layers it keeps."""
+    from sim.policies.prefetch import streamed_resident_layers
+
+    E, M, slot = model.num_experts, model.num_moe_layers, model.bytes_per_expert()
+    if n < E:
+        raise InfeasibleError(
+            f"{name}: whole-layer streaming needs one MoE layer's {E} experts on the GPU at once "
+            f"({_gb(E * slot)}) but {n} slot(s) fit (short by {_gb((E - n) * slot)})",
+            (E - n) * slot,
+        )
+    layers = streamed_resident_layers(n, E, M)
+    return (model.num_routed_experts_total if layers == M else (layers + 1) * E), layers

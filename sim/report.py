@@ -13,7 +13,11 @@ import pandas as pd
 from sim.metrics import TABLE_COLUMNS
 from traces.atomic import atomic_write
 
-PRINTED = TABLE_COLUMNS + ["status"]
+_AFTER = TABLE_COLUMNS.index("gb_moved") + 1
+PRINTED = TABLE_COLUMNS[:_AFTER] + ["useful_prefetch_gb", "wasted_prefetch_gb"] + TABLE_COLUMNS[_AFTER:] + ["status"]
+#: the metric that ranks policies, said under every printed table (docs/metrics.md, "Ranking")
+RANKING = ("ranking: TPOT ms, the mean over requests of each request's time per output token; tokens/s pools all "
+           "decode tokens, so long requests weigh more and it can order policies differently")
 
 
 def to_frame(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
@@ -44,16 +48,39 @@ def _jsonable(row: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def format_table(rows: Sequence[dict[str, Any]], extra: Sequence[str] = ()) -> str:
-    """policy, TPOT ms, tokens/s, hit rate, GB moved, stall share, x bound (+ ``extra`` columns)."""
+def format_table(rows: Sequence[dict[str, Any]], extra: Sequence[str] = (), *, ranking: bool = True) -> str:
+    """policy, TPOT ms, tokens/s, hit rate, GB moved (useful and wasted prefetches among them),
+    stall share, x bound (+ ``extra`` columns), and the line that names the ranking metric."""
     df = to_frame(rows)
     cols = [c for c in list(extra) + PRINTED if c in df.columns]
     df = df[cols].copy()
     fmt = {"tpot_ms": "{:.2f}", "tokens_per_s": "{:.2f}", "hit_rate": "{:.3f}", "gb_moved": "{:.2f}",
-           "stall_share": "{:.3f}", "x_bound": "{:.2f}"}
+           "useful_prefetch_gb": "{:.2f}", "wasted_prefetch_gb": "{:.2f}", "stall_share": "{:.3f}", "x_bound": "{:.2f}"}
     for c, f in fmt.items():
         if c in df.columns:
             df[c] = [("-" if (v is None or (isinstance(v, float) and math.isnan(v))) else f.format(v)) for v in df[c]]
     df = df.rename(columns={"tpot_ms": "TPOT ms", "tokens_per_s": "tokens/s", "hit_rate": "hit rate",
-                            "gb_moved": "GB moved", "stall_share": "stall share", "x_bound": "x bound"})
-    return df.to_string(index=False)
+                            "gb_moved": "GB moved", "useful_prefetch_gb": "useful GB", "wasted_prefetch_gb": "wasted GB",
+                            "stall_share": "stall share", "x_bound": "x bound"})
+    text = df.to_string(index=False)
+    return text + "\n" + RANKING if ranking and "tpot_ms" in cols else text
+
+
+SPECULATIVE_PRINTED = ["acceptance_rate", "mean_k", "tokens_per_cycle", "coverage_ready", "coverage_requested",
+                       "elb_recall", "experts_per_token"]
+
+
+def format_speculative(rows: Sequence[dict[str, Any]]) -> str:
+    """The speculative rows' acceptance, mean k, tokens per cycle and coverage, then the share of
+    cycles at each k (the k that any row used); empty when no row is speculative."""
+    spec = [r for r in rows if r.get("status") == "ok" and r.get("decoding") == "speculative"]
+    if not spec:
+        return ""
+    df = to_frame(spec)
+    cols = ["policy"] + [c for c in SPECULATIVE_PRINTED if c in df.columns]
+    top = df[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}")
+    ks = sorted({int(c[7:]) for c in df.columns if c.startswith("k_hist_")})
+    ks = [k for k in ks if df[f"k_hist_{k}"].fillna(0).gt(0).any()]
+    hist = df[["policy"] + [f"k_hist_{k}" for k in ks]].rename(columns={f"k_hist_{k}": f"k={k}" for k in ks})
+    return (top + "\nshare of cycles at each draft length k:\n"
+            + hist.to_string(index=False, float_format=lambda v: f"{v:.2f}"))

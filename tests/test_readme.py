@@ -45,3 +45,23 @@ def test_readme_extension_example(tmp_path, monkeypatch):
         assert row["status"] == "ok", extra
     assert row["hardware"] == "my-gpu"
     sys.modules.pop("readme_policies", None)
+
+
+def test_readme_import_example_runs_as_written(tmp_path, monkeypatch):
+    """The Traces section's import and replay lines, from a directory where the repository's
+    traces/ is visible, as a user runs them after cloning."""
+    import shlex
+
+    from traces.__main__ import main as traces_main
+
+    lines = [ln.split("#")[0].strip() for ln in README.read_text().splitlines()]
+    imp = next(ln for ln in lines if ln.startswith("python -m traces import "))
+    replay = next(ln for ln in lines if ln.startswith("python -m sim ") and "trace.path=mine.parquet" in ln)
+    (tmp_path / "traces").symlink_to(README.parent / "traces")
+    monkeypatch.chdir(tmp_path)
+    assert traces_main(shlex.split(imp)[3:]) == 0
+    register_configs()
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        cfg = compose(config_name="sim", overrides=[*shlex.split(replay)[3:], "progress=false"])
+    rows = simulate(cfg)
+    assert rows and all(r["status"] == "ok" for r in rows)

@@ -313,14 +313,29 @@ def test_waves_when_prefill_needs_more_experts_than_slots():
     assert len(log.token_times[0]) == 2
 
 
-def test_stream_policy_keeps_nothing_between_steps():
-    model = make_model(num_layers=1, moe_layers=(0,), E=4, k=1)
-    hw = make_hw()
+def test_stream_keeps_whole_layers_and_copies_the_rest_host_synchronously():
+    """3 MoE layers of 2 experts, 4 slots: layer 0 stays resident (preloaded), layers 1 and 2 pass
+    through the other 2 slots. Each streamed layer: the host waits for the GPU, copies its 2
+    experts one after another (10 ms each, nothing overlapped), then runs attention (1 ms) and
+    experts (0.5 ms); layer 0 runs at once: 1.5 + 2 x (20 + 1.5) = 44.5 ms per token."""
+    model = make_model(num_layers=3, moe_layers=(0, 1, 2), E=2, k=1)
+    hw = make_hw(copy_issue_overhead_s=0.0)
     cost = FixedCost(model, hw)
-    trace = make_trace(model, [[[[0]], [[0]], [[0]]]], prefill=[1])
+    trace = make_trace(model, [[[[0], [1], [0]]] * 3], prefill=[1])
     sim, log = run(trace, model, hw, cost, eviction="fifo", prefetch="stream", slots=4)
-    assert log.copies == 3 * 4  # every expert of the layer, every step
-    assert sim.cache.resident_count() == 0
+    assert sim.prefetch.resident_layers == 1 and sim.cache.pinned == {0, 1}
+    assert log.request_start == [pytest.approx(20e-3)]  # layer 0 copied before the first request
+    assert log.copies == 2 + 3 * 2 * 2  # then the streamed layers' experts, every step
+    assert log.hits == 3 and log.misses == 6  # layer 0 resident; the streamed layers' experts copied on demand
+    assert log.stall == pytest.approx(3 * 2 * 20e-3)
+    times = log.token_times[0]
+    assert times[0] - 20e-3 == pytest.approx(44.5e-3) and np.diff(times) == pytest.approx([44.5e-3] * 2)
+    assert sim.cache.resident_count() == 2  # only the resident layer stays
+    spans = [s for s in log.compute_spans if s[2].startswith("pageable copy")]
+    assert len(spans) == 6 and all(b - a == pytest.approx(20e-3) for a, b, _ in spans)
+    # every layer fits: all resident, moved once
+    sim, log = run(trace, model, hw, cost, eviction="fifo", prefetch="stream", slots=6)
+    assert log.copies == 6 and sim.prefetch.resident_layers == 3 and log.stall == 0
 
 
 def test_unknown_policy_names_are_errors():

@@ -19,7 +19,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from traces import ModelShape, Trace, TraceError, read_trace
-from traces.importers import DEFAULT_FIELDS, RaggedLogWarning, import_log, parse_layers
+from traces.importers import DEFAULT_FIELDS, LogFieldWarning, RaggedLogWarning, import_log, parse_layers
 from traces.io import rows_from_trace
 from traces.trace import DECODE, PREFILL, empty_arrays
 
@@ -177,8 +177,9 @@ def test_explicit_field_names(tmp_path: Path) -> None:
     want = truth(np.random.default_rng(5), [3, 2], weights=False)
     recs = [{"pid": r["request_id"], "L": r["layer"], "i": r["token_idx"], "sel": r["topk_ids"],
              "topk_weights": [0.5, 0.5]} for r in records(want)]
-    got = import_log(write_jsonl(tmp_path / "l.jsonl", recs), "jsonl", request_field="pid", layer_field="L",
-                     token_field="i", experts_field="sel", weights_field="", date=DATE)
+    with pytest.warns(LogFieldWarning, match=r"\['topk_weights'\] hold lists of 2 numbers but are not read"):
+        got = import_log(write_jsonl(tmp_path / "l.jsonl", recs), "jsonl", request_field="pid", layer_field="L",
+                         token_field="i", experts_field="sel", weights_field="", date=DATE)
     assert same(got, want)
     assert got.gate_weights is None and got.meta["import"]["fields"]["weights"] is None
 
@@ -354,6 +355,113 @@ def test_directory_nested_and_deterministic(tmp_path: Path) -> None:
     b = import_log(tmp_path / "d", date=DATE)
     assert a.equals(b) and same(a, want)
     assert a.meta["import"]["files"] == ["a/x.jsonl", "a/y.jsonl", "b.jsonl"]
+
+
+# --------------------------------------------------------------------------- real logs as shipped
+CASES = Path(__file__).resolve().parent / "data" / "logs"  # written by make_cases.py
+
+
+def canonical() -> Trace:
+    return import_log(CASES / "canonical.jsonl", date=DATE)
+
+
+def test_case_request_ids_restarting_in_each_file(tmp_path: Path) -> None:
+    with pytest.raises(TraceError, match=r"logged twice .*--request-scope file"):
+        import_log(CASES / "restart-ids")
+    got = import_log(CASES / "restart-ids", request_scope="file", date=DATE)
+    assert same(got, canonical())  # ranks' requests get ids 0..3 by first appearance
+    imp = got.meta["import"]
+    assert imp["request_names"] == {"rank0.jsonl:0": 0, "rank0.jsonl:1": 1, "rank1.jsonl:0": 2, "rank1.jsonl:1": 3}
+    assert imp["request_scope"] == "file" and imp["request_names_from"] == "file:field"
+
+
+def test_case_layer_grouped_csv_without_positions() -> None:
+    with pytest.raises(TraceError, match="field for token missing.*--token-field ''"):
+        import_log(CASES / "layer-grouped.csv")
+    got = import_log(CASES / "layer-grouped.csv", token_field="", date=DATE)
+    assert same(got, canonical())
+    assert got.meta["import"]["fields"]["token"] is None
+    assert got.meta["import"]["positions_from"] == "row order within (request, layer)"
+
+
+@given(seed=st.integers(0, 2**32 - 1), grouping=st.sampled_from(["token", "layer", "shuffled layers"]))
+def test_positions_from_row_order_any_grouping(tmp_path_factory: pytest.TempPathFactory, seed: int,
+                                               grouping: str) -> None:
+    """Rows grouped by token, by layer, or interleaved across layers: only the order of a request's
+    rows within one layer carries the position."""
+    rng = np.random.default_rng(seed)
+    want = truth(rng, list(rng.integers(1, 6, size=3)))
+    recs = records(want)
+    if grouping == "layer":
+        recs = by_layer(recs)
+    elif grouping == "shuffled layers":  # a random interleaving that keeps each (request, layer)'s order
+        lanes = {}
+        for r in recs:
+            lanes.setdefault((r["request_id"], r["layer"]), []).append(r)
+        keys = [key for key, lane in lanes.items() for _ in lane]
+        rng.shuffle(keys)
+        recs = [lanes[key].pop(0) for key in keys]
+    for r in recs:
+        del r["token_idx"]
+    path = write_jsonl(tmp_path_factory.mktemp("rows") / "l.jsonl", recs)
+    assert same(import_log(path, token_field="", date=DATE), want)
+
+
+def test_case_directory_with_other_jsonl_files() -> None:
+    with pytest.raises(TraceError, match="config.jsonl: line 1: field for layer missing"):
+        import_log(CASES / "mixed")
+    got = import_log(CASES / "mixed", include=["routing_*.jsonl"], date=DATE)
+    assert same(got, canonical())
+    assert got.meta["import"]["files"] == ["routing_0.jsonl", "routing_1.jsonl"]
+    assert got.meta["import"]["include"] == ["routing_*.jsonl"]
+    with pytest.raises(TraceError, match="no log file in this directory matches --include nothing_\\*"):
+        import_log(CASES / "mixed", include=["nothing_*"])
+    with pytest.raises(TraceError, match="--include selects files of a directory"):
+        import_log(CASES / "canonical.jsonl", include=["*.jsonl"])
+
+
+def test_include_glob_with_a_slash_matches_the_relative_path(tmp_path: Path) -> None:
+    want = truth(np.random.default_rng(30), [2, 2])
+    write_jsonl(tmp_path / "d" / "rank0" / "a.jsonl", records(want))
+    write_jsonl(tmp_path / "d" / "rank1" / "a.jsonl", [{"other": 1}])
+    got = import_log(tmp_path / "d", include=["rank0/*"], date=DATE)
+    assert same(got, want) and got.meta["import"]["files"] == ["rank0/a.jsonl"]
+
+
+def test_case_weights_under_another_name_found_by_role() -> None:
+    with pytest.warns(LogFieldWarning) as rec:
+        got = import_log(CASES / "renamed-weights.jsonl", date=DATE)
+    assert same(got, canonical())  # the gate weights came from 'probs'
+    msgs = [str(w.message) for w in rec]
+    assert any("gate weights read from field 'probs'" in m for m in msgs), msgs
+    assert any("['draft_ids'] hold lists of 2 numbers but are not read" in m for m in msgs), msgs
+    imp = got.meta["import"]
+    assert imp["fields"]["weights"] == "probs" and imp["fields_found_by_role"] == ["weights"]
+    assert imp["fields_unused"] == ["draft_ids"]
+    # named explicitly: no guess (the unread list field is still reported)
+    with pytest.warns(LogFieldWarning, match="draft_ids"):
+        named = import_log(CASES / "renamed-weights.jsonl", weights_field="probs", date=DATE)
+    assert same(named, canonical()) and "fields_found_by_role" not in named.meta["import"]
+
+
+@pytest.mark.parametrize(("first", "found"), [
+    ({"w": [0.6, 0.4]}, "w"),
+    ({"w": [1, 0]}, None),  # integers: more likely ids than weights
+    ({"w": [0.6, 1.4]}, None),  # outside [0, 1]
+    ({"w": [0.6, 0.3, 0.1]}, None),  # not of width k
+    ({"a": [2, 1], "w": [0.6, 0.4]}, "w"),
+])
+def test_weights_role_rule(tmp_path: Path, first: dict[str, Any], found: str | None) -> None:
+    recs = [{"layer": 0, "token_idx": t, "topk_ids": [1, 2], **first} for t in range(2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LogFieldWarning)
+        got = import_log(write_jsonl(tmp_path / "l.jsonl", recs), date=DATE)
+    assert got.meta["import"]["fields"]["weights"] == found
+
+
+def test_case_prefill_only_log(capsys: pytest.CaptureFixture[str]) -> None:
+    got = import_log(CASES / "prefill-only.jsonl", date=DATE)
+    assert (got.phase[got.valid_mask()] == PREFILL).all() and got.meta["import"]["phase_from"] == "field"
 
 
 # --------------------------------------------------------------------------- ragged logs
@@ -788,6 +896,20 @@ def test_cli_error_exit_code(tmp_path: Path, cli: Callable[[list[str]], int],
     assert not out.exists() and list(tmp_path.iterdir()) == [path]
 
 
+def test_cli_real_log_options(tmp_path: Path, cli: Callable[[list[str]], int],
+                              capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "t.parquet"
+    assert cli(["import", str(CASES / "restart-ids"), "-o", str(out), "--request-scope", "file"]) == 0
+    assert same(read_trace(out), canonical())
+    assert cli(["import", str(CASES / "mixed"), "-o", str(out), "--include", "routing_*.jsonl"]) == 0
+    assert cli(["import", str(CASES / "layer-grouped.csv"), "-o", str(out), "--token-field", ""]) == 0
+    assert same(read_trace(out), canonical())
+    capsys.readouterr()
+    assert cli(["import", str(CASES / "renamed-weights.jsonl"), "-o", str(out)]) == 0
+    err_text = capsys.readouterr().err
+    assert "warning:" in err_text and "gate weights read from field 'probs'" in err_text and "draft_ids" in err_text
+
+
 def test_cli_help_documents_defaults(cli: Callable[[list[str]], int], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as ei:
         cli(["import", "--help"])
@@ -797,5 +919,5 @@ def test_cli_help_documents_defaults(cli: Callable[[list[str]], int], capsys: py
         assert f"--{role}-field" in text
         assert DEFAULT_FIELDS[role][0] in text
     for opt in ("--format", "--prefill-tokens", "--num-experts", "--top-k", "--num-layers", "--model-name",
-                "--moe-layers", "dropped_rows"):
+                "--moe-layers", "dropped_rows", "--include", "--request-scope"):
         assert opt in text

@@ -104,21 +104,27 @@ def test_reuse_counts_only_selected_phase_and_never_crosses_requests():
 # ------------------------------------------------------------------------ LRU
 def test_lru_hit_rates_by_hand():
     tr = build([SEQ], ONE)
-    # c=1: cache holds the top-1 expert of the last token: {0} {1} {2} -> no hit at all
     # c=2: t1 hits 1, t2 hits 2, t3 none -> 2/8
-    # c=3: recency after t2 is 2,3,1 -> t3 hits 1 -> 3/8
+    # c=3: recency after t2 is 1,2,3 (0 evicted by 3) -> t3 hits 1 -> 3/8
     # c=4: t1 1, t2 2, t3 0 and 1 -> 4/8 (only cold misses)
-    rates = stats.lru_hit_rates(tr, [1, 2, 3, 4])
-    assert {c: float(r.per_layer[0]) for c, r in rates.items()} == {1: 0.0, 2: 0.25, 3: 0.375, 4: 0.5}
+    rates = stats.lru_hit_rates(tr, [2, 3, 4])
+    assert {c: float(r.per_layer[0]) for c, r in rates.items()} == {2: 0.25, 3: 0.375, 4: 0.5}
     assert rates[2].den.tolist() == [4]
+    with pytest.raises(TraceError, match="top_k"):
+        stats.lru_hit_rates(tr, [1])
 
 
-def test_lru_keeps_highest_weight_expert_when_cache_smaller_than_k():
-    # c=1 < k=2: the token's experts are touched lowest weight first, so expert 0 (top-1) stays
-    tr = build([[[[0, 1]], [[0, 2]]]], ONE)
-    assert stats.lru_hit_rates(tr, [1])[1].per_layer[0] == pytest.approx(1 / 4)
-    tr = build([[[[1, 0]], [[0, 2]]]], ONE)  # now 1 is top-1 and stays: no hit
-    assert stats.lru_hit_rates(tr, [1])[1].per_layer[0] == 0.0
+def test_lru_touch_order_is_the_simulators():
+    """Resident experts first, then the fetched ones, each in gate-weight order (highest first)."""
+    five = ModelShape("hand5", 1, (0,), 5, 2)
+    # t0 fetches 0 then 1, so 0 is older: t1 {2,3} evicts 0 (c=3), and t2 {1,2} hits both -> 2/6
+    # (touching the top-1 expert last would evict 1 instead: one hit)
+    tr = build([[[[0, 1]], [[2, 3]], [[1, 2]]]], five)
+    assert stats.lru_hit_rates(tr, [3])[3].per_layer[0] == pytest.approx(2 / 6)
+    # t1 {2,1}: 1 resident (touched first), 2 fetched (touched last): order 0,1,2; t2 {3,4} evicts
+    # 0 then 1; t3 {2,3} hits both -> 3/8 (pure gate-weight order would evict 2: 2/8)
+    tr = build([[[[0, 1]], [[2, 1]], [[3, 4]], [[2, 3]]]], five)
+    assert stats.lru_hit_rates(tr, [3])[3].per_layer[0] == pytest.approx(3 / 8)
 
 
 def test_lru_is_cold_at_each_request_and_per_layer():
@@ -201,6 +207,18 @@ def test_predictor_recall_and_acceptance_by_hand(tmp_path):
     assert read_trace(write_trace(tr, tmp_path / "hand.parquet")).equals(tr)
 
 
+def test_draft_set_agreement_recall_and_acceptance_correlation_by_hand():
+    # rows: {0,1} vs {1,0}: same set (order ignored); {1,2} vs {1,3}: 1 of 2 right; {2,3} vs {0,1}:
+    # 0 of 2; {0,1} vs {0,1}: same -> set agreement 2/4, recall (2+1+0+2)/8, wrong ids (1+2)/2
+    draft = [[[1, 0]], [[1, 3]], [[0, 1]], [[0, 1]]]
+    tr = build([SEQ], ONE, draft=[draft], draft_match=[[True, True, False, False]])
+    agree, wrong = stats.draft_agreement(tr, phase="all")
+    assert agree.overall == 0.5 and wrong == 1.5
+    assert stats.predictor_recall(tr, phase="all")["draft"].overall == pytest.approx(5 / 8)
+    # pairs (x_t, x_t+1): (1,1), (1,0), (0,0): cov 1/9, both variances 2/9 -> 0.5
+    assert stats.acceptance_corr(tr, phase="all") == pytest.approx(0.5)
+
+
 # -------------------------------------------------------------- all together + CLI
 def test_compute_stats_table_and_json(tmp_path, capsys):
     shape = ModelShape("dense0", 4, (1, 2, 3), 4, 2)
@@ -212,25 +230,25 @@ def test_compute_stats_table_and_json(tmp_path, capsys):
     df = st.per_layer
     assert list(df.index) == [1, 2, 3, "all"]
     assert {"reuse_next", "reuse_w1", "lru_c2", "top_quarter_window", "cooc_recall", "popularity_recall",
-            "lookahead_1_recall", "draft_agreement", "entropy_global"} <= set(df.columns)
+            "lookahead_1_recall", "draft_recall", "draft_set_agreement", "entropy_global"} <= set(df.columns)
     # layer 1: {1,2}&{0,1} -> 1/2; layer 2: 1; layer 3: 0 (both requests alike)
     assert df["reuse_next"].tolist()[:3] == [0.5, 1.0, 0.0]
     assert df.loc["all", "reuse_next"] == pytest.approx(0.5)
-    assert df.loc["all", "draft_agreement"] == 1.0
+    assert df.loc["all", "draft_recall"] == 1.0 and df.loc["all", "draft_set_agreement"] == 1.0
     assert st.scalars["acceptance"] == 0.75 and st.scalars["chance"] == 0.5
     assert "lookahead_1_recall" in st.to_text()
 
     path = write_trace(tr, tmp_path / "t.parquet")
     p = argparse.ArgumentParser()
     stats.add_arguments(p)
-    args = p.parse_args([str(path), "--json", "--window", "1", "--cache-sizes", "1,2", "-o", str(tmp_path / "s.json")])
+    args = p.parse_args([str(path), "--json", "--window", "1", "--cache-sizes", "2,3", "-o", str(tmp_path / "s.json")])
     assert stats.run(args) == 0
     out = json.loads(capsys.readouterr().out)
     assert out == json.loads((tmp_path / "s.json").read_text())
     assert out["per_layer"]["layer"] == [1, 2, 3]
     assert out["per_layer"]["reuse_next"] == [0.5, 1.0, 0.0]
     assert out["per_layer"]["lookahead_1_recall"][2] is None  # NaN -> null
-    assert out["settings"]["cache_sizes"] == [1, 2] and out["acceptance"] == 0.75
+    assert out["settings"]["cache_sizes"] == [2, 3] and out["acceptance"] == 0.75
     args = p.parse_args([str(path)])
     assert stats.run(args) == 0
     assert "reuse_next" in capsys.readouterr().out
@@ -240,6 +258,26 @@ def test_stats_on_trace_without_optional_columns():
     tr = build([SEQ, SEQ], ONE)
     tr.gate_weights = None
     st = stats.compute_stats(tr)
-    assert not any(c.startswith("lookahead") or c == "draft_agreement" for c in st.per_layer.columns)
+    assert not any(c.startswith("lookahead") or c.startswith("draft") for c in st.per_layer.columns)
     assert math.isnan(st.scalars["acceptance"])
     assert stats.default_cache_sizes(8, 2) == [2, 4, 8] and stats.default_cache_sizes(128, 8) == [8, 16, 32]
+
+
+def test_prefill_only_log_shows_prefill_statistics(tmp_path, capsys):
+    from pathlib import Path
+
+    from traces.importers import import_log
+
+    case = Path(__file__).resolve().parent / "data" / "logs" / "prefill-only.jsonl"
+    path = write_trace(import_log(case), tmp_path / "p.parquet")
+    p = argparse.ArgumentParser()
+    stats.add_arguments(p)
+    assert stats.run(p.parse_args([str(path), "--json"])) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["note"].startswith("prefill-only trace") and out["settings"]["phase"] == "prefill"
+    assert out["tokens"] == 20 and out["overall"]["lru_c2"] is not None  # 4 requests x 5 prompt tokens
+    assert stats.run(p.parse_args([str(path)])) == 0
+    text = capsys.readouterr().out
+    assert "prefill-only trace" in text and "20 prefill tokens" in text
+    with pytest.raises(TraceError, match="no decode token.*--phase prefill"):
+        stats.run(p.parse_args([str(path), "--phase", "decode"]))

@@ -16,13 +16,16 @@ Definitions (k = top-k, E = routed experts):
 * ``reuse_next``: mean over tokens with a previous token of |S_t ∩ S_(t-1)| / k at the same layer,
   the share of a token's experts that the previous token also used. Chance is about k/E.
 * ``reuse_w<W>``: mean over tokens with W previous tokens of |S_t ∩ (S_(t-1) ∪ ... ∪ S_(t-W))| / k.
-* ``lru_c<c>``: hit rate of a per-layer LRU cache of c expert slots. Per request and per layer the
-  cache starts empty at the request's first selected token (cold start; prefill is not replayed
-  into it unless ``phase`` selects it); tokens are processed in order; an expert is a hit if it is
-  resident when its token arrives; then the token's k experts become most recently used (touched
-  lowest gate weight first, so that with c < k the highest-weight ones stay). Hit rate = hits /
-  (k x tokens), cold misses included. (An LRU cache holds exactly the c most recently used
-  distinct experts, so a hit is a stack distance < c.)
+* ``lru_c<c>``: hit rate of a per-layer LRU cache of c >= k expert slots. Per request and per
+  layer the cache starts empty at the request's first selected token (cold start, the simulator's
+  ``cache.reset=request``; prefill is not replayed into it unless ``phase`` selects it); tokens
+  are processed one by one, in order; an expert is a hit if it is resident when its token
+  arrives; a token's own experts never evict each other; then its k experts become the most
+  recently used, touched in the simulator's order (docs/metrics.md, "LRU order"): the resident
+  ones first, then the ones fetched on demand, each group in gate-weight order (highest first),
+  so the lowest-weight fetched expert is the most recent. Hit rate = hits / (k x tokens), cold
+  misses included. (An LRU cache holds exactly the c most recently used distinct experts, so a
+  hit is a stack distance < c.)
 * ``top_quarter_window`` / ``top_quarter_global``: share of selections taken by the ceil(E/4) most
   selected experts, within non-overlapping windows of ``skew_window`` tokens of one request (a
   trailing partial window is dropped unless it is the request's only window; mean over windows),
@@ -39,8 +42,12 @@ Definitions (k = top-k, E = routed experts):
   ``chance`` = k/E is a random predictor's expectation.
 * ``lookahead_<d>_recall``: mean |lookahead_<d> ∩ truth at layer l+d| / k over rows whose target
   exists, reported at the source layer l (where the column is recorded).
-* ``draft_agreement``: mean |draft ∩ expert_ids| / k at the same layer; ``acceptance``: mean of
-  ``draft_match`` over the selected tokens.
+* ``draft_set_agreement``: share of (token, layer) rows whose draft top-k set equals the target's
+  exactly (MoE-SpeQ's agreement metric); ``draft_recall``: mean |draft ∩ expert_ids| / k at the
+  same layer (per-id recall). Scalars: ``draft_wrong_ids``, the mean number of wrong ids in a
+  disagreeing row; ``acceptance``, the mean of ``draft_match`` over the selected tokens;
+  ``acceptance_corr``, the lag-1 correlation of ``draft_match`` between consecutive selected
+  tokens of a request (what the generator's two-state Markov dial sets).
 
 Overall values pool all (token, layer) rows for rates and recalls, and average the per-layer values
 for the popularity measures (expert identities differ between layers).
@@ -191,30 +198,34 @@ def lru_hit_rates(
     R, T, M, k = s.ids.shape
     E = s.trace.shape.num_experts
     sizes = [int(c) for c in cache_sizes]
-    if any(c < 1 for c in sizes):
-        raise TraceError(f"stats: cache sizes must be >= 1, got {sizes}")
+    if any(c < k for c in sizes):
+        raise TraceError(f"stats: LRU cache sizes must be >= top_k = {k} (a token's experts are resident together), "
+                         f"got {sizes}")
     n = R * M
     chains = s.ids.transpose(0, 2, 1, 3).reshape(n, T, k)  # (request, layer) chains
     live = np.repeat(s.valid, M, axis=0)  # (n, T)
-    last = np.full((n, E), -1, dtype=np.int64)
     rows = np.arange(n)[:, None]
-    touch = (k - 1 - np.arange(k))[None, :]  # lowest weight touched first, top-1 most recent
-    hits = {c: np.zeros(n) for c in sizes}
-    for t in range(T):
-        on = live[:, t]
-        if not on.any():
-            break
-        ids = np.where(on[:, None], chains[:, t], 0)
-        lu = last[rows, ids]  # (n, k)
-        dist = (last[:, None, :] > lu[:, :, None]).sum(-1)  # stack distance
-        seen = (lu >= 0) & on[:, None]
-        for c in sizes:
-            hits[c] += (seen & (dist < c)).sum(1)
-        stamp = t * k + touch
-        upd = np.where(on[:, None], stamp, last[rows, ids])
-        last[rows, ids] = upd
+    col = np.arange(k)[None, :]
     den = np.full(M, s.tokens, dtype=np.int64)
-    return {c: Rate(hits[c].reshape(R, M).sum(0) / k, den.copy()) for c in sizes}
+    out: dict[int, Rate] = {}
+    for c in sizes:
+        # the touch order depends on which experts hit, so each size keeps its own recency stamps
+        last = np.full((n, E), -1, dtype=np.int64)
+        hits = np.zeros(n)
+        for t in range(T):
+            on = live[:, t]
+            if not on.any():
+                break
+            ids = np.where(on[:, None], chains[:, t], 0)
+            lu = last[rows, ids]  # (n, k)
+            dist = (last[:, None, :] > lu[:, :, None]).sum(-1)  # stack distance
+            hit = (lu >= 0) & (dist < c) & on[:, None]
+            hits += hit.sum(1)
+            # resident experts are touched first, then the fetched ones, each in gate-weight order
+            rank = np.argsort(np.argsort(np.where(hit, 0, k) + col, axis=1, kind="stable"), axis=1)
+            last[rows, ids] = np.where(on[:, None], t * k + rank, lu)
+        out[c] = Rate(hits.reshape(R, M).sum(0) / k, den.copy())
+    return out
 
 
 def _windows(s: Selected, w: int) -> tuple[np.ndarray, np.ndarray]:
@@ -324,6 +335,33 @@ def predictor_recall(trace: Trace | Selected, phase: str = "decode") -> dict[str
     return out
 
 
+def draft_agreement(trace: Trace | Selected, phase: str = "decode") -> tuple[Rate, float]:
+    """(exact top-k set agreement of ``draft`` per layer, mean wrong ids in a disagreeing row);
+    (empty Rate, NaN) without a draft column."""
+    s = _sel(trace, phase)
+    R, T, M, k = s.ids.shape
+    if s.draft is None:
+        return Rate(np.zeros(M), np.zeros(M, dtype=np.int64)), float("nan")
+    hits = _overlap(s.draft, s.ids)[s.valid]  # (N, M) correct ids per row
+    same = hits == k
+    wrong = k - hits[~same]
+    return (Rate(same.sum(0).astype(np.float64), np.full(M, hits.shape[0], dtype=np.int64)),
+            float(wrong.mean()) if wrong.size else float("nan"))
+
+
+def acceptance_corr(trace: Trace | Selected, phase: str = "decode") -> float:
+    """Lag-1 correlation of ``draft_match`` between consecutive selected tokens of each request
+    (NaN without a draft column, with fewer than 3 pairs or a constant column)."""
+    s = _sel(trace, phase)
+    if s.draft_match is None:
+        return float("nan")
+    pair = s.valid[:, 1:] & s.valid[:, :-1]
+    x, y = s.draft_match[:, :-1][pair].astype(float), s.draft_match[:, 1:][pair].astype(float)
+    if x.size < 3 or x.std() == 0 or y.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(x, y)[0, 1])
+
+
 def acceptance(trace: Trace | Selected, phase: str = "decode") -> float:
     """Mean ``draft_match`` over the selected tokens (NaN without a draft column)."""
     s = _sel(trace, phase)
@@ -370,7 +408,9 @@ class TraceStats:
             f"{sc['tokens']} {self.settings['phase']} tokens in {sc['requests']} requests; "
             + (
                 "no draft column" if not sc["has_draft"]
-                else f"acceptance (mean draft_match) = {sc['acceptance']:.3f}" if math.isfinite(sc["acceptance"])
+                else f"draft set agreement {sc['draft_set_agreement']:.3f}, per-id recall {sc['draft_recall']:.3f}, "
+                f"acceptance (mean draft_match) {sc['acceptance']:.3f}, lag-1 correlation {sc['acceptance_corr']:.3f}"
+                if math.isfinite(sc["acceptance"])
                 else "acceptance n/a (no tokens)"
             ),
             f"reuse window {self.settings['window']}, skew window {self.settings['skew_window']}, "
@@ -408,7 +448,10 @@ def compute_stats(
     co, popr = cooccurrence_recall(s)
     cols["cooc_recall"], cols["popularity_recall"] = co, popr
     for name, r in predictor_recall(s).items():
-        cols[f"{name}_recall" if name.startswith("lookahead") else "draft_agreement"] = r
+        cols[f"{name}_recall" if name.startswith("lookahead") else "draft_recall"] = r
+    agree, wrong_ids = draft_agreement(s)
+    if trace.draft is not None:
+        cols["draft_set_agreement"] = agree
     data, overall = {}, {}
     for name, v in cols.items():
         if isinstance(v, Rate):
@@ -426,6 +469,10 @@ def compute_stats(
         "requests": trace.num_requests,
         "tokens": s.tokens,
         "acceptance": acceptance(s),
+        "acceptance_corr": acceptance_corr(s),
+        "draft_set_agreement": agree.overall if trace.draft is not None else float("nan"),
+        "draft_recall": float(cols["draft_recall"].overall) if trace.draft is not None else float("nan"),
+        "draft_wrong_ids": wrong_ids,
         "has_draft": trace.draft is not None,
     }
     settings = {"phase": phase, "window": window, "skew_window": skew_window, "cache_sizes": sizes}
@@ -448,7 +495,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--cache-sizes", type=_sizes, default=None,
         help="LRU slots per layer, comma-separated (default: k,2k,4k capped at E)",
     )
-    p.add_argument("--phase", choices=PHASE_CHOICES, default="decode", help="which tokens count (default decode)")
+    p.add_argument("--phase", choices=PHASE_CHOICES, default=None,
+                   help="which tokens count (default: decode; prefill when the trace has no decode token)")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     p.add_argument("-o", "--output", default=None, help="also write the JSON to this file")
 
@@ -457,10 +505,19 @@ def run(args: argparse.Namespace) -> int:
     from traces.io import read_trace
 
     trace = read_trace(args.path)
+    phase, note = args.phase, None
+    valid = trace.valid_mask()
+    has_decode = bool((valid & (trace.phase == DECODE)).any())
+    if not has_decode and phase in (None, "decode"):
+        if phase == "decode":
+            raise TraceError(f"{args.path}: no decode token in this trace (a prefill-only log); "
+                             "--phase prefill gives its prefill statistics")
+        phase = "prefill"
+        note = "prefill-only trace (no decode token): prefill statistics, prompt tokens in position order"
     st = compute_stats(
-        trace, window=args.window, skew_window=args.skew_window, cache_sizes=args.cache_sizes, phase=args.phase
+        trace, window=args.window, skew_window=args.skew_window, cache_sizes=args.cache_sizes, phase=phase or "decode"
     )
-    d = {"file": str(args.path), **st.to_dict()}
+    d = {"file": str(args.path), **({"note": note} if note else {}), **st.to_dict()}
     text = json.dumps(d, indent=2, sort_keys=False)
     if args.output:
         write_text_atomic(args.output, text + "\n")
@@ -468,5 +525,7 @@ def run(args: argparse.Namespace) -> int:
         print(text)
     else:
         print(f"{args.path}")
+        if note:
+            print(note)
         print(st.to_text())
     return 0

@@ -15,10 +15,16 @@ DEMAND = 0  # priority of demand fetches: before every prefetch
 
 
 class Fetch(NamedTuple):
-    """Copy ``key`` to the GPU. Lower priority values go first; 0 is reserved for demand."""
+    """Copy ``key`` to the GPU. Lower priority values go first; 0 is reserved for demand.
+
+    A prefetch that names the layer-step it is for (``for_g``) and its predictor's confidence (the
+    probability that the layer-step needs ``key``) is admitted by the host's copy queue only when
+    it pays for itself (sim/host.py, ``HostController.admit``); one without ``for_g`` always is."""
 
     key: int
     priority: int = 1
+    for_g: int = -1
+    confidence: float = 1.0
 
 
 class Cancel(NamedTuple):
@@ -91,6 +97,12 @@ class EvictionPolicy:
         self.ctx = ctx
         self.num_pools = num_pools
 
+    def reset(self) -> None:
+        """Forget everything learned so far (``cache.reset=request``: the host calls it with an
+        empty cache at a request's start). The default attaches afresh, which any policy that
+        keeps its state in ``attach`` gets right."""
+        self.attach(self.ctx, self.num_pools)
+
     def inserted(self, key: int, pool: int, g: int) -> None:  # pragma: no cover - interface
         raise NotImplementedError
 
@@ -113,6 +125,17 @@ class PrefetchPolicy:
 
     def attach(self, ctx: PolicyContext) -> None:
         self.ctx = ctx
+
+    def reset(self) -> None:
+        """Forget everything learned so far (``cache.reset=request``, at a request's start, before
+        ``on_request_start``): LFU-like counts, request history. The default attaches afresh."""
+        self.attach(self.ctx)
+
+    def preload(self, capacity: Sequence[int]) -> list[int]:
+        """Keys copied to the GPU before the first request (as a model load does) and kept there
+        for good (never evicted, never dropped), given the slots of each pool. The default
+        preloads nothing."""
+        return []
 
     def on_request_start(self, request: int) -> list[Action]:
         return []
@@ -140,6 +163,15 @@ class PrefetchPolicy:
 
     def on_request_end(self, request: int) -> list[Action]:
         return []
+
+    def summary(self) -> dict[str, Any]:
+        """Columns the policy adds to its results row (what it decided, in numbers)."""
+        return {}
+
+    def admits(self, key: int, victim: int) -> bool:
+        """May loading ``key`` evict ``victim`` (the eviction policy's choice)? False leaves the copy
+        queued until a slot frees. The host asks only policies that override this."""
+        return True
 
 
 class Registry:

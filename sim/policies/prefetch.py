@@ -15,27 +15,68 @@ class OnDemand(PrefetchPolicy):
     """Fetch only what a layer needs when its routing is known (Mixtral-offloading with LRU)."""
 
 
+def streamed_resident_layers(slots: int, num_experts: int, num_moe_layers: int) -> int:
+    """Whole MoE layers that whole-layer streaming keeps on the GPU in one pool of ``slots``: all of
+    them if they fit, else as many as fit beside one layer's worth of slots that the streamed
+    layers pass through (accelerate's ``device_map="auto"`` fills the GPU in module order and
+    offloads the rest, so these are the first layers)."""
+    E, M = num_experts, num_moe_layers
+    if slots >= E * M:
+        return M
+    return max(0, (slots - E) // E)
+
+
 @PREFETCH.register("stream")
 class WholeLayerStreaming(PrefetchPolicy):
-    """Every expert of a layer, every step, dropped after use: what accelerate's device_map offload does."""
+    """accelerate's device_map offload: as many whole layers as the budget allows stay on the GPU
+    (preloaded, never evicted); every other layer's experts are all copied in, every step, and
+    dropped after use. The copies come from pageable host memory and block the host (the host
+    models that: hardware.host_memory does not apply to this policy)."""
 
     keeps_cache = False
+    host_memory = "pageable"
+
+    def __init__(self) -> None:
+        self.resident_layers = 0
+
+    def preload(self, capacity: Sequence[int]) -> list[int]:
+        E, M = self.ctx.num_experts, self.ctx.num_moe_layers
+        if len(capacity) == 1:
+            n = streamed_resident_layers(capacity[0], E, M)
+        else:  # per-layer pools: a layer whose pool holds all its experts keeps them
+            n = M if min(capacity) >= E else 0
+        self.resident_layers = n
+        return list(range(n * E))
 
     def on_layer_start(self, ls: LayerStep) -> list[Action]:
+        if ls.m < self.resident_layers:
+            return []
         base = ls.m * self.ctx.num_experts
         return [Fetch(base + e, DEMAND) for e in range(self.ctx.num_experts)]
 
 
 class _Tracked(PrefetchPolicy):
-    """Remembers which layer-step each prefetch was for, and cancels the ones still queued once
-    that layer has routed: they are then either promoted to demand by the host (if needed) or
-    useless."""
+    """Remembers which layer-step each prediction was for. When that layer has routed it cancels
+    the prefetches still queued (the host promotes the needed ones to demand; the rest are
+    useless) and scores the prediction: the share of predicted experts the layer-step needed, per
+    depth (priority), is the confidence its next prefetches carry (Laplace-smoothed: 1/2 before
+    any evidence)."""
 
     def attach(self, ctx: PolicyContext) -> None:
         super().attach(ctx)
-        self._for: dict[int, list[int]] = {}
+        self._for: dict[int, list[int]] = {}  # target layer-step -> keys fetched for it
+        self._pred: dict[int, list[tuple[int, int]]] = {}  # target layer-step -> (key, depth) predicted
+        self._score: dict[int, list[int]] = {}  # depth -> [predicted keys needed, predicted keys]
+
+    def confidence(self, priority: int) -> float:
+        hit, total = self._score.get(priority, (0, 0))
+        return (hit + 1) / (total + 2)
 
     def _issue(self, target_g: int, keys: Sequence[int], priority: int) -> list[Action]:
+        pred = self._pred.get(target_g)
+        if pred is None:
+            self._pred[target_g] = pred = []
+        pred.extend((k, priority) for k in keys)
         cached = self.ctx.cached
         todo = [k for k in keys if not cached(k)]
         if not todo:
@@ -45,9 +86,21 @@ class _Tracked(PrefetchPolicy):
             self._for[target_g] = todo
         else:
             lst += todo
-        return [Fetch(k, priority) for k in todo]
+        c = self.confidence(priority)
+        return [Fetch(k, priority, target_g, c) for k in todo]
 
-    def _expire(self, g: int) -> list[Action]:
+    def _expire(self, g: int, needed: Sequence[int]) -> list[Action]:
+        pred = self._pred.pop(g, None)
+        if pred:
+            if len(needed) > 8:
+                needed = set(needed)
+            score = self._score
+            for k, p in pred:
+                sc = score.get(p)
+                if sc is None:
+                    score[p] = sc = [0, 0]
+                sc[0] += k in needed
+                sc[1] += 1
         keys = self._for.pop(g, None)
         if not keys:
             return []
@@ -67,7 +120,7 @@ class GateLookahead(_Tracked):
         self.depth = int(depth)
 
     def on_routed(self, ls: LayerStep, needed: Sequence[int]) -> list[Action]:
-        acts = self._expire(ls.g)
+        acts = self._expire(ls.g, needed)
         pred = self.ctx.predictor
         M = self.ctx.num_moe_layers
         for d in range(1, self.depth + 1):
@@ -98,7 +151,7 @@ class OraclePrefetch(_Tracked):
         return []
 
     def on_routed(self, ls: LayerStep, needed: Sequence[int]) -> list[Action]:
-        acts = self._expire(ls.g)
+        acts = self._expire(ls.g, needed)
         for j in range(1, self.depth + 1):
             acts += self._issue(ls.g + j, self.ctx.future(ls.g + j), j)
         return acts
@@ -161,7 +214,7 @@ class HistoryPrefetch(_Tracked):
             cur[key // E, key % E] += 1.0
         if ls.m == 0 or self._rank is None:
             self._rematch()
-        acts = self._expire(ls.g)
+        acts = self._expire(ls.g, needed)
         M = self.ctx.num_moe_layers
         for j in range(1, self.layers_ahead + 1):
             tm = ls.m + j
