@@ -34,7 +34,8 @@ class RunConf(RunBase):
     warmup_steps: int = setting(-1, "-1: one unmeasured pass over the whole trace first; N: its first N steps; 0: none")
     host_memory: Optional[str] = setting(None, "pinned | pageable: sets hardware.host_memory")
     link_pace_gbps: Optional[float] = setting(None, "pace copies to this bandwidth: sets hardware.link_pace_gbps")
-    cpu_backend: str = setting("sync", "on the CPU: sync (inline) | thread (two stream threads)")
+    cpu_backend: str = setting("sync", "on the CPU: sync (inline) | thread (two stream threads) | "
+                                       "virtual (deterministic virtual time, the simulator's durations; replay)")
     engine: Any = setting(None, "graphed: static KV cache + CUDA graphs between routing reads (runtime.lean) | "
                                 "eager: transformers' forward | null: graphed on a GPU, eager on the CPU")
     predict: bool = setting(True, "also the simulator's row of each config (source=sim)")
@@ -55,6 +56,24 @@ def rewrite_args(argv: list[str]) -> list[str]:
     from runtime.capture import rewrite_model_args
 
     return rewrite_model_args(argv)
+
+
+SPECULATIVE_COLUMNS = ["policy", "source", "repetition", "acceptance_rate", "mean_k", "tokens_per_cycle",
+                       "draft_agreement", "acceptance_by_position"]
+
+
+def speculative_table(rows: list[dict[str, Any]]) -> str:
+    """Acceptance, mean k, tokens per cycle (and, measured live, the draft's routing agreement and
+    acceptance per draft position) of the speculative rows; empty when there are none."""
+    import pandas as pd
+
+    spec = [r for r in rows if r.get("status") == "ok" and r.get("mean_k") is not None
+            and not (isinstance(r.get("mean_k"), float) and r["mean_k"] != r["mean_k"])]
+    if not spec:
+        return ""
+    df = pd.DataFrame(spec)
+    df = df[[c for c in SPECULATIVE_COLUMNS if c in df.columns]]
+    return df.to_string(index=False, float_format=lambda v: f"{v:.3f}")
 
 
 def run_app(cfg: Any, out_dir: Path) -> list[dict[str, Any]]:
@@ -86,6 +105,9 @@ def run_app(cfg: Any, out_dir: Path) -> list[dict[str, Any]]:
     finally:
         sess.close()
     print(format_table(rows, extra=["source", "repetition"]))
+    spec = speculative_table(rows)
+    if spec:
+        print(spec)
     print(f"results: {out_dir / (cfg.results_name + '.parquet')}")
     return rows
 
