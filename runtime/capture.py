@@ -39,6 +39,7 @@ import torch
 
 from runtime.models import LoadedModel
 from runtime.routing import base_model, experts_call_args, lookahead_route, sort_by_weight
+from sim.presets import setting
 from traces.errors import TraceError
 from traces.io import Rows, trace_from_rows
 from traces.provenance import git_sha, project_version
@@ -268,57 +269,15 @@ class _Engine:
         """Prefill then greedy decode a batch; returns the number of forward steps."""
         B = len(reqs)
         P = [len(r.prompt) for r in reqs]
-        S = max(P)
-        pad = self.model.config.pad_token_id
-        pad = int(pad) if isinstance(pad, int) else 0
-        ids = torch.full((B, S), pad, dtype=torch.long)
-        mask = torch.zeros((B, S), dtype=torch.long)
-        for b, r in enumerate(reqs):
-            ids[b, S - P[b]:] = torch.tensor(r.prompt, dtype=torch.long)
-            mask[b, S - P[b]:] = 1
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        ids, mask, pos = self._left_padded(reqs)
+        S = ids.shape[1]
         dev = self.device
-        ids, mask, pos = ids.to(dev), mask.to(dev), pos.to(dev)
         cache = self._new_cache()
         dcache = self._new_cache() if self.draft is not None else None
         step = 0
-        k, M, D = self.k, self.M, self.D
         while True:
-            n_cols = ids.shape[1]
-            N = B * n_cols
-            self.rec.reset()
-            self.rec.mode = "target"
-            hidden = self._forward(ids, mask, pos, cache)
-            nxt = self.lm_head(hidden[:, -1:]).argmax(-1).reshape(B)
-            parts = self.rec.pack(N, k, True)
-            parts.append(nxt.float())
-            if self.draft is not None:
-                self.rec.reset()
-                self.rec.mode = "draft"
-                with self.draft.active():
-                    dh = self._forward(ids, mask, pos, dcache)
-                dparts = self.rec.pack(N, k, False)
-                parts.append(dparts[0])
-                parts.append(self._argmax(dh).reshape(-1).float())
-                self.rec.mode = "target"
-            flat = torch.cat([p.reshape(-1) for p in parts]).cpu().numpy()  # the one host copy of this step
-            self.host_copies += 1
-            off = 0
-
-            def take(shape: tuple[int, ...]) -> np.ndarray:
-                nonlocal off
-                size = int(np.prod(shape))
-                a = flat[off : off + size].reshape(shape)
-                off += size
-                return a
-
-            e_ids = take((M, B, n_cols, k)).astype(np.int64)
-            e_w = take((M, B, n_cols, k)).astype(np.float32)
-            look = take((D, M, B, n_cols, k)).astype(np.int64) if D else None
-            g = take((B,)).astype(np.int64)
-            if self.draft is not None:
-                d_ids = take((M, B, n_cols, k)).astype(np.int64)
-                d_arg = take((B, n_cols)).astype(np.int64)
+            out = self._step(ids, mask, pos, cache, dcache)
+            g = out["next"]
             processed = 0
             for b, r in enumerate(reqs):
                 if not r.active:
@@ -331,18 +290,7 @@ class _Engine:
                     cols = np.array([0])
                     positions = np.array([P[b] + step - 1])
                     following = np.array([int(g[b])], dtype=np.int64)
-                ch = {
-                    "position": positions.astype(np.int64),
-                    "step": np.full(len(cols), step, dtype=np.int64),
-                    "ids": e_ids[:, b, cols].transpose(1, 0, 2),  # (n, M, k)
-                    "w": e_w[:, b, cols].transpose(1, 0, 2),
-                }
-                if D:
-                    ch["look"] = look[:, :, b, cols].transpose(2, 0, 1, 3)  # (n, D, M, k)
-                if self.draft is not None:
-                    ch["draft"] = d_ids[:, b, cols].transpose(1, 0, 2)
-                    ch["match"] = d_arg[b, cols] == following
-                r.chunks.append(ch)
+                r.chunks.append(self._chunk(out, b, cols, positions, following, step))
                 processed += len(cols)
             for b, r in enumerate(reqs):
                 if not r.active:
@@ -358,6 +306,79 @@ class _Engine:
             ids = torch.tensor([r.gen[-1] for r in reqs], dtype=torch.long, device=dev).reshape(B, 1)
             mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=dev)], dim=1)
             pos = pos[:, -1:] + 1
+
+    def _left_padded(self, reqs: list[_Req]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The batch's prompts left-padded: input ids, attention mask and positions, on the device."""
+        P = [len(r.prompt) for r in reqs]
+        B, S = len(reqs), max(P)
+        pad = self.model.config.pad_token_id
+        pad = int(pad) if isinstance(pad, int) else 0
+        ids = torch.full((B, S), pad, dtype=torch.long)
+        mask = torch.zeros((B, S), dtype=torch.long)
+        for b, r in enumerate(reqs):
+            ids[b, S - P[b]:] = torch.tensor(r.prompt, dtype=torch.long)
+            mask[b, S - P[b]:] = 1
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        dev = self.device
+        return ids.to(dev), mask.to(dev), pos.to(dev)
+
+    def _step(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any, dcache: Any) -> dict[str, Any]:
+        """One forward step of the target (and the draft, teacher-forced), its recorded routing
+        brought to the host in one copy: ids, w (M, B, cols, k), look (D, M, B, cols, k), next (B,),
+        and with a draft d_ids and d_arg (B, cols)."""
+        B, n_cols = ids.shape
+        N = B * n_cols
+        k, M, D = self.k, self.M, self.D
+        self.rec.reset()
+        self.rec.mode = "target"
+        hidden = self._forward(ids, mask, pos, cache)
+        nxt = self.lm_head(hidden[:, -1:]).argmax(-1).reshape(B)
+        parts = self.rec.pack(N, k, True)
+        parts.append(nxt.float())
+        if self.draft is not None:
+            self.rec.reset()
+            self.rec.mode = "draft"
+            with self.draft.active():
+                dh = self._forward(ids, mask, pos, dcache)
+            dparts = self.rec.pack(N, k, False)
+            parts.append(dparts[0])
+            parts.append(self._argmax(dh).reshape(-1).float())
+            self.rec.mode = "target"
+        flat = torch.cat([p.reshape(-1) for p in parts]).cpu().numpy()  # the one host copy of this step
+        self.host_copies += 1
+        off = 0
+
+        def take(shape: tuple[int, ...]) -> np.ndarray:
+            nonlocal off
+            size = int(np.prod(shape))
+            a = flat[off : off + size].reshape(shape)
+            off += size
+            return a
+
+        out: dict[str, Any] = {"ids": take((M, B, n_cols, k)).astype(np.int64),
+                               "w": take((M, B, n_cols, k)).astype(np.float32)}
+        out["look"] = take((D, M, B, n_cols, k)).astype(np.int64) if D else None
+        out["next"] = take((B,)).astype(np.int64)
+        if self.draft is not None:
+            out["d_ids"] = take((M, B, n_cols, k)).astype(np.int64)
+            out["d_arg"] = take((B, n_cols)).astype(np.int64)
+        return out
+
+    def _chunk(self, out: dict[str, Any], b: int, cols: np.ndarray, positions: np.ndarray, following: np.ndarray,
+               step: int) -> dict[str, np.ndarray]:
+        """Request ``b``'s rows of one step (its columns ``cols``) as per-token arrays."""
+        ch = {
+            "position": positions.astype(np.int64),
+            "step": np.full(len(cols), step, dtype=np.int64),
+            "ids": out["ids"][:, b, cols].transpose(1, 0, 2),  # (n, M, k)
+            "w": out["w"][:, b, cols].transpose(1, 0, 2),
+        }
+        if self.D:
+            ch["look"] = out["look"][:, :, b, cols].transpose(2, 0, 1, 3)  # (n, D, M, k)
+        if self.draft is not None:
+            ch["draft"] = out["d_ids"][:, b, cols].transpose(1, 0, 2)
+            ch["match"] = out["d_arg"][b, cols] == following
+        return ch
 
 
 def _rows(reqs: list[_Req], loaded: LoadedModel, D: int, draft: bool) -> Rows:
@@ -500,44 +521,47 @@ def _model_spec_dict(loaded: LoadedModel) -> dict[str, Any] | None:
 # =========================================================================== Hydra app
 @dataclass
 class PromptsConf:
-    path: Optional[str] = None  # text file (one prompt per line) or .jsonl; null: the built-in set
-    field: str = "text"  # JSONL field
-    limit: Optional[int] = None
-    max_tokens: Optional[int] = None  # truncate longer prompts
+    path: Optional[str] = setting(None, "text file (one prompt per line) or .jsonl; null: runtime.prompts.BUILTIN_PROMPTS")
+    field: str = setting("text", "the JSONL field holding the prompt")
+    limit: Optional[int] = setting(None, "the first N prompts")
+    max_tokens: Optional[int] = setting(None, "truncate longer prompts")
 
 
 @dataclass
 class DraftConf:
-    enabled: bool = False
-    bits: int = 4
-    group_size: int = 128
-    kernel: str = "reference"
+    enabled: bool = setting(False, "record draft + draft_match (routed experts quantized, teacher-forced)")
+    bits: int = setting(4, "4, 8, or 16 (unquantized)")
+    group_size: int = setting(128, "weights per quantization scale")
+    kernel: str = setting("reference", "reference (dequantize) | auto | fast (packed int4 matmul)")
 
 
 @dataclass
 class CaptureConf:
     """Structured config of `python -m runtime.capture` (ConfigStore name ``capture_schema``)."""
 
-    model: Any = None  # a conf/model preset (random weights built from its config.json)
-    source: Optional[str] = None  # checkpoint dir, config.json, cached hub name or tiny-<family>
-    layers: Optional[int] = None  # depth reduction for `source` (presets: model.layers)
-    dtype: str = "auto"
-    device: str = "auto"
-    seed: int = 0
-    revision: Optional[str] = None
-    experts_implementation: Optional[str] = None
-    max_memory: Optional[str] = None
-    offload_folder: Optional[str] = None
-    prompts: PromptsConf = field(default_factory=PromptsConf)
-    max_new_tokens: int = 32
-    batch_size: int = 8
-    lookahead: int = 2
-    draft: DraftConf = field(default_factory=DraftConf)
-    stop_at_eos: bool = True
-    out: str = "trace.parquet"
-    progress: Optional[bool] = None
-    created: Optional[str] = None
-    deterministic: bool = True
+    model: Any = setting(None, "a conf/model preset (random weights built from its config.json)")
+    source: Optional[str] = setting(None, "checkpoint dir, config.json, cached hub name or tiny-<family>")
+    layers: Optional[int] = setting(None, "depth reduction for `source` (presets: model.layers)")
+    dtype: str = setting("auto", "auto: a checkpoint's own dtype; random weights bf16 on a GPU, fp32 on the CPU")
+    device: str = setting("auto", "auto: cuda if present, else cpu")
+    seed: int = setting(0, "seed of random weights")
+    revision: Optional[str] = setting(None, "checkpoint revision (hub cache)")
+    experts_implementation: Optional[str] = setting(
+        None, "transformers experts backend (eager, batched_mm, grouped_mm); null: the model's default")
+    max_memory: Optional[str] = setting(
+        None, "e.g. 4GiB: cap the compute device's weights, offload the rest with accelerate")
+    offload_folder: Optional[str] = setting(
+        None, "disk offload directory when the compute device is the CPU (default: a temp dir)")
+    prompts: PromptsConf = setting(PromptsConf(), "where the prompts come from")
+    max_new_tokens: int = setting(32, "greedy decode length")
+    batch_size: int = setting(8, "left padding; padding rows are dropped")
+    lookahead: int = setting(2, "record lookahead_1..lookahead_D")
+    draft: DraftConf = setting(DraftConf(), "the INT4 draft's routing")
+    stop_at_eos: bool = setting(True, "stop a request at its end-of-sequence token")
+    out: str = setting("trace.parquet", "the trace file written")
+    progress: Optional[bool] = setting(None, "null: a bar only on a terminal")
+    created: Optional[str] = setting(None, "fixed ISO date for byte-identical reruns; null: now")
+    deterministic: bool = setting(True, "torch deterministic algorithms (warn-only)")
 
 
 def register_configs() -> None:

@@ -253,7 +253,7 @@ def evaluate(model: torch.nn.Module, blocks: np.ndarray, device: torch.device, b
 
 def train(s: TrainSettings) -> dict[str, Any]:
     """Data, tokenizer, training, checkpoint, held-out prompts and trace capture (one command)."""
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+    from transformers import AutoModelForCausalLM
 
     t0 = time.time()
     out = Path(s.out)
@@ -267,15 +267,7 @@ def train(s: TrainSettings) -> dict[str, Any]:
     corpus = read_corpus(s)
     tok, tok_kind = train_tokenizer([t for _, t in corpus["train"]], s.vocab)
     vocab = tok.vocab_size if isinstance(tok, ByteTokenizer) else tok.get_vocab_size()
-    train_ids = token_stream(tok, corpus["train"])
-    held_ids = token_stream(tok, corpus["heldout"])
-    T = s.seq_len
-    n_train = len(train_ids) // T
-    train_blocks = train_ids[: n_train * T].reshape(n_train, T)
-    n_held = min(s.eval_blocks, len(held_ids) // T)
-    held_blocks = held_ids[: n_held * T].reshape(n_held, T)
-    if n_train < 1 or n_held < 1:
-        raise RuntimeError(f"not enough tokens for seq_len={T}: {len(train_ids)} train, {len(held_ids)} held out")
+    train_blocks, held_blocks = _blocks(s, tok, corpus)
     t_data = time.time() - t0
 
     config = build_config(s, vocab)
@@ -285,6 +277,57 @@ def train(s: TrainSettings) -> dict[str, Any]:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, experts_implementation=impl)
     model.to(device).train()
     n_params = sum(p.numel() for p in model.parameters())
+    t1 = time.time()
+    curve, evals, best_loss, best_step = _train_loop(model, s, train_blocks, held_blocks, device, np_rng)
+    t_train = time.time() - t1
+
+    ckpt = _save_checkpoint(model, tok, out, _model_card(s, corpus["provenance"], tok_kind, n_params, best_loss, best_step))
+    ckpt_bytes = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
+    del model
+
+    # ---- held-out prompts and the trace
+    prompts = heldout_prompts(corpus["heldout"], s.prompts)
+    with open(out / "prompts.jsonl.tmp", "w", encoding="utf-8") as f:
+        for p in prompts:
+            f.write(json.dumps(p) + "\n")
+    os.replace(out / "prompts.jsonl.tmp", out / "prompts.jsonl")
+    t2 = time.time()
+    summary = capture_traces(s, ckpt, prompts, out, device)
+    t_capture = time.time() - t2
+
+    log = {
+        "settings": asdict(s), "device": str(device), "data": corpus["provenance"], "tokenizer": tok_kind,
+        "vocab": vocab, "train_tokens": int(train_blocks.size), "heldout_tokens_evaluated": int(held_blocks.size),
+        "params": n_params, "checkpoint_bytes": ckpt_bytes, "loss_curve": curve, "evals": evals,
+        "final_heldout_loss": round(best_loss, 5), "best_step": best_step, "experts_implementation": impl, **summary,
+        "seconds": {"data": round(t_data, 1), "train": round(t_train, 1), "capture": round(t_capture, 1),
+                    "total": round(time.time() - t0, 1)},
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "transformers": __import__("transformers").__version__},
+    }
+    (out / "train_log.json").write_text(json.dumps(log, indent=1))
+    print(json.dumps({k: log[k] for k in ("final_heldout_loss", "best_step", "params", "checkpoint_bytes", "draft_agreement",
+                                          "acceptance", "seconds")}, indent=1))
+    return log
+
+
+def _blocks(s: TrainSettings, tok: Any, corpus: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """Training and held-out token blocks of ``seq_len`` tokens."""
+    train_ids = token_stream(tok, corpus["train"])
+    held_ids = token_stream(tok, corpus["heldout"])
+    T = s.seq_len
+    n_train = len(train_ids) // T
+    n_held = min(s.eval_blocks, len(held_ids) // T)
+    if n_train < 1 or n_held < 1:
+        raise RuntimeError(f"not enough tokens for seq_len={T}: {len(train_ids)} train, {len(held_ids)} held out")
+    return train_ids[: n_train * T].reshape(n_train, T), held_ids[: n_held * T].reshape(n_held, T)
+
+
+def _train_loop(model: Any, s: TrainSettings, train_blocks: np.ndarray, held_blocks: np.ndarray,
+                device: torch.device, np_rng: np.random.Generator) -> tuple[list[dict], list[dict], float, int]:
+    """AdamW over shuffled blocks; keeps the weights of the best held-out loss and loads them back.
+    Returns (loss curve, evaluations, best held-out loss, its step)."""
+    n_train = len(train_blocks)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": s.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
@@ -318,13 +361,15 @@ def train(s: TrainSettings) -> dict[str, Any]:
             print(f"  held-out loss {ev:.4f} (ppl {math.exp(ev):.1f})", flush=True)
             if best is None or ev < best[0]:
                 best = (ev, step + 1, {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()})
-    t_train = time.time() - t1
     assert best is not None
     model.load_state_dict(best[2])
-    best_step, best_loss = best[1], best[0]
-    del best
+    return curve, evals, best[0], best[1]
 
-    # ---- checkpoint (bf16 safetensors) + tokenizer, written atomically as a directory
+
+def _save_checkpoint(model: Any, tok: Any, out: Path, card: str) -> Path:
+    """The model in bf16 safetensors with its tokenizer and card, written atomically as out/checkpoint."""
+    from transformers import PreTrainedTokenizerFast
+
     ckpt = out / "checkpoint"
     tmp = Path(tempfile.mkdtemp(prefix=".checkpoint.", dir=out))
     model.eval()
@@ -336,7 +381,7 @@ def train(s: TrainSettings) -> dict[str, Any]:
     if not isinstance(tok, ByteTokenizer):
         PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=SPECIALS[PAD], eos_token=SPECIALS[EOS],
                                 bos_token=SPECIALS[BOS]).save_pretrained(tmp)
-    (tmp / "README.md").write_text(_model_card(s, corpus["provenance"], tok_kind, n_params, best_loss, best_step))
+    (tmp / "README.md").write_text(card)
     if ckpt.exists():
         import shutil
 
@@ -345,33 +390,7 @@ def train(s: TrainSettings) -> dict[str, Any]:
     for f in tmp.iterdir():
         os.chmod(f, 0o644)
     os.replace(tmp, ckpt)
-    ckpt_bytes = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
-    del model, opt
-
-    # ---- held-out prompts and the trace
-    prompts = heldout_prompts(corpus["heldout"], s.prompts)
-    with open(out / "prompts.jsonl.tmp", "w", encoding="utf-8") as f:
-        for p in prompts:
-            f.write(json.dumps(p) + "\n")
-    os.replace(out / "prompts.jsonl.tmp", out / "prompts.jsonl")
-    t2 = time.time()
-    summary = capture_traces(s, ckpt, prompts, out, device)
-    t_capture = time.time() - t2
-
-    log = {
-        "settings": asdict(s), "device": str(device), "data": corpus["provenance"], "tokenizer": tok_kind,
-        "vocab": vocab, "train_tokens": int(train_blocks.size), "heldout_tokens_evaluated": int(held_blocks.size),
-        "params": n_params, "checkpoint_bytes": ckpt_bytes, "loss_curve": curve, "evals": evals,
-        "final_heldout_loss": round(best_loss, 5), "best_step": best_step, "experts_implementation": impl, **summary,
-        "seconds": {"data": round(t_data, 1), "train": round(t_train, 1), "capture": round(t_capture, 1),
-                    "total": round(time.time() - t0, 1)},
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "transformers": __import__("transformers").__version__},
-    }
-    (out / "train_log.json").write_text(json.dumps(log, indent=1))
-    print(json.dumps({k: log[k] for k in ("final_heldout_loss", "best_step", "params", "checkpoint_bytes", "draft_agreement",
-                                          "acceptance", "seconds")}, indent=1))
-    return log
+    return ckpt
 
 
 def capture_traces(s: TrainSettings, ckpt: Path, prompts: list[dict[str, Any]], out: Path, device: torch.device) -> dict[str, Any]:

@@ -20,9 +20,9 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from sim.errors import SimError
 from sim.governor import GovernorConf
 from sim.hardware import HardwareConf
-from sim.errors import SimError
 from sim.presets import help_of, load_preset, setting
 from sim.spec import ModelConf
 

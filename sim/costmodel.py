@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from sim.errors import SimError
-from sim.hardware import HardwareSpec
+from sim.hardware import HOST_MEMORY, HardwareSpec
 from sim.spec import BF16_BYTES, EXPERT_DTYPES, ModelSpec
 
 OPS = ("attention", "router", "dense_ffn", "shared_experts", "expert_ffn", "embed_and_head", "h2d", "d2h")
@@ -382,12 +382,14 @@ class RooflineCostModel(CostModel):
 class ProfileTables:
     """Measured op times, one row per measurement: ``op`` (one of OPS), ``seconds``, and the keys
     ``layer`` (-1 = any layer), ``n_tokens``, ``kv_len`` (attention), ``dtype`` (expert_ffn),
-    ``nbytes`` (h2d/d2h), optional ``host_memory`` (h2d/d2h: pinned | pageable).
+    ``nbytes`` (h2d/d2h), optional ``host_memory`` (h2d/d2h: pinned | pageable) and optional
+    ``shape`` (compute ops: ``op_shape(model, op)`` of the shape measured; empty = any model).
 
-    Lookup is exact on the discrete keys (layer, then any layer; dtype; attention's n_tokens;
-    host_memory) and linear interpolation over the size variable (attention: kv_len; h2d/d2h:
-    nbytes; other ops: n_tokens). Repeated measurements of one point are reduced to their median.
-    Outside the measured range there is no answer (the caller falls back)."""
+    Lookup is exact on the discrete keys (shape, then any shape; layer, then any layer; dtype;
+    attention's n_tokens; host_memory, then rows without one) and linear interpolation over the
+    size variable (attention: kv_len; h2d/d2h: nbytes; other ops: n_tokens). Repeated measurements
+    of one point are reduced to their median. Outside the measured range there is no answer (the
+    caller falls back to the roofline)."""
 
     REQUIRED = ("op", "seconds")
 
@@ -409,12 +411,17 @@ class ProfileTables:
             layer = -1 if _missing(r.get("layer")) else int(r["layer"])
             dtype = "" if _missing(r.get("dtype")) else str(r["dtype"])
             mem = "" if _missing(r.get("host_memory")) else str(r["host_memory"])
+            shape = "" if _missing(r.get("shape")) else str(r["shape"])
             if op in ("h2d", "d2h"):
-                key, xcol = (op, -1, "", None, mem), "nbytes"
+                if mem and mem not in HOST_MEMORY:
+                    raise SimError(f"{where}: row {i}: host_memory must be one of {list(HOST_MEMORY)}, got {mem!r}")
+                key, xcol = (op, -1, "", None, mem, ""), "nbytes"
             elif op == "attention":
-                key, xcol = (op, layer, "", _int(r, "n_tokens", where, i), ""), "kv_len"
+                key, xcol = (op, layer, "", _int(r, "n_tokens", where, i), "", shape), "kv_len"
             else:
-                key, xcol = (op, layer, dtype, None, ""), "n_tokens"
+                if op == "expert_ffn" and dtype and dtype not in EXPERT_DTYPES:
+                    raise SimError(f"{where}: row {i}: expert dtype must be one of {list(EXPERT_DTYPES)}, got {dtype!r}")
+                key, xcol = (op, layer, dtype, None, "", shape), "n_tokens"
             x = _int(r, xcol, where, i)
             groups[key][float(x)].append(sec)
         self._curves: dict[tuple, tuple[list[float], list[float]]] = {}
@@ -451,16 +458,49 @@ class ProfileTables:
         dtype: str = "",
         n_tokens: int | None = None,
         host_memory: str = "",
+        shape: str = "",
     ) -> float | None:
         """Measured seconds at size ``x`` (see the class docstring), or None without data."""
         layers = (layer, -1) if layer != -1 else (-1,)
         mems = (host_memory, "") if host_memory else ("",)
-        for lay in layers:
-            for mem in mems:
-                curve = self._curves.get((op, lay, dtype, n_tokens, mem))
-                if curve is not None:
-                    return _interp(curve, x)
+        shapes = (shape, "") if shape else ("",)
+        for shp in shapes:
+            for lay in layers:
+                for mem in mems:
+                    curve = self._curves.get((op, lay, dtype, n_tokens, mem, shp))
+                    if curve is not None:
+                        return _interp(curve, x)
         return None
+
+    def has(self, op: str, *, shape: str = "", dtype: str = "", host_memory: str = "") -> bool:
+        """Whether any curve of ``op`` matches these keys exactly (tests, profile summaries)."""
+        return any(k[0] == op and k[5] == shape and k[2] == dtype and k[4] == host_memory for k in self._curves)
+
+
+def op_shape(model: ModelSpec, op: str) -> str:
+    """The dimensions that decide an op's time, as a key of profile rows: a profile measured on one
+    model's shapes serves every model (depth-reduced or not) whose op has the same dimensions."""
+    m = model
+    if op == "attention":
+        if m.attention == "mla":
+            dims = f"mla.h{m.hidden_size}.q{m.num_attention_heads}.ql{m.q_lora_rank}.kvl{m.kv_lora_rank}"
+            dims += f".n{m.qk_nope_head_dim}.r{m.qk_rope_head_dim}.v{m.v_head_dim}"
+        else:
+            dims = f"gqa.h{m.hidden_size}.q{m.num_attention_heads}.kv{m.num_key_value_heads}.d{m.head_dim}"
+        return dims + ("" if m.qk_norm == "none" else f".qkn-{m.qk_norm}")
+    if op == "router":
+        return f"h{m.hidden_size}.e{m.num_experts}.k{m.top_k}"
+    if op == "dense_ffn":
+        return f"h{m.hidden_size}.i{m.dense_intermediate_size}"
+    if op == "shared_experts":
+        return f"h{m.hidden_size}.i{m.shared_intermediate_size * m.num_shared_experts}" + (".gate" if m.shared_expert_gate else "")
+    if op == "expert_ffn":
+        return f"h{m.hidden_size}.i{m.expert_intermediate_size}" + (".bias" if m.expert_bias else "")
+    if op == "embed_and_head":
+        return f"h{m.hidden_size}.v{m.vocab_size}"
+    if op in ("h2d", "d2h"):
+        return ""
+    raise SimError(f"unknown op {op!r}; known: {', '.join(OPS)}")
 
 
 def _missing(v: Any) -> bool:
@@ -505,11 +545,12 @@ class ProfiledCostModel(CostModel):
             raise SimError(f"ProfiledCostModel: unknown op(s) {sorted(unknown)}; known: {', '.join(OPS)}")
         self.hits = 0
         self.fallbacks = 0
+        self._shapes = {op: op_shape(self.model, op) for op in OPS}
 
     def _from_table(self, op: str, x: float, **keys: Any) -> float | None:
         if op not in self.use:
             return None
-        v = self.tables.lookup(op, x, **keys)
+        v = self.tables.lookup(op, x, shape=self._shapes[op], **keys)
         if v is None:
             self.fallbacks += 1
         else:
@@ -517,7 +558,9 @@ class ProfiledCostModel(CostModel):
         return v
 
     def _attention(self, layer: int, n_tokens: int, kv_len: int) -> float:
-        v = self._from_table("attention", kv_len, layer=layer, n_tokens=n_tokens)
+        m = self.model
+        keys = kv_len if not m.is_sliding_layer(layer) else min(kv_len, m.sliding_window + n_tokens - 1)
+        v = self._from_table("attention", keys, layer=layer, n_tokens=n_tokens)
         return self.base.attention(layer, n_tokens, kv_len) if v is None else v
 
     def _router(self, layer: int, n_tokens: int) -> float:

@@ -14,9 +14,17 @@ the whole curve. A copy takes ``copy_latency_s + n / bandwidth(n)`` on the link;
 the host ``copy_issue_overhead_s``; ``decision_delay_s`` is the time from a layer's routing being
 known on the GPU to the host acting on it.
 
-Presets live in conf/hardware/<id>.yaml; measured profiles (same schema, written by the profiler)
-in conf/hardware/measured/NAME.yaml, optionally pointing at a Parquet table of measured times
-(``profile_table``) that ``sim.costmodel.cost_model_for`` uses in place of the roofline.
+Presets live in conf/hardware/<id>.yaml; measured profiles (same schema, written by
+``python -m runtime.profile``; docs/profile.md) in conf/hardware/measured/NAME.yaml, optionally
+pointing at a Parquet table of measured times (``profile_table``) that
+``sim.costmodel.cost_model_for`` uses in place of the roofline. A measured profile may also carry
+the host overhead of each decode path,
+
+    engine: {graphed: {host_per_layer_s: ..., draft_host_per_layer_s: ..., host_per_launch_s: ...},
+             eager: {...}}
+
+which ``engine=graphed|eager`` takes in place of its placeholders (``engine_values``), and a
+``provenance`` mapping (card, driver, torch version, date, command, notes) that nothing computes with.
 """
 
 from __future__ import annotations
@@ -31,6 +39,8 @@ from sim.errors import SimError
 from sim.presets import conf_dir, hydra_schema, load_preset, setting, spec_from_dict, to_plain
 
 HOST_MEMORY = ("pinned", "pageable")
+ENGINE_PATHS = ("graphed", "eager")  # decode paths a measured profile may carry host overheads for
+ENGINE_KEYS = ("host_per_layer_s", "draft_host_per_layer_s", "host_per_launch_s")
 GB = 1e9
 
 
@@ -52,6 +62,32 @@ def _curve(points: Any, where: str) -> tuple[tuple[float, float], ...]:
     if any(b2 <= b1 for (b1, _), (b2, _) in zip(pts, pts[1:])):
         raise SimError(f"{where}: sizes must be strictly increasing, got {[p[0] for p in pts]}")
     return pts
+
+
+def _engine(d: Any, where: str) -> tuple[tuple[str, tuple[tuple[str, float], ...]], ...]:
+    """Validate ``engine: {path: {key: seconds}}`` into a hashable tuple form."""
+    if not isinstance(d, Mapping):
+        raise SimError(f"{where}: engine must be a mapping {{graphed|eager: {{{', '.join(ENGINE_KEYS)}}}}}, got {d!r}")
+    out = []
+    for path, vals in d.items():
+        if path not in ENGINE_PATHS:
+            raise SimError(f"{where}: engine.{path}: unknown decode path; known: {', '.join(ENGINE_PATHS)}")
+        if not isinstance(vals, Mapping):
+            raise SimError(f"{where}: engine.{path} must be a mapping of {', '.join(ENGINE_KEYS)}, got {vals!r}")
+        unknown = sorted(set(vals) - set(ENGINE_KEYS))
+        if unknown:
+            raise SimError(f"{where}: engine.{path}: unknown key(s) {unknown}; known: {', '.join(ENGINE_KEYS)}")
+        missing = [k for k in ENGINE_KEYS if k not in vals]
+        if missing:
+            raise SimError(f"{where}: engine.{path}: missing key(s) {missing}")
+        items = []
+        for k in ENGINE_KEYS:
+            v = vals[k]
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0 or not math.isfinite(v):
+                raise SimError(f"{where}: engine.{path}.{k} must be a number >= 0 (seconds), got {v!r}")
+            items.append((k, float(v)))
+        out.append((str(path), tuple(items)))
+    return tuple(out)
 
 
 def curve_fraction(curve: Sequence[tuple[float, float]], nbytes: float) -> float:
@@ -92,6 +128,9 @@ class HardwareSpec:
     copies_in_flight: int = setting(4, "issued but unfinished copies, in total")
     decision_delay_s: float = setting(0.0, "routing known on the GPU -> host decision, s")
     profile_table: Optional[str] = setting(None, "measured profiles: Parquet table of measured times")
+    engine: Any = setting(None, "measured profiles: host overhead per decode path, "
+                                "{graphed|eager: {host_per_layer_s, draft_host_per_layer_s, host_per_launch_s}}")
+    provenance: Any = setting(None, "measured profiles: card, driver, torch, date, command, notes")
 
     def __post_init__(self) -> None:
         where = f"hardware '{self.name}'"
@@ -119,6 +158,21 @@ class HardwareSpec:
             object.__setattr__(self, "link_pace_gbps", float(v))
         object.__setattr__(self, "pinned_curve", _curve(self.pinned_curve, f"{where}: pinned_curve"))
         object.__setattr__(self, "pageable_curve", _curve(self.pageable_curve, f"{where}: pageable_curve"))
+        if self.engine is not None and not isinstance(self.engine, tuple):
+            object.__setattr__(self, "engine", _engine(self.engine, where) or None)
+        if self.provenance is not None and not isinstance(self.provenance, tuple):
+            if not isinstance(self.provenance, Mapping):
+                raise SimError(f"{where}: provenance must be a mapping, got {self.provenance!r}")
+            object.__setattr__(self, "provenance", tuple((str(k), str(v)) for k, v in self.provenance.items()) or None)
+
+    # ------------------------------------------------------------------ measured host overheads
+    def engine_values(self, path: str) -> dict[str, float] | None:
+        """The measured host overheads of decode path ``path`` (graphed | eager), or None when this
+        spec carries none for it (presets: the engine group's placeholders apply)."""
+        for p, vals in self.engine or ():
+            if p == path:
+                return dict(vals)
+        return None
 
     # ------------------------------------------------------------------ budget
     @property
@@ -173,6 +227,8 @@ class HardwareSpec:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
         d["pinned_curve"] = [list(p) for p in self.pinned_curve]
         d["pageable_curve"] = [list(p) for p in self.pageable_curve]
+        d["engine"] = None if self.engine is None else {p: dict(v) for p, v in self.engine}
+        d["provenance"] = None if self.provenance is None else dict(self.provenance)
         return d
 
     def replace(self, **changes: Any) -> "HardwareSpec":
@@ -198,7 +254,11 @@ class HardwareSpec:
         """Spec of conf/hardware/<hw_id>.yaml without Hydra; ``measured/NAME`` loads a measured
         profile, whose relative ``profile_table`` is resolved against the YAML file's folder."""
         cfg = load_preset("hardware", hw_id, HardwareConf, root)
-        spec = cls.from_cfg(cfg)
+        try:
+            spec = cls.from_cfg(cfg)
+        except SimError as e:
+            path = (Path(root) if root is not None else conf_dir()) / "hardware" / f"{hw_id}.yaml"
+            raise SimError(f"{path}: {e}") from None
         if spec.profile_table and not Path(spec.profile_table).is_absolute():
             folder = (Path(root) if root is not None else conf_dir()) / "hardware" / Path(hw_id).parent
             spec = spec.replace(profile_table=str((folder / spec.profile_table).resolve()))

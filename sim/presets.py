@@ -60,9 +60,9 @@ def _schema_type(tp: Any) -> Any:
     return tp
 
 
-def _default(value: Any) -> Any:
+def _as_lists(value: Any) -> Any:
     if isinstance(value, tuple):
-        return [_default(v) for v in value]
+        return [_as_lists(v) for v in value]
     return value
 
 
@@ -76,11 +76,11 @@ def hydra_schema(spec_cls: type, name: str, *, required: Collection[str] = (),
     for f in dataclasses.fields(spec_cls):
         meta = dict(f.metadata)
         tp = _schema_type(hints[f.name])
-        if f.name in required or f.metadata.get(REQUIRED) or (f.default is NO_DEFAULT and f.default_factory is NO_DEFAULT):
+        no_default = f.default is NO_DEFAULT and f.default_factory is NO_DEFAULT
+        if f.name in required or f.metadata.get(REQUIRED) or no_default:
             fld = dataclasses.field(default=MISSING, metadata=meta)
         else:
-            value = f.default if f.default is not NO_DEFAULT else f.default_factory()
-            value = _default(value)
+            value = _as_lists(f.default if f.default is not NO_DEFAULT else f.default_factory())
             if isinstance(value, (list, dict)):
                 fld = dataclasses.field(default_factory=lambda v=value: copy.deepcopy(v), metadata=meta)
             else:
@@ -115,7 +115,8 @@ def spec_from_dict(cls: type, d: Mapping[str, Any], where: str, required: Collec
     unknown = sorted(set(d) - set(names))
     if unknown:
         raise SimError(f"{where}: unknown field(s) {unknown}")
-    needed = set(required) | {n for n, f in names.items() if f.default is NO_DEFAULT and f.default_factory is NO_DEFAULT}
+    needed = set(required) | {n for n, f in names.items()
+                              if f.default is NO_DEFAULT and f.default_factory is NO_DEFAULT}
     missing = sorted((needed - set(d)) | set(missing_keys(d)))
     if missing:
         raise SimError(f"{where}: missing value(s) for {missing}")

@@ -64,3 +64,10 @@ def test_specs_do_not_import_each_other_or_the_app_config() -> None:
         assert "sim.config" not in imported, name
     assert "sim.hardware" not in _imports(ROOT / "sim" / "spec.py")
     assert "sim.spec" not in _imports(ROOT / "sim" / "hardware.py")
+
+
+@pytest.mark.parametrize("app", ["sim", "run", "capture"])
+def test_app_configs_hold_only_their_defaults_lists(app: str) -> None:
+    """An app's keys and defaults are its schema's (SimConf, RunConf, CaptureConf), not restated."""
+    raw = OmegaConf.to_container(OmegaConf.load(conf_dir() / f"{app}.yaml"))
+    assert set(raw) <= {"defaults", "hydra"}

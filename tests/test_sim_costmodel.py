@@ -305,7 +305,7 @@ def test_measured_profile_with_a_parquet_table(tmp_path: Path) -> None:
     folder = tmp_path / "hardware" / "measured"
     folder.mkdir(parents=True)
     pd.DataFrame(TABLE).to_parquet(folder / "toy.parquet")
-    yaml = "\n".join(f"{k}: {v}" for k, v in GPU.to_dict().items() if k not in ("name", "link_pace_gbps", "profile_table"))
+    yaml = "\n".join(f"{k}: {v}" for k, v in GPU.to_dict().items() if k not in ("name", "link_pace_gbps", "profile_table", "engine", "provenance"))
     (folder / "toy.yaml").write_text(
         "defaults:\n  - /schema/hardware@_here_\n  - _self_\nname: measured/toy\nprofile_table: toy.parquet\n" + yaml + "\n"
     )

@@ -15,7 +15,7 @@ from hydra import compose, initialize_config_dir
 
 from sim.config import register_configs
 from sim.presets import conf_dir
-from sim.experiments.sweep import parse_space
+from sim.experiments.search import parse_space
 
 register_configs()
 EXPERIMENTS = sorted(p.stem for p in (conf_dir() / "experiment").glob("*.yaml"))

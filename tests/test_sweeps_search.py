@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from sim.errors import SimError
-from sim.experiments.sweep import parse_space, run_search
+from sim.experiments.search import parse_space, run_search
 
 BASE = ["model=tiny", "trace.requests=1", "trace.prompt_tokens=4", "trace.decode_tokens=8",
         "hardware.workspace_gb=0", "hardware.memory_gb=0.001", "policy=lookahead"]  # 16 of 32 experts fit

@@ -160,19 +160,7 @@ def roofline_figure(
 
     per = df.assign(_tok=_tokens(df, tokens))
     per = per[(per["observed_cycle_s"] > 0) & (per["bytes_moved"] > 0) & (per["_tok"] > 0)]
-    pts_x = [v * GB for v in op["intensity"] if math.isfinite(v) and v > 0]
-    pts_x += list(per["_tok"] / per["bytes_moved"] * GB)
-    pts_y = [v for v in op["throughput"] if v > 0 and math.isfinite(v)]
-    pts_y += list(per["_tok"] / per["observed_cycle_s"])
-    knees = [r / b_gb for r in roofs.values()]
-    xs = pts_x + knees
-    if not xs:
-        xs = [1.0]
-    x_lo, x_hi = min(xs) / 8, max(xs) * 8
-    ys = pts_y + list(roofs.values())
-    if not ys:
-        ys = [b_gb * x_lo, b_gb * x_hi]
-    y_lo, y_hi = min(ys) / 5, max(ys) * 3
+    x_lo, x_hi, y_lo, y_hi = _roofline_limits(op, per, roofs, b_gb)
 
     ks = sorted(set(roofs) | set(int(k) for k in op.index))
     import seaborn as sns
@@ -219,6 +207,18 @@ def roofline_figure(
         ax.set_title(title or "Amortization Roofline (one compute roof per draft length k)")
         ax.legend(fontsize=7, loc="lower right", framealpha=0.9)
         return _save_png(fig, path)
+
+
+def _roofline_limits(op: Any, per: Any, roofs: Mapping[int, float], b_gb: float) -> tuple[float, float, float, float]:
+    """Log-axis limits that hold every operating point, every cycle, and every roof's knee."""
+    pts_x = [v * GB for v in op["intensity"] if math.isfinite(v) and v > 0]
+    pts_x += list(per["_tok"] / per["bytes_moved"] * GB)
+    pts_y = [v for v in op["throughput"] if v > 0 and math.isfinite(v)]
+    pts_y += list(per["_tok"] / per["observed_cycle_s"])
+    xs = pts_x + [r / b_gb for r in roofs.values()] or [1.0]
+    x_lo, x_hi = min(xs) / 8, max(xs) * 8
+    ys = pts_y + list(roofs.values()) or [b_gb * x_lo, b_gb * x_hi]
+    return x_lo, x_hi, min(ys) / 5, max(ys) * 3
 
 
 # ---------------------------------------------------------------------------- Chrome traces

@@ -1,0 +1,114 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # The governor on the Amortization Roofline
+#
+# MoE-SpeQ's governor picks the draft length k of each cycle from the Amortization Roofline
+# (sim/experiments/roofline.py; docs/governor.md): throughput against tokens per byte moved over the host link, an
+# I/O roof (the link's bandwidth) and one compute roof per k. This notebook draws the roofline of a
+# MoE-SpeQ run with its operating points (the governor's run and fixed-k runs), and the governor's
+# predicted cycle time against the observed one.
+#
+# **What the cycles are.** The runtime does not run speculative decoding on the GPU yet, so there are no
+# measured cycles: the runs below are the *simulator's* under the card's measured profile
+# (`hardware=measured/<card>`, when one is committed; otherwise the `h200` preset), and "observed" is the
+# simulated cycle time. When measured speculative runs land, point `cycles` at their cycles.parquet.
+
+# %% tags=["parameters"]
+model, layers = "phi-3.5-moe", 4
+hardware = None  # None: the first measured profile under conf/hardware/measured/, else "h200"
+budget = 0.25  # share of routed experts the cache holds
+fixed_k = [1, 2, 4, 8]
+requests, prompt_tokens, decode_tokens = 2, 16, 128
+cycles = None  # a measured run's cycles.parquet (speculation on the GPU); None: simulate
+figures = "notebooks/figures"
+
+# %%
+import sys
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import pandas as pd
+import seaborn as sns
+
+ROOT = next(p for p in [Path.cwd(), *Path.cwd().parents] if (p / "pyproject.toml").is_file())
+sys.path.insert(0, str(ROOT))
+from sim.hardware import HardwareSpec  # noqa: E402
+from sim.experiments.roofline import compute_roofs_from_cycles, cycles_frame, most_chosen_k, operating_points, roofline_figure  # noqa: E402
+from sim.run import simulate  # noqa: E402
+from sim.spec import ModelSpec  # noqa: E402
+from sim.experiments.sweep import compose_sim  # noqa: E402
+
+out = ROOT / figures
+out.mkdir(parents=True, exist_ok=True)
+sns.set_theme(style="whitegrid", context="notebook")
+if hardware is None:
+    found = sorted(p.stem for p in (ROOT / "conf" / "hardware" / "measured").glob("*.yaml"))
+    hardware = f"measured/{found[0]}" if found else "h200"
+hw = HardwareSpec.from_preset(hardware)
+spec = ModelSpec.from_preset(model, layers=layers)
+slots = max(spec.top_k, round(budget * spec.num_routed_experts_total))
+link = hw.h2d_bandwidth(spec.bytes_per_expert())
+print(f"{spec.name} x{layers}, {slots} slots, hardware {hardware}: B_link {link / 1e9:.1f} GB/s at one expert's copy")
+
+
+def run(governor: list[str]) -> pd.DataFrame:
+    got = {}
+    cfg = compose_sim([f"model={model}", f"model.layers={layers}", f"hardware={hardware}", "policy=speq",
+                       f"cache.slots={slots}", f"trace.requests={requests}", f"trace.prompt_tokens={prompt_tokens}",
+                       f"trace.decode_tokens={decode_tokens}", *governor])
+    row = simulate(cfg, on_policy=lambda p, s, log, r: got.update(log=log))[0]
+    df = pd.DataFrame(got["log"].cycles)
+    df["run"] = governor[0].split("=")[1] + (f" k={governor[1].split('=')[1]}" if len(governor) > 1 else "")
+    print(f"{df.run.iloc[0]}: TPOT {row['tpot_ms']:.2f} ms, mean k {row.get('mean_k', float('nan')):.2f}, "
+          f"acceptance {row.get('acceptance_rate', float('nan')):.2f}")
+    return df
+
+
+if cycles is None:
+    source = f"simulated under {hardware}"
+    gov = run(["governor=roofline"])
+    fixed = pd.concat([run(["governor=fixed", f"governor.k={k}"]) for k in fixed_k], ignore_index=True)
+else:
+    source = f"measured ({cycles})"
+    gov = pd.read_parquet(ROOT / cycles)
+    fixed = gov.iloc[0:0]
+
+# %% [markdown]
+# ## The roofline, with the governor's cycles and the fixed-k operating points
+
+# %%
+allc = cycles_frame(pd.concat([gov, fixed], ignore_index=True))
+roofline_figure(cycles_frame(gov), link_bytes_per_s=link, compute_roofs=compute_roofs_from_cycles(allc),
+                chosen_k=most_chosen_k(gov), path=out / "governor_roofline.png",
+                title=f"Amortization Roofline, governor cycles ({source})")
+print(operating_points(allc).round(4).to_string())
+fig, ax = plt.subplots(figsize=(6, 4))
+ax.imshow(plt.imread(out / "governor_roofline.png"))
+ax.axis("off")
+
+# %% [markdown]
+# ## Predicted against observed cycle time
+
+# %%
+d = pd.concat([gov, fixed], ignore_index=True)
+fig, ax = plt.subplots(figsize=(5.4, 4.6))
+sns.scatterplot(data=d, x="observed_cycle_s", y="predicted_cycle_s", hue="run", s=25, ax=ax)
+hi = 1.05 * max(d.observed_cycle_s.max(), d.predicted_cycle_s.max())
+ax.plot([0, hi], [0, hi], color="black", lw=1)
+ax.set(xlim=(0, hi), ylim=(0, hi), xlabel=f"observed cycle (s, {source.split(' (')[0]})", ylabel="governor's prediction (s)")
+fig.tight_layout()
+fig.savefig(out / "governor_cycle_prediction.png", dpi=130)
+err = (d.predicted_cycle_s - d.observed_cycle_s) / d.observed_cycle_s
+print(f"cycle-time prediction error: median {err.median():+.1%}, |error| p90 {err.abs().quantile(0.9):.1%} over {len(d)} cycles")

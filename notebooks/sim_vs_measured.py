@@ -1,0 +1,165 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Simulated against measured
+#
+# Reads a validation table (`python -m runtime.validate` writes `benchmarks/validation/<card>/validation.parquet`;
+# docs/validation.md) and shows how far the simulator's prediction of each config is from the runtime's
+# measurement: a parity plot of TPOT, the errors per policy, shape, link and decode path, the per-token
+# latency distributions of one config (ECDF, KS statistic), the two timelines of that config side by side,
+# and the error table against the targets (median |TPOT error| <= 3% replayed / 5% closed, max <= 8% / 10%).
+#
+# Without a validation table in the repository it reads the committed GPU runtime benchmark instead
+# (`benchmarks/results/gpu_runtime-h200-2026-11-28.parquet`: closed loop, simulated with the *preset*
+# `hardware=h200`, no measured profile, no per-token latencies), and says so below.
+
+# %% tags=["parameters"]
+validation = None  # a validation.parquet; None: the newest under benchmarks/validation/, else `fallback`
+fallback = "benchmarks/results/gpu_runtime-h200-2026-11-28.parquet"
+fallback_card, fallback_date = "NVIDIA H200", "2026-11-28"
+config = None  # config_id shown in the ECDF and the timelines; None: the config with the median |error|
+figures = "notebooks/figures"  # where the PNGs go
+
+# %%
+import json
+import sys
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+
+ROOT = next(p for p in [Path.cwd(), *Path.cwd().parents] if (p / "pyproject.toml").is_file())
+sys.path.insert(0, str(ROOT))
+from sim.experiments.validation import TARGETS, from_results, join, summary  # noqa: E402
+
+out = ROOT / figures
+out.mkdir(parents=True, exist_ok=True)
+sns.set_theme(style="whitegrid", context="notebook")
+
+if validation is None:
+    found = sorted((ROOT / "benchmarks" / "validation").glob("*/validation.parquet"), key=lambda p: p.stat().st_mtime)
+    validation = found[-1] if found else None
+if validation is not None:
+    table, source_note = pd.read_parquet(ROOT / validation), f"validation table {validation}"
+else:
+    table = from_results(pd.read_parquet(ROOT / fallback), card=fallback_card, date=fallback_date)
+    source_note = (f"no validation table yet: the committed GPU runtime benchmark {fallback} "
+                   "(closed loop, simulator under the h200 preset, no measured profile)")
+joined = join(table)
+sim = joined[joined.source == "sim"].copy()
+meas = joined[joined.source == "measured"].set_index(["level", "card", "date", "config_id"])
+sim["measured_tpot_s"] = [meas.loc[tuple(k), "tpot_s"] for k in sim[["level", "card", "date", "config_id"]].values]
+print(source_note)
+print(f"{len(sim)} configs; cards {sorted(sim.card.unique())}; levels {sorted(sim.level.unique())}")
+
+# %% [markdown]
+# ## Parity: simulated against measured TPOT
+
+# %%
+fig, ax = plt.subplots(figsize=(6.2, 5.6))
+sns.scatterplot(data=sim, x="measured_tpot_s", y="tpot_s", hue="model", style="policy", s=70, ax=ax)
+lo = 0.8 * min(sim.measured_tpot_s.min(), sim.tpot_s.min())
+hi = 1.25 * max(sim.measured_tpot_s.max(), sim.tpot_s.max())
+xs = np.geomspace(lo, hi, 50)
+ax.plot(xs, xs, color="black", lw=1, label="simulated = measured")
+ax.fill_between(xs, xs * 0.9, xs * 1.1, color="grey", alpha=0.15, label="+-10%")
+ax.set(xscale="log", yscale="log", xlim=(lo, hi), ylim=(lo, hi), xlabel="measured TPOT (s)", ylabel="simulated TPOT (s)",
+       title=f"TPOT per config ({sim.card.iloc[0]})")
+ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+fig.tight_layout()
+fig.savefig(out / "sim_vs_measured_parity.png", dpi=130)
+
+# %% [markdown]
+# ## Errors per policy, shape, link and decode path
+
+# %%
+factors = [f for f in ("policy", "model", "link", "engine") if sim[f].nunique() >= 1]
+fig, axes = plt.subplots(1, len(factors), figsize=(3.4 * len(factors), 3.6), sharey=True)
+for ax, f in zip(np.atleast_1d(axes), factors):
+    sns.stripplot(data=sim, x=f, y="tpot_rel_err", hue="level", dodge=False, ax=ax, size=6, legend=ax is axes[0])
+    ax.axhline(0, color="black", lw=1)
+    for lv, (_, mx) in TARGETS.items():
+        ax.axhspan(-mx, mx, color="green", alpha=0.06)
+    ax.set(xlabel=f, ylabel="(sim - measured) / measured TPOT")
+    ax.tick_params(axis="x", rotation=30)
+fig.tight_layout()
+fig.savefig(out / "sim_vs_measured_errors.png", dpi=130)
+
+# %% [markdown]
+# ## Per-token latency of one config
+
+# %%
+pick = sim.iloc[(sim.tpot_rel_err.abs() - sim.tpot_rel_err.abs().median()).abs().argmin()] if config is None \
+    else sim[sim.config_id == config].iloc[0]
+cid = pick.config_id
+m_row = joined[(joined.config_id == cid) & (joined.source == "measured") & (joined.level == pick.level)].iloc[0]
+print(f"config {cid}: {pick.model}, {pick.policy}, budget {pick.budget}, link {pick.link}, engine {pick.engine}; "
+      f"TPOT error {pick.tpot_rel_err:+.1%}, KS {pick.ks:.3f}")
+fig, ax = plt.subplots(figsize=(6, 3.6))
+if len(m_row.token_gaps_s) and len(pick.token_gaps_s):
+    for label, gaps in (("measured", m_row.token_gaps_s), ("simulated", pick.token_gaps_s)):
+        g = np.sort(np.asarray(gaps)) * 1e3
+        ax.step(g, np.arange(1, g.size + 1) / g.size, where="post", label=label)
+    ax.set(title=f"ECDF of per-token latency, KS = {pick.ks:.3f}")
+else:  # tables without per-token latencies: the three percentiles
+    for label, r in (("measured", m_row), ("simulated", pick)):
+        ax.plot([r.p50_token_s * 1e3, r.p90_token_s * 1e3, r.p99_token_s * 1e3], [0.5, 0.9, 0.99], "o-", label=label)
+    ax.set(title="per-token latency percentiles (this table has no per-token latencies)")
+ax.set(xlabel="per-token latency (ms)", ylabel="share of tokens")
+ax.legend()
+fig.tight_layout()
+fig.savefig(out / "sim_vs_measured_ecdf.png", dpi=130)
+
+# %% [markdown]
+# ## The two timelines of that config
+# Compute spans (attention+router, stalls, experts, head) and copies (demand, prefetch) as the runtime
+# recorded them (CUDA events) and as the simulator scheduled them.
+
+# %%
+def spans(trace: dict) -> tuple[list, list]:
+    ev = [e for e in trace["traceEvents"] if e.get("ph") == "X"]
+    comp = [(e["ts"] / 1e3, e["dur"] / 1e3, e["name"]) for e in ev if e["pid"] == 1]
+    copy = [(e["ts"] / 1e3, e["dur"] / 1e3, e.get("cat", "")) for e in ev if e["pid"] == 2]
+    return comp, copy
+
+
+COL = {"attn+router": "#4C72B0", "stall": "#C44E52", "experts": "#55A868", "head": "#8C8C8C",
+       "demand": "#DD8452", "prefetch": "#8172B3"}
+tdir = (ROOT / validation).parent / "timelines" if validation is not None else None
+files = {s: tdir / f"{cid}.{s}.json" for s in ("measured", "sim")} if tdir is not None else {}
+if files and all(p.is_file() for p in files.values()):
+    fig, axes = plt.subplots(2, 1, figsize=(11, 3.8), sharex=True)
+    for ax, (src, p) in zip(axes, files.items()):
+        comp, copy = spans(json.loads(p.read_text()))
+        for t0, d, name in comp:
+            ax.broken_barh([(t0, d)], (1, 0.8), color=COL.get(name.replace("verify ", "").split(" ")[0], "#999999"))
+        for t0, d, cat in copy:
+            ax.broken_barh([(t0, d)], (0, 0.8), color=COL.get(cat, "#999999"))
+        ax.set(yticks=[0.4, 1.4], yticklabels=["copies", "compute"], title=src)
+    axes[-1].set(xlabel="time (ms)")
+    fig.tight_layout()
+    fig.savefig(out / "sim_vs_measured_timelines.png", dpi=130)
+else:
+    print("no timelines recorded for this table (runtime.validate writes them beside the validation table)")
+
+# %% [markdown]
+# ## Error table
+
+# %%
+s = summary(joined, by=("level",))
+print(s.T.to_string())
+cols = ["level", "model", "policy", "budget", "link", "engine", "measured_tpot_s", "tpot_s", "tpot_rel_err", "p99_rel_err", "ks"]
+print(sim.sort_values("tpot_rel_err")[cols].to_string(index=False, float_format=lambda x: f"{x:.4g}"))

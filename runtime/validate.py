@@ -1,0 +1,326 @@
+"""`python -m runtime.validate`: the validation grid, measured on this machine and simulated under
+the measured profile of the same card, into benchmarks/validation/<card>/validation.parquet.
+
+For every config of the grid (shape x cache budget x link x decode engine x policy) the runtime
+replays the same trace ``repetitions`` times (``source = measured``, one row per repetition) and the
+simulator predicts it with ``hardware=measured/<card>`` (``source = sim``); both rows carry the
+same ``config_id`` (sim.run.config_id), the level, card and date, and the per-token latencies
+(``token_gaps_s``) for the distribution comparison. Both timelines of every config (the last
+measured repetition and the simulator's) go to ``timelines/<config_id>.{measured,sim}.json``
+beside the table (Chrome/Perfetto format). ``sim.experiments.validation`` joins the two and computes
+the errors. Level ``closed``: each side runs its own policies. Level ``replayed`` (the simulator
+replaying the runtime's logged decisions) needs a decision-replay policy in the simulator and is
+refused until it exists.
+
+The plan (configs, repetitions, estimated device seconds from the simulator's own prediction of
+each run) is printed before any work; ``dry_run=true`` stops there. ``budget_s`` bounds the run:
+configs not started in time are left for the next call. The table is appended per (shape, budget,
+link, engine) group, atomically, and configs already in it for this card, level and date are
+skipped, so a call after a cut-off resumes; a later day adds its own rows (``date`` column).
+``fraction`` < 1 runs a stated subset of the grid that still covers every level of every factor.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from sim.errors import SimError
+from sim.experiments.validation import COLUMNS
+
+ENGINES_IN_RUNTIME = ("eager",)  # decode paths runtime.executor implements today
+
+
+@dataclass
+class ShapeConf:
+    name: str = "???"
+    model: str = "???"
+    layers: Optional[int] = None
+    trace: Optional[str] = None  # a trace file (the project's own); null: the preset's synthetic trace
+    requests: int = 2
+    prompt_tokens: int = 16
+    decode_tokens: int = 24
+
+
+@dataclass
+class ValidateConf:
+    """Structured config of `python -m runtime.validate` (ConfigStore name ``validate_schema``)."""
+
+    card: Optional[str] = None  # measured profile name (hardware=measured/<card>); default: from the device
+    profile: Optional[str] = None  # the simulator's hardware preset (default: measured/<card>)
+    shapes: list[ShapeConf] = field(default_factory=list)
+    budgets: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75])  # share of all routed experts
+    policies: list[str] = field(default_factory=lambda: ["lru", "lookahead", "history", "oracle"])
+    links: list[str] = field(default_factory=lambda: ["pinned", "paced"])
+    pace_gbps: float = 16.0  # the paced link: pinned copies paced to this bandwidth (link_pace_gbps)
+    engines: list[str] = field(default_factory=lambda: ["eager"])
+    levels: list[str] = field(default_factory=lambda: ["closed"])
+    repetitions: int = 3
+    fraction: float = 1.0  # < 1: a covering subset of the grid (stated in the plan)
+    budget_s: float = 540.0  # device seconds for this call; the rest waits for the next
+    out: str = "benchmarks/validation"
+    dry_run: bool = False
+    device: str = "auto"
+    seed: int = 0
+
+
+def grid(cfg: Any) -> list[dict[str, Any]]:
+    """Every config group of the grid (one group = one shape, budget, link and engine; its
+    policies run together), reduced to ``fraction`` by a covering selection."""
+    for e in cfg.engines:
+        if e not in ("graphed", "eager"):
+            raise SimError(f"engines: unknown decode path {e!r}; known: graphed, eager")
+    for lv in cfg.levels:
+        if lv not in ("closed", "replayed"):
+            raise SimError(f"levels: unknown level {lv!r}; known: replayed, closed")
+        if lv == "replayed":
+            raise SimError("levels: 'replayed' needs the simulator to replay the runtime's logged decisions, which it "
+                           "cannot yet; run levels=[closed]")
+    for ln in cfg.links:
+        if ln not in ("pinned", "paced"):
+            raise SimError(f"links: unknown link {ln!r}; known: pinned, paced (pageable rows wait for the simulator's "
+                           "model of pageable copies blocking the host)")
+    if not cfg.shapes:
+        raise SimError("shapes: empty grid")
+    groups = [{"shape": dict(s), "budget": float(b), "link": ln, "engine": e}
+              for s in cfg.shapes for b in cfg.budgets for ln in cfg.links for e in cfg.engines]
+    f = float(cfg.fraction)
+    if not 0 < f <= 1:
+        raise SimError(f"fraction must be in (0, 1], got {f}")
+    if f < 1:
+        # a Latin-square-like selection: group i is kept when its index in the product, spread over
+        # the factors, falls on the stride; every level of every factor keeps at least one group
+        n = max(1, math.ceil(len(groups) * f))
+        step = len(groups) / n
+        keep = sorted({int(i * step) for i in range(n)})
+        chosen = [groups[i] for i in keep]
+        for factor in ("budget", "link", "engine"):
+            for v in {str(g[factor]) for g in groups} - {str(g[factor]) for g in chosen}:
+                chosen.append(next(g for g in groups if str(g[factor]) == v))
+        for name in {g["shape"]["name"] for g in groups} - {g["shape"]["name"] for g in chosen}:
+            chosen.append(next(g for g in groups if g["shape"]["name"] == name))
+        groups = chosen
+    return groups
+
+
+def overrides(cfg: Any, g: dict[str, Any], slots: int | None, hardware: str, policies: list[str] | None = None) -> list[str]:
+    s = g["shape"]
+    over = [f"model={s['model']}", f"hardware={hardware}", f"device={cfg.device}", f"repetitions={int(cfg.repetitions)}",
+            "policy=baselines", f"policy.suite=[{','.join(policies or cfg.policies)}]", f"seed={int(cfg.seed)}", "predict=false"]
+    if s.get("layers"):
+        over.append(f"model.layers={int(s['layers'])}")
+    if s.get("trace"):
+        over.append(f"trace.path={s['trace']}")
+    else:
+        over += [f"trace.requests={int(s['requests'])}", f"trace.prompt_tokens={int(s['prompt_tokens'])}",
+                 f"trace.decode_tokens={int(s['decode_tokens'])}"]
+    if g["link"] == "paced":
+        over.append(f"link_pace_gbps={float(cfg.pace_gbps)}")
+    if slots is not None:
+        over.append(f"cache.slots={slots}")
+    return over
+
+
+def _compose(over: list[str]) -> Any:
+    from runtime.measure import apply_overrides
+    from runtime.profile import _compose_run
+
+    c = _compose_run(over)
+    apply_overrides(c)  # link_pace_gbps= into hardware: config id, prediction and run all see it
+    return c
+
+
+def validation_row(base: dict[str, Any], row: dict[str, Any], gaps: list[float], **extra: Any) -> dict[str, Any]:
+    """A results row (measured or sim) in the validation table's columns."""
+    return {
+        **base, **extra,
+        "tpot_s": row.get("tpot_ms", math.nan) / 1e3,
+        "p50_token_s": row.get("p50_token_ms", math.nan) / 1e3,
+        "p90_token_s": row.get("p90_token_ms", math.nan) / 1e3,
+        "p99_token_s": row.get("p99_token_ms", math.nan) / 1e3,
+        "ttft_s": row.get("ttft_ms", math.nan) / 1e3,
+        "hit_rate": row.get("hit_rate", math.nan),
+        "stall_share": row.get("stall_share", math.nan),
+        "k": float(row.get("mean_k", 0.0) or 0.0),
+        "token_gaps_s": [float(x) for x in gaps],
+        "gb_moved": row.get("gb_moved", math.nan),
+        "link_util": row.get("link_util", math.nan),
+    }
+
+
+def gaps_of(log: Any) -> list[float]:
+    return [b - a for times in log.token_times for a, b in zip(times, times[1:])]
+
+
+def run_validate(cfg: Any, log: Any = print) -> Path:
+    import pandas as pd
+
+    from runtime.measure import Session, timeline_json
+    from sim.timeline import chrome_trace, write_json_atomic
+    from runtime.models import resolve_device
+    from runtime.profile import card_info, card_name
+    from sim.run import base_keys, config_id, load_policy, prepare, run_policy
+    from sim.spec import ModelSpec
+    from traces.atomic import atomic_write
+
+    device = resolve_device(cfg.device)
+    info = card_info(device)
+    card = cfg.card or (card_name(info["card"]) if device.type == "cuda" else "cpu")
+    hardware = cfg.profile or f"measured/{card}"
+    groups = grid(cfg)  # bad grids fail before any work
+    today = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
+    path = Path(cfg.out) / card / "validation.parquet"
+    old = pd.read_parquet(path) if path.is_file() else None
+    if old is not None:
+        missing = [c for c in COLUMNS if c not in old.columns]
+        if missing:
+            raise SimError(f"{path}: not a validation table (missing column(s) {missing})")
+    done = set() if old is None else set(zip(old["level"], old["date"], old["config_id"], old["source"]))
+
+    # ---- the plan: configs and estimated device seconds (the simulator's prediction of each run)
+    plan, total_s = [], 0.0
+    for g in groups:
+        cfg0 = _compose(overrides(cfg, g, None, hardware))
+        spec = ModelSpec.from_cfg(cfg0.model)
+        slots = max(spec.top_k, int(round(g["budget"] * spec.num_routed_experts_total)))
+        c = _compose(overrides(cfg, g, slots, hardware))
+        prep = prepare(c)
+        est = 0.0
+        for p in cfg.policies:
+            srow, _ = run_policy(prep, load_policy(p), int(cfg.seed), plan=None)
+            est += (int(cfg.repetitions) + 1) * float(srow.get("e2e_s", 0.0))
+        g.update(slots=slots, est_s=est, cfg=c)
+        plan.append(g)
+        total_s += est
+    shapes = {g["shape"]["name"] for g in plan}
+    setup = 20.0 * len(shapes)
+    n_cfg = len(plan) * len(cfg.policies)
+    log(f"plan: {n_cfg} configs ({len(plan)} groups of {len(cfg.policies)} policies; fraction {cfg.fraction}) x "
+        f"{cfg.repetitions} repetitions x levels {list(cfg.levels)} on {info['card']}, sim under hardware={hardware}; "
+        f"estimated device time {total_s + setup:.0f} s (runs {total_s:.0f} s + setup ~{setup:.0f} s); budget {cfg.budget_s:.0f} s")
+    for g in plan:
+        log(f"  {g['shape']['name']:>22} budget {g['budget']:.2f} ({g['slots']} slots) link {g['link']:>6} "
+            f"engine {g['engine']}: ~{g['est_s']:.1f} s")
+    unsupported = sorted({g["engine"] for g in plan} - set(ENGINES_IN_RUNTIME))
+    if unsupported:
+        raise SimError(f"engines {unsupported}: the runtime has no such decode path yet (it runs {list(ENGINES_IN_RUNTIME)})")
+    if cfg.dry_run:
+        return path
+
+    deadline = time.monotonic() + float(cfg.budget_s)
+    rows_all = [] if old is None else old.to_dict("records")
+    for name in sorted(shapes):
+        todo = [g for g in plan if g["shape"]["name"] == name]
+        if time.monotonic() > deadline:
+            break
+        sess = None
+        try:
+            for g in todo:
+                c = g["cfg"]
+                level = "closed"
+                new = []
+                if time.monotonic() + g["est_s"] > deadline:
+                    log(f"{name} {g['budget']} {g['link']}: left for the next call (budget)")
+                    continue
+                keys = base_keys(c)
+                cids = {}
+                for p in cfg.policies:
+                    pc = load_policy(p)
+                    cids[p] = config_id({**keys, "policy": pc.name, "eviction": pc.eviction, "prefetch": pc.prefetch,
+                                         "predictor": pc.predictor})
+                pending = [p for p in cfg.policies if (level, today, cids[p], "measured") not in done]
+                if not pending:
+                    continue
+                if len(pending) < len(cfg.policies):
+                    c = _compose(overrides(cfg, g, g["slots"], hardware, pending))
+                if sess is None:
+                    sess = Session(c, max_slots=max(x["slots"] for x in todo))
+                    if sess.om.device.type == "cuda" and any(x["link"] == "paced" for x in todo):
+                        sess.om.backend.calibrate_sleep()  # copy pacing sleeps on the copy stream
+                prep = sess.prepare(c)
+                gaps: dict[str, list[list[float]]] = {}
+                logs: dict[str, Any] = {}
+
+                def on_run(p, run, lg, row, gaps=gaps, logs=logs):
+                    gaps.setdefault(p.name, []).append(gaps_of(lg))
+                    if lg.compute_spans is not None:
+                        logs[p.name] = lg
+
+                got = sess.measure(c, on_run=on_run, deadline=deadline, timeline=True)
+                seen: dict[str, int] = {}
+                for r in got:
+                    if r["source"] != "measured" or r.get("status") != "ok":
+                        log(f"  {r['policy']}: {r.get('status')} {r.get('reason', '')}")
+                        continue
+                    i = seen.get(r["policy"], 0)
+                    seen[r["policy"]] = i + 1
+                    base = {"level": level, "config_id": r["config_id"], "card": info["card"], "date": today,
+                            "engine": g["engine"], "link": g["link"], "policy": r["policy"], "source": "measured",
+                            "model": name, "budget": g["budget"], "repetition": int(r.get("repetition", i))}
+                    new.append(validation_row(base, r, gaps[r["policy"]][i]))
+                for p in pending:
+                    ms = [x for x in new if x["policy"] == p]
+                    if not ms:
+                        continue
+                    srow, (sobj, slog) = run_policy(prep, load_policy(p), int(cfg.seed), timeline=p in logs)
+                    if p in logs:  # both timelines of the config (last measured repetition)
+                        tdir = path.parent / "timelines"
+                        write_json_atomic(timeline_json(logs[p], sess.om), tdir / f"{ms[0]['config_id']}.measured.json")
+                        write_json_atomic(chrome_trace(slog.compute_spans, slog.copy_spans, slog.occupancy,
+                                                       num_experts=sobj.model.num_experts, moe_layers=sobj.model.moe_layers),
+                                          tdir / f"{ms[0]['config_id']}.sim.json")
+                    base = {**{k: ms[0][k] for k in ("level", "config_id", "card", "date", "engine", "link", "model", "budget")},
+                            "policy": p, "source": "sim", "repetition": 0}
+                    s = validation_row(base, srow, gaps_of(slog))
+                    m_tpot = sum(x["tpot_s"] for x in ms) / len(ms)
+                    s["tpot_rel_err"] = (s["tpot_s"] - m_tpot) / m_tpot if m_tpot else math.nan
+                    new.append(s)
+                    log(f"  {name} b{g['budget']:.2f} {g['link']:>6} {p:>10}: TPOT measured {m_tpot * 1e3:.2f} ms, "
+                        f"sim {s['tpot_s'] * 1e3:.2f} ms ({s['tpot_rel_err']:+.1%})")
+                rows_all += new
+                done |= {(x["level"], x["date"], x["config_id"], x["source"]) for x in new}
+                df = pd.DataFrame(rows_all)
+                atomic_write(path, lambda tmp, df=df: df.to_parquet(tmp, index=False))
+        finally:
+            if sess is not None:
+                sess.close()
+    log(f"validation table: {path} ({len(rows_all)} rows)")
+    return path
+
+
+def register_configs() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    from runtime.__main__ import register_configs as register_run
+
+    register_run()
+    ConfigStore.instance().store(name="validate_schema", node=ValidateConf)
+
+
+def _app(cfg: Any) -> None:
+    from traces.errors import TraceError
+
+    try:
+        run_validate(cfg)
+    except (SimError, TraceError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m runtime.validate key=value ...`."""
+    import hydra
+
+    register_configs()
+    if argv is not None:
+        sys.argv = [sys.argv[0]] + list(argv)
+    hydra.main(version_base="1.3", config_path="pkg://conf", config_name="validate")(_app)()
+
+
+if __name__ == "__main__":
+    main()

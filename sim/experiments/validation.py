@@ -1,0 +1,153 @@
+"""Simulated against measured: the join of the two kinds of rows and the error metrics (torch-free).
+
+A validation table (benchmarks/validation/<card>/validation.parquet, written by ``python -m
+runtime.validate``) holds one row per config, level and source: ``source = measured`` rows are the
+runtime's runs (one per repetition), ``source = sim`` the simulator's prediction of the same
+config (same ``config_id``) under the measured profile of the same card. ``level`` is ``replayed``
+(the simulator replays the runtime's decisions) or ``closed`` (each side runs its own policies).
+
+- ``join``: one measured row per (level, card, date, config_id) (repetitions reduced: mean TPOT,
+  TTFT, hit rate, stall share; per-token latencies pooled) beside its sim row; the sim row gets
+  ``tpot_rel_err = (sim - measured) / measured`` and the same for the per-token percentiles.
+- ``ks_statistic``: the two-sample Kolmogorov-Smirnov statistic of per-token latencies.
+- ``summary``: per level, median and maximum |TPOT error|, the same for p50/p90/p99, the median KS
+  statistic, and whether the targets (``TARGETS``) are met.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from sim.errors import SimError
+
+LEVELS = ("replayed", "closed")
+SOURCES = ("measured", "sim")
+#: targets on |relative TPOT error| per level: (median, maximum)
+TARGETS = {"replayed": (0.03, 0.08), "closed": (0.05, 0.10)}
+#: columns every validation row has (sim rows add the error columns)
+COLUMNS = ["level", "config_id", "card", "date", "engine", "link", "policy", "source", "model", "budget",
+           "repetition", "tpot_s", "p50_token_s", "p90_token_s", "p99_token_s", "ttft_s", "hit_rate",
+           "stall_share", "k", "token_gaps_s"]
+KEYS = ["level", "card", "date", "config_id"]
+PERCENTILES = ("p50", "p90", "p99")
+
+
+def check_rows(df: Any, where: str = "validation table") -> None:
+    """A clear error for a table that lacks columns or has unknown levels or sources."""
+    missing = [c for c in COLUMNS if c not in df.columns]
+    if missing:
+        raise SimError(f"{where}: missing column(s) {missing}")
+    for col, known in (("level", LEVELS), ("source", SOURCES)):
+        bad = sorted(set(df[col].dropna()) - set(known))
+        if bad:
+            raise SimError(f"{where}: column '{col}' has unknown value(s) {bad}; known: {list(known)}")
+
+
+def _pool(gaps: Iterable[Any]) -> np.ndarray:
+    parts = [np.asarray(g, dtype=np.float64) for g in gaps if g is not None and len(g)]
+    return np.concatenate(parts) if parts else np.zeros(0)
+
+
+def join(df: Any) -> Any:
+    """One measured and one sim row per (level, card, date, config_id), errors on the sim rows.
+
+    Configs with only one side are dropped (a run still in progress, a failed config)."""
+    import pandas as pd
+
+    check_rows(df)
+    first = ["engine", "link", "policy", "model", "budget"]
+    out = []
+    for key, g in df.groupby(KEYS, sort=True, dropna=False):
+        m, s = g[g["source"] == "measured"], g[g["source"] == "sim"]
+        if m.empty or s.empty:
+            continue
+        base = dict(zip(KEYS, key)) | {c: g[c].iloc[0] for c in first}
+        rows = {}
+        for src, part in (("measured", m), ("sim", s)):
+            gaps = _pool(part["token_gaps_s"])
+            r = {**base, "source": src, "repetitions": len(part),
+                 "tpot_s": float(part["tpot_s"].mean()), "tpot_sd_s": float(part["tpot_s"].std(ddof=1)) if len(part) > 1 else 0.0,
+                 "ttft_s": float(part["ttft_s"].mean()), "hit_rate": float(part["hit_rate"].mean()),
+                 "stall_share": float(part["stall_share"].mean()), "k": float(part["k"].mean()),
+                 "token_gaps_s": gaps}
+            for p in PERCENTILES:
+                q = float(p[1:])
+                r[f"{p}_token_s"] = float(np.percentile(gaps, q)) if gaps.size else float(part[f"{p}_token_s"].mean())
+            rows[src] = r
+        meas, sim = rows["measured"], rows["sim"]
+        sim["tpot_rel_err"] = rel_err(sim["tpot_s"], meas["tpot_s"])
+        for p in PERCENTILES:
+            sim[f"{p}_rel_err"] = rel_err(sim[f"{p}_token_s"], meas[f"{p}_token_s"])
+        sim["ks"] = ks_statistic(sim["token_gaps_s"], meas["token_gaps_s"])
+        out += [meas, sim]
+    cols = ["level", "card", "date", "config_id", "engine", "link", "policy", "model", "budget", "source",
+            "repetitions", "tpot_s", "tpot_sd_s", "p50_token_s", "p90_token_s", "p99_token_s", "ttft_s", "hit_rate",
+            "stall_share", "k", "tpot_rel_err", "p50_rel_err", "p90_rel_err", "p99_rel_err", "ks", "token_gaps_s"]
+    return pd.DataFrame(out, columns=cols)
+
+
+def rel_err(sim: float, measured: float) -> float:
+    """(sim - measured) / measured; NaN where the measurement is 0 or missing."""
+    if not measured or measured != measured:
+        return float("nan")
+    return (sim - measured) / measured
+
+
+def ks_statistic(a: Sequence[float], b: Sequence[float]) -> float:
+    """Two-sample Kolmogorov-Smirnov statistic: the largest gap between the two empirical CDFs."""
+    x, y = np.sort(np.asarray(a, dtype=np.float64)), np.sort(np.asarray(b, dtype=np.float64))
+    if x.size == 0 or y.size == 0:
+        return float("nan")
+    grid = np.concatenate([x, y])
+    fx = np.searchsorted(x, grid, side="right") / x.size
+    fy = np.searchsorted(y, grid, side="right") / y.size
+    return float(np.max(np.abs(fx - fy)))
+
+
+def summary(joined: Any, by: Sequence[str] = ("level",)) -> Any:
+    """Per group (default: level): configs, median and max |error| of TPOT and the per-token
+    percentiles, median KS, and the targets met (``TARGETS``, by level)."""
+    import pandas as pd
+
+    sim = joined[joined["source"] == "sim"]
+    out = []
+    for key, g in sim.groupby(list(by), sort=True):
+        key = key if isinstance(key, tuple) else (key,)
+        r = dict(zip(by, key)) | {"configs": len(g)}
+        for col in ["tpot_rel_err"] + [f"{p}_rel_err" for p in PERCENTILES]:
+            a = g[col].abs().dropna()
+            name = col.replace("_rel_err", "")
+            r[f"{name}_median_abs_err"] = float(a.median()) if len(a) else float("nan")
+            r[f"{name}_max_abs_err"] = float(a.max()) if len(a) else float("nan")
+        r["ks_median"] = float(g["ks"].median())
+        level = r.get("level")
+        if level in TARGETS:
+            med, mx = TARGETS[level]
+            r["target_median"], r["target_max"] = med, mx
+            r["meets_target"] = bool(r["tpot_median_abs_err"] <= med and r["tpot_max_abs_err"] <= mx)
+        out.append(r)
+    return pd.DataFrame(out)
+
+
+def from_results(df: Any, *, card: str, date: str, engine: str = "eager", level: str = "closed") -> Any:
+    """A results table of ``python -m runtime`` or benchmarks/gpu_runtime.py (measured and sim rows
+    joined by config_id, times in ms) in the validation table's columns; per-token latencies are
+    not in such tables, so ``token_gaps_s`` is empty (the KS statistic is then NaN)."""
+    import pandas as pd
+
+    ok = df[(df["status"] == "ok") & df["source"].isin(SOURCES)]
+    out = pd.DataFrame({
+        "level": level, "config_id": ok["config_id"], "card": card, "date": date, "engine": engine,
+        "link": np.where(ok["link_pace_gbps"].notna(), "paced", "pinned"), "policy": ok["policy"],
+        "source": ok["source"],
+        "model": ok["shape"] if "shape" in ok else ok["model"],
+        "budget": ok["budget"] if "budget" in ok else np.nan,
+        "repetition": ok["repetition"], "tpot_s": ok["tpot_ms"] / 1e3,
+        **{f"{p}_token_s": ok[f"{p}_token_ms"] / 1e3 for p in PERCENTILES},
+        "ttft_s": ok["ttft_ms"] / 1e3, "hit_rate": ok["hit_rate"], "stall_share": ok["stall_share"],
+        "k": ok["mean_k"] if "mean_k" in ok else 0.0,
+    })
+    out["token_gaps_s"] = [[] for _ in range(len(out))]
+    return out.reset_index(drop=True)

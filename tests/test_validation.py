@@ -1,0 +1,137 @@
+"""Simulated against measured: the join of the two kinds of rows and the error metrics (hand-computed),
+the profiler and the validation grid end to end on the CPU (tiny model)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sim.errors import SimError
+from sim.experiments.validation import COLUMNS, join, ks_statistic, summary
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def row(cid: str, source: str, tpot: float, gaps: list[float], level: str = "closed", rep: int = 0, **kw) -> dict:
+    r = {c: None for c in COLUMNS}
+    r.update(level=level, config_id=cid, card="toy", date="2026-12-07", engine="eager", link="pinned", policy="lru",
+             source=source, model="m", budget=0.5, repetition=rep, tpot_s=tpot, ttft_s=0.1, hit_rate=0.5,
+             stall_share=0.2, k=0.0, token_gaps_s=gaps, p50_token_s=float(np.median(gaps)),
+             p90_token_s=float(np.percentile(gaps, 90)), p99_token_s=float(np.percentile(gaps, 99)))
+    r.update(kw)
+    return r
+
+
+def table():
+    import pandas as pd
+
+    return pd.DataFrame([
+        row("a", "measured", 0.010, [0.010, 0.010], rep=0),
+        row("a", "measured", 0.012, [0.012, 0.012], rep=1),
+        row("a", "sim", 0.0121, [0.0121, 0.0121]),
+        row("b", "measured", 0.020, [0.020, 0.020]),
+        row("b", "sim", 0.018, [0.018, 0.018]),
+        row("c", "measured", 0.030, [0.030]),  # no sim row: dropped
+        row("a", "measured", 0.010, [0.010], level="replayed"),
+        row("a", "sim", 0.0103, [0.0103], level="replayed"),
+    ])
+
+
+def test_join_pairs_rows_and_computes_errors() -> None:
+    j = join(table())
+    assert len(j) == 6 and set(j["config_id"]) == {"a", "b"}
+    a = j[(j.config_id == "a") & (j.level == "closed")].set_index("source")
+    assert a.loc["measured", "tpot_s"] == pytest.approx(0.011) and a.loc["measured", "repetitions"] == 2
+    assert a.loc["sim", "tpot_rel_err"] == pytest.approx(0.1)  # (0.0121 - 0.011) / 0.011
+    assert a.loc["measured", "p50_token_s"] == pytest.approx(0.011)  # pooled over repetitions
+    assert a.loc["sim", "p50_rel_err"] == pytest.approx(0.1)
+    assert a.loc["sim", "ks"] == 1.0  # every simulated gap above every measured one
+    b = j[(j.config_id == "b")].set_index("source")
+    assert b.loc["sim", "tpot_rel_err"] == pytest.approx(-0.1)
+
+
+def test_summary_per_level_and_targets() -> None:
+    s = summary(join(table())).set_index("level")
+    assert s.loc["closed", "configs"] == 2
+    assert s.loc["closed", "tpot_median_abs_err"] == pytest.approx(0.1)
+    assert s.loc["closed", "tpot_max_abs_err"] == pytest.approx(0.1)
+    assert not s.loc["closed", "meets_target"]  # 10% median > 5%
+    assert s.loc["replayed", "tpot_max_abs_err"] == pytest.approx(0.03)
+    assert s.loc["replayed", "meets_target"]  # 3% <= 3% median and <= 8% max
+
+
+def test_bad_tables_are_refused() -> None:
+    t = table()
+    with pytest.raises(SimError, match=r"missing column\(s\) \['k'\]"):
+        join(t.drop(columns=["k"]))
+    t.loc[0, "level"] = "open"
+    with pytest.raises(SimError, match="column 'level' has unknown value"):
+        join(t)
+
+
+@given(st.lists(st.floats(0, 1), min_size=1, max_size=30), st.lists(st.floats(0, 1), min_size=1, max_size=30))
+def test_ks_statistic_matches_scipy(a: list[float], b: list[float]) -> None:
+    scipy_stats = pytest.importorskip("scipy.stats")
+    assert ks_statistic(a, b) == pytest.approx(scipy_stats.ks_2samp(a, b).statistic)
+    assert ks_statistic(a, a) == 0.0
+
+
+# ------------------------------------------------------------------ end to end on the CPU
+def run(module: str, *args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True, timeout=600,
+                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+
+
+def test_profiler_smoke_writes_a_profile_the_simulator_loads(tmp_path: Path) -> None:
+    import pandas as pd
+
+    from sim.hardware import HardwareSpec
+
+    out = tmp_path / "hardware" / "measured"
+    r = run("runtime.profile", "smoke=true", f"out={out}", "shapes=[tiny]", "engine_shape=tiny", "name=smoke")
+    assert r.returncode == 0, r.stderr
+    hw = HardwareSpec.from_preset("measured/smoke", root=tmp_path)
+    assert Path(hw.profile_table) == (out / "smoke.parquet").resolve()
+    for path in ("graphed", "eager"):
+        assert set(hw.engine_values(path)) == {"host_per_layer_s", "draft_host_per_layer_s", "host_per_launch_s"}
+    prov = dict(hw.provenance)
+    assert {"card", "driver", "torch", "date", "notes"} <= set(prov)
+    df = pd.read_parquet(out / "smoke.parquet")
+    assert {"h2d", "d2h", "attention", "router", "expert_ffn", "embed_and_head"} <= set(df["op"])
+    assert set(df.loc[df.op == "h2d", "host_memory"]) == {"pinned", "pageable"}
+    assert {"card", "driver", "torch", "date"} <= set(df.columns)
+    # never overwritten without overwrite=true; a grid shape is refused as the engine shape
+    before = (out / "smoke.yaml").read_text()
+    again = run("runtime.profile", "smoke=true", f"out={out}", "shapes=[tiny]", "engine_shape=tiny", "name=smoke")
+    assert again.returncode == 2 and "exists" in again.stderr and (out / "smoke.yaml").read_text() == before
+    bad = run("runtime.profile", "smoke=true", f"out={tmp_path / 'x'}", "engine_shape=mixtral-8x7b")
+    assert bad.returncode == 2 and "validation-grid shape" in bad.stderr and not (tmp_path / "x").exists()
+
+
+def test_validate_grid_on_the_cpu_is_resumable(tmp_path: Path) -> None:
+    import pandas as pd
+
+    from sim.experiments.validation import join
+
+    args = ["profile=h200", f"out={tmp_path}", "shapes=[{name: tiny, model: tiny, requests: 1, prompt_tokens: 4, decode_tokens: 4}]",
+            "budgets=[0.5]", "links=[pinned]", "policies=[lru,oracle]", "repetitions=2"]
+    dry = run("runtime.validate", *args, "dry_run=true")
+    assert dry.returncode == 0, dry.stderr
+    assert "plan: 2 configs" in dry.stdout and not (tmp_path / "cpu").exists()
+    r = run("runtime.validate", *args)
+    assert r.returncode == 0, r.stderr
+    df = pd.read_parquet(tmp_path / "cpu" / "validation.parquet")
+    assert set(COLUMNS) <= set(df.columns)
+    assert (df.source == "measured").sum() == 4 and (df.source == "sim").sum() == 2
+    assert df.loc[df.source == "sim", "tpot_rel_err"].notna().all()
+    assert len(join(df)) == 4
+    again = run("runtime.validate", *args)  # same day: nothing left to run
+    assert again.returncode == 0 and len(pd.read_parquet(tmp_path / "cpu" / "validation.parquet")) == len(df)
+    bad = run("runtime.validate", *args, "levels=[replayed]")
+    assert bad.returncode == 2 and "replay" in bad.stderr
