@@ -24,40 +24,31 @@ RESETS = ("never", "request")
 def belady_misses(needed: list[tuple[int, ...]], pool_of: list[int], capacity: list[int]) -> np.ndarray:
     """Misses per layer-step of MIN eviction (cold start) on the access sequence ``needed``."""
     seq = [key for keys in needed for key in keys]
+    owner = np.repeat(np.arange(len(needed)), [len(k) for k in needed])
     n = len(seq)
-    counts = np.fromiter(map(len, needed), dtype=np.int64, count=len(needed))
-    if n == 0:
-        return np.zeros(len(needed), dtype=np.int64)
-    # each access's next access to the same key (NEVER if none), as negated heap priorities
-    a = np.asarray(seq, dtype=np.int64)
-    order = np.lexsort((np.arange(n), a))
-    same = a[order[1:]] == a[order[:-1]]
-    nxt = np.full(n, NEVER, dtype=np.int64)
-    nxt[order[:-1][same]] = order[1:][same]
-    neg_next = (-nxt).tolist()
-    miss = bytearray(n)
-    heappush, heappop = heapq.heappush, heapq.heappop
-    one_pool = len(capacity) == 1
-    resident: list[dict[int, int]] = [dict() for _ in capacity]  # key -> minus its current next use
+    nxt = [NEVER] * n
+    last: dict[int, int] = {}
+    for i in range(n - 1, -1, -1):
+        key = seq[i]
+        nxt[i] = last.get(key, NEVER)
+        last[key] = i
+    resident: list[dict[int, int]] = [dict() for _ in capacity]  # key -> its current next use
     heaps: list[list[tuple[int, int]]] = [[] for _ in capacity]
-    res, heap, cap = resident[0], heaps[0], capacity[0]
+    misses = np.zeros(len(needed), dtype=np.int64)
     for i, key in enumerate(seq):
-        if not one_pool:
-            p = pool_of[key]
-            res, heap, cap = resident[p], heaps[p], capacity[p]
+        p = pool_of[key]
+        res, heap = resident[p], heaps[p]
         if key not in res:
-            miss[i] = 1
-            if len(res) >= cap:
+            misses[owner[i]] += 1
+            if len(res) >= capacity[p]:
                 while True:
-                    neg, victim = heappop(heap)
-                    if res.get(victim) == neg:
+                    neg, victim = heapq.heappop(heap)
+                    if res.get(victim) == -neg:
                         del res[victim]
                         break
-        neg = neg_next[i]
-        res[key] = neg
-        heappush(heap, (neg, key))
-    owner = np.repeat(np.arange(len(needed)), counts)
-    return np.bincount(owner, weights=np.frombuffer(bytes(miss), dtype=np.uint8), minlength=len(needed)).astype(np.int64)
+        res[key] = nxt[i]
+        heapq.heappush(heap, (-nxt[i], key))
+    return misses
 
 
 @dataclass

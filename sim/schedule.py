@@ -76,8 +76,6 @@ class Schedule:
         self._draft_memo: dict[int, float] = {}
         self._verify_memo: dict[tuple[int, int], float] = {}
         self._layer_groups: list[tuple[int, int, bool]] | None = None
-        self._pre1: dict[int, list[float]] = {}  # context length -> a decode step's pre times
-        self._ffn1: tuple[list[float], list[float] | None] | None = None
         if build:
             for r in range(trace.num_requests):
                 L = int(trace.lengths[r])
@@ -116,53 +114,27 @@ class Schedule:
         self.steps.append(Step(r, step_no, a, b, kv, phase, g0, tail, emitted, draft_s))
         keys_all = trace.expert_ids[r, a:b].transpose(1, 0, 2).reshape(M, -1).astype(np.int64) + self._offsets
         moe = model.moe_layers
-        needed, pres, exps = self.needed, self.pre, self.exp
-        if n == 1:  # a decode step: its layer times depend on the context length only
-            pre_m = self._pre1.get(kv)
-            if pre_m is None:
-                pre_m = self._pre1[kv] = self._pre_times(1, kv)
-            ffn1, shared1 = self._one_token_ffn()
-            rows = keys_all.tolist()
-            for m in range(M):
-                keys = tuple(rows[m])
-                exp = len(keys) * ffn1[m]
-                if shared1 is not None:
-                    exp += shared1[m]
-                needed.append(keys)
-                exps.append(exp)
-            pres.extend(pre_m)
-        else:
-            pres.extend(self._pre_times(n, kv))
-            for m in range(M):
-                layer = moe[m]
-                counts = Counter(keys_all[m].tolist())
-                exp = sum(cost.expert_ffn(layer, c) for c in counts.values())
-                if model.num_shared_experts:
-                    exp += cost.shared_experts(layer, n)
-                needed.append(tuple(sorted(counts)))
-                exps.append(exp)
-        self.g_step.extend([s_idx] * M)
-        self.infos.extend(LayerStepInfo(g0 + m, r, step_no, m) for m in range(M))
-        self._uses = None
-        return s_idx
-
-    def _pre_times(self, n: int, kv: int) -> list[float]:
-        """Per MoE layer: its attention and router, and the dense layers since the last MoE layer."""
-        cost, out = self.cost, []
-        for m, layer in enumerate(self.model.moe_layers):
+        for m in range(M):
+            layer = moe[m]
             pre = cost.attention(layer, n, kv) + cost.router(layer, n)
             for dl in self._dense_before[m]:
                 pre += cost.attention(dl, n, kv) + cost.dense_ffn(dl, n)
-            out.append(pre)
-        return out
-
-    def _one_token_ffn(self) -> tuple[list[float], list[float] | None]:
-        """Per MoE layer: one routed expert's FFN on one token, and the shared experts' (or None)."""
-        if self._ffn1 is None:
-            cost, moe = self.cost, self.model.moe_layers
-            self._ffn1 = ([cost.expert_ffn(layer, 1) for layer in moe],
-                          [cost.shared_experts(layer, 1) for layer in moe] if self.model.num_shared_experts else None)
-        return self._ffn1
+            if n == 1:
+                keys = tuple(keys_all[m].tolist())
+                exp = len(keys) * cost.expert_ffn(layer, 1)
+            else:
+                counts = Counter(keys_all[m].tolist())
+                keys = tuple(sorted(counts))
+                exp = sum(cost.expert_ffn(layer, c) for c in counts.values())
+            if model.num_shared_experts:
+                exp += cost.shared_experts(layer, n)
+            self.needed.append(keys)
+            self.pre.append(pre)
+            self.exp.append(exp)
+            self.g_step.append(s_idx)
+            self.infos.append(LayerStepInfo(g0 + m, r, step_no, m))
+        self._uses = None
+        return s_idx
 
     def draft_token_time(self, r: int, t: int) -> float:
         """One draft step at token t: the same model with its routed experts in INT4 and resident
