@@ -57,6 +57,24 @@ def rewrite_args(argv: list[str]) -> list[str]:
     return rewrite_model_args(argv)
 
 
+SPECULATIVE_COLUMNS = ["policy", "source", "repetition", "acceptance_rate", "mean_k", "tokens_per_cycle",
+                       "draft_agreement", "acceptance_by_position"]
+
+
+def speculative_table(rows: list[dict[str, Any]]) -> str:
+    """Acceptance, mean k, tokens per cycle (and, measured live, the draft's routing agreement and
+    acceptance per draft position) of the speculative rows; empty when there are none."""
+    import pandas as pd
+
+    spec = [r for r in rows if r.get("status") == "ok" and r.get("mean_k") is not None
+            and not (isinstance(r.get("mean_k"), float) and r["mean_k"] != r["mean_k"])]
+    if not spec:
+        return ""
+    df = pd.DataFrame(spec)
+    df = df[[c for c in SPECULATIVE_COLUMNS if c in df.columns]]
+    return df.to_string(index=False, float_format=lambda v: f"{v:.3f}")
+
+
 def run_app(cfg: Any, out_dir: Path) -> list[dict[str, Any]]:
     """Measure every policy of ``cfg``, write results (and timelines) under ``out_dir``; return the rows."""
     from runtime.measure import Session, timeline_json
@@ -86,6 +104,9 @@ def run_app(cfg: Any, out_dir: Path) -> list[dict[str, Any]]:
     finally:
         sess.close()
     print(format_table(rows, extra=["source", "repetition"]))
+    spec = speculative_table(rows)
+    if spec:
+        print(spec)
     print(f"results: {out_dir / (cfg.results_name + '.parquet')}")
     return rows
 

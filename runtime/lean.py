@@ -397,6 +397,7 @@ class LeanModel:
         self.step_graph: torch.cuda.CUDAGraph | None = None
         self._step_out: _Seg | None = None
         self.last_routing: list[tuple[np.ndarray, np.ndarray]] = []
+        self.all_logits = False  # eager steps return every position's logits [T, V] (speculative verify)
 
     # ------------------------------------------------------------------ pieces
     def _mask(self, T: int, pos_ids: torch.Tensor) -> torch.Tensor | None:
@@ -442,6 +443,9 @@ class LeanModel:
             h = self._dense(l, self._attention(l, h, pe, mask))
         if s == self.M:
             h = self.base.norm(h)
+            if self.all_logits and T > 1:
+                logits = self.model.lm_head(h)[0]
+                return _Seg(logits=logits, next_tok=logits.argmax(-1).reshape(1, -1))
             logits = self.model.lm_head(h[:, -1:, :])[:, -1, :]
             return _Seg(logits=logits, next_tok=logits.argmax(-1).reshape(1, 1))
         l = self.moe[s]

@@ -22,6 +22,7 @@ How each RunLog field is measured:
 
 from __future__ import annotations
 
+import json
 import platform
 import resource
 import sys
@@ -271,6 +272,15 @@ class Session:
         total = self.spec.num_routed_experts_total
         if max_slots is None:
             max_slots = max([p.slots for p in self.plans(cfg) if p is not None] or [sh.top_k])
+        # the INT4 draft of speculative policies, quantized while the experts are still resident
+        self.draft = None
+        from sim.run import policy_presets
+
+        if any(p.decoding == "speculative" for p in policy_presets(cfg.policy)):
+            from runtime.speculate import draft_experts
+
+            self.draft = draft_experts([h.experts for h in self.loaded.moe_handles])
+        self._spec_engine = None
         self.om = OffloadedModel(self.loaded, max_slots=min(int(max_slots), total),
                                  host_memory=str(cfg.hardware.host_memory), cpu_backend=str(cfg.get("cpu_backend", "sync")),
                                  record_routing=cfg.get("mode", "replay") == "live")
@@ -379,7 +389,10 @@ class Session:
         )
         run = self.om.start_run(rc)
         try:
-            if mode == "replay":
+            if pcfg.decoding == "speculative":
+                run.spec = self.speculative(cfg, run, hw)
+                run.live_out = {"tokens": run.spec.generate(prompts, int(cfg.trace.decode_tokens))}
+            elif mode == "replay":
                 replay(self.om, run, trace, schedule, seed=int(cfg.seed))
             else:
                 run.live_out = live(self.om, run, prompts, int(cfg.trace.decode_tokens))
@@ -388,6 +401,24 @@ class Session:
             if isinstance(predictor, LiveGatePredictor):
                 predictor.close()
         return run
+
+    def speculative(self, cfg: Any, run: Any, hw: Any, governor: Any = None) -> Any:
+        """The speculative decoder of one run (runtime.speculate): the session's INT4 draft on its
+        engine, the config's governor, costs measured as the run goes (the link's per-expert time
+        measured at the session's start on a GPU, the hardware spec's elsewhere)."""
+        from runtime.speculate import HFEngine, LeanEngine, MeasuredCosts, SpeculativeDecoder
+        from sim.governor import build_governor
+
+        if self.draft is None:
+            raise ExecutorError_("the session was built without a speculative policy (no INT4 draft)")
+        if self._spec_engine is None:
+            fn = self.draft[0]
+            self._spec_engine = (LeanEngine(self.om.stepper, fn) if self.engine == "graphed"
+                                 else HFEngine(self.om.model, self.om.modules, fn))
+        xfer = self.om.copy_s if self.om.copy_s else hw.h2d_time(self.om.nbytes)
+        costs = MeasuredCosts(xfer, copy_latency_s=float(hw.copy_latency_s) + float(hw.decision_delay_s))
+        return SpeculativeDecoder(self._spec_engine, build_governor(governor or cfg.governor), num_experts=self.om.E,
+                                  top_k=self.om.top_k, run=run, costs=costs, expert_bytes=self.om.nbytes)
 
     def warmup(self, cfg: Any, steps: int) -> None:
         """An unmeasured run first, once per session (kernels and their autotuned variants for every
@@ -424,6 +455,18 @@ class Session:
                 live(self.om, run, prompts, D if steps < 0 else steps)
             finally:
                 self.om.end_run()
+            if self.draft is not None:  # the draft's graphs and every verify width up to k_max + 1
+                from sim.hardware import HardwareSpec
+
+                g = cfg.governor
+                kw = max(int(g.get("k") or 1), int(g.get("k_max") or 1))
+                rc.eviction, rc.prefetch = EVICTION.create("lru"), PREFETCH.create("none")
+                run = self.om.start_run(rc)
+                try:
+                    dec = self.speculative(cfg, run, HardwareSpec.from_cfg(cfg.hardware), governor={"name": "fixed", "k": kw})
+                    dec.generate(prompts[:1], min(D, 3 * (kw + 1)) if steps < 0 else max(2, steps))
+                finally:
+                    self.om.end_run()
         self.warm = True
 
     # ------------------------------------------------------------------ the config's rows
@@ -471,8 +514,9 @@ class Session:
                 rows.append({**base, "source": "measured", "status": "infeasible", "reason": e.reason, "repetition": 0})
                 continue
             reason = None
-            if p.decoding == "speculative":
-                reason = "speculative decoding is not in this runtime yet (the executor's verify steps are ready for it)"
+            if p.decoding == "speculative" and mode != "live":
+                reason = ("speculative replay (the trace's draft/draft_match columns driving the ELB and acceptance) "
+                          "is not in this runtime yet: use mode=live")
             elif mode == "live" and (p.eviction in LIVE_ONLY_TRACE or p.prefetch in FUTURE_PREFETCH
                                      or (p.predictor in FUTURE_PREDICTORS)):
                 reason = f"policy '{p.name}' reads the trace's future or truth: it needs mode=replay"
@@ -503,18 +547,31 @@ class Session:
                                  "repetition": rep})
                     break
                 wall = time.perf_counter() - t0
+                spec = getattr(run, "spec", None)
                 if prep is None:  # live: the executed routing is the trace of the bound and the prediction
-                    tr = executed_trace(run, self.spec.shape_only(), prompts,
-                                        {"tool": "runtime.measure", "mode": "live", "prompts": keys["trace"],
-                                         "policy": p.name}, predictor=run.rc.predictor)
+                    meta = {"tool": "runtime.measure", "mode": "live", "prompts": keys["trace"], "policy": p.name}
+                    if spec is not None:
+                        from runtime.speculate import executed_spec_trace
+
+                        tr = executed_spec_trace(spec, self.spec.shape_only(), meta)
+                    else:
+                        tr = executed_trace(run, self.spec.shape_only(), prompts, meta, predictor=run.rc.predictor)
                     prep = self.prepare(cfg, tr)
                     if getattr(self, "executed", None) is None or tr.lookahead_depths:
                         self.executed = tr
                 log = run_log(run, timeline=keep and rep == reps - 1)
+                if spec is not None:
+                    log.cycles = spec.sim_cycles()
                 bound = bound_for(prep, prep.schedule, run.cache.pool_of, run.cache.capacity)
                 row = {**base, "source": "measured", "status": "ok", "reason": "", "repetition": rep,
                        **measured_row(log, bound, self.om, run), "wall_s": wall, **env,
                        "peak_host_gb": peak_host_bytes() / 1e9}
+                if spec is not None:
+                    sm = spec.summary()
+                    row.update({"decoding": "speculative", "tokens_per_cycle": sm.get("tokens_per_cycle"),
+                                "draft_kind": self.draft[1], "draft_bytes": self.draft[2],
+                                "draft_agreement": sm.get("draft_agreement"),
+                                "acceptance_by_position": json.dumps(sm.get("acceptance_by_position", []))})
                 rows.append(row)
                 last = (run, log)
                 if on_run is not None:

@@ -70,3 +70,23 @@ def format_table(rows: Sequence[dict[str, Any]], extra: Sequence[str] = (), *, r
     resets = sorted({str(r["cache_reset"]) for r in rows if r.get("cache_reset")})
     cache = f"; cache.reset={'/'.join(resets)} ({CACHE_RESET.get(resets[0], '')})" if len(resets) == 1 else ""
     return text + "\n" + RANKING + cache
+
+
+SPECULATIVE_PRINTED = ["acceptance_rate", "mean_k", "tokens_per_cycle", "coverage_ready", "coverage_requested",
+                       "elb_recall", "experts_per_token"]
+
+
+def format_speculative(rows: Sequence[dict[str, Any]]) -> str:
+    """The speculative rows' acceptance, mean k, tokens per cycle and coverage, then the share of
+    cycles at each k (the k that any row used); empty when no row is speculative."""
+    spec = [r for r in rows if r.get("status") == "ok" and r.get("decoding") == "speculative"]
+    if not spec:
+        return ""
+    df = to_frame(spec)
+    cols = ["policy"] + [c for c in SPECULATIVE_PRINTED if c in df.columns]
+    top = df[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}")
+    ks = sorted({int(c[7:]) for c in df.columns if c.startswith("k_hist_")})
+    ks = [k for k in ks if df[f"k_hist_{k}"].fillna(0).gt(0).any()]
+    hist = df[["policy"] + [f"k_hist_{k}" for k in ks]].rename(columns={f"k_hist_{k}": f"k={k}" for k in ks})
+    return (top + "\nshare of cycles at each draft length k:\n"
+            + hist.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
