@@ -65,17 +65,18 @@ class ResultsWriter:
         self.name = name
         self.parquet = self.out_dir / f"{name}.parquet"
         self.json = self.out_dir / f"{name}.json"
-        self._own = resume
         self.rows: list[dict[str, Any]] = []
+        self._another_run = False  # another run's results appeared in the directory meanwhile
+        self._attempted = self._wrote = False
         if not resume:
             for path in (self.parquet, self.json):
                 if path.exists():
                     raise UsageError(f"{path} already exists (another run's results); "
                                      "give this run its own directory (hydra.run.dir=...)")
+        self._resume = resume
 
     def add(self, row: dict[str, Any]) -> None:
-        """Write the rows with ``row`` added; ``rows`` holds it once it is on disk (an interrupt
-        during the write leaves the file and ``where()`` agreeing on the rows before it)."""
+        """Write the rows with ``row`` added; ``rows`` holds it once it is on disk."""
         self.write(self.rows + [row])
         self.rows.append(row)
 
@@ -83,19 +84,28 @@ class ResultsWriter:
         rows = self.rows if rows is None else rows
         if not rows:
             return
+        self._attempted = True
         try:
-            write_results(rows, self.out_dir, self.name, overwrite=self._own)
+            write_results(rows, self.out_dir, self.name, overwrite=self._resume or self._wrote)
+            self._wrote = True
         except FileExistsError:
+            self._another_run = True
             raise UsageError(f"{self.parquet}: another run wrote results into this directory meanwhile; "
                              "this run's rows were not written") from None
-        self._own = True
 
     def where(self) -> str:
-        """One line for an interrupted run: where its finished rows are."""
-        ok = sum(1 for r in self.rows if r.get("status") == "ok")
-        if not self.rows:
+        """One line for an interrupted run: where its finished rows are, counted in the file (an
+        interrupt can land after the file took a row and before ``rows`` did)."""
+        status = [r.get("status") for r in self.rows]
+        if self._attempted and not self._another_run and not self._resume:
+            try:
+                status = list(pd.read_parquet(self.parquet, columns=["status"])["status"])
+            except Exception:  # noqa: BLE001 - unreadable: what this run knows it wrote
+                pass
+        if not status:
             return "no policy had finished; nothing was written"
-        return f"{ok} finished row{'s' if ok != 1 else ''} ({len(self.rows)} in all) in {self.parquet}"
+        ok = status.count("ok")
+        return f"{ok} finished row{'s' if ok != 1 else ''} ({len(status)} in all) in {self.parquet}"
 
 
 def _jsonable(row: dict[str, Any]) -> dict[str, Any]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import uuid
 from pathlib import Path
 from typing import Any, Callable
 
@@ -16,28 +16,43 @@ def _default_mode() -> int:
     return 0o666 & ~umask
 
 
+#: temporary files of writes in progress in this process: named here before they are created, so
+#: that an interrupt at any point leaves them findable (remove_partial_files)
+_LIVE: set[Path] = set()
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None], *, overwrite: bool = True) -> Path:
     """Call ``write(tmp_path)``, then move the result to ``path`` with the usual permissions.
 
-    The temporary file is removed on any exception, KeyboardInterrupt included (and SIGTERM, which
-    the CLIs turn into an exception: traces.cli). ``overwrite=False`` never replaces an existing
-    ``path``: the move is a hard link, which fails if another process created ``path`` meanwhile
-    (FileExistsError).
+    The temporary file is removed on any exception, KeyboardInterrupt included; one interrupted at
+    an unlucky instant (SIGTERM too, which the CLIs turn into an exception) is removed by
+    :func:`remove_partial_files`, which traces.cli calls before it exits. ``overwrite=False`` never
+    replaces an existing ``path``: the move is a hard link, which fails if another process created
+    ``path`` meanwhile (FileExistsError).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    _LIVE.add(tmp)
     try:
-        write(tmp)
+        os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        write(str(tmp))
         os.chmod(tmp, _default_mode())
         if overwrite:
             os.replace(tmp, path)
         else:
-            _move_no_clobber(tmp, path)
+            _move_no_clobber(str(tmp), path)
     finally:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
+        _LIVE.discard(tmp)
     return path
+
+
+def remove_partial_files() -> None:
+    """Remove the temporary files of this process's interrupted writes (the targets are untouched)."""
+    for tmp in list(_LIVE):
+        tmp.unlink(missing_ok=True)
+        _LIVE.discard(tmp)
 
 
 def _move_no_clobber(tmp: str, path: Path) -> None:

@@ -138,6 +138,9 @@ def run_cli(main: Callable[[], int | None]) -> int:
         print(f"error: {error_line(e)}", file=sys.stderr)
         code = EXIT_REFUSED
     finally:
+        from traces.atomic import remove_partial_files
+
+        remove_partial_files()  # an interrupt at an unlucky instant of an atomic write
         if not user_full_error:
             os.environ.pop("HYDRA_FULL_ERROR", None)
     try:
