@@ -255,7 +255,6 @@ class Session:
 
         from runtime.offloaded import OffloadedModel
         from runtime.models import load_model
-        from sim.spec import ModelSpec
 
         t0 = time.perf_counter()
         check_config(cfg)

@@ -13,7 +13,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from sim.config import register_configs
-from sim.errors import InfeasibleError, SimError
+from sim.errors import InfeasibleError
 from sim.policies.errors import PolicyError
 from sim.presets import conf_dir
 from sim.run import simulate

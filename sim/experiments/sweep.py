@@ -195,15 +195,10 @@ def _map_task(cfg: DictConfig, overrides: list[str], out: Path, multirun: bool) 
     from sim.experiments.speculation_map import MapSpec, run_map
 
     if multirun:
-        print("error: experiment=speculation-map runs its own grid; do not combine it with a multirun", file=sys.stderr)
-        sys.exit(2)
+        raise UsageError("experiment=speculation-map runs its own grid; do not combine it with a multirun (-m)")
     base = [o for o in overrides if not o.lstrip("+~").startswith("experiment")]
-    try:
-        spec = MapSpec.from_cfg(OmegaConf.to_container(cfg.experiment, resolve=True))
-        res = run_map(base, spec, out)
-    except (SimError, TraceError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    spec = MapSpec.from_cfg(OmegaConf.to_container(cfg.experiment, resolve=True))
+    res = run_map(base, spec, out)
     print(res.summary)
     print(f"speculation map: {out / 'speculation_map.png'} (table: speculation_map.parquet)")
     ok = res.table[res.table["status"] == "ok"]
