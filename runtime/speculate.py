@@ -134,6 +134,7 @@ class HFEngine:
             self._hooks.append(mod.register_forward_pre_hook(self._target_hook(m), with_kwargs=True))
         self.cache: Any = None
         self.length = 0
+        self.vocab_size = int(model.config.vocab_size)
 
     def _draft_call(self, m: int, draft: ExpertsFn):
         def call(hidden, idx, w):
@@ -257,6 +258,7 @@ class LeanEngine:
         self.draft_lean = LeanModel(target.loaded, max_len=target.S, experts=draft, graphs=graphs, read_routing=False)
         self.draft_lean.kv = target.kv  # one KV cache for the draft and the target
         self.length = 0
+        self.vocab_size = int(target.model.config.vocab_size)
 
     def reset(self) -> None:
         self.lean.reset()
@@ -446,10 +448,10 @@ class SpeculativeDecoder:
         return busy, len(run.queue)
 
     # ------------------------------------------------------------------ passes
-    def _target(self, r: int, step: int, ids: list[int], start: int, emitted: int = 1) -> torch.Tensor:
+    def _target(self, r: int, step: int, ids: list[int], start: int, emitted: int = 1, **replayed: Any) -> torch.Tensor:
         run = self.run
         if run is not None:
-            rec = run.begin_step(r, step, len(ids), emitted=emitted)
+            run.begin_step(r, step, len(ids), emitted=emitted, **replayed)
         x = torch.tensor([ids], dtype=torch.long, device=self.engine.device)
         logits = self.engine.target(x, start)
         toks = logits.argmax(-1)
@@ -557,6 +559,95 @@ class SpeculativeDecoder:
         self.draft_rows.append(drafts)
         self.draft_match.append(match)
         return emitted[:new_tokens]
+
+    # ------------------------------------------------------------------ replay
+    def replay(self, trace: Any, draft: Any, *, seed: int = 0) -> None:
+        """Speculative cycles over a trace's requests (mode=replay): the trace's routing is executed
+        (every target pass computes exactly the experts of its rows, with their gate weights), the
+        ELB rows and the acceptance come from ``draft`` (sim.speculative.DraftSource: the trace's
+        ``draft``/``draft_match`` columns), so the simulator and this run see the same cycles for the
+        same k. The draft model still runs its k tokens (its compute is measured), on random tokens."""
+        rng = np.random.default_rng([seed, 77])
+        with torch.inference_mode():
+            for r in range(trace.num_requests):
+                self._replay_request(r, trace, draft, rng)
+
+    def _overrides(self, trace: Any, r: int, a: int, b: int) -> dict[str, Any]:
+        k = self.top_k
+        ids_np = trace.expert_ids[r, a:b].astype(np.int64)  # (n, M, k)
+        if trace.gate_weights is not None:
+            w_np = trace.gate_weights[r, a:b].astype(np.float32)
+            w_np = np.where(np.isfinite(w_np), w_np, 1.0 / k)
+        else:
+            w_np = np.full(ids_np.shape, 1.0 / k, dtype=np.float32)
+        dev = self.engine.device
+        ov_ids = torch.from_numpy(np.ascontiguousarray(ids_np.transpose(1, 0, 2))).to(dev)
+        ov_w = torch.from_numpy(np.ascontiguousarray(w_np.transpose(1, 0, 2))).to(dev)
+        E = self.E
+        needed = [tuple(sorted({m * E + int(e) for e in ids_np[:, m].reshape(-1)})) for m in range(self.M)]
+        return {"override": (ov_ids, ov_w, ids_np.transpose(1, 0, 2).tolist()), "needed": needed}
+
+    def _replay_request(self, r: int, trace: Any, draft: Any, rng: np.random.Generator) -> None:
+        eng, run, gov, costs = self.engine, self.run, self.governor, self.costs
+        L = int(trace.lengths[r])
+        P = int((trace.phase[r, :L] == 0).sum())
+        vocab = int(eng.vocab_size)
+        if run is not None:
+            run.request_start(r)
+        else:
+            self._issue(self.prefetch.on_request_start(r))
+        eng.reset()
+        toks = rng.integers(3, max(vocab, 4), size=L).tolist()
+        self._target(r, 0, toks[:P], 0, **self._overrides(trace, r, 0, P))
+        t, cycle = P, 0
+        while t < L:
+            cycle += 1
+            k_limit = L - 1 - t
+            busy, _ = self._link_state()
+            hist = trace.expert_ids[r, max(P, t - 32):t].astype(np.int64) if t > P else trace.expert_ids[r, t - 1:t]
+            d = gov.decide(costs.cycle_costs(hist, self.M, self.E, self.top_k, busy, k_limit, self.expert_bytes))
+            k = max(0, min(int(d.k), k_limit))
+            copies0 = run.copies if run is not None else 0
+            self._issue(self.prefetch.on_cycle_start(CycleInfo(
+                request=r, t=t, k=k, t_draft_s=costs.t_draft(k), expert_transfer_s=costs.expert_transfer_s,
+                slots=run.cache.total_slots if run is not None else self.M * self.E, top_k=self.top_k)))
+            self.sync()
+            t0 = time.perf_counter()
+            x = toks[t]
+            for i in range(k):
+                x, _ = eng.draft(torch.tensor([[x]], dtype=torch.long, device=eng.device), t + i)
+                if run is not None:
+                    run.pump()
+                busy, queued = self._link_state()
+                xfer = costs.expert_transfer_s
+                budget = int((costs.t_draft(k - i - 1) - busy) / xfer) - queued if xfer > 0 else 0
+                self._issue(self.prefetch.on_draft_token(i, draft.elb_row(r, t + i), budget))
+            self.sync()
+            t1 = time.perf_counter()
+            eng.rollback(t)
+            a = draft.accepted(r, t, k)
+            ov = self._overrides(trace, r, t, t + k + 1)
+            self._target(r, cycle, toks[t:t + k + 1], int(trace.position[r, t]), emitted=a + 1, **ov)
+            self.sync()
+            t2 = time.perf_counter()
+            eng.rollback(t + a + 1)
+            fetched = (run.copies - copies0) if run is not None else 0
+            if k:
+                costs.observe_draft((t1 - t0) / k)
+            costs.observe_verify(k + 1, t2 - t1)
+            costs.observe_fetch(fetched, sum(len(x) for x in ov["needed"]))
+            gov.observe(k, a, t2 - t0)
+            self.cycles.append(Cycle(
+                request=r, cycle=cycle, t=t, k=k, accepted=a, draft_s=t1 - t0, verify_s=t2 - t1,
+                matches=[bool(draft.accepted(r, t + i, 1)) for i in range(k)],
+                coverage=run.steps[-1].coverage if run is not None else float("nan"), fetched=fetched,
+                predicted_cycle_s=float(getattr(d, "predicted_cycle_s", float("nan"))),
+                governor_phase=str(getattr(d, "phase", ""))))
+            t += a + 1
+        if run is not None:
+            run.request_end(r)
+        else:
+            self._issue(self.prefetch.on_request_end(r))
 
     # ------------------------------------------------------------------ reports
     def sim_cycles(self) -> list[dict[str, Any]]:

@@ -228,21 +228,34 @@ def test_runtime_app_measures_speculative_policies_live(tmp_path, capsys):
     assert "tokens_per_cycle" in out and "acceptance_rate" in out
 
 
-def test_speculative_replay_is_refused_with_a_reason(tmp_path):
+@pytest.mark.parametrize("engine", ["eager", "graphed"])
+def test_speculative_replay_runs_the_simulators_cycles(engine):
+    """mode=replay: the trace's draft columns (here the synthetic trace's stand-in, same seed) drive
+    the ELB and the acceptance, so at fixed k the measured run has the simulator's cycles exactly,
+    and on-demand LRU under speculation (spec-lru) sees the same hits and misses."""
     from hydra import compose, initialize_config_dir
 
     from runtime.measure import Session
     from sim.presets import conf_dir
 
     with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
-        cfg = compose("run", overrides=["model=tiny", "policy=speq", "repetitions=1", "warmup_steps=0",
-                                        "trace.requests=1", "trace.decode_tokens=4", "predict=false"])
+        cfg = compose("run", overrides=["model=tiny", "policy.suite=[speq,spec-lru]", "policy.name=s", "repetitions=1",
+                                        "warmup_steps=0", "trace.requests=2", "trace.prompt_tokens=5",
+                                        "trace.decode_tokens=14", "governor=fixed", "governor.k=3", "cache.slots=12",
+                                        f"engine={engine}"])
     sess = Session(cfg)
     try:
         rows = sess.measure(cfg)
     finally:
         sess.close()
-    assert rows[0]["status"] == "failed" and "mode=live" in rows[0]["reason"]
+    by = {(r["policy"], r["source"]): r for r in rows}
+    for p in ("speq", "spec-lru"):
+        m, s = by[(p, "measured")], by[(p, "sim")]
+        assert m["status"] == s["status"] == "ok", m.get("reason")
+        assert list(m["k_per_cycle"]) == list(s["k_per_cycle"]) and m["cycles"] == s["cycles"]
+        assert m["acceptance_rate"] == s["acceptance_rate"] and m["emitted_tokens"] == s["emitted_tokens"]
+    assert by[("spec-lru", "measured")]["hit_rate"] == by[("spec-lru", "sim")]["hit_rate"]
+    assert by[("spec-lru", "measured")]["miss_rate"] == by[("spec-lru", "sim")]["miss_rate"]
 
 
 def test_gpu_speculative_benchmark_smoke(tmp_path):
