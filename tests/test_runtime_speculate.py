@@ -28,6 +28,12 @@ GOVERNORS = [{"name": "fixed", "k": 1}, {"name": "fixed", "k": 3}, {"name": "fix
              {"name": "roofline", "k_min": 1, "k_max": 6, "warmup_cycles": 1}]
 
 
+def _compose(overrides):
+    from benchmarks.gpu_speculative import compose
+
+    return compose(overrides)
+
+
 def _engine(lm, kind: str, draft=None):
     mods = [h.experts for h in lm.moe_handles]
     fn = draft if draft is not None else draft_experts(mods)[0]
@@ -206,16 +212,11 @@ def test_the_executor_runs_a_verify_pass_as_one_step():
 
 
 def test_runtime_app_measures_speculative_policies_live(tmp_path, capsys):
-    from hydra import compose, initialize_config_dir
-
     from runtime.__main__ import run_app
-    from sim.presets import conf_dir
 
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
-        cfg = compose("run", overrides=["model=tiny", "mode=live", "policy.suite=[lru,speq,spec-lru,spmoe]",
-                                        "policy.name=s", "trace.requests=1", "trace.prompt_tokens=6",
-                                        "trace.decode_tokens=12", "repetitions=1", "warmup_steps=0",
-                                        "governor=roofline"])
+    cfg = _compose(["model=tiny", "mode=live", "policy.suite=[lru,speq,spec-lru,spmoe]", "policy.name=s",
+                    "trace.requests=1", "trace.prompt_tokens=6", "trace.decode_tokens=12", "repetitions=1",
+                    "warmup_steps=0", "governor=roofline"])
     rows = run_app(cfg, tmp_path)
     meas = {r["policy"]: r for r in rows if r["source"] == "measured"}
     assert all(r["status"] == "ok" for r in meas.values()), [r.get("reason") for r in meas.values()]
@@ -233,16 +234,11 @@ def test_speculative_replay_runs_the_simulators_cycles(engine):
     """mode=replay: the trace's draft columns (here the synthetic trace's stand-in, same seed) drive
     the ELB and the acceptance, so at fixed k the measured run has the simulator's cycles exactly,
     and on-demand LRU under speculation (spec-lru) sees the same hits and misses."""
-    from hydra import compose, initialize_config_dir
-
     from runtime.measure import Session
-    from sim.presets import conf_dir
 
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
-        cfg = compose("run", overrides=["model=tiny", "policy.suite=[speq,spec-lru]", "policy.name=s", "repetitions=1",
-                                        "warmup_steps=0", "trace.requests=2", "trace.prompt_tokens=5",
-                                        "trace.decode_tokens=14", "governor=fixed", "governor.k=3", "cache.slots=12",
-                                        f"engine={engine}"])
+    cfg = _compose(["model=tiny", "policy.suite=[speq,spec-lru]", "policy.name=s", "repetitions=1",
+                    "warmup_steps=0", "trace.requests=2", "trace.prompt_tokens=5", "trace.decode_tokens=14",
+                    "governor=fixed", "governor.k=3", "cache.slots=12", f"engine={engine}"])
     sess = Session(cfg)
     try:
         rows = sess.measure(cfg)
