@@ -313,6 +313,10 @@ class MeasuredCosts:
     def _ema(self, old: float | None, new: float) -> float:
         return new if old is None else (1 - self.alpha) * old + self.alpha * new
 
+    def at(self, r: int, t: int, L: int) -> None:
+        """The cycle about to be priced (request, position, request length): measured costs do not
+        depend on it."""
+
     def observe_draft(self, per_token_s: float) -> None:
         self.draft_s = self._ema(self.draft_s, per_token_s)
 
@@ -360,6 +364,35 @@ class MeasuredCosts:
         return CycleCosts(t_draft=self.t_draft, t_verify=self.t_verify, t_pcie_init=t_pcie_init,
                           t_overhead=self.copy_latency_s, expert_transfer_s=self.expert_transfer_s,
                           new_experts=new_experts, k_limit=k_limit, expert_bytes=expert_bytes)
+
+
+class ModelledCosts(MeasuredCosts):
+    """The simulator's cost model in place of measured times (a virtual-time run): draft and verify
+    priced by the schedule exactly as the simulator's host prices them, so the governor sees the
+    simulator's inputs (tests of identical decisions; what-if runs). Transfers: ``expert_transfer_s``."""
+
+    def __init__(self, schedule: Any, trace: Any, decision_delay_s: float, expert_transfer_s: float,
+                 copy_latency_s: float = 0.0) -> None:
+        super().__init__(expert_transfer_s, copy_latency_s + decision_delay_s)
+        self.schedule, self.trace, self.dd = schedule, trace, float(decision_delay_s)
+        self.r = self.t = self.L = 0
+
+    def at(self, r: int, t: int, L: int) -> None:
+        self.r, self.t, self.L = r, t, L
+
+    def observe_draft(self, per_token_s: float) -> None:
+        pass
+
+    def observe_verify(self, n: int, s: float) -> None:
+        pass
+
+    def t_draft(self, k: int) -> float:
+        r, t, L = self.r, self.t, self.L
+        return sum(self.schedule.draft_token_time(r, t + i) for i in range(min(k, L - 1 - t)))
+
+    def t_verify(self, n: int) -> float:
+        r, t, L = self.r, self.t, self.L
+        return self.schedule.verify_estimate(n, int(self.trace.position[r, min(t + n, L) - 1]) + 1, self.dd)
 
 
 # =============================================================================== the decoder
@@ -604,7 +637,8 @@ class SpeculativeDecoder:
             cycle += 1
             k_limit = L - 1 - t
             busy, _ = self._link_state()
-            hist = trace.expert_ids[r, max(P, t - 32):t].astype(np.int64) if t > P else trace.expert_ids[r, t - 1:t]
+            costs.at(r, t, L)
+            hist = trace.expert_ids[r, max(0, t - 64):t].astype(np.int64)  # verified rows (prefill too, as the simulator)
             d = gov.decide(costs.cycle_costs(hist, self.M, self.E, self.top_k, busy, k_limit, self.expert_bytes))
             k = max(0, min(int(d.k), k_limit))
             copies0 = run.copies if run is not None else 0

@@ -273,3 +273,47 @@ def test_gpu_speculative_benchmark_smoke(tmp_path):
     assert labels["speq"]["k"] == "governor" and labels["speq-k2"]["mean_k"] <= 2
     assert labels["speq"]["token_mismatch_share"] == 0.0  # fp32 on the CPU: the target's greedy output
     assert (tmp_path / "summary.md").read_text().count("MoE-SpeQ") >= 2
+
+
+def test_the_governor_decides_as_in_the_simulator_on_the_same_inputs():
+    """Replay with the simulator's cost model as the clock (ModelledCosts): the runtime's host hands
+    the roofline governor the simulator's inputs (draft and verify prices, |E_new(k)| from the same
+    fetch history, the same acceptance), so it picks the same k in every cycle; spec-lru (demand
+    fetches only) then sees the same hits and misses."""
+    from runtime.executor import RunConfig
+    from runtime.measure import Session
+    from runtime.speculate import ModelledCosts
+    from sim.hardware import HardwareSpec
+    from sim.policies import EVICTION
+    from sim.run import load_policy, run_policy
+    from sim.speculative import DraftSource
+
+    cfg = _compose(["model=tiny", "policy=spec-lru", "repetitions=1", "warmup_steps=0", "trace.requests=2",
+                    "trace.prompt_tokens=5", "trace.decode_tokens=30", "governor=roofline", "governor.k_max=6",
+                    "cache.slots=10", "engine=eager"])
+    sess = Session(cfg)
+    try:
+        p = load_policy("spec-lru")
+        prep = sess.prepare(cfg)
+        plan = sess.plan(cfg, p)
+        srow, (_, slog) = run_policy(prep, p, int(cfg.seed), governor_cfg=cfg.governor, trace_cfg=cfg.trace, plan=plan)
+        hw = HardwareSpec.from_cfg(cfg.hardware)
+        run = sess.om.start_run(RunConfig(eviction=EVICTION.create("lru"), prefetch=PREFETCH.create("none"),
+                                          slots=plan.slots, decision_delay_s=float(hw.decision_delay_s)))
+        costs = ModelledCosts(prep.schedule, prep.trace, float(hw.decision_delay_s),
+                              prep.cost.h2d(prep.model.bytes_per_expert()), float(hw.copy_latency_s))
+        eng = HFEngine(sess.om.model, sess.om.modules, sess.draft[0])
+        dec = SpeculativeDecoder(eng, build_governor(cfg.governor), num_experts=sess.om.E, top_k=sess.om.top_k, run=run,
+                                 costs=costs, expert_bytes=prep.model.bytes_per_expert())
+        tc = cfg.trace
+        dec.replay(prep.trace, DraftSource(prep.trace, agreement=float(tc.draft_agreement),
+                                           acceptance=float(tc.acceptance), seed=int(cfg.seed)), seed=int(cfg.seed))
+        sess.om.end_run()
+        eng.close()
+    finally:
+        sess.close()
+    sim_k = [c["k"] for c in slog.cycles]
+    assert len(set(sim_k)) > 1  # the governor moved (warm-up, then its choice): a real comparison
+    assert [c.k for c in dec.cycles] == sim_k
+    assert [c.accepted for c in dec.cycles] == [c["accepted"] for c in slog.cycles]
+    assert (run.hits, run.misses) == (slog.hits, slog.misses)
