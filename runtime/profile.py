@@ -497,10 +497,11 @@ def _decode_wall(step: Callable[[Any, int], Any], n: int, clock: Clock, prompt: 
 
 def engine_at_depth(name: str, layers: int, cfg: Any, clock: Clock) -> dict[str, float]:
     """One depth of the engine shape, every expert resident: the kernels' own time of a decode step
-    (runtime.lean's whole-step CUDA graph), the wall time per step of the graphed path (runtime.lean:
-    one graph per layer segment, routing read through pinned memory + event, grouped experts) and of
-    the eager path (runtime.executor on transformers' layers), the draft's one-graph INT4 step (host
-    time of the launch call) and transformers' own forward (the eager draft's layers)."""
+    (runtime.lean's whole-step CUDA graph, grouped experts), the wall time per step of the runtime's
+    executor on each decode path (``engine=graphed``: runtime.lean's graph per layer segment, routing
+    read through pinned memory + event; ``engine=eager``: transformers' layers), of runtime.lean with
+    grouped resident experts (no executor), the draft's one-graph INT4 step (host time of the launch
+    call) and transformers' own forward (the eager draft's layers)."""
     from runtime.lean import GroupedExperts, Int4Experts, LeanModel
     from runtime.models import load_model
     from runtime.replay import _forward_kwargs, forward_step, new_cache
@@ -512,13 +513,13 @@ def engine_at_depth(name: str, layers: int, cfg: Any, clock: Clock) -> dict[str,
     out: dict[str, float] = {"moe_layers": float(lm.shape.num_moe_layers)}
     lean = LeanModel(lm, max_len=max_len, experts=GroupedExperts(mods, "grouped_mm" if hasattr(torch, "_grouped_mm")
                                                                   else "gather_bmm"), graphs=clock.cuda)
-    out["graphed_step_s"] = _decode_wall(lean.forward, n, clock)
+    out["lean_grouped_step_s"] = _decode_wall(lean.forward, n, clock)
     if clock.cuda:
         lean.capture_step()
-        out["floor_step_s"], _ = clock.gpu(lean.step_graph.replay, inner=1)
+        out["floor_step_s"] = _events(clock, lean.step_graph.replay)  # a graph: timed by events, not re-captured
         out["graph_launch_host_s"] = clock.host(lean._graphs[0].replay, inner=20)
     else:  # no graphs: the eager lean step is all the work there is
-        out["floor_step_s"] = out["graphed_step_s"]
+        out["floor_step_s"] = out["lean_grouped_step_s"]
         out["graph_launch_host_s"] = 0.0
     del lean
     try:
@@ -543,7 +544,8 @@ def engine_at_depth(name: str, layers: int, cfg: Any, clock: Clock) -> dict[str,
 
     out["transformers_step_s"] = _decode_wall(hf_step, n, clock)
     del lm, state
-    out["executor_eager_step_s"] = _resident_tpot(name, layers, cfg, clock)
+    for engine in ("graphed", "eager"):
+        out[f"executor_{engine}_step_s"] = _resident_tpot(name, layers, cfg, clock, engine)
     if clock.cuda:
         torch.cuda.empty_cache()
     return out
@@ -565,11 +567,12 @@ def engine_values(name: str, cfg: Any, clock: Clock, eager_launch_host_s: float,
 
     floor = slope("floor_step_s")
     for L, v in at.items():
-        log(f"engine shape {name} L{L}: kernels {v['floor_step_s'] * 1e3:.3f} ms/step, graphed {v['graphed_step_s'] * 1e3:.3f}, "
-            f"executor eager {v['executor_eager_step_s'] * 1e3:.3f}, transformers {v['transformers_step_s'] * 1e3:.3f} ms/step")
+        log(f"engine shape {name} L{L}: kernels {v['floor_step_s'] * 1e3:.3f} ms/step; executor graphed "
+            f"{v['executor_graphed_step_s'] * 1e3:.3f}, eager {v['executor_eager_step_s'] * 1e3:.3f}; lean grouped "
+            f"{v['lean_grouped_step_s'] * 1e3:.3f}; transformers {v['transformers_step_s'] * 1e3:.3f} ms/step")
     draft_graphed = max(at[l1].get("draft_call_host_s", 0.0), at[l2].get("draft_call_host_s", 0.0)) / at[l1]["moe_layers"]
     values = {
-        "graphed": {"host_per_layer_s": max(0.0, slope("graphed_step_s") - floor),
+        "graphed": {"host_per_layer_s": max(0.0, slope("executor_graphed_step_s") - floor),
                     "draft_host_per_layer_s": draft_graphed,
                     "host_per_launch_s": statistics.median([at[L]["graph_launch_host_s"] for L in at])},
         "eager": {"host_per_layer_s": max(0.0, slope("executor_eager_step_s") - floor),
@@ -606,8 +609,9 @@ def _compose_run(overrides: list[str]) -> Any:
         return compose(config_name="run", overrides=overrides)
 
 
-def _resident_tpot(name: str, layers: int, cfg: Any, clock: Clock) -> float:
-    """Decode TPOT of the runtime's executor with every expert resident (no transfers)."""
+def _resident_tpot(name: str, layers: int, cfg: Any, clock: Clock, engine: str) -> float:
+    """Decode TPOT of the runtime's executor on decode path ``engine`` with every expert resident
+    (no transfers)."""
     import numpy as np
 
     from runtime.executor import RunConfig
@@ -618,7 +622,7 @@ def _resident_tpot(name: str, layers: int, cfg: Any, clock: Clock) -> float:
     tokens = (4, 8) if cfg.smoke else (8, 32)
     rcfg = _compose_run([f"model={name}", f"model.layers={layers}", f"device={clock.device.type}", "trace=synth",
                          "trace.requests=1", f"trace.prompt_tokens={tokens[0]}", f"trace.decode_tokens={tokens[1]}",
-                         "repetitions=1", "policy=lru", "cache.slots=1", f"seed={int(cfg.seed)}"])
+                         "repetitions=1", "policy=lru", "cache.slots=1", f"seed={int(cfg.seed)}", f"engine={engine}"])
     spec = ModelSpec.from_cfg(rcfg.model)
     total = spec.num_routed_experts_total
     sess = Session(rcfg, max_slots=total)
@@ -758,10 +762,11 @@ def run_profile(cfg: Any, log: Callable[[str], None] = print) -> tuple[Path, Pat
         f"outside the validation grid {GRID_SHAPES}, every expert resident: host_per_layer_s = slope over MoE layers "
         "of the path's wall time per decode step minus the slope of the kernels' own time (runtime.lean's "
         "whole-step CUDA graph), so it includes dispatching that shape's experts and reading its routing.",
-        "graphed: runtime.lean (one CUDA graph per layer segment, routing read through pinned memory + event, "
-        "grouped experts); draft = host time of the INT4 draft's one-graph step call / MoE layers.",
-        "eager: runtime.executor on transformers' layers (the existing eager path); draft = transformers' own "
-        "forward (no executor hooks).",
+        "graphed: runtime.executor with engine=graphed (runtime.lean: one CUDA graph per layer segment, the routing "
+        "read through pinned memory + event, the executor's expert compute); draft = host time of the INT4 "
+        "draft's one-graph step call (runtime.lean, Int4Experts) / MoE layers.",
+        "eager: runtime.executor with engine=eager (transformers' layers); draft = transformers' own forward "
+        "(no executor hooks).",
         "host_per_launch_s: eager = host time of one eager kernel launch; graphed = host time of one graph replay call.",
         "workspace_gb is not measured (estimate).",
         f"decision_delay_s is the eager .tolist() read; through pinned memory + event: "

@@ -33,7 +33,7 @@ def app(cfg: DictConfig) -> float:
 
         return task(cfg)
 
-    from sim.report import format_table, write_results
+    from sim.report import format_speculative, format_table, write_results
     from sim.run import simulate
     from sim.timeline import chrome_trace
     from traces.atomic import write_json_atomic
@@ -66,6 +66,9 @@ def app(cfg: DictConfig) -> float:
             indent=None,
         )
     print(format_table(rows))
+    spec = format_speculative(rows)
+    if spec:
+        print(spec)
     print(f"results: {out_dir / (cfg.results_name + '.parquet')}")
     ok = [r["tpot_ms"] for r in rows if r.get("status") == "ok"]
     return float(min(ok)) if ok else float("inf")

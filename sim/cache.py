@@ -6,6 +6,8 @@ is never evicted; a token's own experts at a layer are in use together.
 
 from __future__ import annotations
 
+from typing import Callable
+
 from sim.errors import SimError
 from sim.policies.base import EvictionPolicy
 
@@ -45,10 +47,13 @@ class ExpertCache:
         self.drop_on_release = False  # whole-layer streaming keeps nothing between steps (but pinned keys)
         self.prefetched = [False] * n  # arrived by prefetch and not used yet (the host clears it on use)
         self.wasted_prefetches = 0  # prefetched experts evicted before any use
+        self.refused = 0  # loads refused by ``admit`` (they wait for a free slot)
         self.evicted = [False] * n  # evicted since its last load
         self.refetches = 0  # loads of evicted experts
         self.pinned: frozenset[int] = frozenset()  # preloaded for good (a streaming policy's resident layers)
         self._can_evict = self.can_evict
+        # admission (a prefetch policy's ``admits``): (incoming key, victim) -> may it evict?
+        self.admit: Callable[[int, int], bool] | None = None
 
     @property
     def num_pools(self) -> int:
@@ -68,6 +73,9 @@ class ExpertCache:
         if occupancy[pool] >= self.capacity[pool]:
             victim = self.eviction.victim(pool, g, self._can_evict)
             if victim is None:
+                return False
+            if self.admit is not None and not self.admit(key, victim):
+                self.refused += 1
                 return False
             if state[victim] != RESIDENT or self.in_use[victim] or self.pool_of[victim] != pool:
                 raise SimError(f"eviction policy {self.eviction.name} chose non-evictable key {victim}")

@@ -41,7 +41,14 @@ class PolicyConf:
     decoding: str = setting("autoregressive", "autoregressive | speculative (draft/verify cycles, a governor picks k)")
     cache_as: Optional[str] = setting(
         None, "speculative: an autoregressive policy given the expert-cache slots a speculative policy has at this "
-              "budget (the draft's memory left unused): the 'same cache' comparison")
+              "budget (the draft's memory left unused): the 'same cache' comparison; autoregressive: a speculative "
+              "policy given the slots an autoregressive one has (as if its draft took no memory)")
+    layout: Optional[str] = setting(
+        None, "per_layer: the budget's expert slots split evenly over the MoE layers (a per-layer cache, as "
+              "offloading stacks keep one per layer); null: cache.slots / cache.per_layer / one global pool")
+    governor: Optional[dict[str, Any]] = setting(
+        None, "speculative: governor settings for this policy only, over the run's governor= ({name: fixed, k: 4})")
+    engine: Optional[str] = setting(None, "a conf/engine preset for this policy only (the paper-like baseline: eager)")
     suite: list[str] = setting([], "non-empty: run each named preset instead (one results row each)")
 
 
@@ -55,10 +62,31 @@ class TraceConf:
     decode_tokens: int = setting(128, "synthetic trace: decoded tokens per request")
     seed: int = setting(0, "synthetic trace: seed")
     lookahead_depth: int = setting(4, "synthetic trace: layers of lookahead routing recorded per step")
-    draft_agreement: float = setting(
-        0.9, "speculative runs on a trace without draft columns: agreement of the noisy draft's experts")
-    acceptance: float = setting(
-        0.85, "speculative runs on a trace without draft columns: per-token acceptance probability")
+    # The draft-quality dials of traces.synth (null: the model preset's value). They shape the
+    # synthetic trace's draft columns, or the stand-in draft of a trace file without draft columns;
+    # a trace file with its own draft columns refuses them (its columns win). docs/speculation.md.
+    draft_agreement: Optional[float] = setting(
+        None, "draft quality: P(the draft's top-k set equals the target's) per (token, layer); null: the model "
+              "preset's (0.9-0.92)")
+    draft_wrong_ids: Optional[float] = setting(
+        None, "draft quality: mean wrong ids in a disagreeing draft row, in [1, top_k]; null: the preset's (1)")
+    acceptance: Optional[float] = setting(
+        None, "draft quality: stationary P(a draft token is accepted); null: the model preset's (0.88 or 0.9)")
+    acceptance_corr: Optional[float] = setting(
+        None, "draft quality: lag-1 correlation of acceptance between consecutive tokens (two-state Markov), "
+              "in [0, 1]; null: the preset's (0: i.i.d.)")
+
+
+@dataclass
+class EngineConf:
+    """Host overhead of the decode path (docs/engine.md): ``ideal`` (none), ``graphed``, ``eager``."""
+
+    name: str = setting("ideal", "ideal | graphed | eager: the decode path (the GPU runtime's engine= switch too)")
+    host_per_layer_s: float = setting(0.0, "host time the GPU waits for per target decoder layer, s")
+    draft_host_per_layer_s: float = setting(0.0, "host time the GPU waits for per draft decoder layer, s")
+    host_per_launch_s: float = setting(0.0, "host time per kernel launch (target and draft), s")
+    from_hardware: bool = setting(
+        False, "take the three values from the hardware profile's engine.<name> where it has them (measured)")
 
 
 @dataclass
@@ -97,6 +125,7 @@ class RunBase:
 class SimConf(RunBase):
     """The simulator app, ``python -m sim`` (ConfigStore name ``sim_schema``)."""
 
+    engine: Any = setting(MISSING, "conf/engine preset: host overhead of the decode path (ideal | graphed | eager)")
     progress: bool = setting(True, "a progress bar per policy (on a terminal)")
     resume: bool = setting(False, "sweeps: reuse the results of finished jobs (docs/sweeps.md)")
 
@@ -104,6 +133,7 @@ class SimConf(RunBase):
 #: group -> schema, as registered under ``schema/<group>``
 GROUP_SCHEMAS: dict[str, type] = {
     "model": ModelConf, "hardware": HardwareConf, "policy": PolicyConf, "trace": TraceConf, "governor": GovernorConf,
+    "engine": EngineConf,
 }
 
 

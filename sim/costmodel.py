@@ -9,7 +9,9 @@ One interface (``CostModel``), pure functions of their arguments, memoised per i
 - ``expert_ffn(layer, n_tokens, dtype=None)``: one routed expert applied to ``n_tokens`` tokens
   (dtype default: the model's expert_dtype; "int4" for the speculative draft's resident experts),
 - ``embed_and_head(n_tokens, logits_tokens=None)``: embedding, final norm and lm head,
-- ``h2d(nbytes)``, ``d2h(nbytes)``: one copy over the host link.
+- ``h2d(nbytes)``, ``d2h(nbytes)``: one copy over the host link,
+- ``host_layer(layer, experts, draft=False)``: host overhead of one decoder layer (``HostOverhead``,
+  the ``engine`` config group): time the GPU waits for the host to launch that layer's work.
 
 ``RooflineCostModel`` prices each op as max(FLOPs / flops_bf16, bytes / hbm_bandwidth) +
 launch_overhead_s * kernels (the kernel counts are the ``KERNELS`` table below) and a copy as
@@ -27,6 +29,7 @@ import statistics
 from abc import ABC, abstractmethod
 from bisect import bisect_left
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -74,6 +77,55 @@ def causal_pairs(n_tokens: int, kv_len: int, window: int | None = None) -> int:
     return (a + window) * (window - a + 1) // 2 + (b - window) * window
 
 
+ENGINE_FIELDS = ("host_per_layer_s", "draft_host_per_layer_s", "host_per_launch_s")
+
+
+@dataclass(frozen=True)
+class HostOverhead:
+    """Host overhead of a decode path (docs/engine.md), added to the GPU time of every decoder layer:
+    ``host_per_layer_s`` (target) or ``draft_host_per_layer_s`` (draft) + ``host_per_launch_s`` x
+    the layer's kernel launches (the ``KERNELS`` table). Additive, not overlapped: a layer's
+    dispatch waits for the previous MoE layer's routing on the host, so the host cannot run ahead
+    of the GPU across a routing decision. ``ideal``: all zero."""
+
+    name: str = "ideal"
+    host_per_layer_s: float = 0.0
+    draft_host_per_layer_s: float = 0.0
+    host_per_launch_s: float = 0.0
+    source: str = "config"  # config | hardware (values of a measured hardware profile)
+
+    def __post_init__(self) -> None:
+        for f in ENGINE_FIELDS:
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0 or not math.isfinite(v):
+                raise SimError(f"engine.{f} must be a number of seconds >= 0, got {v!r}")
+            object.__setattr__(self, f, float(v))
+
+    @property
+    def zero(self) -> bool:
+        return not (self.host_per_layer_s or self.draft_host_per_layer_s or self.host_per_launch_s)
+
+    def columns(self) -> dict[str, Any]:
+        """The results columns: ``engine`` and the three values in use."""
+        return {"engine": self.name, **{f: getattr(self, f) for f in ENGINE_FIELDS}}
+
+    @classmethod
+    def from_cfg(cls, cfg: Any, hw: HardwareSpec | None = None) -> "HostOverhead":
+        """From a composed ``engine`` node (null: ideal); with ``from_hardware`` the hardware
+        profile's ``engine: {NAME: {...}}`` values replace the node's where present."""
+        if cfg is None:
+            return cls()
+        get = cfg.get if hasattr(cfg, "get") else (lambda k, d=None: getattr(cfg, k, d))
+        name = str(get("name", "ideal"))
+        vals = {f: get(f, 0.0) for f in ENGINE_FIELDS}
+        source = "config"
+        measured = hw.engine_values(name) if hw is not None and get("from_hardware", False) else None
+        if measured:  # validated by HardwareSpec (known paths, all three keys, seconds >= 0)
+            vals.update(measured)
+            source = "hardware"
+        return cls(name, source=source, **vals)
+
+
 class CostModel(ABC):
     """Seconds for each op; subclasses implement the ``_op`` methods, this class memoises and
     checks arguments.
@@ -82,9 +134,10 @@ class CostModel(ABC):
     construction share one entry (the roofline prices every MoE layer alike, and attention alike
     except on sliding-window layers), so a long trace computes each distinct cost once."""
 
-    def __init__(self, model: ModelSpec, hw: HardwareSpec) -> None:
+    def __init__(self, model: ModelSpec, hw: HardwareSpec, host: HostOverhead | None = None) -> None:
         self.model = model
         self.hw = hw
+        self.host = host or HostOverhead()
         self._memo: dict[tuple, float] = {}
         n = model.num_layers
         self._cls_attention = tuple(self.layer_class("attention", i) for i in range(n))
@@ -209,6 +262,35 @@ class CostModel(ABC):
             v = self._store(key, self._d2h(int(nbytes)))
         return v
 
+    # ---------------------------------------------------------------- host overhead
+    def layer_launches(self, layer: int, experts: int = 0) -> int:
+        """Kernel launches of decoder layer ``layer``: its attention, then its router, ``experts``
+        routed experts and its shared experts (MoE), or its dense FFN (the ``KERNELS`` table)."""
+        m = self.model
+        n = KERNELS["attention_gqa" if m.attention == "gqa" else "attention_mla"]
+        if m.attention == "gqa" and m.qk_norm != "none":
+            n += KERNELS["qk_norm"]
+        if m.attention != "gqa" and m.q_lora_rank:
+            n += KERNELS["q_lora_extra"]
+        if not m.is_moe_layer(layer):
+            return n + KERNELS["dense_ffn"]
+        n += KERNELS["router"] + experts * KERNELS["expert_ffn"]
+        if m.num_shared_experts:
+            n += KERNELS["shared_mlp"] + KERNELS["shared_add"] + (KERNELS["shared_gate"] if m.shared_expert_gate else 0)
+        return n
+
+    def host_layer(self, layer: int, experts: int = 0, draft: bool = False) -> float:
+        """Host overhead of one decoder layer running ``experts`` routed experts (``HostOverhead``)."""
+        h = self.host
+        if h.zero:
+            return 0.0
+        per = h.draft_host_per_layer_s if draft else h.host_per_layer_s
+        return per + h.host_per_launch_s * self.layer_launches(layer, experts)
+
+    def host_head(self) -> float:
+        """Host overhead of the embedding and LM head (their launches; no layer term)."""
+        return self.host.host_per_launch_s * KERNELS["embed_and_head"]
+
     # ---------------------------------------------------------------- conveniences
     def layer_pre_routing(self, layer: int, n_tokens: int, kv_len: int) -> float:
         """What must run before a layer's routing is known: attention, then the router."""
@@ -285,8 +367,9 @@ class RooflineCostModel(CostModel):
     INT4/MXFP4 experts read their packed bytes and run at the same FLOP rate as bf16.
     """
 
-    def __init__(self, model: ModelSpec, hw: HardwareSpec, *, mla_absorbed: bool = False) -> None:
-        super().__init__(model, hw)
+    def __init__(self, model: ModelSpec, hw: HardwareSpec, *, mla_absorbed: bool = False,
+                 host: HostOverhead | None = None) -> None:
+        super().__init__(model, hw, host)
         self.mla_absorbed = bool(mla_absorbed)
 
     def layer_class(self, kind: str, layer: int) -> Any:
@@ -536,7 +619,7 @@ class ProfiledCostModel(CostModel):
     Link pacing (``link_pace_gbps``) still caps measured copies."""
 
     def __init__(self, base: CostModel, tables: ProfileTables, use: Iterable[str] | None = None) -> None:
-        super().__init__(base.model, base.hw)
+        super().__init__(base.model, base.hw, base.host)
         self.base = base
         self.tables = tables
         self.use = set(OPS if use is None else use)
@@ -604,10 +687,11 @@ def cost_model_for(
     *,
     tables: ProfileTables | None = None,
     mla_absorbed: bool = False,
+    host: HostOverhead | None = None,
 ) -> CostModel:
     """The cost model for a run: the roofline, overridden by measured tables where the hardware
-    spec points at a profile table (or ``tables`` is given)."""
-    base = RooflineCostModel(model, hw, mla_absorbed=mla_absorbed)
+    spec points at a profile table (or ``tables`` is given), with ``host`` overhead (default none)."""
+    base = RooflineCostModel(model, hw, mla_absorbed=mla_absorbed, host=host)
     if tables is None and hw.profile_table:
         tables = ProfileTables.from_parquet(hw.profile_table_path())
     return base if tables is None else ProfiledCostModel(base, tables)

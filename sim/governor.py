@@ -18,12 +18,14 @@ Two governors are registered in ``GOVERNORS``:
     accepted), tracked per draft position (see ``AcceptanceTracker``);
   - T_cycle(k) = max(T_draft(k), T_pcie_init) + T_pcie_new(k) + T_verify(k+1),
     T_pcie_new(k) = T_overhead + |E_new(k)| * S_expert / B_link (reading ``pcie_new="exposed"``);
-  - k_SLO = the largest k in [k_min, k_max] whose predicted latency fits ``latency_budget_ms``.
+  - k_SLO = the largest k in [k_min, k_max] whose predicted latency fits ``latency_budget_ms``
+    (none by default; ``slo="ttft"``: the paper's offline TTFT budget, computed once).
 
 Where the paper is ambiguous the reading is a config field (docs/governor.md explains each):
 ``objective`` ("accepted" as printed | "emitted": + the target's bonus token), ``pcie_new``
-("exposed" as printed | "overlapped": new experts stream while drafting), ``slo`` ("cycle": the
-wait between two emissions | "per_token": the cycle's time shared by its emitted tokens),
+("exposed" as printed | "overlapped": new experts stream while drafting), ``slo`` ("ttft": the
+paper's TTFT budget, k_SLO fixed once at the first decision | "cycle": the wait between two
+emissions, every cycle | "per_token": the cycle's time shared by its emitted tokens),
 ``acceptance`` ("per_position" | "shared": one p for every position).
 
 Every decision is logged (``log()``) with both cycle-time readings, so one run says which
@@ -44,7 +46,7 @@ GOVERNORS = Registry("governor")
 
 OBJECTIVES = ("accepted", "emitted")
 PCIE_NEW = ("exposed", "overlapped")
-SLO_KINDS = ("cycle", "per_token")
+SLO_KINDS = ("ttft", "cycle", "per_token")
 ACCEPTANCE_MODELS = ("per_position", "shared")
 
 
@@ -60,7 +62,7 @@ class GovernorConf:
     name: str = setting("fixed", "fixed | roofline (GOVERNORS registry)")
     k: int = setting(4, "fixed: the draft length (0 = autoregressive)")
     k_min: int = setting(1, "roofline: lower end of the search range [k_min, k_max]")
-    k_max: int = setting(8, "roofline: upper end of the search range")
+    k_max: int = setting(16, "roofline: upper end of the search range")
     latency_budget_ms: Optional[float] = setting(None, "roofline: k_SLO cap on the predicted latency; null = no cap")
     ema_alpha: float = setting(0.2, "weight of the newest observation, in (0, 1]")
     warmup_cycles: int = setting(4, "cycles (with k >= 1) whose plain mean seeds the EMA")
@@ -69,7 +71,9 @@ class GovernorConf:
     objective: str = setting("accepted", "accepted (the paper as printed) | emitted (+1: the target's bonus token)")
     pcie_new: str = setting("exposed", "exposed (the paper as printed) | overlapped (new experts stream "
                                        "while drafting)")
-    slo: str = setting("cycle", "cycle: T_cycle <= budget | per_token: T_cycle / (k_accept + 1) <= budget")
+    slo: str = setting("ttft", "ttft: T_prefill + T_cycle(k) <= budget, decided once at the first decision (the "
+                               "paper's offline TTFT cap) | cycle: T_cycle <= budget every cycle | per_token: "
+                               "T_cycle / (k_accept + 1) <= budget every cycle")
     acceptance: str = setting("per_position", "per_position p_j | shared (one p for all positions)")
 
 
@@ -110,6 +114,8 @@ class CycleCosts:
     with k; a decrease is treated as 0 new experts for that draft token).
     ``k_limit``: optional cap from the host (tokens left in the request, say); k never exceeds it.
     ``expert_bytes``: optional, S_expert, only logged (predicted bytes of the cycle).
+    ``t_prefill``: the request's prefill time, for ``slo="ttft"`` (predicted TTFT(k) = t_prefill +
+    T_cycle(k) at the first decision).
     """
 
     t_draft: Callable[[int], float]
@@ -120,6 +126,7 @@ class CycleCosts:
     new_experts: Callable[[int], int]
     k_limit: Optional[int] = None
     expert_bytes: int = 0
+    t_prefill: float = 0.0
 
 
 @dataclass
@@ -317,6 +324,7 @@ class Governor:
         )
         self._log: list[dict[str, Any]] = []
         self._pending: dict[str, Any] | None = None
+        self._k_slo_once: tuple[int, bool] | None = None  # slo="ttft": (k_SLO, met), fixed at the first decision
 
     # ------------------------------------------------------------------ the cycle model
     def predict(self, costs: CycleCosts, ks: Sequence[int], p: Sequence[float] | None = None) -> list[Prediction]:
@@ -353,12 +361,26 @@ class Governor:
             acc = expected_accepted(p, k)
             tokens = acc + (1.0 if self.objective == "emitted" else 0.0)
             thr = tokens / cyc if cyc > 0 else (math.inf if tokens > 0 else 0.0)
-            lat = cyc if self.slo == "cycle" else cyc / (acc + 1.0)
+            if self.slo == "ttft":
+                lat = _cost("t_prefill", costs.t_prefill) + cyc
+            else:
+                lat = cyc if self.slo == "cycle" else cyc / (acc + 1.0)
             out.append(Prediction(k, td[k], tv, n[k], t_new, exposed, overlapped, cyc, acc, thr, lat))
         return out
 
     def _meets(self, pr: Prediction) -> bool:
         return self.latency_budget_ms is None or pr.slo_latency_s <= self.latency_budget_ms / 1e3
+
+    def _k_slo(self, cands: Sequence[Prediction], lo: int) -> tuple[int, bool]:
+        """(k_SLO, whether any k met the budget). ``slo="ttft"`` computes it at the first decision
+        and keeps it (the paper's offline cap); the others recompute it every cycle."""
+        if self.slo == "ttft" and self._k_slo_once is not None:
+            return self._k_slo_once
+        ok = [c.k for c in cands if self._meets(c)]
+        out = (max(ok), True) if ok else (lo, False)
+        if self.slo == "ttft":
+            self._k_slo_once = out
+        return out
 
     # ------------------------------------------------------------------ interface
     def decide(self, costs: CycleCosts) -> Decision:
@@ -449,9 +471,13 @@ class RooflineGovernor(Governor):
         lo, hi = self._range(costs)
         p = self.tracker.estimates(max(hi, 1))
         cands = self.predict(costs, range(lo, hi + 1), p)
-        ok = [c.k for c in cands if self._meets(c)]
-        k_slo = max(ok) if ok else lo
-        slo_met = bool(ok)
+        if self.slo == "ttft" and self._k_slo_once is None and hi < self.k_max:
+            # the offline cap is over the whole range, whatever this first request allows
+            full = self.predict(costs, range(self.k_min, self.k_max + 1), self.tracker.estimates(self.k_max))
+            k_slo, slo_met = self._k_slo(full, self.k_min)
+        else:
+            k_slo, slo_met = self._k_slo(cands, lo)
+        k_slo = max(lo, min(k_slo, hi))  # the host's k_limit may have shrunk the range since
         allowed = [c for c in cands if c.k <= k_slo]
         if self.tracker.in_warmup:
             want = k_slo if self.warmup_k is None else min(self.warmup_k, k_slo)
@@ -463,7 +489,8 @@ class RooflineGovernor(Governor):
                 if c.throughput > best.throughput:
                     best = c
             phase = "ema"
-        return self._decision(best, k_slo, phase, slo_met and self._meets(best), costs, p, cands)
+        met = slo_met if self.slo == "ttft" else slo_met and self._meets(best)
+        return self._decision(best, k_slo, phase, met, costs, p, cands)
 
 
 # ---------------------------------------------------------------------------- log analysis

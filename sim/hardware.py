@@ -1,6 +1,7 @@
 """The hardware spec: GPU compute and memory, and the host link.
 
-Units: ``memory_gb`` and ``workspace_gb`` in GB (1e9 bytes), ``flops_bf16`` in FLOP/s and
+Units: ``memory_gb`` and ``workspace_gb`` in GB (1e9 bytes; ``memory_gib`` in GiB, 2^30 bytes, gives the
+budget instead when set), ``flops_bf16`` in FLOP/s and
 ``hbm_bandwidth`` in bytes/s (both *achieved*, not datasheet peaks), link bandwidths in GB/s
 (1e9 bytes/s), times in seconds.
 
@@ -42,6 +43,7 @@ HOST_MEMORY = ("pinned", "pageable")
 ENGINE_PATHS = ("graphed", "eager")  # decode paths a measured profile may carry host overheads for
 ENGINE_KEYS = ("host_per_layer_s", "draft_host_per_layer_s", "host_per_launch_s")
 GB = 1e9
+GIB = 2**30
 
 
 def _curve(points: Any, where: str) -> tuple[tuple[float, float], ...]:
@@ -128,12 +130,21 @@ class HardwareSpec:
     copies_in_flight: int = setting(4, "issued but unfinished copies, in total")
     decision_delay_s: float = setting(0.0, "routing known on the GPU -> host decision, s")
     profile_table: Optional[str] = setting(None, "measured profiles: Parquet table of measured times")
+    memory_gib: Optional[float] = setting(
+        None, "the budget in GiB (2^30 bytes) instead of memory_gb (GB, 1e9 bytes); when set it wins")
     engine: Any = setting(None, "measured profiles: host overhead per decode path, "
-                                "{graphed|eager: {host_per_layer_s, draft_host_per_layer_s, host_per_launch_s}}")
+                                "{graphed|eager: {host_per_layer_s, draft_host_per_layer_s, host_per_launch_s}} "
+                                "(docs/engine.md)")
     provenance: Any = setting(None, "measured profiles: card, driver, torch, date, command, notes")
 
     def __post_init__(self) -> None:
         where = f"hardware '{self.name}'"
+        if self.memory_gib is not None:
+            v = self.memory_gib
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or not math.isfinite(v):
+                raise SimError(f"{where}: field 'memory_gib' must be a number > 0 or null, got {v!r}")
+            object.__setattr__(self, "memory_gib", float(v))
+            object.__setattr__(self, "memory_gb", float(v) * GIB / GB)
         for f in ("memory_gb", "flops_bf16", "hbm_bandwidth", "h2d_gbps", "d2h_gbps",
                   "pageable_h2d_gbps", "pageable_d2h_gbps"):
             v = getattr(self, f)

@@ -47,6 +47,7 @@ def policy_context(schedule: Any, cache: ExpertCache, queued: Any, predictor: An
         layer_step=schedule.layer_step,
         queued=queued,
         predictor=predictor,
+        extra={"pool_capacity": list(cache.capacity), "pool_of": cache.pool_of},  # admission (speq)
     )
 
 
@@ -97,6 +98,8 @@ class HostController:
         self.has_layer_start = overridden(prefetch, PrefetchPolicy, "on_layer_start")
         self.has_routed = overridden(prefetch, PrefetchPolicy, "on_routed")
         self.has_done = overridden(prefetch, PrefetchPolicy, "on_transfer_done")
+        if overridden(prefetch, PrefetchPolicy, "admits"):  # asked on every load that must evict
+            cache.admit = prefetch.admits
         self.g = 0
         self.now = 0.0  # the compute stream's time when the controller was last resumed
         self.carry = 0.0  # compute committed on the stream but not waited for (relative to now)
@@ -255,6 +258,7 @@ class HostController:
         if P == 0:
             raise SimError(f"request {int(trace.request_ids[r])} has no prefill token")
         yield from self.target_pass(sch.add_step(r, 0, P, 0, 0), times)
+        t_prefill = times[-1] - times[0]  # for a TTFT cap (governor slo="ttft")
         xfer = self.transfer_s
         miss_share: float | None = None  # EMA: experts fetched / experts a verify pass needed
         t, cycle = P, 0
@@ -293,7 +297,7 @@ class HostController:
                 t_draft=t_draft, t_verify=t_verify,
                 t_pcie_init=max(0.0, copy.link_free - gpu0) + len(copy.queue) * xfer if queued else 0.0,
                 t_overhead=self.copy_latency_s + dd, expert_transfer_s=xfer,
-                new_experts=new_experts, k_limit=L - 1 - t, expert_bytes=self.expert_bytes,
+                new_experts=new_experts, k_limit=L - 1 - t, expert_bytes=self.expert_bytes, t_prefill=t_prefill,
             )
             decision = governor.decide(costs)
             k = min(decision.k, L - 1 - t)
@@ -338,7 +342,15 @@ class HostController:
                 "bytes_moved": (copy.copies - bytes0) * self.expert_bytes, "t_pcie": copy.busy_time - busy0,
                 "coverage": log.coverage[-1],
             })
-            union = sum(len(sch.needed[g]) for g in range(sch.steps[s_idx].g0, sch.steps[s_idx].g0 + sch.M))
+            g0 = sch.steps[s_idx].g0
+            union = sum(len(sch.needed[g]) for g in range(g0, g0 + sch.M))
+            # ELB recall: the verify pass's experts that the k drafted rows predicted, per layer
+            elb_hits = 0
+            if rows:
+                for m in range(sch.M):
+                    elb = set().union(*(row[m] for row in rows))
+                    elb_hits += sum(1 for key in sch.needed[g0 + m] if key in elb)
+            log.cycles[-1].update(elb_hits=elb_hits, verify_experts=union)
             share = (copy.copies - bytes0) / union if union else 0.0
             miss_share = share if miss_share is None else 0.7 * miss_share + 0.3 * share
             t += a + 1
@@ -370,11 +382,14 @@ class HostController:
         accessed = cache.eviction.accessed
         advance, try_issue, request, ready_time, hold = copy.advance, copy.try_issue, copy.request, copy.ready_time, copy.hold
         clock = self.now  # the host's time within this pass (the driver catches up at the end)
-        hits = late = misses = useful = 0
-        late_wait = stall_total = 0.0
+        hits = late = misses = useful = queued = 0
+        late_wait = stall_total = cov_ready = cov_requested = 0.0
         carry = self.carry
         step = sch.steps[s_idx]
         g0 = step.g0
+        qentry = copy.queue._entry  # a miss whose key is queued as a prefetch was requested in time
+        track = step.phase != 0  # coverage is over decode and verify passes
+        copies0 = copy.copies
         # per-step coverage: share of the step's needed experts resident as it starts
         t_start = clock + carry
         tot = hit0 = 0
@@ -422,6 +437,7 @@ class HostController:
             else:
                 waves = tuple(needed[i:i + cap] for i in range(0, len(needed), cap))
             last = len(waves) - 1
+            h0, l0, q0 = hits, late, queued
             for w, wave in enumerate(waves):
                 wait = None
                 missed = None
@@ -441,6 +457,8 @@ class HostController:
                             accessed(key, pool_of[key], g)
                         else:
                             misses += 1
+                            if key in qentry:
+                                queued += 1
                             request(key, DEMAND)
                             if missed is None:
                                 missed = [key]
@@ -492,6 +510,10 @@ class HostController:
                     advance(now)
                 else:
                     carry = stall + dur
+            if track:
+                n_needed = len(needed)
+                cov_ready += (hits - h0) / n_needed
+                cov_requested += (hits - h0 + late - l0 + queued - q0) / n_needed
             if occupancy is not None:
                 occupancy.append((now, cache.resident_count()))
         if step.tail:
@@ -513,3 +535,9 @@ class HostController:
         c[3] += useful
         c[4] += late_wait
         c[5] += stall_total
+        if track:
+            log.coverage_ready_sum += cov_ready
+            log.coverage_requested_sum += cov_requested
+            log.coverage_layers += M
+        else:
+            log.prefill_copies += copy.copies - copies0

@@ -42,6 +42,9 @@ def per_request(log: RunLog) -> dict[str, np.ndarray]:
     return {"ttft": ttft, "tpot": tpot, "decode_time": dec_time, "decode_tokens": dec_tok, "gaps": np.asarray(gaps)}
 
 
+K_HIST = 16  #: k_hist_0 .. k_hist_16 always exist in a speculative row (the default k_max); larger k add columns
+
+
 def speculative_metrics(cycles: list[dict[str, Any]]) -> dict[str, Any]:
     """Acceptance and draft length over a run's draft/verify cycles (empty if autoregressive)."""
     if not cycles:
@@ -49,6 +52,9 @@ def speculative_metrics(cycles: list[dict[str, Any]]) -> dict[str, Any]:
     k = np.array([c["k"] for c in cycles])
     a = np.array([c["accepted"] for c in cycles])
     drafted = int(k.sum())
+    hist = np.bincount(k, minlength=K_HIST + 1) / len(k)
+    drafting = [c for c in cycles if c["k"] > 0 and "elb_hits" in c]
+    need = sum(c["verify_experts"] for c in drafting)
     return {
         "cycles": len(cycles),
         "drafted_tokens": drafted,
@@ -56,7 +62,10 @@ def speculative_metrics(cycles: list[dict[str, Any]]) -> dict[str, Any]:
         "acceptance_rate": float(a.sum() / drafted) if drafted else float("nan"),
         "mean_accepted": float(a.mean()),
         "mean_k": float(k.mean()),
+        "tokens_per_cycle": float((a + 1).mean()),
+        **{f"k_hist_{i}": float(x) for i, x in enumerate(hist)},
         "verify_coverage": float(np.mean([c["coverage"] for c in cycles])),
+        "elb_recall": sum(c["elb_hits"] for c in drafting) / need if need else float("nan"),
         "k_per_cycle": k.tolist(),
     }
 
@@ -85,6 +94,11 @@ def results_row(log: RunLog, bound: Bound, expert_bytes: int, num_layers: int) -
         "miss_rate": log.misses / needed if needed else float("nan"),
         "late_wait_ms": log.late_wait * 1e3,
         "coverage": _mean(log.coverage),
+        "coverage_ready": log.coverage_ready_sum / log.coverage_layers if log.coverage_layers else float("nan"),
+        "coverage_requested": (log.coverage_requested_sum / log.coverage_layers if log.coverage_layers
+                               else float("nan")),
+        "experts_per_token": ((log.copies - log.prefill_copies) / int(pr["decode_tokens"].sum())
+                              if pr["decode_tokens"].sum() else float("nan")),
         "gb_moved": log.bytes_moved / GB,
         "copies": log.copies,
         "evictions": log.evictions,

@@ -64,3 +64,23 @@ def format_table(rows: Sequence[dict[str, Any]], extra: Sequence[str] = (), *, r
                             "stall_share": "stall share", "x_bound": "x bound"})
     text = df.to_string(index=False)
     return text + "\n" + RANKING if ranking and "tpot_ms" in cols else text
+
+
+SPECULATIVE_PRINTED = ["acceptance_rate", "mean_k", "tokens_per_cycle", "coverage_ready", "coverage_requested",
+                       "elb_recall", "experts_per_token"]
+
+
+def format_speculative(rows: Sequence[dict[str, Any]]) -> str:
+    """The speculative rows' acceptance, mean k, tokens per cycle and coverage, then the share of
+    cycles at each k (the k that any row used); empty when no row is speculative."""
+    spec = [r for r in rows if r.get("status") == "ok" and r.get("decoding") == "speculative"]
+    if not spec:
+        return ""
+    df = to_frame(spec)
+    cols = ["policy"] + [c for c in SPECULATIVE_PRINTED if c in df.columns]
+    top = df[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}")
+    ks = sorted({int(c[7:]) for c in df.columns if c.startswith("k_hist_")})
+    ks = [k for k in ks if df[f"k_hist_{k}"].fillna(0).gt(0).any()]
+    hist = df[["policy"] + [f"k_hist_{k}" for k in ks]].rename(columns={f"k_hist_{k}": f"k={k}" for k in ks})
+    return (top + "\nshare of cycles at each draft length k:\n"
+            + hist.to_string(index=False, float_format=lambda v: f"{v:.2f}"))

@@ -13,10 +13,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from sim.bound import RESETS, compute_bound
-from sim.costmodel import CostModel, cost_model_for
+from sim.config import TraceConf
+from sim.costmodel import CostModel, HostOverhead, cost_model_for
 from sim.engine import Simulation
 from sim.errors import InfeasibleError, SimError
 from sim.hardware import HardwareSpec
@@ -29,27 +30,71 @@ from sim.spec import ModelSpec
 from traces import Trace, TraceError, read_trace
 
 # ------------------------------------------------------------------ inputs
-def load_trace(tcfg: Any, model: ModelSpec) -> Trace:
-    """The trace file of ``trace.path``, or a seeded synthetic trace of the model preset."""
-    if tcfg.path:
-        trace = read_trace(tcfg.path)
-        check_trace_matches(trace, model, str(tcfg.path))
-        return trace
+DRAFT_DIALS = ("draft_agreement", "draft_wrong_ids", "acceptance", "acceptance_corr")
+
+
+def draft_dials(tcfg: Any) -> dict[str, float]:
+    """The draft-quality dials set in the trace config (null ones are left to the model preset)."""
+    out = {}
+    for f in DRAFT_DIALS:
+        v = getattr(tcfg, f, None)
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise SimError(f"trace.{f} must be a number, got {v!r}")
+        out[f] = float(v)
+    return out
+
+
+def synth_params(model: ModelSpec, tcfg: Any):
+    """The model preset's synthetic-trace dials with the trace config's overrides."""
     from dataclasses import replace
 
-    from traces.synth import synth_params_for, synthesize
+    from traces.synth import synth_params_for
 
     try:
         params = synth_params_for(model.name)
     except TraceError:
         params = synth_params_for("tiny")  # dials of a generic family; the shape comes from the model
-    params = replace(
+    return replace(
         params,
         requests=int(tcfg.requests),
         prompt_tokens=int(tcfg.prompt_tokens),
         decode_tokens=int(tcfg.decode_tokens),
         lookahead_depth=int(tcfg.lookahead_depth),
+        **draft_dials(tcfg),
     )
+
+
+def _check_dials(params: Any, model: ModelSpec) -> None:
+    """Range checks of the draft dials, worded for the sim config (trace.NAME)."""
+    try:
+        params.validate(model.shape_only())
+    except TraceError as e:
+        msg = str(e)
+        for f in DRAFT_DIALS:
+            if msg.startswith(f"SynthParams.{f} "):
+                raise SimError("trace." + msg[len("SynthParams."):]) from None
+        raise
+
+
+def load_trace(tcfg: Any, model: ModelSpec) -> Trace:
+    """The trace file of ``trace.path``, or a seeded synthetic trace of the model preset. A trace
+    file with its own draft columns refuses the draft dials (its columns win); one without gets a
+    stand-in draft from them when a speculative policy asks (``speculative_trace``)."""
+    params = synth_params(model, tcfg)
+    _check_dials(params, model)
+    if tcfg.path:
+        trace = read_trace(tcfg.path)
+        check_trace_matches(trace, model, str(tcfg.path))
+        dials = draft_dials(tcfg)
+        if trace.draft is not None and dials:
+            names = ", ".join(f"trace.{f}={v:g}" for f, v in dials.items())
+            raise SimError(f"{tcfg.path}: {names} cannot apply: the trace carries its own draft columns, "
+                           "which win; unset them")
+        return trace
+    from traces.synth import synthesize
+
     return synthesize(params, seed=int(tcfg.seed), shape=model.shape_only())
 
 
@@ -130,7 +175,7 @@ def prepare(cfg: DictConfig) -> Prepared:
     hw = HardwareSpec.from_cfg(cfg.hardware)
     trace = load_trace(cfg.trace, model)
     ctx = int(cfg.cache.max_context_tokens or int(trace.position.max()) + 1)
-    cost = cost_model_for(model, hw)
+    cost = cost_model_for(model, hw, host=HostOverhead.from_cfg(cfg.get("engine"), hw))
     reset = str(cfg.cache.get("reset", "never"))
     if reset not in RESETS:
         raise SimError(f"cache.reset must be one of {list(RESETS)}, got '{reset}'")
@@ -143,6 +188,23 @@ def prepare(cfg: DictConfig) -> Prepared:
     return prep
 
 
+def with_engine(prep: Prepared, name: str | None) -> Prepared:
+    """``prep`` with the host overhead of conf/engine/NAME.yaml (a policy's own ``engine``): the same
+    trace and budget, another cost model and schedule. Memoised per name."""
+    if not name or name == prep.cost.host.name:
+        return prep
+    variants = prep.__dict__.setdefault("_engines", {})
+    if name not in variants:
+        from dataclasses import replace
+
+        from sim.config import load_group_file
+
+        host = HostOverhead.from_cfg(load_group_file("engine", name), prep.hw)
+        cost = cost_model_for(prep.model, prep.hw, host=host)
+        variants[name] = replace(prep, cost=cost, schedule=Schedule(prep.trace, prep.model, cost))
+    return variants[name]
+
+
 def plan_for(prep: Prepared, *, speculative: bool, streaming: bool = False) -> MemoryPlan:
     """The memory plan of one policy: a speculative one keeps its INT4 draft experts resident;
     whole-layer streaming keeps whole layers resident and streams the rest through one layer's slots."""
@@ -151,22 +213,51 @@ def plan_for(prep: Prepared, *, speculative: bool, streaming: bool = False) -> M
 
 
 def policy_plan(prep: Prepared, pcfg: DictConfig) -> MemoryPlan:
-    """``cache_as: speculative`` gives an autoregressive policy the slot count a speculative policy
-    has at this budget, in the same layout (the paper's "same cache"; the draft's memory idles)."""
+    """The policy's memory plan. ``cache_as`` lends it the slot count of the other decoding mode at
+    this budget, in the same layout: ``speculative`` for an autoregressive policy (the paper's "same
+    cache"; the draft's memory idles), ``autoregressive`` for a speculative one (as if its draft took
+    no memory). ``layout: per_layer`` splits the slots evenly over the MoE layers."""
+    from dataclasses import replace
+
     if pcfg.decoding not in ("autoregressive", "speculative"):
         raise SimError(f"policy '{pcfg.name}': decoding must be 'autoregressive' or 'speculative', got '{pcfg.decoding}'")
-    if pcfg.decoding == "speculative":
-        return plan_for(prep, speculative=True)
-    if pcfg.get("cache_as") == "speculative":
-        spec = plan_for(prep, speculative=True)
-        own = plan_for(prep, speculative=False)
-        from dataclasses import replace
+    other = {"autoregressive": "speculative", "speculative": "autoregressive"}[pcfg.decoding]
+    cache_as = pcfg.get("cache_as")
+    if cache_as not in (None, other):
+        raise SimError(f"policy '{pcfg.name}': cache_as must be null or '{other}' for a {pcfg.decoding} policy, "
+                       f"got '{cache_as}'")
+    layout = pcfg.get("layout")
+    if layout not in (None, "per_layer"):
+        raise SimError(f"policy '{pcfg.name}': layout must be null or 'per_layer', got '{layout}'")
+    streaming = (pcfg.decoding == "autoregressive" and not PREFETCH.get(pcfg.prefetch).keeps_cache
+                 and prep.per_layer is None and not cache_as and not layout)
+    own = plan_for(prep, speculative=pcfg.decoding == "speculative", streaming=streaming)
+    if cache_as:
+        lent = plan_for(prep, speculative=cache_as == "speculative")
+        own = replace(own, slots=lent.slots, per_layer=lent.per_layer, layout=lent.layout)
+    if layout == "per_layer" and own.per_layer is None:
+        per = own.slots // prep.model.num_moe_layers
+        if per < 1:
+            raise InfeasibleError(f"policy '{pcfg.name}': {own.slots} slots leave none per MoE layer "
+                                  f"({prep.model.num_moe_layers} layers)")
+        own = replace(own, slots=per * prep.model.num_moe_layers, per_layer=per, layout="per_layer")
+    return own
 
-        return replace(own, slots=spec.slots, per_layer=spec.per_layer, layout=spec.layout)
-    if pcfg.get("cache_as"):
-        raise SimError(f"policy '{pcfg.name}': cache_as must be null or 'speculative', got '{pcfg.cache_as}'")
-    streaming = not PREFETCH.get(pcfg.prefetch).keeps_cache and prep.per_layer is None
-    return plan_for(prep, speculative=False, streaming=streaming)
+
+def engine_name(cfg: DictConfig) -> str:
+    """The host-overhead regime of a config: ``engine.name`` (the simulator's group node) or
+    ``engine`` (a plain name: the GPU runtime's engine=graphed|eager, which then puts the resolved
+    one in its keys); ``ideal`` when absent."""
+    e = cfg.get("engine") if "engine" in cfg else None
+    if e is None:
+        return "ideal"
+    return str(e) if isinstance(e, str) else str(e.get("name", "ideal"))
+
+
+def memory_gb(hcfg: Any) -> float | None:
+    """The budget in GB (1e9 B): ``memory_gib`` x 2^30 / 1e9 when set, else ``memory_gb``."""
+    gib = hcfg.get("memory_gib")
+    return float(gib) * 2**30 / 1e9 if gib is not None else hcfg.get("memory_gb")
 
 
 def base_keys(cfg: DictConfig) -> dict[str, Any]:
@@ -174,7 +265,9 @@ def base_keys(cfg: DictConfig) -> dict[str, Any]:
         "model": cfg.model.get("name"),
         "model_layers": cfg.model.get("layers"),
         "hardware": cfg.hardware.get("name"),
-        "memory_gb": cfg.hardware.get("memory_gb"),
+        "memory_gb": memory_gb(cfg.hardware),
+        "memory_gib": cfg.hardware.get("memory_gib"),
+        "engine": engine_name(cfg),
         "h2d_gbps": cfg.hardware.get("h2d_gbps"),
         "host_memory": cfg.hardware.get("host_memory"),
         "link_pace_gbps": cfg.hardware.get("link_pace_gbps"),
@@ -183,9 +276,6 @@ def base_keys(cfg: DictConfig) -> dict[str, Any]:
         "cache_per_layer": cfg.cache.per_layer,
         "cache_reset": str(cfg.cache.get("reset", "never")),
         "seed": int(cfg.seed),
-        # the host-overhead regime: runtime engine=graphed|eager (the simulator's engine group, a name
-        # or a node with one); None where the config names none
-        "engine": (lambda e: e if e is None or isinstance(e, str) else e.get("name"))(cfg.get("engine")),
     }
 
 
@@ -211,8 +301,7 @@ def run_policy(prep: Prepared, pcfg: DictConfig, seed: int, *, timeline: bool = 
     schedule = prep.schedule
     if speculative:
         governor = build_governor(governor_cfg if governor_cfg is not None else {"name": "roofline"})
-        tc = trace_cfg if trace_cfg is not None else TraceConf()
-        draft = DraftSource(prep.trace, agreement=float(tc.draft_agreement), acceptance=float(tc.acceptance), seed=seed)
+        draft = DraftSource(speculative_trace(prep, trace_cfg))
         schedule = Schedule(prep.trace, prep.model, prep.cost, build=False)
     bar = None
     if progress:  # quiet when output is not a terminal (tqdm's disable=None), or TQDM_DISABLE=1
@@ -241,6 +330,10 @@ def run_policy(prep: Prepared, pcfg: DictConfig, seed: int, *, timeline: bool = 
     bound = bound_for(prep, schedule, sim.cache.pool_of, sim.cache.capacity)
     row = results_row(log, bound, prep.model.bytes_per_expert(), prep.model.num_moe_layers)
     row["wall_s"] = wall
+    row.update(prep.cost.host.columns())
+    row.update(prefetch.summary())
+    row["prefetches_refused"] = sim.cache.refused
+    row["engine_values"] = prep.cost.host.source
     row["slots"], row["layout"] = plan.slots, plan.layout
     if plan.resident_layers is not None:
         row["resident_layers"] = plan.resident_layers
@@ -249,9 +342,25 @@ def run_policy(prep: Prepared, pcfg: DictConfig, seed: int, *, timeline: bool = 
     row["prefetches_refused"] = sim.copy.refused
     row["decoding"] = pcfg.decoding
     if speculative:
-        row["draft_source"] = draft.source
+        stand_in = draft.trace.meta.get("draft_stand_in")
+        row["draft_source"] = "trace" if stand_in is None else "stand-in({})".format(
+            ", ".join(f"{f}={stand_in[f]:g}" for f in DRAFT_DIALS))
         row["governor"] = governor.name
     return row, (sim, log)
+
+
+def speculative_trace(prep: Prepared, tcfg: Any) -> Trace:
+    """The trace with draft columns: its own, or (once per prepared config) a stand-in drawn with
+    the draft dials (the model preset's where the trace config leaves them null)."""
+    if prep.trace.draft is not None:
+        return prep.trace
+    cached = prep.__dict__.get("_draft_trace")
+    if cached is None:
+        from traces.synth import with_draft
+
+        tcfg = tcfg if tcfg is not None else TraceConf()
+        cached = prep.__dict__["_draft_trace"] = with_draft(prep.trace, synth_params(prep.model, tcfg), int(tcfg.seed))
+    return cached
 
 
 def bound_for(prep: Prepared, schedule: Schedule, pool_of: list[int], capacity: list[int]):
@@ -279,13 +388,18 @@ def simulate(cfg: DictConfig, *, on_policy=None) -> list[dict[str, Any]]:
     load_plugins(cfg.get("plugins") or [])
     presets = policy_presets(cfg.policy)
     keys = base_keys(cfg)
-    prep = prepare(cfg)
+    base = prepare(cfg)
     rows = []
     for p in presets:
-        k = {**keys, "policy": p.name, "eviction": p.eviction, "prefetch": p.prefetch, "predictor": p.predictor}
+        prep = with_engine(base, p.get("engine"))
+        gov = cfg.get("governor")
+        if p.get("governor"):
+            gov = OmegaConf.merge(gov, p.governor) if gov is not None else OmegaConf.create(dict(p.governor))
+        k = {**keys, "policy": p.name, "eviction": p.eviction, "prefetch": p.prefetch, "predictor": p.predictor,
+             "engine": prep.cost.host.name}
         if p.decoding == "speculative":
-            k["governor"] = cfg.governor.get("name")
-            k["governor_k"] = cfg.governor.get("k")
+            k["governor"] = gov.get("name")
+            k["governor_k"] = gov.get("k")
         try:
             plan = policy_plan(prep, p)
         except InfeasibleError as e:
@@ -293,7 +407,7 @@ def simulate(cfg: DictConfig, *, on_policy=None) -> list[dict[str, Any]]:
                          "config_id": config_id(k), "repetition": 0})
             continue
         row, (sim, log) = run_policy(prep, p, int(cfg.seed), timeline=bool(cfg.timeline_out),
-                                     governor_cfg=cfg.get("governor"), trace_cfg=cfg.trace, plan=plan,
+                                     governor_cfg=gov, trace_cfg=cfg.trace, plan=plan,
                                      progress=bool(cfg.get("progress", False)))
         rows.append({**k, "source": "sim", "status": "ok", "reason": "", "config_id": config_id(k), "repetition": 0, **row})
         if on_policy is not None:

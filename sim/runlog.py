@@ -23,6 +23,12 @@ class RunLog:
     stall: float = 0.0
     stall_per_layer: np.ndarray | None = None
     coverage: list[float] = field(default_factory=list)  # per step
+    # per decode/verify layer-step, summed (docs/metrics.md): share of the layer's experts ready /
+    # requested (resident, loading or queued as a prefetch) when its routing is known
+    coverage_ready_sum: float = 0.0
+    coverage_requested_sum: float = 0.0
+    coverage_layers: int = 0
+    prefill_copies: int = 0  # copies issued during prefill passes
     bytes_moved: int = 0
     copies: int = 0
     link_busy: float = 0.0

@@ -108,8 +108,8 @@ class Schedule:
         n = b - a
         kv = int(trace.position[r, b - 1]) + 1
         g0 = len(self.needed)
-        tail = sum(cost.attention(x, n, kv) + cost.dense_ffn(x, n) for x in self._dense_after)
-        tail += cost.embed_and_head(n, logits_tokens=n if phase else 1)
+        tail = sum(cost.attention(x, n, kv) + cost.dense_ffn(x, n) + cost.host_layer(x) for x in self._dense_after)
+        tail += cost.embed_and_head(n, logits_tokens=n if phase else 1) + cost.host_head()
         s_idx = len(self.steps)
         self.steps.append(Step(r, step_no, a, b, kv, phase, g0, tail, emitted, draft_s))
         keys_all = trace.expert_ids[r, a:b].transpose(1, 0, 2).reshape(M, -1).astype(np.int64) + self._offsets
@@ -118,7 +118,7 @@ class Schedule:
             layer = moe[m]
             pre = cost.attention(layer, n, kv) + cost.router(layer, n)
             for dl in self._dense_before[m]:
-                pre += cost.attention(dl, n, kv) + cost.dense_ffn(dl, n)
+                pre += cost.attention(dl, n, kv) + cost.dense_ffn(dl, n) + cost.host_layer(dl)
             if n == 1:
                 keys = tuple(keys_all[m].tolist())
                 exp = len(keys) * cost.expert_ffn(layer, 1)
@@ -126,6 +126,7 @@ class Schedule:
                 counts = Counter(keys_all[m].tolist())
                 keys = tuple(sorted(counts))
                 exp = sum(cost.expert_ffn(layer, c) for c in counts.values())
+            pre += cost.host_layer(layer, len(keys))  # host work before this layer's experts can run
             if model.num_shared_experts:
                 exp += cost.shared_experts(layer, n)
             self.needed.append(keys)
@@ -138,16 +139,19 @@ class Schedule:
 
     def draft_token_time(self, r: int, t: int) -> float:
         """One draft step at token t: the same model with its routed experts in INT4 and resident
-        (no transfers), shared non-expert weights, so only expert FFNs change precision."""
+        (no transfers), shared non-expert weights, so only expert FFNs change precision; plus the
+        draft's host overhead per layer."""
         kv = int(self.trace.position[r, t]) + 1
         hit = self._draft_memo.get(kv)
         if hit is not None:
             return hit
         cost, model = self.cost, self.model
-        total = cost.embed_and_head(1, logits_tokens=1)
+        total = cost.embed_and_head(1, logits_tokens=1) + cost.host_head()
         for layer in range(model.num_layers):
             total += cost.attention(layer, 1, kv)
-            if model.is_moe_layer(layer):
+            moe = model.is_moe_layer(layer)
+            total += cost.host_layer(layer, model.top_k if moe else 0, draft=True)
+            if moe:
                 total += cost.router(layer, 1) + model.top_k * cost.expert_ffn(layer, 1, "int4")
                 if model.num_shared_experts:
                     total += cost.shared_experts(layer, 1)
@@ -173,9 +177,9 @@ class Schedule:
         sel = n * model.top_k
         distinct = min(model.num_experts, sel)
         per = max(1, round(sel / distinct))
-        total = cost.embed_and_head(n, logits_tokens=n)
+        total = cost.embed_and_head(n, logits_tokens=n) + cost.host_head()
         for layer, count, moe in self._layer_groups:
-            one = cost.attention(layer, n, kv)
+            one = cost.attention(layer, n, kv) + cost.host_layer(layer, distinct if moe else 0)
             if moe:
                 one += cost.router(layer, n) + distinct * cost.expert_ffn(layer, per)
                 if model.num_shared_experts:

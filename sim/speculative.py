@@ -1,6 +1,6 @@
-"""Where a speculative run's draft comes from: the trace's recorded draft, or a noisy stand-in.
+"""Where a speculative run's draft comes from: the trace's draft columns (recorded, synthetic or a stand-in).
 
-Rule (DESIGN.md §3, decoding modes): with t the last emitted token's position, the draft processes
+Rule (docs/speculation.md): with t the last emitted token's position, the draft processes
 positions t..t+k-1 (its ELB rows are the ``draft`` ids of those rows) and proposes t+1..t+k; the
 verify pass processes t..t+k and needs the target's ``expert_ids`` of those rows; the accepted
 length a is the number of leading true ``draft_match`` flags among rows t..t+k-1; the cycle emits
@@ -14,26 +14,19 @@ from __future__ import annotations
 import numpy as np
 
 from sim.errors import SimError
-from sim.policies.predictors import noisy_sets
 from traces import Trace
 
 
 class DraftSource:
-    """ELB rows and acceptance per token position."""
+    """ELB rows and acceptance per token position, from the trace's draft columns (a trace without
+    them gets a stand-in first: ``sim.run.speculative_trace``, the generator's draft model)."""
 
-    def __init__(self, trace: Trace, *, agreement: float = 0.9, acceptance: float = 0.85, seed: int = 0) -> None:
+    def __init__(self, trace: Trace) -> None:
+        if trace.draft is None or trace.draft_match is None:
+            raise SimError("speculative decoding needs a trace with draft columns (draft, draft_match)")
         self.trace = trace
         E, M = trace.shape.num_experts, trace.shape.num_moe_layers
-        if trace.draft is not None:
-            draft, match = trace.draft, trace.draft_match
-            self.source = "trace"
-        else:
-            if not 0.0 <= acceptance <= 1.0:
-                raise SimError(f"trace.acceptance must be in [0, 1], got {acceptance}")
-            rng = np.random.default_rng([seed, 104729])
-            draft = noisy_sets(trace.expert_ids, E, agreement, rng)
-            match = rng.random(trace.position.shape) < acceptance
-            self.source = f"noisy(agreement={agreement}, acceptance={acceptance})"
+        draft, match = trace.draft, trace.draft_match
         offsets = (np.arange(M, dtype=np.int64) * E)[None, None, :, None]
         keys = np.where(draft >= 0, draft.astype(np.int64) + offsets, -1)
         self._rows = keys.tolist()  # [r][t][m] -> ids as keys

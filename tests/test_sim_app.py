@@ -165,3 +165,19 @@ def test_regression_copies_issued_at_a_release_retire_in_order(policy):
         rows = simulate(cfg_of("model=tiny", "hardware=h200", f"cache.slots={slots}", f"policy={policy}",
                                "trace.requests=2", "trace.decode_tokens=40"))
         assert rows[0]["status"] == "ok" and rows[0]["x_bound_e2e"] >= 1 - 1e-9
+
+
+def test_engine_group_ideal_is_todays_result_and_eager_is_slower():
+    base = ["model=tiny", "policy=lru", *SMALL]
+    (ideal,) = simulate(cfg_of(*base))
+    cfg = cfg_of(*base)
+    cfg.engine = None  # no engine at all: the cost model without host overhead
+    (none,) = simulate(cfg)
+    (eager,) = simulate(cfg_of(*base, "engine=eager"))
+    assert ideal["engine"] == "ideal" and ideal["host_per_layer_s"] == 0.0
+    assert ideal["tpot_ms"] == none["tpot_ms"]
+    assert (eager["engine"], eager["host_per_layer_s"], eager["draft_host_per_layer_s"], eager["host_per_launch_s"]) == (
+        "eager", 100e-6, 60e-6, 8e-6)
+    assert eager["tpot_ms"] > ideal["tpot_ms"] and eager["config_id"] != ideal["config_id"]
+    (gib,) = simulate(cfg_of(*base, "hardware.memory_gib=24"))
+    assert gib["memory_gb"] == pytest.approx(24 * 2**30 / 1e9) and gib["memory_gib"] == 24

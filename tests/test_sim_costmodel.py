@@ -3,6 +3,7 @@ and measured tables replacing terms (ProfiledCostModel)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sim.costmodel import (
+    HostOverhead,
     KERNELS,
     ProfiledCostModel,
     ProfileTables,
@@ -305,7 +307,8 @@ def test_measured_profile_with_a_parquet_table(tmp_path: Path) -> None:
     folder = tmp_path / "hardware" / "measured"
     folder.mkdir(parents=True)
     pd.DataFrame(TABLE).to_parquet(folder / "toy.parquet")
-    yaml = "\n".join(f"{k}: {v}" for k, v in GPU.to_dict().items() if k not in ("name", "link_pace_gbps", "profile_table", "engine", "provenance"))
+    yaml = "\n".join(f"{k}: {v}" for k, v in GPU.to_dict().items()
+                     if k not in ("name", "link_pace_gbps", "profile_table", "engine", "provenance") and v is not None)
     (folder / "toy.yaml").write_text(
         "defaults:\n  - /schema/hardware@_here_\n  - _self_\nname: measured/toy\nprofile_table: toy.parquet\n" + yaml + "\n"
     )
@@ -320,3 +323,56 @@ def test_measured_profile_with_a_parquet_table(tmp_path: Path) -> None:
     (folder / "bad.parquet").write_text("not parquet")
     with pytest.raises(SimError, match="not a readable Parquet"):
         ProfileTables.from_parquet(folder / "bad.parquet")
+
+
+# ------------------------------------------------------------------ host overhead (engine=)
+EAGERISH = HostOverhead("eager", host_per_layer_s=100e-6, draft_host_per_layer_s=60e-6, host_per_launch_s=8e-6)
+
+
+def test_host_overhead_by_hand() -> None:
+    """TOY: layer 0 dense (GQA attention 9 kernels + dense FFN 7 = 16 launches), layer 1 MoE
+    (attention 9 + router 4 + 5 per routed expert)."""
+    cm = RooflineCostModel(TOY, GPU, host=EAGERISH)
+    assert cm.layer_launches(0) == 16 and cm.layer_launches(1, 2) == 23
+    assert cm.host_layer(0) == pytest.approx(100e-6 + 8e-6 * 16)  # 228 us
+    assert cm.host_layer(1, 2) == pytest.approx(100e-6 + 8e-6 * 23)  # 284 us
+    assert cm.host_layer(1, 2, draft=True) == pytest.approx(60e-6 + 8e-6 * 23)  # 244 us
+    assert cm.host_head() == pytest.approx(8e-6 * 4)
+    ideal = RooflineCostModel(TOY, GPU)
+    assert ideal.host_layer(1, 2) == 0.0 and ideal.host_head() == 0.0
+
+
+def test_host_overhead_enters_the_schedule_by_hand() -> None:
+    """One decode step of TOY: the MoE layer's pre-routing time carries the dense layer's and its
+    own host overhead (228 + 284 us), the tail the head's launches (32 us); a draft token the
+    draft's per-layer term (32 + 188 + 244 us)."""
+    from sim.schedule import Schedule
+    from traces.synth import synth_params_for, synthesize
+
+    tr = synthesize(dataclasses.replace(synth_params_for("tiny"), requests=1, prompt_tokens=2, decode_tokens=3),
+                    0, shape=TOY.shape_only())
+    ideal = Schedule(tr, TOY, RooflineCostModel(TOY, GPU))
+    eager = Schedule(tr, TOY, RooflineCostModel(TOY, GPU, host=EAGERISH))
+    s = 1  # the first decode step (one token, two distinct experts)
+    g = eager.steps[s].g0
+    assert len(eager.needed[g]) == 2
+    assert eager.pre[g] - ideal.pre[g] == pytest.approx(512e-6)
+    assert eager.steps[s].tail - ideal.steps[s].tail == pytest.approx(32e-6)
+    assert eager.exp[g] == ideal.exp[g]
+    assert eager.draft_token_time(0, 3) - ideal.draft_token_time(0, 3) == pytest.approx(464e-6)
+
+
+def test_engine_values_from_a_measured_hardware_profile() -> None:
+    measured = {"host_per_layer_s": 5e-4, "draft_host_per_layer_s": 7e-5, "host_per_launch_s": 0.0}
+    hw = GPU.replace(engine={"eager": measured})
+    cfg = {"name": "eager", "host_per_layer_s": 1e-4, "draft_host_per_layer_s": 6e-5, "host_per_launch_s": 8e-6,
+           "from_hardware": True}
+    h = HostOverhead.from_cfg(cfg, hw)
+    assert (h.host_per_layer_s, h.draft_host_per_layer_s, h.host_per_launch_s, h.source) == (5e-4, 7e-5, 0.0, "hardware")
+    assert HostOverhead.from_cfg({**cfg, "from_hardware": False}, hw).host_per_layer_s == 1e-4
+    assert HostOverhead.from_cfg({**cfg, "name": "graphed"}, hw).source == "config"  # the profile has no graphed
+    assert HostOverhead.from_cfg(None, hw).zero
+    with pytest.raises(SimError, match=r"engine.eager: unknown key\(s\) \['per_layer'\]"):
+        GPU.replace(engine={"eager": {**measured, "per_layer": 1}})
+    with pytest.raises(SimError, match=r"engine.host_per_launch_s must be a number of seconds >= 0"):
+        HostOverhead("x", host_per_launch_s=-1.0)

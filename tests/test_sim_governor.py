@@ -136,6 +136,37 @@ def test_roofline_matches_brute_force(p, base, per_tok, ver, ver_tok, x, per_k, 
         assert d.k == want
 
 
+def test_k_under_each_cap_by_hand() -> None:
+    """quad_costs: T_cycle(k) = 15 + 2k + k^2 ms, p = 1, so Θ(k) = k / T_cycle(k) peaks at k = 4."""
+    # no cap (the preset's default): the argmax over the whole range [1, 16]
+    d = roofline(k_max=16).decide(quad_costs())
+    assert (d.k, d.k_slo, d.slo_met) == (4, 16, True)
+    # slo = cycle, 35 ms: 15 + 2k + k^2 <= 35 -> k <= 3 (k = 4 gives 39 ms)
+    d = roofline(k_max=16, slo="cycle", latency_budget_ms=35).decide(quad_costs())
+    assert (d.k, d.k_slo) == (3, 3)
+    # slo = per_token, 8 ms: (15 + 2k + k^2) / (k + 1) <= 8 -> k = 4 (7.8 ms) is the largest (k = 5: 8.33)
+    d = roofline(k_max=16, slo="per_token", latency_budget_ms=8).decide(quad_costs())
+    assert (d.k, d.k_slo) == (4, 4)
+    # slo = ttft, 35 ms with a 10 ms prefill: 10 + 15 + 2k + k^2 <= 35 -> k^2 + 2k <= 10 -> k <= 2
+    g = roofline(k_max=16, slo="ttft", latency_budget_ms=35)
+    d = g.decide(quad_costs(t_prefill=10 * MS))
+    assert (d.k, d.k_slo, d.slo_met) == (2, 2, True)
+    g.observe(2, 2, 0.03)
+    # ... computed once: with no new experts T_cycle(k) = 15 + 2k ms; every cycle's cap would allow
+    # k <= 10 (slo = cycle), the TTFT cap stays at 2
+    cheap = quad_costs(new_experts=lambda k: 0, t_prefill=10 * MS)
+    assert g.decide(cheap).k == 2
+    assert roofline(k_max=16, slo="cycle", latency_budget_ms=35).decide(cheap).k_slo == 10
+
+
+def test_ttft_cap_spans_the_whole_range_even_when_the_first_request_is_short() -> None:
+    g = roofline(k_max=16, slo="ttft", latency_budget_ms=35)
+    d = g.decide(quad_costs(k_limit=1, t_prefill=10 * MS))
+    assert (d.k, d.k_slo) == (1, 1)  # capped by the host's k_limit now...
+    g.observe(1, 1, 0.02)
+    assert g.decide(quad_costs(t_prefill=10 * MS)).k_slo == 2  # ...but the cap was computed over [1, 16]
+
+
 def test_roofline_respects_k_slo_cycle_budget() -> None:
     # T_cycle: k=3 30 ms, k=4 39 ms: a 35 ms budget caps k at 3
     d = roofline(latency_budget_ms=35).decide(quad_costs())
@@ -323,9 +354,9 @@ def test_same_inputs_same_decisions() -> None:
     ({"name": "roofline", "latency_budget_ms": "soon"}, "latency_budget_ms"),
     ({"name": "roofline", "objective": "tokens"}, "objective"),
     ({"name": "roofline", "pcie_new": "hidden"}, "pcie_new"),
-    ({"name": "roofline", "slo": "ttft"}, "slo"),
+    ({"name": "roofline", "slo": "prefill"}, "slo"),
     ({"name": "roofline", "acceptance": "bayes"}, "acceptance"),
-    ({"name": "roofline", "warmup_k": 12}, "warmup_k"),
+    ({"name": "roofline", "warmup_k": 20}, "warmup_k"),
     ({"name": "fixed", "k": 2.5}, "k"),
     ({"name": "roofline", "kmax": 3}, "kmax"),
     ({"name": "adaptive"}, "adaptive"),
@@ -371,8 +402,8 @@ def test_presets_compose_through_hydra(tmp_path: Path) -> None:
             compose(config_name="config", overrides=["governor.k_max=lots"])  # the schema types it
     assert OmegaConf.missing_keys(cfg.governor) == set()
     g = build_governor(cfg.governor)
-    assert (g.name, g.k_min, g.k_max, g.latency_budget_ms, g.pcie_new, g.objective) == (
-        "roofline", 1, 8, 500.0, "exposed", "accepted")
+    assert (g.name, g.k_min, g.k_max, g.latency_budget_ms, g.pcie_new, g.objective, g.slo) == (
+        "roofline", 1, 16, None, "exposed", "accepted", "ttft")
     f = build_governor(fixed.governor)
     assert f.name == "fixed" and f.k == 6
     assert sorted(p.stem for p in (conf_dir() / "governor").glob("*.yaml")) == ["fixed", "roofline"]

@@ -105,7 +105,7 @@ def test_bad_engine_values_are_named(engine: dict, match: str) -> None:
         GPU.replace(engine=engine)
 
 
-def write_profile(root: Path, name: str, table: list[dict] | None) -> None:
+def write_profile(root: Path, name: str, table: list[dict] | None, absolute: bool = False) -> None:
     import pandas as pd
     import yaml
 
@@ -115,7 +115,7 @@ def write_profile(root: Path, name: str, table: list[dict] | None) -> None:
     d.update(name=f"measured/{name}", engine=ENGINE, provenance={"card": "toy card"})
     if table is not None:
         pd.DataFrame(table).to_parquet(folder / f"{name}.parquet")
-        d["profile_table"] = f"{name}.parquet"
+        d["profile_table"] = str(folder / f"{name}.parquet") if absolute else f"{name}.parquet"
     text = "defaults:\n  - /schema/hardware@_here_\n  - _self_\n" + yaml.safe_dump(d, sort_keys=False)
     (folder / f"{name}.yaml").write_text(text)
 
@@ -142,3 +142,35 @@ def test_bad_profile_files_are_named(tmp_path: Path) -> None:
     hw = HardwareSpec.from_preset("measured/missing", root=tmp_path).replace(profile_table=str(tmp_path / "nope.parquet"))
     with pytest.raises(SimError, match="nope.parquet: measured profile table not found"):
         cost_model_for(TOY, hw)
+
+
+def test_hardware_measured_name_changes_the_simulated_run(tmp_path: Path) -> None:
+    """Through Hydra, as `python -m sim hardware=measured/NAME` composes it: a profile whose table
+    says the tiny model's experts are slow predicts a slower decode than the same profile without."""
+    import shutil
+
+    from hydra import compose, initialize_config_dir
+
+    from sim.config import register_configs
+    from sim.presets import conf_dir
+    from sim.run import simulate
+    from sim.spec import ModelSpec
+
+    conf = tmp_path / "conf"
+    shutil.copytree(conf_dir(), conf)
+    tiny = ModelSpec.from_preset("tiny")
+    slow = [{"op": "expert_ffn", "shape": op_shape(tiny, "expert_ffn"), "dtype": "bf16", "n_tokens": n, "seconds": 1e-3}
+            for n in (1, 64)]
+    write_profile(conf, "slow", slow, absolute=True)  # a relative table resolves against the shipped conf/
+    write_profile(conf, "plain", None)
+    register_configs()
+    tpot = {}
+    for name in ("slow", "plain"):
+        with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+            cfg = compose(config_name="sim", overrides=[f"hardware=measured/{name}", "model=tiny", "policy=lru",
+                                                        "trace.requests=1", "trace.prompt_tokens=4", "trace.decode_tokens=8"])
+        row = simulate(cfg)[0]
+        assert row["status"] == "ok" and row["hardware"] == f"measured/{name}"
+        tpot[name] = row["tpot_ms"]
+    # every decode step runs at least top_k experts per MoE layer at >= 1 ms each
+    assert tpot["slow"] - tpot["plain"] >= tiny.top_k * len(tiny.moe_layers) * 1.0 * 0.9

@@ -166,6 +166,16 @@ def test_schemas_mirror_the_specs() -> None:
     assert [f.name for f in fields(HardwareConf)] == [f.name for f in fields(HardwareSpec)]
 
 
+def test_memory_gib_gives_the_budget() -> None:
+    d = HardwareSpec.from_preset("a100-40g-pcie4").to_dict()
+    assert d["memory_gb"] == 40 * 2**30 / 1e9  # the A100-40GB preset: 40 GiB
+    d["memory_gib"] = 24
+    assert HardwareSpec.from_dict(d).memory_gb == pytest.approx(25.769803776)
+    d["memory_gib"] = 0
+    with pytest.raises(SimError, match="'memory_gib' must be a number > 0"):
+        HardwareSpec.from_dict(d)
+
+
 # ------------------------------------------------------------------ config.json
 @pytest.mark.parametrize("model_id", MODELS)
 def test_config_json_round_trips_into_the_preset_spec(model_id: str) -> None:

@@ -140,20 +140,64 @@ def test_speculative_policy_refuses_autoregressive_predictors():
         simulate(cfg_of("model=tiny", "policy=spec-lru", "policy.prefetch=lookahead", *SMALL))
 
 
-def test_noisy_draft_when_trace_has_none():
-    cfg = cfg_of("model=tiny", *SMALL)
-    tr = prepare(cfg).trace
-    bare = with_draft(tr, None, None)
-    src = DraftSource(bare, agreement=1.0, acceptance=1.0, seed=3)
-    assert src.source.startswith("noisy")
-    row = src.elb_row(0, 5)
+def test_draft_source_needs_draft_columns():
+    tr = prepare(cfg_of("model=tiny", *SMALL)).trace
+    src = DraftSource(tr)
     E = tr.shape.num_experts
-    assert [sorted(x % E for x in keys) for keys in row] == [sorted(tr.expert_ids[0, 5, m].tolist()) for m in range(tr.shape.num_moe_layers)]
-    assert src.accepted(0, 5, 3) == 3
+    assert [sorted(x % E for x in keys) for keys in src.elb_row(0, 5)] == [
+        sorted(int(x) for x in tr.draft[0, 5, m] if x >= 0) for m in range(tr.shape.num_moe_layers)]
+    with pytest.raises(SimError, match="needs a trace with draft columns"):
+        DraftSource(with_draft(tr, None, None))
 
 
 def test_governor_roofline_decisions_logged_and_deterministic():
     cfg = cfg_of("model=olmoe-1b-7b", "hardware.memory_gb=6", "policy=speq", *SMALL)
     a, b = simulate(cfg), simulate(cfg)
     assert a[0]["k_per_cycle"] == b[0]["k_per_cycle"] and a[0]["tpot_ms"] == b[0]["tpot_ms"]
-    assert 1 <= a[0]["mean_k"] <= 8
+    assert 1 <= a[0]["mean_k"] <= 16
+
+
+# ------------------------------------------------------------------ draft-quality dials end to end
+def test_trace_dials_reach_the_generator():
+    """trace.acceptance / trace.draft_agreement shape the synthetic trace's draft columns (null: the
+    model preset's values: Phi-3.5-MoE 0.88 and 0.91)."""
+    from traces import stats
+
+    base = prepare(cfg_of("model=phi-3.5-moe", *SMALL)).trace
+    assert base.meta["synth"]["params"]["acceptance"] == 0.88
+    assert base.meta["synth"]["params"]["draft_agreement"] == 0.91
+    tr = prepare(cfg_of("model=phi-3.5-moe", "trace.acceptance=0.5", "trace.draft_agreement=0.0",
+                        "trace.acceptance_corr=0.3", *SMALL)).trace
+    p = tr.meta["synth"]["params"]
+    assert (p["acceptance"], p["draft_agreement"], p["acceptance_corr"]) == (0.5, 0.0, 0.3)
+    assert stats.draft_agreement(tr)[0].overall == 0.0  # every row disagrees
+    assert np.array_equal(tr.expert_ids, base.expert_ids)  # the routing does not move
+
+
+@pytest.mark.parametrize("override, field", [("trace.acceptance=1.5", "trace.acceptance"),
+                                             ("trace.acceptance_corr=-0.2", "trace.acceptance_corr"),
+                                             ("trace.draft_agreement=2", "trace.draft_agreement"),
+                                             ("trace.draft_wrong_ids=9", "trace.draft_wrong_ids")])
+def test_trace_dials_range_checked(override, field):
+    with pytest.raises(SimError, match=rf"^{field} = .* must be"):
+        prepare(cfg_of("model=phi-3.5-moe", override, *SMALL))
+
+
+def test_trace_file_with_draft_columns_refuses_dials(tmp_path):
+    from traces import write_trace
+
+    path = write_trace(prepare(cfg_of("model=tiny", *SMALL)).trace, tmp_path / "t.parquet")
+    with pytest.raises(SimError, match=r"trace.acceptance=0.7 cannot apply: the trace carries its own draft"):
+        prepare(cfg_of("model=tiny", f"trace.path={path}", "trace.acceptance=0.7", *SMALL))
+
+
+def test_trace_file_without_draft_gets_a_stand_in_with_the_dials(tmp_path):
+    from traces import write_trace
+
+    tr = prepare(cfg_of("model=tiny", *SMALL)).trace
+    path = write_trace(with_draft(tr, None, None), tmp_path / "bare.parquet")
+    cfg = cfg_of("model=tiny", f"trace.path={path}", "policy=spec-lru", "trace.acceptance=1.0",
+                 "trace.draft_agreement=1.0", "governor=fixed", "governor.k=3", *SMALL)
+    (row,) = simulate(cfg)
+    assert row["draft_source"].startswith("stand-in(draft_agreement=1, draft_wrong_ids=1, acceptance=1,")
+    assert row["acceptance_rate"] == 1.0

@@ -207,6 +207,18 @@ def test_predictor_recall_and_acceptance_by_hand(tmp_path):
     assert read_trace(write_trace(tr, tmp_path / "hand.parquet")).equals(tr)
 
 
+def test_draft_set_agreement_recall_and_acceptance_correlation_by_hand():
+    # rows: {0,1} vs {1,0}: same set (order ignored); {1,2} vs {1,3}: 1 of 2 right; {2,3} vs {0,1}:
+    # 0 of 2; {0,1} vs {0,1}: same -> set agreement 2/4, recall (2+1+0+2)/8, wrong ids (1+2)/2
+    draft = [[[1, 0]], [[1, 3]], [[0, 1]], [[0, 1]]]
+    tr = build([SEQ], ONE, draft=[draft], draft_match=[[True, True, False, False]])
+    agree, wrong = stats.draft_agreement(tr, phase="all")
+    assert agree.overall == 0.5 and wrong == 1.5
+    assert stats.predictor_recall(tr, phase="all")["draft"].overall == pytest.approx(5 / 8)
+    # pairs (x_t, x_t+1): (1,1), (1,0), (0,0): cov 1/9, both variances 2/9 -> 0.5
+    assert stats.acceptance_corr(tr, phase="all") == pytest.approx(0.5)
+
+
 # -------------------------------------------------------------- all together + CLI
 def test_compute_stats_table_and_json(tmp_path, capsys):
     shape = ModelShape("dense0", 4, (1, 2, 3), 4, 2)
@@ -218,11 +230,11 @@ def test_compute_stats_table_and_json(tmp_path, capsys):
     df = st.per_layer
     assert list(df.index) == [1, 2, 3, "all"]
     assert {"reuse_next", "reuse_w1", "lru_c2", "top_quarter_window", "cooc_recall", "popularity_recall",
-            "lookahead_1_recall", "draft_agreement", "entropy_global"} <= set(df.columns)
+            "lookahead_1_recall", "draft_recall", "draft_set_agreement", "entropy_global"} <= set(df.columns)
     # layer 1: {1,2}&{0,1} -> 1/2; layer 2: 1; layer 3: 0 (both requests alike)
     assert df["reuse_next"].tolist()[:3] == [0.5, 1.0, 0.0]
     assert df.loc["all", "reuse_next"] == pytest.approx(0.5)
-    assert df.loc["all", "draft_agreement"] == 1.0
+    assert df.loc["all", "draft_recall"] == 1.0 and df.loc["all", "draft_set_agreement"] == 1.0
     assert st.scalars["acceptance"] == 0.75 and st.scalars["chance"] == 0.5
     assert "lookahead_1_recall" in st.to_text()
 
@@ -246,7 +258,7 @@ def test_stats_on_trace_without_optional_columns():
     tr = build([SEQ, SEQ], ONE)
     tr.gate_weights = None
     st = stats.compute_stats(tr)
-    assert not any(c.startswith("lookahead") or c == "draft_agreement" for c in st.per_layer.columns)
+    assert not any(c.startswith("lookahead") or c.startswith("draft") for c in st.per_layer.columns)
     assert math.isnan(st.scalars["acceptance"])
     assert stats.default_cache_sizes(8, 2) == [2, 4, 8] and stats.default_cache_sizes(128, 8) == [8, 16, 32]
 

@@ -13,9 +13,14 @@ where SE is the standard error implied by the number of independent trials behin
   the previous token's k experts independently with probability p = reuse[m] and never re-draws a
   dropped one, so its share is Binomial(k, p) / k, independent across rows:
   SE = sqrt(p (1 - p) / (k n)), n = counted rows of that layer.
-* lookahead_<d> recall and draft agreement: each true id is kept independently with probability
+* lookahead_<d> recall: each true id is kept independently with probability
   r, so a row's recall is Binomial(k, r) / k, independent across rows and layers:
   SE = sqrt(r (1 - r) / (k n)), n = rows with a target (pooled over source layers).
+* draft set agreement: one Bernoulli(s) per (token, layer) row: SE = sqrt(s (1 - s) / n); with
+  one wrong id per disagreeing row (the presets) a row's recall is 1 - (1 - X) / k, X that
+  Bernoulli, so recall's SE is the set agreement's divided by k.
+* acceptance correlation (presets: i.i.d.): the lag-1 sample correlation of n i.i.d. flags has
+  SE ~ 1 / sqrt(n).
 * acceptance: one Bernoulli(p) per token: SE = sqrt(p (1 - p) / n), n = decode tokens.
 * hot-set share (skew) at layer m, with drift = 0 so each (request, layer) keeps one hot set:
   seen per slot, a row's k slots are independent two-state chains (hot / not hot) that keep
@@ -245,10 +250,16 @@ def test_measured_statistics_match_dials(model, dial_traces):
         assert abs(got.overall - want) <= Z * se, (model, d, got.overall, want, se)
         report.append((f"lookahead_{d}", want, got.overall, se))
     assert synth.lookahead_recall_at(p, 1, s) > synth.lookahead_recall_at(p, 2, s) > synth.lookahead_recall_at(p, 3, s)
+    # draft: exact set agreement is the dial; per-id recall follows (one wrong id per disagreeing row)
+    agree, wrong_ids = stats.draft_agreement(sel)
+    n_rows = int(agree.den.sum())
+    se = math.sqrt(p.draft_agreement * (1 - p.draft_agreement) / n_rows)
+    assert abs(agree.overall - p.draft_agreement) <= Z * se
+    assert wrong_ids == p.draft_wrong_ids == 1.0
+    want = 1 - (1 - p.draft_agreement) * p.draft_wrong_ids / k
     got = rec["draft"]
-    se = se_binom(p.draft_agreement, k, int(got.den.sum()))
-    assert abs(got.overall - p.draft_agreement) <= Z * se
-    report.append(("draft_agreement", p.draft_agreement, got.overall, se))
+    assert abs(got.overall - want) <= Z * math.sqrt(p.draft_agreement * (1 - p.draft_agreement) / n_rows) / k
+    report.append(("draft_set_agreement", p.draft_agreement, agree.overall, se))
 
     # acceptance
     n = sel.tokens
@@ -256,6 +267,7 @@ def test_measured_statistics_match_dials(model, dial_traces):
     acc = stats.acceptance(sel)
     assert abs(acc - p.acceptance) <= Z * se
     report.append(("acceptance", p.acceptance, acc, se))
+    assert abs(stats.acceptance_corr(sel)) <= Z / math.sqrt(n)  # preset: i.i.d.
     print(model, [(name, round(a, 4), round(b, 4), round(c, 4)) for name, a, b, c in report])
 
 
@@ -307,3 +319,45 @@ def test_cooccurrence_predictor_beats_chance_on_fine_grained(model, dial_traces)
     chance = tr.shape.top_k / tr.shape.num_experts
     assert co.overall >= 2.5 * chance, (co.overall, chance)
     assert co.overall > pop.overall
+
+
+def test_draft_and_acceptance_dials():
+    """Set agreement and wrong ids per disagreeing row are dials, per-id recall follows; acceptance
+    is a two-state Markov chain with the dialled stationary mean and lag-1 correlation."""
+    p = dataclasses.replace(synth_params_for("qwen1.5-moe-a2.7b"), requests=8, prompt_tokens=4, decode_tokens=512,
+                            draft_agreement=0.7, draft_wrong_ids=2.5, acceptance=0.8, acceptance_corr=0.5)
+    tr = synthesize(p, 3)
+    sel = stats.select_tokens(tr, "decode")
+    k = tr.shape.top_k
+    agree, wrong = stats.draft_agreement(sel)
+    n = int(agree.den.sum())
+    assert abs(agree.overall - 0.7) <= Z * math.sqrt(0.7 * 0.3 / n)
+    assert abs(wrong - 2.5) <= 0.05  # j = 1 + Binomial(3, 0.5): sd 0.87 over ~0.3 n rows
+    assert abs(stats.predictor_recall(sel)["draft"].overall - (1 - 0.3 * 2.5 / k)) <= 0.01
+    t = sel.tokens
+    # a Markov chain's mean has variance inflated by (1 + rho) / (1 - rho) = 3
+    assert abs(stats.acceptance(sel) - 0.8) <= Z * math.sqrt(0.8 * 0.2 * 3 / t)
+    assert abs(stats.acceptance_corr(sel) - 0.5) <= Z / math.sqrt(t)
+    # the routing does not move with the draft dials (own streams)
+    base = synthesize(dataclasses.replace(p, draft_agreement=0.9, acceptance_corr=0.0), 3)
+    assert np.array_equal(base.expert_ids, tr.expert_ids)
+
+
+@pytest.mark.parametrize("field, value", [("acceptance_corr", 1.5), ("acceptance_corr", -0.1),
+                                          ("draft_wrong_ids", 0.5), ("draft_wrong_ids", 5.0),
+                                          ("draft_agreement", 1.2)])
+def test_draft_dials_range_checked(field, value):
+    with pytest.raises(TraceError, match=rf"SynthParams.{field}"):
+        synthesize(dataclasses.replace(small("qwen1.5-moe-a2.7b"), **{field: value}), 0)
+
+
+def test_with_draft_draws_exactly_the_generators_draft_columns():
+    """A trace without draft columns gets, from the same dials and seed, the very draft columns the
+    generator writes (the speculation map and stand-in drafts rely on it)."""
+    p = dataclasses.replace(small("qwen1.5-moe-a2.7b"), length_jitter=0.3, acceptance=0.7, acceptance_corr=0.2)
+    a = synthesize(p, 4)
+    b = synth.with_draft(synthesize(dataclasses.replace(p, draft=False), 4), p, 4)
+    assert np.array_equal(a.draft, b.draft) and np.array_equal(a.draft_match, b.draft_match)
+    assert b.meta["draft_stand_in"]["acceptance"] == 0.7
+    with pytest.raises(TraceError, match="already carries draft columns"):
+        synth.with_draft(a, p, 4)

@@ -42,8 +42,12 @@ Definitions (k = top-k, E = routed experts):
   ``chance`` = k/E is a random predictor's expectation.
 * ``lookahead_<d>_recall``: mean |lookahead_<d> ∩ truth at layer l+d| / k over rows whose target
   exists, reported at the source layer l (where the column is recorded).
-* ``draft_agreement``: mean |draft ∩ expert_ids| / k at the same layer; ``acceptance``: mean of
-  ``draft_match`` over the selected tokens.
+* ``draft_set_agreement``: share of (token, layer) rows whose draft top-k set equals the target's
+  exactly (MoE-SpeQ's agreement metric); ``draft_recall``: mean |draft ∩ expert_ids| / k at the
+  same layer (per-id recall). Scalars: ``draft_wrong_ids``, the mean number of wrong ids in a
+  disagreeing row; ``acceptance``, the mean of ``draft_match`` over the selected tokens;
+  ``acceptance_corr``, the lag-1 correlation of ``draft_match`` between consecutive selected
+  tokens of a request (what the generator's two-state Markov dial sets).
 
 Overall values pool all (token, layer) rows for rates and recalls, and average the per-layer values
 for the popularity measures (expert identities differ between layers).
@@ -331,6 +335,33 @@ def predictor_recall(trace: Trace | Selected, phase: str = "decode") -> dict[str
     return out
 
 
+def draft_agreement(trace: Trace | Selected, phase: str = "decode") -> tuple[Rate, float]:
+    """(exact top-k set agreement of ``draft`` per layer, mean wrong ids in a disagreeing row);
+    (empty Rate, NaN) without a draft column."""
+    s = _sel(trace, phase)
+    R, T, M, k = s.ids.shape
+    if s.draft is None:
+        return Rate(np.zeros(M), np.zeros(M, dtype=np.int64)), float("nan")
+    hits = _overlap(s.draft, s.ids)[s.valid]  # (N, M) correct ids per row
+    same = hits == k
+    wrong = k - hits[~same]
+    return (Rate(same.sum(0).astype(np.float64), np.full(M, hits.shape[0], dtype=np.int64)),
+            float(wrong.mean()) if wrong.size else float("nan"))
+
+
+def acceptance_corr(trace: Trace | Selected, phase: str = "decode") -> float:
+    """Lag-1 correlation of ``draft_match`` between consecutive selected tokens of each request
+    (NaN without a draft column, with fewer than 3 pairs or a constant column)."""
+    s = _sel(trace, phase)
+    if s.draft_match is None:
+        return float("nan")
+    pair = s.valid[:, 1:] & s.valid[:, :-1]
+    x, y = s.draft_match[:, :-1][pair].astype(float), s.draft_match[:, 1:][pair].astype(float)
+    if x.size < 3 or x.std() == 0 or y.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(x, y)[0, 1])
+
+
 def acceptance(trace: Trace | Selected, phase: str = "decode") -> float:
     """Mean ``draft_match`` over the selected tokens (NaN without a draft column)."""
     s = _sel(trace, phase)
@@ -377,7 +408,9 @@ class TraceStats:
             f"{sc['tokens']} {self.settings['phase']} tokens in {sc['requests']} requests; "
             + (
                 "no draft column" if not sc["has_draft"]
-                else f"acceptance (mean draft_match) = {sc['acceptance']:.3f}" if math.isfinite(sc["acceptance"])
+                else f"draft set agreement {sc['draft_set_agreement']:.3f}, per-id recall {sc['draft_recall']:.3f}, "
+                f"acceptance (mean draft_match) {sc['acceptance']:.3f}, lag-1 correlation {sc['acceptance_corr']:.3f}"
+                if math.isfinite(sc["acceptance"])
                 else "acceptance n/a (no tokens)"
             ),
             f"reuse window {self.settings['window']}, skew window {self.settings['skew_window']}, "
@@ -415,7 +448,10 @@ def compute_stats(
     co, popr = cooccurrence_recall(s)
     cols["cooc_recall"], cols["popularity_recall"] = co, popr
     for name, r in predictor_recall(s).items():
-        cols[f"{name}_recall" if name.startswith("lookahead") else "draft_agreement"] = r
+        cols[f"{name}_recall" if name.startswith("lookahead") else "draft_recall"] = r
+    agree, wrong_ids = draft_agreement(s)
+    if trace.draft is not None:
+        cols["draft_set_agreement"] = agree
     data, overall = {}, {}
     for name, v in cols.items():
         if isinstance(v, Rate):
@@ -433,6 +469,10 @@ def compute_stats(
         "requests": trace.num_requests,
         "tokens": s.tokens,
         "acceptance": acceptance(s),
+        "acceptance_corr": acceptance_corr(s),
+        "draft_set_agreement": agree.overall if trace.draft is not None else float("nan"),
+        "draft_recall": float(cols["draft_recall"].overall) if trace.draft is not None else float("nan"),
+        "draft_wrong_ids": wrong_ids,
         "has_draft": trace.draft is not None,
     }
     settings = {"phase": phase, "window": window, "skew_window": skew_window, "cache_sizes": sizes}

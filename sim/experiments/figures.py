@@ -12,7 +12,7 @@ import pandas as pd
 from traces.atomic import atomic_write
 
 #: results columns that are config keys (sim.run.base_keys and the policy's), for grouping
-KEY_COLUMNS = ("model", "model_layers", "hardware", "memory_gb", "h2d_gbps", "host_memory", "link_pace_gbps",
+KEY_COLUMNS = ("model", "model_layers", "hardware", "memory_gb", "memory_gib", "engine", "h2d_gbps", "host_memory", "link_pace_gbps",
                "trace", "cache_slots", "cache_per_layer", "seed", "policy", "eviction", "prefetch", "predictor",
                "governor", "governor_k")
 

@@ -175,6 +175,9 @@ def task(cfg: DictConfig) -> float:
         print(f"search results: {out}")
         return float(res.best.get(str(spec.get("metric", "tpot_ms")), math.inf))
 
+    if isinstance(exp, DictConfig) and exp.get("map") is not None:
+        return _map_task(cfg, [str(o) for o in hc.overrides.task], out, multirun)
+
     res = run_job(cfg, out, sweep_dir=Path(hc.sweep.dir) if multirun else None)
     if res.status == "failed":
         print(f"error: {res.error}", file=sys.stderr)
@@ -186,6 +189,26 @@ def task(cfg: DictConfig) -> float:
     print(f"results: {out / (str(cfg.results_name) + '.parquet')}{note}")
     ok = [r["tpot_ms"] for r in res.rows if r.get("status") == "ok"]
     return float(min(ok)) if ok else math.inf
+
+
+def _map_task(cfg: DictConfig, overrides: list[str], out: Path, multirun: bool) -> float:
+    """``experiment=speculation-map``: the whole grid in this one job (sim/experiments/speculation_map.py)."""
+    from sim.experiments.speculation_map import MapSpec, run_map
+
+    if multirun:
+        print("error: experiment=speculation-map runs its own grid; do not combine it with a multirun", file=sys.stderr)
+        sys.exit(2)
+    base = [o for o in overrides if not o.lstrip("+~").startswith("experiment")]
+    try:
+        spec = MapSpec.from_cfg(OmegaConf.to_container(cfg.experiment, resolve=True))
+        res = run_map(base, spec, out)
+    except (SimError, TraceError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(res.summary)
+    print(f"speculation map: {out / 'speculation_map.png'} (table: speculation_map.parquet)")
+    ok = res.table[res.table["status"] == "ok"]
+    return float(ok["speedup"].max()) if len(ok) else math.inf
 
 
 def _app() -> None:

@@ -164,6 +164,15 @@ class PrefetchPolicy:
     def on_request_end(self, request: int) -> list[Action]:
         return []
 
+    def summary(self) -> dict[str, Any]:
+        """Columns the policy adds to its results row (what it decided, in numbers)."""
+        return {}
+
+    def admits(self, key: int, victim: int) -> bool:
+        """May loading ``key`` evict ``victim`` (the eviction policy's choice)? False leaves the copy
+        queued until a slot frees. The host asks only policies that override this."""
+        return True
+
 
 class Registry:
     """Name -> class, filled at import time; errors list the known names."""
