@@ -410,6 +410,8 @@ class Cycle:
     matches: list[bool] = field(default_factory=list)  # d_i == target's token, i = 1..k
     agreement: list[float] = field(default_factory=list)  # per drafted position with the target's input
     coverage: float = float("nan")
+    elb_hits: int = 0  # experts the verify pass needed that the ELB forecast (per layer)
+    verify_experts: int = 0  # distinct experts the verify pass needed (per layer, summed)
     fetched: int = 0
     predicted_cycle_s: float = float("nan")
     governor_phase: str = ""
@@ -570,7 +572,9 @@ class SpeculativeDecoder:
                 drafts.append(rows[j] if j < k else None)
                 match.append(j < a or a == k)  # a == k: the bonus position was not drafted (see executed_spec_trace)
             fetched = (run.copies - copies0) if run is not None else 0
-            needed = sum(len({e for j in range(k + 1) for e in vrows[j][m]}) for m in range(self.M))
+            need_sets = [{e for j in range(k + 1) for e in vrows[j][m]} for m in range(self.M)]
+            needed = sum(len(x) for x in need_sets)
+            elb_hits = sum(len(need_sets[m] & {e for row in rows for e in row[m]}) for m in range(self.M))
             if k:
                 costs.observe_draft((t1 - t0) / k)
             costs.observe_verify(k + 1, t2 - t1)
@@ -580,6 +584,7 @@ class SpeculativeDecoder:
                 request=r, cycle=cycle, t=t, k=k, accepted=a, draft_s=t1 - t0, verify_s=t2 - t1,
                 matches=[draft_toks[i] == y[i] for i in range(k)], agreement=agree,
                 coverage=run.steps[-1].coverage if run is not None else float("nan"), fetched=fetched,
+                elb_hits=elb_hits, verify_experts=needed,
                 predicted_cycle_s=float(getattr(d, "predicted_cycle_s", float("nan"))),
                 governor_phase=str(getattr(d, "phase", ""))))
             emitted.extend(draft_toks[:a] + [y[a]])
@@ -648,6 +653,7 @@ class SpeculativeDecoder:
             self.sync()
             t0 = time.perf_counter()
             x = toks[t]
+            elb: set[int] = set()
             for i in range(k):
                 x, _ = eng.draft(torch.tensor([[x]], dtype=torch.long, device=eng.device), t + i)
                 if run is not None:
@@ -655,7 +661,9 @@ class SpeculativeDecoder:
                 busy, queued = self._link_state()
                 xfer = costs.expert_transfer_s
                 budget = int((costs.t_draft(k - i - 1) - busy) / xfer) - queued if xfer > 0 else 0
-                self._issue(self.prefetch.on_draft_token(i, draft.elb_row(r, t + i), budget))
+                row = draft.elb_row(r, t + i)
+                elb.update(key for keys in row for key in keys)
+                self._issue(self.prefetch.on_draft_token(i, row, budget))
             self.sync()
             t1 = time.perf_counter()
             eng.rollback(t)
@@ -675,6 +683,8 @@ class SpeculativeDecoder:
                 request=r, cycle=cycle, t=t, k=k, accepted=a, draft_s=t1 - t0, verify_s=t2 - t1,
                 matches=[bool(draft.accepted(r, t + i, 1)) for i in range(k)],
                 coverage=run.steps[-1].coverage if run is not None else float("nan"), fetched=fetched,
+                elb_hits=sum(1 for keys in ov["needed"] for key in keys if key in elb),
+                verify_experts=sum(len(x) for x in ov["needed"]),
                 predicted_cycle_s=float(getattr(d, "predicted_cycle_s", float("nan"))),
                 governor_phase=str(getattr(d, "phase", ""))))
             t += a + 1
@@ -689,7 +699,8 @@ class SpeculativeDecoder:
         return [{"request": c.request, "cycle": c.cycle, "t": c.t, "k": c.k, "accepted": c.accepted,
                  "emitted": c.emitted, "observed_cycle_s": c.draft_s + c.verify_s, "t_draft": c.draft_s,
                  "t_verify": c.verify_s, "predicted_cycle_s": c.predicted_cycle_s, "governor_phase": c.governor_phase,
-                 "coverage": c.coverage} for c in self.cycles]
+                 "coverage": c.coverage,
+                 **({"elb_hits": c.elb_hits, "verify_experts": c.verify_experts} if c.k else {})} for c in self.cycles]
 
     def summary(self) -> dict[str, Any]:
         """Acceptance per draft position (P(accepted at i | accepted before i)), mean k, tokens per
