@@ -66,7 +66,8 @@ def speculative_table(rows: list[dict[str, Any]]) -> str:
     from sim.report import format_speculative
 
     text = format_speculative([{**r, "policy": f"{r.get('policy')} ({r.get('source')})"} for r in rows])
-    live = [r for r in rows if r.get("status") == "ok" and r.get("mode") == "live" and r.get("draft_agreement") is not None]
+    live = [r for r in rows if r.get("status") == "ok" and r.get("mode") == "live"
+            and r.get("draft_agreement") is not None]
     if text and live:
         df = pd.DataFrame(live)[["policy", "repetition", "draft_agreement", "acceptance_by_position"]]
         text += "\nlive draft vs target:\n" + df.to_string(index=False, float_format=lambda v: f"{v:.3f}")
