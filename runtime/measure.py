@@ -392,13 +392,12 @@ class Session:
         try:
             if pcfg.decoding == "speculative":
                 run.spec = self.speculative(cfg, run, hw)
-                if mode == "replay":
+                if mode == "replay":  # the simulator's draft columns: the trace's own, or its stand-in
+                    from sim.run import speculative_trace
                     from sim.speculative import DraftSource
 
-                    tc = cfg.trace
-                    run.spec.replay(trace, DraftSource(trace, agreement=float(tc.draft_agreement),
-                                                       acceptance=float(tc.acceptance), seed=int(cfg.seed)),
-                                    seed=int(cfg.seed))
+                    dtr = speculative_trace(self.prepare(cfg), cfg.trace)
+                    run.spec.replay(dtr, DraftSource(dtr), seed=int(cfg.seed))
                 else:
                     run.live_out = {"tokens": run.spec.generate(prompts, int(cfg.trace.decode_tokens))}
             elif mode == "replay":

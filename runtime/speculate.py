@@ -458,7 +458,6 @@ class SpeculativeDecoder:
         dev = engine.device
         self.sync = sync or ((lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None))
         self.cycles: list[Cycle] = []
-        self.elb: list[tuple[tuple[int, ...], ...]] = []  # the last cycle's ELB rows (as ids)
         self.routing: list[list[tuple[tuple[int, ...], ...]]] = []  # per request: target ids per kept position
         self.draft_rows: list[list[tuple[tuple[int, ...], ...] | None]] = []  # per request: draft ids per kept position
         self.draft_match: list[list[bool]] = []
@@ -497,7 +496,6 @@ class SpeculativeDecoder:
     def generate(self, prompts: Sequence[Sequence[int]], new_tokens: int) -> list[list[int]]:
         """Greedy tokens of each prompt (``new_tokens`` each, the prefill's first included)."""
         out = []
-        eng = self.engine
         with torch.inference_mode():
             for r, prompt in enumerate(prompts):
                 out.append(self._request(r, list(prompt), int(new_tokens)))
@@ -548,7 +546,6 @@ class SpeculativeDecoder:
                 self._issue(self.prefetch.on_draft_token(i, self._keys(row), budget))
             self.sync()
             t1 = time.perf_counter()
-            self.elb = rows
             # verify: the draft's keys/values are dropped, the target writes t..t+k
             eng.rollback(t)
             ver = [emitted[-1]] + draft_toks

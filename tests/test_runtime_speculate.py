@@ -231,14 +231,14 @@ def test_runtime_app_measures_speculative_policies_live(tmp_path, capsys):
 
 @pytest.mark.parametrize("engine", ["eager", "graphed"])
 def test_speculative_replay_runs_the_simulators_cycles(engine):
-    """mode=replay: the trace's draft columns (here the synthetic trace's stand-in, same seed) drive
+    """mode=replay: the trace's draft columns (here the synthetic trace's stand-in draft) drive
     the ELB and the acceptance, so at fixed k the measured run has the simulator's cycles exactly,
     and on-demand LRU under speculation (spec-lru) sees the same hits and misses."""
     from runtime.measure import Session
 
     cfg = _compose(["model=tiny", "policy.suite=[speq,spec-lru]", "policy.name=s", "repetitions=1",
                     "warmup_steps=0", "trace.requests=2", "trace.prompt_tokens=5", "trace.decode_tokens=14",
-                    "governor=fixed", "governor.k=3", "cache.slots=12", f"engine={engine}"])
+                    "governor=fixed", "governor.k=3", "cache.slots=12", f"+engine={engine}"])
     sess = Session(cfg)
     try:
         rows = sess.measure(cfg)
@@ -285,12 +285,12 @@ def test_the_governor_decides_as_in_the_simulator_on_the_same_inputs():
     from runtime.speculate import ModelledCosts
     from sim.hardware import HardwareSpec
     from sim.policies import EVICTION
-    from sim.run import load_policy, run_policy
+    from sim.run import load_policy, run_policy, speculative_trace
     from sim.speculative import DraftSource
 
     cfg = _compose(["model=tiny", "policy=spec-lru", "repetitions=1", "warmup_steps=0", "trace.requests=2",
                     "trace.prompt_tokens=5", "trace.decode_tokens=30", "governor=roofline", "governor.k_max=6",
-                    "cache.slots=10", "engine=eager"])
+                    "cache.slots=10", "+engine=eager"])
     sess = Session(cfg)
     try:
         p = load_policy("spec-lru")
@@ -305,9 +305,8 @@ def test_the_governor_decides_as_in_the_simulator_on_the_same_inputs():
         eng = HFEngine(sess.om.model, sess.om.modules, sess.draft[0])
         dec = SpeculativeDecoder(eng, build_governor(cfg.governor), num_experts=sess.om.E, top_k=sess.om.top_k, run=run,
                                  costs=costs, expert_bytes=prep.model.bytes_per_expert())
-        tc = cfg.trace
-        dec.replay(prep.trace, DraftSource(prep.trace, agreement=float(tc.draft_agreement),
-                                           acceptance=float(tc.acceptance), seed=int(cfg.seed)), seed=int(cfg.seed))
+        dtr = speculative_trace(prep, cfg.trace)
+        dec.replay(dtr, DraftSource(dtr), seed=int(cfg.seed))
         sess.om.end_run()
         eng.close()
     finally:
