@@ -202,9 +202,11 @@ def test_runtime_refuses_a_run_that_cannot_fit_before_building_it(tmp_path):
     assert not (tmp_path / "run" / "results.parquet").exists()
 
 
-def test_runtime_refuses_a_single_speculative_policy_before_building(tmp_path):
-    out = run("-m", "runtime", "model=tiny", "policy=speq", "device=cpu", cwd=tmp_path)
-    assert out.returncode == 2 and "speculative replay is not in this runtime yet" in one_line(out.stderr)
+def test_runtime_refuses_a_single_infeasible_policy_before_building(tmp_path):
+    out = run("-m", "runtime", "model=mixtral-8x7b", "policy=lru", "hardware.memory_gb=4", "device=cpu",
+              f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert out.returncode == 2 and "short by 0.73 GB" in one_line(out.stderr)
+    assert not (tmp_path / "run" / "results.parquet").exists()
 
 
 # ------------------------------------------------------------------ numeric settings, range-checked where read
