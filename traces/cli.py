@@ -60,9 +60,10 @@ _DEFERRED: list[Exception] = []
 
 
 def hydra_task(task: Callable) -> Callable:
-    """Decorate a Hydra task function (under ``hydra.main``): a :class:`MoeOffloadError` (or a
-    config-access error of OmegaConf) of a single run is handed to :func:`run_cli` after Hydra returns (Hydra would first print its own 'Error
-    executing job' line). In a multirun the error propagates to the sweep as before."""
+    """Decorate a Hydra task function (under ``hydra.main``): a :class:`MoeOffloadError` (or an
+    OmegaConf config-access error) of a single run is handed to :func:`run_cli` after Hydra returns
+    (Hydra would first print its own 'Error executing job' line). In a multirun it propagates to the
+    sweep as before."""
 
     @functools.wraps(task)
     def wrapped(cfg):
