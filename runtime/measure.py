@@ -339,7 +339,8 @@ class Session:
 
     def prepare(self, cfg: Any, trace: Any = None) -> Any:
         """sim.run.Prepared of this config (replay: its trace; live: the executed trace)."""
-        from sim.costmodel import cost_model_for
+        from sim.config import load_group_file
+        from sim.costmodel import HostOverhead, cost_model_for
         from sim.hardware import HardwareSpec
         from sim.run import Prepared, load_trace
         from sim.schedule import Schedule
@@ -352,7 +353,10 @@ class Session:
         if trace is None:
             trace = load_trace(cfg.trace, self.spec)
         ctx = int(cfg.cache.max_context_tokens or int(trace.position.max()) + 1)
-        cost = cost_model_for(self.spec, hw)
+        # the prediction carries the resolved decode path's host overhead (conf/engine, or the
+        # measured profile's values): the row it joins by config_id ran that path
+        host = HostOverhead.from_cfg(load_group_file("engine", resolved_engine(cfg)), hw)
+        cost = cost_model_for(self.spec, hw, host=host)
         prep = Prepared(self.spec, hw, trace, cost, Schedule(trace, self.spec, cost), ctx, cfg.cache.slots, cfg.cache.per_layer)
         self._prep = (key, prep)
         return prep
