@@ -37,6 +37,22 @@ from sim.metrics import results_row
 from sim.timeline import chrome_trace
 
 
+def _transfer_s(schedule: Any, hw: Any, prefetch: Any) -> float:
+    """One expert's copy time in the copy stream model, as the simulator times it for this policy
+    (a policy that copies from its own host memory, e.g. pageable streaming, uses that bandwidth)."""
+    if schedule is None:
+        return 0.0
+    cost = schedule.cost
+    host_memory = getattr(prefetch, "host_memory", None)
+    if host_memory and host_memory != hw.host_memory:
+        from dataclasses import replace
+
+        from sim.costmodel import cost_model_for
+
+        cost = cost_model_for(schedule.model, replace(hw, host_memory=host_memory))
+    return cost.h2d(schedule.model.bytes_per_expert())
+
+
 def run_log(run: Run, *, timeline: bool = True) -> RunLog:
     """The RunLog of a finished run (all marks complete)."""
     if not run.finished:
@@ -388,7 +404,7 @@ class Session:
             schedule=schedule if mode == "replay" else None, seed=int(cfg.seed),
             link_pace_gbps=hw.link_pace_gbps, timeline=timeline, exec_log=exec_log,
             issue_overhead_s=float(hw.copy_issue_overhead_s),
-            transfer_s=schedule.cost.h2d(schedule.model.bytes_per_expert()) if schedule is not None else 0.0,
+            transfer_s=_transfer_s(schedule, hw, prefetch),
         )
         run = self.om.start_run(rc)
         try:
