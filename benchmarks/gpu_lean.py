@@ -306,15 +306,20 @@ def run_shape(sh: dict[str, Any], args: argparse.Namespace, rows_path: Path, out
         times, lg, toks = decode_times(lean.forward, prompt, DECODE, dev)
     diff = max_rel(lg, ref_logits) if ref_logits else float("nan")
     if not smoke:
-        lean.capture_step()
-        floor_s = gpu_time(lambda: lean.step_graph.replay())
-        base["kernel_floor_s"] = floor_s
-        # segment account: each graph on its own (same kernels, replayed alone)
-        acc = {"attn_router_s": sum(gpu_time(g.replay, 10, 2) for g in lean._graphs[:M]),
-               "experts_s": sum(gpu_time(g.replay, 10, 2) for g in lean._egraphs),
-               "head_s": gpu_time(lean._graphs[M].replay, 10, 2)}
-        emit(path="kernel-floor", engine="graphed", resident=True, status="ok", kernel_floor_s=floor_s, gpu_s=floor_s,
-             experts_kernel=kernel, floor_over_roofline=floor_s / roof, **acc)
+        try:
+            lean.capture_step()
+            floor_s = gpu_time(lambda: lean.step_graph.replay())
+            base["kernel_floor_s"] = floor_s
+            # segment account: each graph on its own (same kernels, replayed alone)
+            acc = {"attn_router_s": sum(gpu_time(g.replay, 10, 2) for g in lean._graphs[:M]),
+                   "experts_s": sum(gpu_time(g.replay, 10, 2) for g in lean._egraphs),
+                   "head_s": gpu_time(lean._graphs[M].replay, 10, 2)}
+            emit(path="kernel-floor", engine="graphed", resident=True, status="ok", kernel_floor_s=floor_s, gpu_s=floor_s,
+                 experts_kernel=kernel, floor_over_roofline=floor_s / roof,
+                 floor_over_bytes_roofline=floor_s / floors["floor_bytes_s"], **acc)
+        except Exception as e:  # noqa: BLE001
+            (out_dir / f"trace-{sh['name']}-floor.txt").write_text(traceback.format_exc())
+            emit(path="kernel-floor", engine="graphed", resident=True, status="failed", reason=f"{type(e).__name__}: {e}"[:300])
         try:
             from torch.profiler import ProfilerActivity, profile
 
@@ -336,6 +341,15 @@ def run_shape(sh: dict[str, Any], args: argparse.Namespace, rows_path: Path, out
         times, _, _ = decode_times(lean.forward, prompt, DECODE, dev)
         emit(path="lean-grouped-async-routing", engine="graphed", resident=True, status="ok", tpot_s=tpot(times),
              experts_kernel=kernel, read_routing=False, exposed_host_per_layer_s=(tpot(times) - floor_s) / M)
+    if not smoke:
+        try:
+            plain = LeanModel(lm, max_len=MAX_LEN, experts=experts, graphs=False)
+            times, _, _ = decode_times(plain.forward, prompt, DECODE, dev)
+            emit(path="lean-grouped-no-graphs", engine="eager", resident=True, status="ok", tpot_s=tpot(times),
+                 experts_kernel=kernel, exposed_host_per_layer_s=(tpot(times) - floor_s) / M)
+            del plain
+        except Exception as e:  # noqa: BLE001
+            emit(path="lean-grouped-no-graphs", engine="eager", resident=True, status="failed", reason=f"{type(e).__name__}: {e}"[:300])
     del lean, experts
     if not smoke:
         torch.cuda.empty_cache()
@@ -389,14 +403,26 @@ def run_shape(sh: dict[str, Any], args: argparse.Namespace, rows_path: Path, out
 
     total = M * E
     t1 = time.perf_counter()
-    om = OffloadedModel(lm, max_slots=total, host_memory="pinned")
+    try:
+        om = OffloadedModel(lm, max_slots=total, host_memory="pinned")
+    except Exception as e:  # noqa: BLE001
+        (out_dir / f"trace-{sh['name']}-executor.txt").write_text(traceback.format_exc())
+        emit(path="executor-resident", engine="eager", resident=True, status="failed", reason=f"{type(e).__name__}: {e}"[:300])
+        return
     log(f"{sh['name']}: executor set up in {time.perf_counter() - t1:.1f} s (host store {om.store.total_bytes / 1e9:.2f} GB)")
     ex = ExecutorExperts(om)
-    lean_ex = LeanModel(lm, max_len=MAX_LEN, experts=ex, layer_start=ex.layer_start, graphs=not smoke)
+    try:
+        lean_ex = LeanModel(lm, max_len=MAX_LEN, experts=ex, layer_start=ex.layer_start, graphs=not smoke)
+    except Exception as e:  # noqa: BLE001
+        (out_dir / f"trace-{sh['name']}-lean-executor.txt").write_text(traceback.format_exc())
+        lean_ex = None
     hf_step = hf_stepper(lm.model, "dynamic", MAX_LEN)
     budget = max(k, total // 2)
     for slots, resident in ((total, True), (budget, False)):
-        for engine, step in (("eager", hf_step), ("graphed", lean_ex.forward)):
+        for engine, step in (("eager", hf_step), ("graphed", lean_ex.forward if lean_ex else None)):
+            if step is None:
+                emit(path="executor", engine=engine, resident=resident, status="failed", reason="lean model not built")
+                continue
             if smoke and engine == "graphed":
                 engine = "eager-lean"
             rc = RunConfig(eviction=EVICTION.create("lru"), prefetch=PREFETCH.create("none"), slots=slots, timeline=False)

@@ -243,7 +243,7 @@ class Int4Experts:
             raise LeanError(f"torch {torch.__version__} has no int4 packed matmul for {dev.type}")
         self.modules = list(modules)
         self.group_size = int(group_size)
-        self.act_dtype = modules[0].gate_up_proj.dtype if dev.type == "cuda" else modules[0].gate_up_proj.dtype
+        self.act_dtype = modules[0].gate_up_proj.dtype
         if dev.type == "cuda" and self.act_dtype != torch.bfloat16:
             raise LeanError("the CUDA int4 kernel (tinygemm) takes bf16 activations: load the model in bf16")
         self.cuda = dev.type == "cuda"
@@ -258,7 +258,6 @@ class Int4Experts:
                 layer[name] = (torch.stack([p for p, _ in ops]), torch.stack([s for _, s in ops]))
             self.packed.append(layer)
             self._check_shapes(q)
-        self.quantized = None  # the QuantizedExperts are not kept (the packed copies are what runs)
 
     def _check_shapes(self, q: Any) -> None:
         from runtime.quant import _tinygemm_ok
@@ -396,7 +395,6 @@ class LeanModel:
         self._exp_out: list[torch.Tensor] = []
         self.step_graph: torch.cuda.CUDAGraph | None = None
         self._step_out: _Seg | None = None
-        self.last_routing: list[tuple[np.ndarray, np.ndarray]] = []
         self.all_logits = False  # eager steps return every position's logits [T, V] (speculative verify)
 
     # ------------------------------------------------------------------ pieces

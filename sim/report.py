@@ -15,6 +15,8 @@ from traces.atomic import atomic_write
 
 _AFTER = TABLE_COLUMNS.index("gb_moved") + 1
 PRINTED = TABLE_COLUMNS[:_AFTER] + ["useful_prefetch_gb", "wasted_prefetch_gb"] + TABLE_COLUMNS[_AFTER:] + ["status"]
+#: what each cache.reset means, said under a printed table (docs/metrics.md)
+CACHE_RESET = {"never": "warm across requests", "request": "cold at each request's start"}
 #: the metric that ranks policies, said under every printed table (docs/metrics.md, "Ranking")
 RANKING = ("ranking: TPOT ms, the mean over requests of each request's time per output token; tokens/s pools all "
            "decode tokens, so long requests weigh more and it can order policies differently")
@@ -63,7 +65,11 @@ def format_table(rows: Sequence[dict[str, Any]], extra: Sequence[str] = (), *, r
                             "gb_moved": "GB moved", "useful_prefetch_gb": "useful GB", "wasted_prefetch_gb": "wasted GB",
                             "stall_share": "stall share", "x_bound": "x bound"})
     text = df.to_string(index=False)
-    return text + "\n" + RANKING if ranking and "tpot_ms" in cols else text
+    if not ranking or "tpot_ms" not in cols:
+        return text
+    resets = sorted({str(r["cache_reset"]) for r in rows if r.get("cache_reset")})
+    cache = f"; cache.reset={'/'.join(resets)} ({CACHE_RESET.get(resets[0], '')})" if len(resets) == 1 else ""
+    return text + "\n" + RANKING + cache
 
 
 SPECULATIVE_PRINTED = ["acceptance_rate", "mean_k", "tokens_per_cycle", "coverage_ready", "coverage_requested",

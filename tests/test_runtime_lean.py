@@ -212,3 +212,38 @@ def test_engine_refused_before_building():
 
     with pytest.raises(ExecutorError, match="engine='fast'"):
         check_config(_run_cfg("engine=fast"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_one_graph_step_and_int4_draft_on_cuda():
+    """The whole-step graph gives the per-layer graphs' logits; the INT4 draft's tinygemm path equals
+    its dequantising reference within bf16 rounding, and its routing lands in the pinned ELB row."""
+    over = dict(hidden_size=128, intermediate_size=128)
+    lm = load_model("tiny-mixtral", device="cuda", dtype="bfloat16", config_overrides=over)
+    mods = [h.experts for h in lm.moe_handles]
+    lean = LeanModel(lm, max_len=32, experts=GroupedExperts(mods))
+    with torch.inference_mode():
+        lean.forward_eager(torch.tensor([PROMPT], device="cuda"), 0, len(PROMPT))
+        tok = torch.tensor([[7]], device="cuda")
+        a = lean.forward_graphed(tok, len(PROMPT)).float().clone()
+        lean.capture_step()
+        lean.tok.copy_(tok)
+        b = lean.step_one_graph(len(PROMPT), feed_back=False).float()
+        torch.cuda.synchronize()
+    assert torch.allclose(a, b, atol=2e-2, rtol=2e-2)
+    q, ref = Int4Experts(mods, group_size=64), int4_reference(mods, group_size=64)
+    h = torch.randn(1, 128, dtype=torch.bfloat16, device="cuda")
+    idx = torch.tensor([[0, 3]], device="cuda")
+    w = torch.tensor([[0.7, 0.3]], dtype=torch.bfloat16, device="cuda")
+    with torch.inference_mode():
+        x, y = q(0, h, idx, w).float(), ref(0, h, idx, w).float()
+    assert (x - y).norm() / y.norm() < 2e-2
+    draft = LeanModel(lm, max_len=32, experts=q)
+    elb = torch.full((lm.shape.num_moe_layers, 2 * lm.shape.top_k), -1.0, pin_memory=True)
+    with torch.inference_mode():
+        draft.forward_eager(torch.tensor([PROMPT], device="cuda"), 0, len(PROMPT))
+        draft.step_one_graph(len(PROMPT), elb)
+        draft.step_event.synchronize()
+    ids = elb[:, : lm.shape.top_k]
+    assert ((ids >= 0) & (ids < lm.shape.num_experts)).all()

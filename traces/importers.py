@@ -743,6 +743,49 @@ def _report(src: str | Path, t: _Table, kept: _Kept, n_gaps: int, gap_positions:
         )
 
 
+def _provenance(src: str | Path, names: list[str], fmt: str, t: _Table, kept: _Kept, *, date: str | None,
+                phase_from: str, prefill_tokens: int | None, inferred: list[str], reordered: int, n_gaps: int,
+                include: Sequence[str] | None, request_scope: str) -> dict[str, Any]:
+    """The trace's ``meta["import"]``: where the data came from and what the import did to it."""
+    imp: dict[str, Any] = {
+        "source": str(src),
+        "files": names,
+        "format": fmt,
+        "fields": dict(t.fields.names),
+        "tool": "traces.importers",
+        "tool_version": project_version(),
+        "date": date or datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "rows_read": t.n,
+        "dropped_rows": int(kept.dropped_by_req.sum()),
+        "phase_from": phase_from,
+        "prefill_tokens": prefill_tokens,
+        "shape_inferred": inferred,
+        "weights_reordered_rows": reordered,
+        "position_gaps": n_gaps,
+    }
+    if t.fields.names["token"] is None:
+        imp["positions_from"] = "row order within (request, layer)"
+    if t.fields.by_role:
+        imp["fields_found_by_role"] = list(t.fields.by_role)
+    if t.fields.unused:
+        imp["fields_unused"] = list(t.fields.unused)
+    if include:
+        imp["include"] = list(include)
+    if request_scope != "global":
+        imp["request_scope"] = request_scope
+    if imp["dropped_rows"]:
+        imp["dropped_rows_by_request"] = {
+            kept.label(int(kept.tok_req[kept.req_start[r]])): int(kept.dropped_by_req[r])
+            for r in np.flatnonzero(kept.dropped_by_req)
+        }
+    if kept.empty_reqs:
+        imp["dropped_requests"] = [kept.label(r) for r in kept.empty_reqs]
+    if t.req_names is not None:
+        imp["request_names"] = t.req_names
+        imp["request_names_from"] = t.req_names_from
+    return imp
+
+
 def import_log(
     src: str | Path,
     fmt: str | None = None,
@@ -809,42 +852,9 @@ def import_log(
         expert_ids=t.ids[rows_idx],
         gate_weights=None if t.weights is None else t.weights[rows_idx].astype(np.float32),
     )
-    imp: dict[str, Any] = {
-        "source": str(src),
-        "files": names,
-        "format": fmt,
-        "fields": dict(fields.names),
-        "tool": "traces.importers",
-        "tool_version": project_version(),
-        "date": date or datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "rows_read": t.n,
-        "dropped_rows": int(kept.dropped_by_req.sum()),
-        "phase_from": phase_from,
-        "prefill_tokens": prefill_tokens,
-        "shape_inferred": inferred,
-        "weights_reordered_rows": reordered,
-        "position_gaps": n_gaps,
-    }
-    if fields.names["token"] is None:
-        imp["positions_from"] = "row order within (request, layer)"
-    if fields.by_role:
-        imp["fields_found_by_role"] = list(fields.by_role)
-    if fields.unused:
-        imp["fields_unused"] = list(fields.unused)
-    if include:
-        imp["include"] = list(include)
-    if request_scope != "global":
-        imp["request_scope"] = request_scope
-    if imp["dropped_rows"]:
-        imp["dropped_rows_by_request"] = {
-            kept.label(int(kept.tok_req[kept.req_start[r]])): int(kept.dropped_by_req[r])
-            for r in np.flatnonzero(kept.dropped_by_req)
-        }
-    if kept.empty_reqs:
-        imp["dropped_requests"] = [kept.label(r) for r in kept.empty_reqs]
-    if t.req_names is not None:
-        imp["request_names"] = t.req_names
-        imp["request_names_from"] = t.req_names_from
+    imp = _provenance(src, names, fmt, t, kept, date=date, phase_from=phase_from, prefill_tokens=prefill_tokens,
+                      inferred=inferred, reordered=reordered, n_gaps=n_gaps, include=include,
+                      request_scope=request_scope)
     _report(src, t, kept, n_gaps, gap_positions)
     out_meta = dict(meta or {})
     out_meta["import"] = imp
