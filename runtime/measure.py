@@ -340,10 +340,9 @@ class Session:
         return out
 
     def plan(self, cfg: Any, pcfg: Any) -> Any:
-        from sim.hardware import HardwareSpec
         from sim.memory import plan_memory
 
-        hw = HardwareSpec.from_cfg(cfg.hardware)
+        hw = self.hardware(cfg)
         if cfg.get("mode", "replay") == "replay":
             prep = self.prepare(cfg)
             from sim.run import policy_plan
@@ -354,34 +353,36 @@ class Session:
                            draft_resident=pcfg.decoding == "speculative")
 
     def prepare(self, cfg: Any, trace: Any = None) -> Any:
-        """sim.run.Prepared of this config (replay: its trace; live: the executed trace)."""
-        from sim.costmodel import cost_model_for
-        from sim.hardware import HardwareSpec
-        from sim.run import Prepared, load_trace
-        from sim.schedule import Schedule
+        """sim.run.prepare of this config (replay: its trace; live: the executed trace), memoised."""
+        from sim.run import prepare
 
         key = (id(cfg), id(trace))
         cached = getattr(self, "_prep", None)
         if cached is not None and cached[0] == key:
             return cached[1]
-        hw = HardwareSpec.from_cfg(cfg.hardware)
-        if trace is None:
-            trace = load_trace(cfg.trace, self.spec)
-        ctx = int(cfg.cache.max_context_tokens or int(trace.position.max()) + 1)
-        cost = cost_model_for(self.spec, hw)
-        prep = Prepared(self.spec, hw, trace, cost, Schedule(trace, self.spec, cost), ctx, cfg.cache.slots, cfg.cache.per_layer)
+        prep = prepare(cfg, trace=trace)
         self._prep = (key, prep)
         return prep
+
+    def hardware(self, cfg: Any) -> Any:
+        """The hardware spec of ``cfg``, built once (in replay: the prepared config's)."""
+        if cfg.get("mode", "replay") == "replay":
+            return self.prepare(cfg).hw
+        cached = getattr(self, "_hw", None)
+        if cached is None or cached[0] != id(cfg):
+            from sim.hardware import HardwareSpec
+
+            self._hw = (id(cfg), HardwareSpec.from_cfg(cfg.hardware))
+        return self._hw[1]
 
     def run_config(self, cfg: Any, pcfg: Any, plan: Any, *, schedule: Any = None, trace: Any = None,
                    prompts: Any = None, timeline: bool = False, exec_log: bool = False) -> Any:
         """One measured run of one policy; returns the finished executor Run."""
         from runtime.executor import LiveGatePredictor, RunConfig
         from runtime.replay import live, replay
-        from sim.hardware import HardwareSpec
         from sim.policies import EVICTION, PREDICTORS, PREFETCH
 
-        hw = HardwareSpec.from_cfg(cfg.hardware)
+        hw = self.hardware(cfg)
         mode = cfg.get("mode", "replay")
         eviction = EVICTION.create(pcfg.eviction, **dict(pcfg.eviction_args))
         prefetch = PREFETCH.create(pcfg.prefetch, **dict(pcfg.prefetch_args))
@@ -475,14 +476,12 @@ class Session:
             finally:
                 self.om.end_run()
             if self.draft is not None:  # the draft's graphs and every verify width up to k_max + 1
-                from sim.hardware import HardwareSpec
-
                 g = cfg.governor
                 kw = max(int(g.get("k") or 1), int(g.get("k_max") or 1))
                 rc.eviction, rc.prefetch = EVICTION.create("lru"), PREFETCH.create("none")
                 run = self.om.start_run(rc)
                 try:
-                    dec = self.speculative(cfg, run, HardwareSpec.from_cfg(cfg.hardware), governor={"name": "fixed", "k": kw})
+                    dec = self.speculative(cfg, run, self.hardware(cfg), governor={"name": "fixed", "k": kw})
                     dec.generate(prompts[:1], min(D, 3 * (kw + 1)) if steps < 0 else max(2, steps))
                 finally:
                     self.om.end_run()
