@@ -58,22 +58,21 @@ def rewrite_args(argv: list[str]) -> list[str]:
     return rewrite_model_args(argv)
 
 
-SPECULATIVE_COLUMNS = ["policy", "source", "repetition", "acceptance_rate", "mean_k", "tokens_per_cycle",
-                       "draft_agreement", "acceptance_by_position"]
-
-
 def speculative_table(rows: list[dict[str, Any]]) -> str:
-    """Acceptance, mean k, tokens per cycle (and, measured live, the draft's routing agreement and
-    acceptance per draft position) of the speculative rows; empty when there are none."""
+    """The simulator's speculative table (acceptance, mean k, tokens per cycle, coverage, ELB recall,
+    k histogram) over measured and simulated rows, then, for live runs, the draft's routing agreement
+    with the target and the acceptance per draft position; empty when no row is speculative."""
     import pandas as pd
 
-    spec = [r for r in rows if r.get("status") == "ok" and r.get("mean_k") is not None
-            and not (isinstance(r.get("mean_k"), float) and r["mean_k"] != r["mean_k"])]
-    if not spec:
-        return ""
-    df = pd.DataFrame(spec)
-    df = df[[c for c in SPECULATIVE_COLUMNS if c in df.columns]]
-    return df.to_string(index=False, float_format=lambda v: f"{v:.3f}")
+    from sim.report import format_speculative
+
+    text = format_speculative([{**r, "policy": f"{r.get('policy')} ({r.get('source')})"} for r in rows])
+    live = [r for r in rows if r.get("status") == "ok" and r.get("mode") == "live"
+            and r.get("draft_agreement") is not None]
+    if text and live:
+        df = pd.DataFrame(live)[["policy", "repetition", "draft_agreement", "acceptance_by_position"]]
+        text += "\nlive draft vs target:\n" + df.to_string(index=False, float_format=lambda v: f"{v:.3f}")
+    return text
 
 
 def run_app(cfg: Any, out_dir: Path) -> list[dict[str, Any]]:

@@ -402,7 +402,8 @@ class Session:
             eviction=eviction, prefetch=prefetch, predictor=predictor,
             slots=None if plan.per_layer else plan.slots, per_layer=plan.per_layer,
             copies_in_flight=int(hw.copies_in_flight), decision_delay_s=float(hw.decision_delay_s),
-            schedule=schedule if mode == "replay" else None, seed=int(cfg.seed),
+            # speculative replay: target passes are cycles, not the schedule's steps (ELB-driven policies)
+            schedule=schedule if mode == "replay" and pcfg.decoding != "speculative" else None, seed=int(cfg.seed),
             link_pace_gbps=hw.link_pace_gbps, timeline=timeline, exec_log=exec_log,
             issue_overhead_s=float(hw.copy_issue_overhead_s),
             transfer_s=_transfer_s(schedule, hw, prefetch),
@@ -411,7 +412,14 @@ class Session:
         try:
             if pcfg.decoding == "speculative":
                 run.spec = self.speculative(cfg, run, hw)
-                run.live_out = {"tokens": run.spec.generate(prompts, int(cfg.trace.decode_tokens))}
+                if mode == "replay":  # the simulator's draft columns: the trace's own, or its stand-in
+                    from sim.run import speculative_trace
+                    from sim.speculative import DraftSource
+
+                    dtr = speculative_trace(self.prepare(cfg), cfg.trace)
+                    run.spec.replay(dtr, DraftSource(dtr), seed=int(cfg.seed))
+                else:
+                    run.live_out = {"tokens": run.spec.generate(prompts, int(cfg.trace.decode_tokens))}
             elif mode == "replay":
                 replay(self.om, run, trace, schedule, seed=int(cfg.seed))
             else:
@@ -475,16 +483,19 @@ class Session:
                 live(self.om, run, prompts, D if steps < 0 else steps)
             finally:
                 self.om.end_run()
-            if self.draft is not None:  # the draft's graphs and every verify width up to k_max + 1
-                g = cfg.governor
-                kw = max(int(g.get("k") or 1), int(g.get("k_max") or 1))
-                rc.eviction, rc.prefetch = EVICTION.create("lru"), PREFETCH.create("none")
-                run = self.om.start_run(rc)
-                try:
-                    dec = self.speculative(cfg, run, self.hardware(cfg), governor={"name": "fixed", "k": kw})
-                    dec.generate(prompts[:1], min(D, 3 * (kw + 1)) if steps < 0 else max(2, steps))
-                finally:
-                    self.om.end_run()
+        if self.draft is not None:  # the draft's graphs and every verify width up to k_max + 1
+            g = cfg.governor
+            kw = max(int(g.get("k") or 1), int(g.get("k_max") or 1))
+            rc.eviction, rc.prefetch, rc.schedule = EVICTION.create("lru"), PREFETCH.create("none"), None
+            run = self.om.start_run(rc)
+            try:
+                dec = self.speculative(cfg, run, self.hardware(cfg), governor={"name": "fixed", "k": kw})
+                lean = getattr(self.om, "stepper", None)
+                room = (lean.S if lean is not None else 1 << 20) - 8 - kw - 1  # static KV positions left
+                dec.generate(prompt_tokens(int(self.spec.vocab_size), [8], int(cfg.seed) + 1),
+                             max(2, min(room, 3 * (kw + 1) if steps < 0 else steps)))
+            finally:
+                self.om.end_run()
         self.warm = True
 
     # ------------------------------------------------------------------ the config's rows
@@ -532,10 +543,7 @@ class Session:
                 rows.append({**base, "source": "measured", "status": "infeasible", "reason": e.reason, "repetition": 0})
                 continue
             reason = None
-            if p.decoding == "speculative" and mode != "live":
-                reason = ("speculative replay (the trace's draft/draft_match columns driving the ELB and acceptance) "
-                          "is not in this runtime yet: use mode=live")
-            elif mode == "live" and (p.eviction in LIVE_ONLY_TRACE or p.prefetch in FUTURE_PREFETCH
+            if mode == "live" and (p.eviction in LIVE_ONLY_TRACE or p.prefetch in FUTURE_PREFETCH
                                      or (p.predictor in FUTURE_PREDICTORS)):
                 reason = f"policy '{p.name}' reads the trace's future or truth: it needs mode=replay"
             elif self.engine == "graphed" and mode == "live" and p.predictor:

@@ -33,7 +33,7 @@ import re
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -42,6 +42,7 @@ import torch.nn.functional as F
 
 from sim.costmodel import op_shape
 from sim.errors import SimError
+from sim.presets import setting
 from sim.spec import ModelSpec
 
 # Shapes of the validation grid (runtime.validate); the engine shape must not be one of them.
@@ -52,16 +53,16 @@ GRID_SHAPES = ["mixtral-8x7b", "phi-3.5-moe", "qwen3-30b-a3b"]
 class ProfileConf:
     """Structured config of `python -m runtime.profile` (ConfigStore name ``profile_schema``)."""
 
-    out: str = "conf/hardware/measured"  # folder of <name>.yaml and <name>.parquet
-    name: Optional[str] = None  # default: from the card (h100-sxm, h200, ...)
-    overwrite: bool = False  # refuse to replace an existing profile of this name unless true
-    smoke: bool = False  # tiny sizes (a test runs it on the CPU)
-    device: str = "auto"
-    shapes: list[str] = field(default_factory=lambda: list(GRID_SHAPES))
-    engine_shape: str = "olmoe-1b-7b"
-    engine_layers: list[int] = field(default_factory=lambda: [1, 3])
-    reps: int = 7
-    seed: int = 0
+    out: str = setting("conf/hardware/measured", "folder of <name>.yaml and <name>.parquet")
+    name: Optional[str] = setting(None, "default: from the card (h100-sxm, h200, ...); cpu-smoke on the CPU")
+    overwrite: bool = setting(False, "an existing profile of this name is never replaced unless true")
+    smoke: bool = setting(False, "tiny sizes, seconds on the CPU (the test suite runs it)")
+    device: str = setting("auto", "auto: cuda if present, else cpu")
+    shapes: list[str] = setting(list(GRID_SHAPES), "compute grid: the validation grid's shapes")
+    engine_shape: str = setting("olmoe-1b-7b", "host overhead per decode path: a shape the validation grid does not use")
+    engine_layers: list[int] = setting([1, 3], "two depths: host time per layer is the slope between them")
+    reps: int = setting(7, "timed repetitions (median)")
+    seed: int = setting(0, "seed of random weights and inputs")
 
 
 # =============================================================================== timing
