@@ -170,10 +170,12 @@ class Prepared:
     reset: str = "never"  # cache.reset: 'never' (warm across requests) or 'request' (cold at each start)
 
 
-def prepare(cfg: DictConfig) -> Prepared:
+def prepare(cfg: DictConfig, trace: Trace | None = None) -> Prepared:
+    """Specs, trace (``trace``, else ``cfg.trace``'s), cost model, schedule and memory plan of a config."""
     model = ModelSpec.from_cfg(cfg.model)
     hw = HardwareSpec.from_cfg(cfg.hardware)
-    trace = load_trace(cfg.trace, model)
+    if trace is None:
+        trace = load_trace(cfg.trace, model)
     ctx = int(cfg.cache.max_context_tokens or int(trace.position.max()) + 1)
     cost = cost_model_for(model, hw, host=HostOverhead.from_cfg(cfg.get("engine"), hw))
     reset = str(cfg.cache.get("reset", "never"))
