@@ -229,7 +229,9 @@ class Run:
             pad_s = max(0.0, paced - (om.copy_s or 0.0))
         self.link = link = MarkStream(
             cache, be, slot_bytes=om.slot_bytes, source=om.store.expert, num_slots=om.num_slots, nbytes=om.nbytes,
-            transfer_time=rc.transfer_s, issue_overhead=rc.issue_overhead_s, copies_in_flight=rc.copies_in_flight,
+            transfer_time=rc.transfer_s, issue_overhead=rc.issue_overhead_s,
+            # a policy that copies from pageable memory (whole-layer streaming) copies one at a time
+            copies_in_flight=1 if getattr(rc.prefetch, "host_memory", None) == "pageable" else rc.copies_in_flight,
             pad_s=pad_s)
         self.queue, self.in_flight, self.copy_log = link.queue, link.in_flight, link.copy_log
         self.infos: list[LayerInfo] = []
@@ -271,6 +273,8 @@ class Run:
         self.end_mark: Any = None
         be.begin()
         self.t0 = be.base
+        for req in host.preload():  # a streaming policy's resident layers, before the first request
+            be.block(req.mark)
 
     # ------------------------------------------------------------------ the host's state
     @property
@@ -403,6 +407,9 @@ class Run:
             be = self.backend
             be.block(be.mark())  # the policy acts as the device reaches the layer (as in the model)
             self._resume(None)
+            while type(self._req) is Block:  # a host-synchronous (pageable) copy of the layer
+                be.block(self._req.mark)
+                self._resume(None)
 
     def layer_forward(self, m: int, module: nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor,
                       top_k_weights: torch.Tensor) -> torch.Tensor:

@@ -37,6 +37,22 @@ from sim.metrics import results_row
 from sim.timeline import chrome_trace
 
 
+def _transfer_s(schedule: Any, hw: Any, prefetch: Any) -> float:
+    """One expert's copy time in the copy stream model, as the simulator times it for this policy
+    (a policy that copies from its own host memory, e.g. pageable streaming, uses that bandwidth)."""
+    if schedule is None:
+        return 0.0
+    cost = schedule.cost
+    host_memory = getattr(prefetch, "host_memory", None)
+    if host_memory and host_memory != hw.host_memory:
+        from dataclasses import replace
+
+        from sim.costmodel import cost_model_for
+
+        cost = cost_model_for(schedule.model, replace(hw, host_memory=host_memory))
+    return cost.h2d(schedule.model.bytes_per_expert())
+
+
 def run_log(run: Run, *, timeline: bool = True) -> RunLog:
     """The RunLog of a finished run (all marks complete)."""
     if not run.finished:
@@ -336,10 +352,9 @@ class Session:
         return out
 
     def plan(self, cfg: Any, pcfg: Any) -> Any:
-        from sim.hardware import HardwareSpec
         from sim.memory import plan_memory
 
-        hw = HardwareSpec.from_cfg(cfg.hardware)
+        hw = self.hardware(cfg)
         if cfg.get("mode", "replay") == "replay":
             prep = self.prepare(cfg)
             from sim.run import policy_plan
@@ -350,35 +365,38 @@ class Session:
                            draft_resident=pcfg.decoding == "speculative")
 
     def prepare(self, cfg: Any, trace: Any = None) -> Any:
-        """sim.run.Prepared of this config (replay: its trace; live: the executed trace)."""
-        from sim.costmodel import cost_model_for
-        from sim.hardware import HardwareSpec
-        from sim.run import Prepared, load_trace, resolve_trace_seed
-        from sim.schedule import Schedule
+        """sim.run.prepare of this config (replay: its trace; live: the executed trace), memoised,
+        with the resolved decode path's host overhead (conf/engine, or the measured profile's
+        values): the row it joins by config_id ran that path."""
+        from sim.run import prepare, with_engine
 
-        resolve_trace_seed(cfg)
         key = (id(cfg), id(trace))
         cached = getattr(self, "_prep", None)
         if cached is not None and cached[0] == key:
             return cached[1]
-        hw = HardwareSpec.from_cfg(cfg.hardware)
-        if trace is None:
-            trace = load_trace(cfg.trace, self.spec)
-        ctx = int(cfg.cache.max_context_tokens or int(trace.position.max()) + 1)
-        cost = cost_model_for(self.spec, hw)
-        prep = Prepared(self.spec, hw, trace, cost, Schedule(trace, self.spec, cost), ctx, cfg.cache.slots, cfg.cache.per_layer)
+        prep = with_engine(prepare(cfg, trace=trace), resolved_engine(cfg))
         self._prep = (key, prep)
         return prep
+
+    def hardware(self, cfg: Any) -> Any:
+        """The hardware spec of ``cfg``, built once (in replay: the prepared config's)."""
+        if cfg.get("mode", "replay") == "replay":
+            return self.prepare(cfg).hw
+        cached = getattr(self, "_hw", None)
+        if cached is None or cached[0] != id(cfg):
+            from sim.hardware import HardwareSpec
+
+            self._hw = (id(cfg), HardwareSpec.from_cfg(cfg.hardware))
+        return self._hw[1]
 
     def run_config(self, cfg: Any, pcfg: Any, plan: Any, *, schedule: Any = None, trace: Any = None,
                    prompts: Any = None, timeline: bool = False, exec_log: bool = False) -> Any:
         """One measured run of one policy; returns the finished executor Run."""
         from runtime.executor import LiveGatePredictor, RunConfig
         from runtime.replay import live, replay
-        from sim.hardware import HardwareSpec
         from sim.policies import EVICTION, PREDICTORS, PREFETCH
 
-        hw = HardwareSpec.from_cfg(cfg.hardware)
+        hw = self.hardware(cfg)
         mode = cfg.get("mode", "replay")
         eviction = EVICTION.create(pcfg.eviction, **dict(pcfg.eviction_args))
         prefetch = PREFETCH.create(pcfg.prefetch, **dict(pcfg.prefetch_args))
@@ -402,7 +420,7 @@ class Session:
             schedule=schedule if mode == "replay" and pcfg.decoding != "speculative" else None, seed=int(cfg.seed),
             link_pace_gbps=hw.link_pace_gbps, timeline=timeline, exec_log=exec_log,
             issue_overhead_s=float(hw.copy_issue_overhead_s),
-            transfer_s=schedule.cost.h2d(schedule.model.bytes_per_expert()) if schedule is not None else 0.0,
+            transfer_s=_transfer_s(schedule, hw, prefetch),
         )
         run = self.om.start_run(rc)
         try:
@@ -480,14 +498,12 @@ class Session:
             finally:
                 self.om.end_run()
         if self.draft is not None:  # the draft's graphs and every verify width up to k_max + 1
-            from sim.hardware import HardwareSpec
-
             g = cfg.governor
             kw = max(int(g.get("k") or 1), int(g.get("k_max") or 1))
             rc.eviction, rc.prefetch, rc.schedule = EVICTION.create("lru"), PREFETCH.create("none"), None
             run = self.om.start_run(rc)
             try:
-                dec = self.speculative(cfg, run, HardwareSpec.from_cfg(cfg.hardware), governor={"name": "fixed", "k": kw})
+                dec = self.speculative(cfg, run, self.hardware(cfg), governor={"name": "fixed", "k": kw})
                 lean = getattr(self.om, "stepper", None)
                 room = (lean.S if lean is not None else 1 << 20) - 8 - kw - 1  # static KV positions left
                 dec.generate(prompt_tokens(int(self.spec.vocab_size), [8], int(cfg.seed) + 1),

@@ -157,7 +157,7 @@ class HostController:
         self._routing_at: list[float] = []  # stall-free routing time of each layer-step (see admit)
         self._steps_timed = 0
         self._t_next = 0.0
-        if not live:  # the admission rule reads the simulator's stall-free plan (sim only, for now)
+        if schedule is not None:  # the admission rule reads the schedule's stall-free plan
             copy.admit = self.admit
 
     # ------------------------------------------------------------ admission
@@ -265,7 +265,7 @@ class HostController:
             self.now = yield Sleep(self.carry)
         self.carry = 0.0
 
-    def _preload(self) -> Iterator[Sleep]:
+    def preload(self) -> Iterator[Any]:
         """The experts the prefetch policy keeps for good (a streaming policy's resident layers),
         copied before the first request as a model load does: they count in the bytes moved and
         the run's time, in no request's latency, and the run still starts cold for the bound."""
@@ -275,10 +275,28 @@ class HostController:
         copy = self.copy
         self.apply([Fetch(key, DEMAND) for key in keys])
         copy.try_issue()
-        t = copy.ready_time(set(keys))
-        if t > self.now:
-            self.now = yield Sleep(t - self.now)
+        if self.live:
+            yield from self._wait_landed(set(keys))
+        else:
+            t = copy.ready_time(set(keys))
+            if t > self.now:
+                self.now = yield Sleep(t - self.now)
         self.cache.pin(keys)
+
+    def _wait_landed(self, keys: set[int]) -> Iterator[Block]:
+        """Runtime: the host blocks until every key in ``keys`` is resident (their copies issued
+        as room and slots free, then the last of them landed), processing the copy stream's events
+        up to each mark it waited for: the model's ``ready_time``."""
+        copy = self.copy
+        blk = copy.blocker(keys)
+        while blk is not None:
+            yield Block(blk)
+            copy.observe(blk)
+            blk = copy.blocker(keys)
+        landed = copy.last_landing(keys)
+        if landed is not None:
+            yield Block(landed)
+            copy.observe(landed)
 
     def _cold_start(self) -> Iterator[Sleep]:
         """``cache.reset=request``: nothing queued is issued any more, every copy in flight lands,
@@ -298,7 +316,7 @@ class HostController:
         """The whole run: for each request, prefill, then autoregressive steps or speculative
         draft/verify cycles; the counters go to the log at the end."""
         sch, log = self.schedule, self.log
-        yield from self._preload()
+        yield from self.preload()
         for r in range(sch.trace.num_requests):
             yield from self._settle()
             if self.reset == "request":
@@ -499,8 +517,13 @@ class HostController:
                 if has_start:
                     yield LayerStart(g)
                     observe()
-                    apply(prefetch.on_layer_start(infos[g]))
+                    acts = prefetch.on_layer_start(infos[g])
+                    apply(acts)
                     try_issue()
+                    fresh = None
+                    if not keeps and acts:  # a pageable copy blocks the host (see below)
+                        fresh = {a.key for a in acts}
+                        yield from self._wait_landed(fresh)
                 needed = yield Routing(g)
                 now = observe()
             else:
@@ -604,10 +627,7 @@ class HostController:
                     if wait:
                         # the experts start once their copies have landed: what happened on the
                         # copy stream until the last of them landed belongs to this layer-step
-                        landed = copy.last_landing(wait)
-                        if landed is not None:
-                            yield Block(landed)
-                            observe(landed)
+                        yield from self._wait_landed(wait)
                     if missed:
                         for key in missed:  # arrived on demand: count the use now
                             accessed(key, pool_of[key], g)

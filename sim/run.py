@@ -205,11 +205,13 @@ def model_for(cfg: DictConfig) -> ModelSpec:
     return model.with_expert_dtype(d) if model.expert_dtype in FLOAT_BYTES and d != model.expert_dtype else model
 
 
-def prepare(cfg: DictConfig) -> Prepared:
+def prepare(cfg: DictConfig, trace: Trace | None = None) -> Prepared:
+    """Specs, trace (``trace``, else ``cfg.trace``'s), cost model, schedule and memory plan of a config."""
     resolve_trace_seed(cfg)
     model = model_for(cfg)
     hw = HardwareSpec.from_cfg(cfg.hardware)
-    trace = load_trace(cfg.trace, model)
+    if trace is None:
+        trace = load_trace(cfg.trace, model)
     mct = cfg.cache.max_context_tokens
     if mct is not None and int(mct) < 1:
         raise SimError(f"cache.max_context_tokens must be >= 1 (or null: the trace's longest request), got {mct}")

@@ -339,10 +339,11 @@ def test_virtual_time_runtime_makes_exactly_the_simulators_decisions(layout):
     try:
         for name in names:
             p = load_policy(name)
-            plan = sess.plan(cfg, p)
-            if name == "stream":
+            if name == "stream":  # a whole layer's slots (the plan of a caching policy, resized)
                 from dataclasses import replace
-                plan = replace(plan, slots=prep.model.num_experts)
+                plan = replace(sess.plan(cfg, load_policy("lru")), slots=prep.model.num_experts)
+            else:
+                plan = sess.plan(cfg, p)
             run = sess.run_config(cfg, p, plan, schedule=prep.schedule, trace=prep.trace)
             _, (sim, log) = run_policy(prep, p, 0, timeline=True, plan=plan)
             got = [(k, pf) for _, _, k, pf in run.copy_log]

@@ -110,11 +110,7 @@ def test_app_replay_rows_join_the_simulators(tmp_path):
     assert m0.hit_rate + m0.late_rate + m0.miss_rate == pytest.approx(1.0)
     assert m0.tokens_per_s > 0 and m0.copies > 0 and len(m0.stall_per_layer_ms) == 4
     assert rows[0]["model"] == "tiny" and rows[0]["slots"] == 6
-    if srows[0]["tokens_per_s"] != pytest.approx(float(sim.tokens_per_s.iloc[0])):
-        # known (on main too): the runtime's own prediction (Session.prepare) builds its cost model
-        # without the engine's host overhead that `python -m sim engine=eager` charges
-        pytest.xfail(f"runtime prediction {float(sim.tokens_per_s.iloc[0]):.0f} vs python -m sim "
-                     f"{srows[0]['tokens_per_s']:.0f} tokens/s: Session.prepare ignores the engine")
+    assert srows[0]["tokens_per_s"] == pytest.approx(float(sim.tokens_per_s.iloc[0]))  # the same prediction
 
 
 def _valid_chrome_trace(path: Path) -> dict:

@@ -239,7 +239,7 @@ def test_speculative_replay_runs_the_simulators_cycles(engine):
 
     cfg = _compose(["model=tiny", "policy.suite=[speq,spec-lru]", "policy.name=s", "repetitions=1",
                     "warmup_steps=0", "trace.requests=2", "trace.prompt_tokens=5", "trace.decode_tokens=14",
-                    "governor=fixed", "governor.k=3", "cache.slots=12", f"+engine={engine}"])
+                    "governor=fixed", "governor.k=3", "cache.slots=12", f"engine={engine}"])
     sess = Session(cfg)
     try:
         rows = sess.measure(cfg)
@@ -291,7 +291,7 @@ def test_the_governor_decides_as_in_the_simulator_on_the_same_inputs():
 
     cfg = _compose(["model=tiny", "policy=spec-lru", "repetitions=1", "warmup_steps=0", "trace.requests=2",
                     "trace.prompt_tokens=5", "trace.decode_tokens=30", "governor=roofline", "governor.k_max=6",
-                    "cache.slots=10", "+engine=eager"])
+                    "cache.slots=10", "engine=eager"])
     sess = Session(cfg)
     try:
         p = load_policy("spec-lru")
