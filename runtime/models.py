@@ -295,36 +295,16 @@ def _parse_bytes(cap: str | int) -> int:
     return int(float(m.group(1)) * mult)
 
 
-def load_model(
-    source: str | os.PathLike,
-    *,
-    layers: int | None = None,
-    dtype: str | torch.dtype | None = "auto",
-    device: str | torch.device | None = "auto",
-    seed: int = 0,
-    revision: str | None = None,
-    max_memory: str | int | None = None,
-    offload_folder: str | os.PathLike | None = None,
-    experts_implementation: str | None = None,
-    attn_implementation: str | None = None,
-    config_overrides: dict[str, Any] | None = None,
-) -> LoadedModel:
-    """Load (or build with random weights) a supported MoE model, offline, in eval mode.
+def _build_config(src: Source) -> Any:
+    """Stage 1: the transformers config, from a tiny family, a preset/config JSON or a checkpoint.
 
-    ``max_memory`` caps the compute device's share of a checkpoint's weights; the rest is
-    offloaded by accelerate (to host memory beside a GPU; to ``offload_folder`` on disk when
-    the compute device is the CPU).
+    Kept apart so every config-reading failure names its file before anything is built.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    src = resolve_source(source, revision)
-    dev = resolve_device(device)
-    where = str(source)
-    random_weights = src.kind in ("tiny", "preset", "config")
+    from transformers import AutoConfig
 
     if src.kind == "tiny":
-        config = tiny_config(src.name[len(TINY_PREFIX):])
-    elif src.kind in ("preset", "config"):
+        return tiny_config(src.name[len(TINY_PREFIX):])
+    if src.kind in ("preset", "config"):
         try:
             d = json.loads(src.path.read_text())
         except json.JSONDecodeError as e:
@@ -334,65 +314,69 @@ def load_model(
         d = {k: v for k, v in d.items() if k not in ("auto_map", "architectures", "quantization_config")}
         mt = d.pop("model_type")
         try:
-            config = AutoConfig.for_model(mt, **d)
+            return AutoConfig.for_model(mt, **d)
         except ValueError as e:
             raise ModelLoadError(f"{src.path}: model_type {mt!r} unknown to this transformers ({e})") from None
-    else:
-        try:
-            config = AutoConfig.from_pretrained(src.path, local_files_only=True, trust_remote_code=False)
-        except ValueError as e:
-            raise ModelLoadError(f"{src.path}: cannot read config.json ({e})") from None
-    family = family_of(config, where)
-    for k, v in (config_overrides or {}).items():
-        setattr(config, k, v)
-    reduce_depth(config, layers)
-    dt = resolve_dtype(dtype, config, dev, random_weights)
-    extra: dict[str, Any] = {}
-    if experts_implementation:
-        extra["experts_implementation"] = experts_implementation
-    if attn_implementation:
-        extra["attn_implementation"] = attn_implementation
+    try:
+        return AutoConfig.from_pretrained(src.path, local_files_only=True, trust_remote_code=False)
+    except ValueError as e:
+        raise ModelLoadError(f"{src.path}: cannot read config.json ({e})") from None
 
-    tokenizer = None
-    if random_weights:
-        if max_memory is not None:
-            raise ModelLoadError(f"{where}: max_memory (offloaded capture) needs a checkpoint directory, not random weights")
-        torch.manual_seed(seed)
-        with torch.device(dev):
-            model = AutoModelForCausalLM.from_config(config, dtype=dt, **extra)
-    else:
-        kw: dict[str, Any] = dict(config=config, dtype=dt, local_files_only=True, trust_remote_code=False, **extra)
-        if max_memory is not None:
-            cap = _parse_bytes(max_memory)
-            if dev.type == "cuda":
-                kw["max_memory"] = {dev.index or 0: cap, "cpu": _parse_bytes("1TiB")}
-            else:
-                kw["max_memory"] = {"cpu": cap}
-                if offload_folder is None:
-                    import tempfile
 
-                    offload_folder = tempfile.mkdtemp(prefix="moe-offload-")
-            kw["device_map"] = "auto"
-            if offload_folder is not None:
-                kw["offload_folder"] = str(offload_folder)
+def _from_checkpoint(
+    src: Source,
+    config: Any,
+    dt: torch.dtype,
+    dev: torch.device,
+    max_memory: str | int | None,
+    offload_folder: str | os.PathLike | None,
+    extra: dict[str, Any],
+) -> tuple[nn.Module, Any]:
+    """Stage 2 (checkpoint): load the weights offline, placed by a device map, and the tokenizer.
+
+    With ``max_memory`` accelerate offloads what does not fit (to host memory beside a GPU; to
+    ``offload_folder``, a fresh temporary folder unless given, on the CPU); without it everything
+    goes to the compute device. No tokenizer files gives ``None``: capture falls back to bytes.
+    """
+    from transformers import AutoModelForCausalLM
+
+    kw: dict[str, Any] = dict(config=config, dtype=dt, local_files_only=True, trust_remote_code=False, **extra)
+    if max_memory is not None:
+        cap = _parse_bytes(max_memory)
+        if dev.type == "cuda":
+            kw["max_memory"] = {dev.index or 0: cap, "cpu": _parse_bytes("1TiB")}
         else:
-            kw["device_map"] = {"": dev.index or 0} if dev.type == "cuda" else {"": "cpu"}
-        try:
-            model = AutoModelForCausalLM.from_pretrained(src.path, **kw)
-        except OSError as e:
-            raise ModelLoadError(f"{src.path}: cannot load the checkpoint ({e})") from None
-        try:
-            from transformers import AutoTokenizer
+            kw["max_memory"] = {"cpu": cap}
+            if offload_folder is None:
+                import tempfile
 
-            tokenizer = AutoTokenizer.from_pretrained(src.path, local_files_only=True)
-        except Exception:  # noqa: BLE001 - no tokenizer files: capture falls back to bytes
-            tokenizer = None
-    model.eval()
-    model.requires_grad_(False)
+                offload_folder = tempfile.mkdtemp(prefix="moe-offload-")
+        kw["device_map"] = "auto"
+        if offload_folder is not None:
+            kw["offload_folder"] = str(offload_folder)
+    else:
+        kw["device_map"] = {"": dev.index or 0} if dev.type == "cuda" else {"": "cpu"}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(src.path, **kw)
+    except OSError as e:
+        raise ModelLoadError(f"{src.path}: cannot load the checkpoint ({e})") from None
+    try:
+        from transformers import AutoTokenizer
 
+        tokenizer = AutoTokenizer.from_pretrained(src.path, local_files_only=True)
+    except Exception:  # noqa: BLE001 - no tokenizer files: capture falls back to bytes
+        tokenizer = None
+    return model, tokenizer
+
+
+def _check_built(model: nn.Module, family: Family, name: str, where: str) -> tuple[list[LayerHandles], ModelShape, Any]:
+    """Stage 3: the shape read from the config must match the model actually built.
+
+    Traces and predictions trust the config's MoE layers, expert count and top-k; a model whose
+    modules disagree would make them describe a different model, so it is refused.
+    """
     handles = layer_handles(model, family.router_attr)
     moe_found = tuple(h.index for h in handles if h.is_moe)
-    name = src.name
     shape, spec = spec_from_hf_config(model.config, name)
     if tuple(shape.moe_layers) != moe_found or shape.num_layers != len(handles):
         raise ModelLoadError(
@@ -404,7 +388,24 @@ def load_model(
             f"{where}: experts/top_k from the config ({shape.num_experts}/{shape.top_k}) differ from the built model's "
             f"({int(e0.experts.num_experts)}/{int(e0.router.top_k)})"
         )
+    return handles, shape, spec
 
+
+def _provenance(
+    source: str | os.PathLike,
+    src: Source,
+    model: nn.Module,
+    family: Family,
+    dev: torch.device,
+    dt: torch.dtype,
+    *,
+    random_weights: bool,
+    layers: int | None,
+    seed: int,
+    max_memory: str | int | None,
+) -> dict[str, Any]:
+    """Stage 4: what was loaded and how (source, revision, weights, hashes, placement), so every
+    result can name the exact model behind it."""
     prov: dict[str, Any] = {
         "source": str(source),
         "kind": src.kind,
@@ -429,4 +430,63 @@ def load_model(
     if max_memory is not None:
         prov["max_memory"] = str(max_memory)
         prov["device_map"] = {k: str(v) for k, v in (getattr(model, "hf_device_map", None) or {}).items()}
+    return prov
+
+
+def load_model(
+    source: str | os.PathLike,
+    *,
+    layers: int | None = None,
+    dtype: str | torch.dtype | None = "auto",
+    device: str | torch.device | None = "auto",
+    seed: int = 0,
+    revision: str | None = None,
+    max_memory: str | int | None = None,
+    offload_folder: str | os.PathLike | None = None,
+    experts_implementation: str | None = None,
+    attn_implementation: str | None = None,
+    config_overrides: dict[str, Any] | None = None,
+) -> LoadedModel:
+    """Load (or build with random weights) a supported MoE model, offline, in eval mode.
+
+    ``max_memory`` caps the compute device's share of a checkpoint's weights; the rest is
+    offloaded by accelerate (to host memory beside a GPU; to ``offload_folder`` on disk when
+    the compute device is the CPU).
+    """
+    from transformers import AutoModelForCausalLM
+
+    src = resolve_source(source, revision)
+    dev = resolve_device(device)
+    where = str(source)
+    random_weights = src.kind in ("tiny", "preset", "config")
+
+    config = _build_config(src)
+    family = family_of(config, where)
+    for k, v in (config_overrides or {}).items():
+        setattr(config, k, v)
+    reduce_depth(config, layers)
+    dt = resolve_dtype(dtype, config, dev, random_weights)
+    extra: dict[str, Any] = {}
+    if experts_implementation:
+        extra["experts_implementation"] = experts_implementation
+    if attn_implementation:
+        extra["attn_implementation"] = attn_implementation
+
+    tokenizer = None
+    if random_weights:
+        if max_memory is not None:
+            raise ModelLoadError(f"{where}: max_memory (offloaded capture) needs a checkpoint directory, not random weights")
+        torch.manual_seed(seed)
+        with torch.device(dev):
+            model = AutoModelForCausalLM.from_config(config, dtype=dt, **extra)
+    else:
+        model, tokenizer = _from_checkpoint(src, config, dt, dev, max_memory, offload_folder, extra)
+    model.eval()
+    model.requires_grad_(False)
+
+    handles, shape, spec = _check_built(model, family, src.name, where)
+    prov = _provenance(
+        source, src, model, family, dev, dt,
+        random_weights=random_weights, layers=layers, seed=seed, max_memory=max_memory,
+    )
     return LoadedModel(model, family, shape, handles, dev, dt, tokenizer, prov, spec)
