@@ -206,6 +206,128 @@ def _preset_point(cfg: DictConfig, params: Sequence[Param]) -> dict[str, Any] | 
     return point or None
 
 
+def _search_settings(spec: Mapping[str, Any]) -> tuple[list[Param], str, int, int]:
+    """Stage 1: the space, metric, trial count and seed of ``experiment.search``, checked before any
+    simulation runs (bad input is refused up front)."""
+    params = parse_space(spec.get("params") or {})
+    metric = str(spec.get("metric", "tpot_ms"))
+    try:
+        n_trials = int(spec.get("trials", 30))
+        seed = int(spec.get("seed", 0))
+    except (TypeError, ValueError):
+        raise UsageError(f"experiment.search.trials and .seed must be integers, got {spec.get('trials')!r}, "
+                         f"{spec.get('seed')!r}") from None
+    if n_trials < 1:
+        raise UsageError(f"experiment.search.trials must be >= 1, got {n_trials}")
+    return params, metric, n_trials, seed
+
+
+class _SearchPoints:
+    """Stage 2: composes and simulates search points, memoised by configuration.
+
+    Equal configurations share one result however their overrides read (the key is the composed
+    config's fingerprint), so a point is simulated once. A point Hydra cannot compose or the
+    simulator rejects scores +inf with its reason; any other exception is a bug and propagates.
+    """
+
+    def __init__(self, base: Sequence[str], metric: str, simulate: Any) -> None:
+        self.base, self.metric, self.simulate = base, metric, simulate
+        self.memo: dict[str, dict[str, Any]] = {}  # config fingerprint (or the overrides) -> result
+        self.composed: dict[tuple[str, ...], tuple[str, Any]] = {}
+        self.columns: set[str] = set()  # numeric columns of a results row, from the first one that ran
+
+    def identify(self, ovr: list[str]) -> tuple[str, Any]:
+        """(key, composed config): equal configurations share a key however their overrides read."""
+        if tuple(ovr) not in self.composed:
+            try:
+                cfg = compose_sim([*self.base, *ovr])
+                self.composed[tuple(ovr)] = (config_fingerprint(cfg), cfg)
+            except Exception as e:
+                if not type(e).__module__.startswith(("hydra.", "omegaconf.")):
+                    raise
+                self.composed[tuple(ovr)] = (" ".join(ovr), e)
+        return self.composed[tuple(ovr)]
+
+    def evaluate(self, ovr: list[str]) -> dict[str, Any]:
+        metric = self.metric
+        key, cfg = self.identify(ovr)
+        if key in self.memo:
+            return self.memo[key]
+        res: dict[str, Any] = {"status": "failed", "reason": "", metric: math.inf}
+        try:
+            if isinstance(cfg, Exception):
+                raise cfg
+            rows = self.simulate(cfg)
+            if len(rows) != 1:
+                raise SimError(f"a search point must be one policy, got a suite of {len(rows)}")
+            r = rows[0]
+            if r["status"] == "ok" and not self.columns:
+                self.columns.update(k for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
+            res = {k: r.get(k) for k in dict.fromkeys(["policy", "slots", "layout", *SHOWN, metric])}
+            res["status"], res["reason"] = r["status"], r.get("reason", "")
+            if r["status"] != "ok" or not math.isfinite(float(r.get(metric, math.nan))):
+                res[metric] = math.inf
+        except MoeOffloadError as e:
+            res["status"], res["reason"] = e.status, str(e)
+        except Exception as e:
+            if not type(e).__module__.startswith(("hydra.", "omegaconf.")):
+                raise  # a bug is never a +inf point
+            res["reason"] = f"{type(e).__name__}: {e}"  # a point Hydra cannot compose
+        self.memo[key] = res
+        return res
+
+
+def _suggest(trial: Any, params: Sequence[Param]) -> dict[str, Any]:
+    """Stage 3: the sampler's point, asking only for parameters active given the ones chosen so far
+    (a conditional parameter is never suggested where it does not apply)."""
+    chosen: dict[str, Any] = {}
+    for p in params:
+        if not _active(p, chosen):
+            continue
+        if p.kind == "choices":
+            chosen[p.name] = trial.suggest_categorical(p.name, list(p.choices))
+        elif p.kind == "int":
+            chosen[p.name] = trial.suggest_int(p.name, int(p.low), int(p.high), step=int(p.step or 1), log=p.log)
+        else:
+            chosen[p.name] = trial.suggest_float(p.name, float(p.low), float(p.high), step=p.step, log=p.log)
+    return chosen
+
+
+def _first_trials(default_cfg: DictConfig, params: Sequence[Param], base: Sequence[str],
+                  default_ovr: Sequence[str]) -> list[tuple[str, dict[str, Any]]]:
+    """Stage 4: the points tried before the sampler's own, as (label, point): the default, then each
+    baseline preset in the space as users run it, so the best is never worse than a plain preset."""
+    seeds: list[tuple[str, dict[str, Any]]] = []
+    point = _preset_point(default_cfg, params)
+    if point is not None:
+        seeds.append(("default", point))
+    policy_param = next((p for p in params if p.key == "policy" and p.kind == "choices" and not p.when), None)
+    if policy_param is not None:
+        for name in baseline_presets():
+            if name in policy_param.choices:
+                point = _preset_point(compose_sim([*base, *default_ovr, f"policy={name}"]), params)
+                if point is not None and point not in [pt for _, pt in seeds]:
+                    seeds.append((f"policy={name}", point))
+    return seeds
+
+
+def _summarise(records: list[dict[str, Any]], default_row: dict[str, Any], base: Sequence[str], metric: str,
+               n_trials: int, duplicates: int, out_dir: str | os.PathLike | None) -> SearchResult:
+    """Stage 5: the best trial, the best baseline preset (the bar to beat), the printed comparison
+    and, with ``out_dir``, the written results."""
+    trials = pd.DataFrame(records)
+    best_row = _best(trials, metric, "best")
+    presets = set(baseline_presets())
+    is_base = [lab.startswith("policy=") or (lab == "default" and pol in presets)
+               for lab, pol in zip(trials.get("baseline", []), trials.get("policy", []))]
+    baseline_row = _best(trials[is_base], metric, "best baseline") if any(is_base) else {}
+    table = _search_table(base, default_row, best_row, metric, n_trials, len(records), baseline=baseline_row,
+                          duplicates=duplicates)
+    if out_dir is not None:
+        _write_search(Path(out_dir), trials, default_row, best_row, base, table, baseline_row)
+    return SearchResult(trials, default_row, best_row, table, baseline_row, duplicates)
+
+
 def run_search(base: Sequence[str], spec: Mapping[str, Any], out_dir: str | os.PathLike | None = None) -> SearchResult:
     """Optuna (seeded TPE) over ``spec['params']`` on top of the ``base`` overrides, minimising
     ``spec['metric']`` (tpot_ms); the default (``base`` + ``spec['default']``) is trial 0.
@@ -220,16 +342,7 @@ def run_search(base: Sequence[str], spec: Mapping[str, Any], out_dir: str | os.P
 
     from sim.run import prepare, simulate
 
-    params = parse_space(spec.get("params") or {})
-    metric = str(spec.get("metric", "tpot_ms"))
-    try:
-        n_trials = int(spec.get("trials", 30))
-        seed = int(spec.get("seed", 0))
-    except (TypeError, ValueError):
-        raise UsageError(f"experiment.search.trials and .seed must be integers, got {spec.get('trials')!r}, "
-                         f"{spec.get('seed')!r}") from None
-    if n_trials < 1:
-        raise UsageError(f"experiment.search.trials must be >= 1, got {n_trials}")
+    params, metric, n_trials, seed = _search_settings(spec)
     base = [o for o in base if not o.lstrip("+~").startswith("hydra")]
     default_ovr = [str(o) for o in (spec.get("default") or [])]
     default_cfg = compose_sim([*base, *default_ovr])
@@ -241,70 +354,21 @@ def run_search(base: Sequence[str], spec: Mapping[str, Any], out_dir: str | os.P
         except Exception:
             pass
 
-    memo: dict[str, dict[str, Any]] = {}  # config fingerprint (or the overrides) -> result
-
-    composed: dict[tuple[str, ...], tuple[str, Any]] = {}
-
-    def identify(ovr: list[str]) -> tuple[str, Any]:
-        """(key, composed config): equal configurations share a key however their overrides read."""
-        if tuple(ovr) not in composed:
-            try:
-                cfg = compose_sim([*base, *ovr])
-                composed[tuple(ovr)] = (config_fingerprint(cfg), cfg)
-            except Exception as e:
-                if not type(e).__module__.startswith(("hydra.", "omegaconf.")):
-                    raise
-                composed[tuple(ovr)] = (" ".join(ovr), e)
-        return composed[tuple(ovr)]
-
-    def evaluate(ovr: list[str]) -> dict[str, Any]:
-        key, cfg = identify(ovr)
-        if key in memo:
-            return memo[key]
-        res: dict[str, Any] = {"status": "failed", "reason": "", metric: math.inf}
-        try:
-            if isinstance(cfg, Exception):
-                raise cfg
-            rows = simulate(cfg)
-            if len(rows) != 1:
-                raise SimError(f"a search point must be one policy, got a suite of {len(rows)}")
-            r = rows[0]
-            if r["status"] == "ok" and not columns:
-                columns.update(k for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
-            res = {k: r.get(k) for k in dict.fromkeys(["policy", "slots", "layout", *SHOWN, metric])}
-            res["status"], res["reason"] = r["status"], r.get("reason", "")
-            if r["status"] != "ok" or not math.isfinite(float(r.get(metric, math.nan))):
-                res[metric] = math.inf
-        except MoeOffloadError as e:
-            res["status"], res["reason"] = e.status, str(e)
-        except Exception as e:
-            if not type(e).__module__.startswith(("hydra.", "omegaconf.")):
-                raise  # a bug is never a +inf point
-            res["reason"] = f"{type(e).__name__}: {e}"  # a point Hydra cannot compose
-        memo[key] = res
-        return res
-
-    columns: set[str] = set()  # numeric columns of a results row, from the first one that ran
-    default_row = {"config": "default", "overrides": " ".join(default_ovr) or "(base)", **evaluate(list(default_ovr))}
-    if columns and metric not in columns:  # checked on the default, before any trial
+    points = _SearchPoints(base, metric, simulate)
+    default_row = {"config": "default", "overrides": " ".join(default_ovr) or "(base)",
+                   **points.evaluate(list(default_ovr))}
+    if points.columns and metric not in points.columns:  # checked on the default, before any trial
         raise UsageError(f"experiment.search.metric={metric!r} is not a numeric results column; "
-                         f"columns: {', '.join(sorted(columns))}")
+                         f"columns: {', '.join(sorted(points.columns))}")
 
     records: list[dict[str, Any]] = []
     labels: dict[int, str] = {}  # trial number -> "default" / the baseline preset it runs
     duplicates = 0
+    seen: set[str] = set()
+    repeats = [0]  # proposals in a row that repeated an earlier configuration
 
     def objective(trial: "optuna.trial.Trial") -> float:
-        chosen: dict[str, Any] = {}
-        for p in params:
-            if not _active(p, chosen):
-                continue
-            if p.kind == "choices":
-                chosen[p.name] = trial.suggest_categorical(p.name, list(p.choices))
-            elif p.kind == "int":
-                chosen[p.name] = trial.suggest_int(p.name, int(p.low), int(p.high), step=int(p.step or 1), log=p.log)
-            else:
-                chosen[p.name] = trial.suggest_float(p.name, float(p.low), float(p.high), step=p.step, log=p.log)
+        chosen = _suggest(trial, params)
         nonlocal duplicates
         values = {p.key: chosen[p.name] for p in params if p.name in chosen}
         ovr = default_ovr + overrides_of(values)
@@ -314,53 +378,28 @@ def run_search(base: Sequence[str], spec: Mapping[str, Any], out_dir: str | os.P
         except MoeOffloadError as e:
             res = {"status": e.status, "reason": str(e), metric: math.inf}
         else:
-            key = identify(ovr)[0]
+            key = points.identify(ovr)[0]
             if key in seen:  # proposed again: skipped, not a trial (the sampler learns its score)
                 duplicates += 1
                 repeats[0] += 1
-                return float(memo[key][metric])
+                return float(points.memo[key][metric])
             repeats[0] = 0
             seen.add(key)
-            res = evaluate(ovr)
+            res = points.evaluate(ovr)
         records.append({"trial": len(records), "params": json.dumps(chosen, sort_keys=True, default=str),
                         "overrides": " ".join(ovr), "baseline": labels.get(trial.number, ""), **res})
         return float(res[metric])
 
-    seen: set[str] = set()
-    repeats = [0]  # proposals in a row that repeated an earlier configuration
-
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="minimize", sampler=optuna.samplers.TPESampler(seed=seed))
-    # first trials: the default, then each baseline preset in the space (as users run them)
-    seeds: list[tuple[str, dict[str, Any]]] = []
-    point = _preset_point(default_cfg, params)
-    if point is not None:
-        seeds.append(("default", point))
-    policy_param = next((p for p in params if p.key == "policy" and p.kind == "choices" and not p.when), None)
-    if policy_param is not None:
-        for name in baseline_presets():
-            if name in policy_param.choices:
-                point = _preset_point(compose_sim([*base, *default_ovr, f"policy={name}"]), params)
-                if point is not None and point not in [pt for _, pt in seeds]:
-                    seeds.append((f"policy={name}", point))
-    for n, (label, point) in enumerate(seeds):
+    for n, (label, point) in enumerate(_first_trials(default_cfg, params, base, default_ovr)):
         labels[n] = label
         study.enqueue_trial(point)
     # a space smaller than `trials` ends the search: 50 proposals in a row found nothing new
     while len(records) < n_trials and repeats[0] < 50:
         study.optimize(objective, n_trials=1)
 
-    trials = pd.DataFrame(records)
-    best_row = _best(trials, metric, "best")
-    presets = set(baseline_presets())
-    is_base = [lab.startswith("policy=") or (lab == "default" and pol in presets)
-               for lab, pol in zip(trials.get("baseline", []), trials.get("policy", []))]
-    baseline_row = _best(trials[is_base], metric, "best baseline") if any(is_base) else {}
-    table = _search_table(base, default_row, best_row, metric, n_trials, len(records), baseline=baseline_row,
-                          duplicates=duplicates)
-    if out_dir is not None:
-        _write_search(Path(out_dir), trials, default_row, best_row, base, table, baseline_row)
-    return SearchResult(trials, default_row, best_row, table, baseline_row, duplicates)
+    return _summarise(records, default_row, base, metric, n_trials, duplicates, out_dir)
 
 
 def _best(trials: pd.DataFrame, metric: str, config: str) -> dict[str, Any]:
