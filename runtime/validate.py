@@ -168,33 +168,27 @@ def gaps_of(log: Any) -> list[float]:
     return [b - a for times in log.token_times for a, b in zip(times, times[1:])]
 
 
-def run_validate(cfg: Any, log: Any = print) -> Path:
+def _existing_table(path: Path) -> tuple[Any, set[tuple[Any, ...]]]:
+    """Stage 1: the card's table so far, so a call resumes it: a (level, date, config, source) row
+    already there is not measured again. A file that is not a validation table is refused before
+    any work."""
     import pandas as pd
 
-    from runtime.measure import Session, timeline_json
-    from sim.timeline import chrome_trace
-    from traces.atomic import write_json_atomic
-    from runtime.models import resolve_device
-    from runtime.profile import card_info, card_name
-    from sim.run import base_keys, config_id, load_policy, prepare, run_policy
-    from sim.spec import ModelSpec
-    from traces.atomic import atomic_write
-
-    device = resolve_device(cfg.device)
-    info = card_info(device)
-    card = cfg.card or (card_name(info["card"]) if device.type == "cuda" else "cpu")
-    hardware = cfg.profile or f"measured/{card}"
-    groups = grid(cfg)  # bad grids fail before any work
-    today = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
-    path = Path(cfg.out) / card / "validation.parquet"
     old = pd.read_parquet(path) if path.is_file() else None
     if old is not None:
         missing = [c for c in COLUMNS if c not in old.columns]
         if missing:
             raise SimError(f"{path}: not a validation table (missing column(s) {missing})")
     done = set() if old is None else set(zip(old["level"], old["date"], old["config_id"], old["source"]))
+    return old, done
 
-    # ---- the plan: configs and estimated device seconds (the simulator's prediction of each run)
+
+def _plan(cfg: Any, groups: list[dict[str, Any]], hardware: str) -> tuple[list[dict[str, Any]], float]:
+    """Stage 2: each group's slot count, composed config and estimated device seconds (the
+    simulator's prediction of its runs), so the device time is known before the device is used."""
+    from sim.run import load_policy, prepare, run_policy
+    from sim.spec import ModelSpec
+
     plan, total_s = [], 0.0
     for g in groups:
         cfg0 = _compose(overrides(cfg, g, None, hardware))
@@ -209,15 +203,108 @@ def run_validate(cfg: Any, log: Any = print) -> Path:
         g.update(slots=slots, est_s=est, cfg=c)
         plan.append(g)
         total_s += est
+    return plan, total_s
+
+
+def _log_plan(cfg: Any, plan: list[dict[str, Any]], total_s: float, card: str, hardware: str, log: Any) -> None:
+    """Stage 3: the plan and its estimated device time, shown before the measurement (or instead of
+    it, with ``dry_run``) so a call can be sized to the budget."""
     shapes = {g["shape"]["name"] for g in plan}
     setup = 20.0 * len(shapes)
     n_cfg = len(plan) * len(cfg.policies)
     log(f"plan: {n_cfg} configs ({len(plan)} groups of {len(cfg.policies)} policies; fraction {cfg.fraction}) x "
-        f"{cfg.repetitions} repetitions x levels {list(cfg.levels)} on {info['card']}, sim under hardware={hardware}; "
+        f"{cfg.repetitions} repetitions x levels {list(cfg.levels)} on {card}, sim under hardware={hardware}; "
         f"estimated device time {total_s + setup:.0f} s (runs {total_s:.0f} s + setup ~{setup:.0f} s); budget {cfg.budget_s:.0f} s")
     for g in plan:
         log(f"  {g['shape']['name']:>22} budget {g['budget']:.2f} ({g['slots']} slots) link {g['link']:>6} "
             f"engine {g['engine']}: ~{g['est_s']:.1f} s")
+
+
+def _pending(cfg: Any, c: Any, engine: str, level: str, today: str, done: set[tuple[Any, ...]]) -> list[str]:
+    """The config's policies with no measured row of this level today (keyed as runtime.measure
+    keys its rows): only they are measured, so a repeated call adds nothing twice."""
+    from sim.run import base_keys, config_id, load_policy
+
+    keys = {**base_keys(c), "engine": engine}  # as runtime.measure keys its rows
+    cids = {}
+    for p in cfg.policies:
+        pc = load_policy(p)
+        cids[p] = config_id({**keys, "policy": pc.name, "eviction": pc.eviction, "prefetch": pc.prefetch,
+                             "predictor": pc.predictor})
+    return [p for p in cfg.policies if (level, today, cids[p], "measured") not in done]
+
+
+def _measured_rows(got: list[dict[str, Any]], gaps: dict[str, list[list[float]]], g: dict[str, Any], name: str,
+                   level: str, card: str, today: str, log: Any) -> list[dict[str, Any]]:
+    """Stage 4a: the session's ok measured rows in the table's columns, each repetition with its own
+    token gaps; a run that did not finish ok is logged and left out."""
+    new = []
+    seen: dict[str, int] = {}
+    for r in got:
+        if r["source"] != "measured" or r.get("status") != "ok":
+            log(f"  {r['policy']}: {r.get('status')} {r.get('reason', '')}")
+            continue
+        i = seen.get(r["policy"], 0)
+        seen[r["policy"]] = i + 1
+        base = {"level": level, "config_id": r["config_id"], "card": card, "date": today,
+                "engine": g["engine"], "link": g["link"], "policy": r["policy"], "source": "measured",
+                "model": name, "budget": g["budget"], "repetition": int(r.get("repetition", i))}
+        new.append(validation_row(base, r, gaps[r["policy"]][i]))
+    return new
+
+
+def _add_sim_rows(new: list[dict[str, Any]], cfg: Any, pending: list[str], prep: Any, logs: dict[str, Any],
+                  sess: Any, path: Path, g: dict[str, Any], name: str, engine: str, log: Any) -> None:
+    """Stage 4b: appends to ``new`` the simulator's row of each measured policy, with its TPOT error
+    against the mean measured TPOT, and writes both timelines where the run recorded one."""
+    from runtime.measure import timeline_json
+    from sim.run import load_policy, run_policy
+    from sim.timeline import chrome_trace
+    from traces.atomic import write_json_atomic
+
+    for p in pending:
+        ms = [x for x in new if x["policy"] == p]
+        if not ms:
+            continue
+        srow, (sobj, slog) = run_policy(prep, load_policy(p), int(cfg.seed), timeline=p in logs)
+        if p in logs:  # both timelines of the config (last measured repetition)
+            tdir = path.parent / "timelines"
+            cid = ms[0]["config_id"]
+            write_json_atomic(tdir / f"{cid}.measured.json", timeline_json(logs[p], sess.om), indent=None)
+            write_json_atomic(tdir / f"{cid}.sim.json", chrome_trace(
+                slog.compute_spans, slog.copy_spans, slog.occupancy, num_experts=sobj.model.num_experts,
+                moe_layers=sobj.model.moe_layers), indent=None)
+        base = {**{k: ms[0][k] for k in ("level", "config_id", "card", "date", "engine", "link", "model", "budget")},
+                "policy": p, "source": "sim", "repetition": 0}
+        s = validation_row(base, srow, gaps_of(slog))
+        m_tpot = sum(x["tpot_s"] for x in ms) / len(ms)
+        s["tpot_rel_err"] = (s["tpot_s"] - m_tpot) / m_tpot if m_tpot else math.nan
+        new.append(s)
+        log(f"  {name} b{g['budget']:.2f} {g['link']:>6} {engine:>7} {p:>10}: TPOT measured {m_tpot * 1e3:.2f} ms, "
+            f"sim {s['tpot_s'] * 1e3:.2f} ms ({s['tpot_rel_err']:+.1%})")
+
+
+def run_validate(cfg: Any, log: Any = print) -> Path:
+    import pandas as pd
+
+    from runtime.measure import Session
+    from runtime.models import resolve_device
+    from runtime.profile import card_info, card_name
+    from sim.run import prepare
+    from traces.atomic import atomic_write
+
+    device = resolve_device(cfg.device)
+    info = card_info(device)
+    card = cfg.card or (card_name(info["card"]) if device.type == "cuda" else "cpu")
+    hardware = cfg.profile or f"measured/{card}"
+    groups = grid(cfg)  # bad grids fail before any work
+    today = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
+    path = Path(cfg.out) / card / "validation.parquet"
+    old, done = _existing_table(path)
+
+    # ---- the plan: configs and estimated device seconds (the simulator's prediction of each run)
+    plan, total_s = _plan(cfg, groups, hardware)
+    _log_plan(cfg, plan, total_s, info["card"], hardware, log)
     if cfg.dry_run:
         return path
 
@@ -232,17 +319,10 @@ def run_validate(cfg: Any, log: Any = print) -> Path:
             for g in todo:
                 c = g["cfg"]
                 level = "closed"
-                new = []
                 if time.monotonic() + g["est_s"] > deadline:
                     log(f"{name} {g['budget']} {g['link']}: left for the next call (budget)")
                     continue
-                keys = {**base_keys(c), "engine": engine}  # as runtime.measure keys its rows
-                cids = {}
-                for p in cfg.policies:
-                    pc = load_policy(p)
-                    cids[p] = config_id({**keys, "policy": pc.name, "eviction": pc.eviction, "prefetch": pc.prefetch,
-                                         "predictor": pc.predictor})
-                pending = [p for p in cfg.policies if (level, today, cids[p], "measured") not in done]
+                pending = _pending(cfg, c, engine, level, today, done)
                 if not pending:
                     continue
                 if len(pending) < len(cfg.policies):
@@ -261,37 +341,8 @@ def run_validate(cfg: Any, log: Any = print) -> Path:
                         logs[p.name] = lg
 
                 got = sess.measure(c, on_run=on_run, deadline=deadline, timeline=True)
-                seen: dict[str, int] = {}
-                for r in got:
-                    if r["source"] != "measured" or r.get("status") != "ok":
-                        log(f"  {r['policy']}: {r.get('status')} {r.get('reason', '')}")
-                        continue
-                    i = seen.get(r["policy"], 0)
-                    seen[r["policy"]] = i + 1
-                    base = {"level": level, "config_id": r["config_id"], "card": info["card"], "date": today,
-                            "engine": g["engine"], "link": g["link"], "policy": r["policy"], "source": "measured",
-                            "model": name, "budget": g["budget"], "repetition": int(r.get("repetition", i))}
-                    new.append(validation_row(base, r, gaps[r["policy"]][i]))
-                for p in pending:
-                    ms = [x for x in new if x["policy"] == p]
-                    if not ms:
-                        continue
-                    srow, (sobj, slog) = run_policy(prep, load_policy(p), int(cfg.seed), timeline=p in logs)
-                    if p in logs:  # both timelines of the config (last measured repetition)
-                        tdir = path.parent / "timelines"
-                        cid = ms[0]["config_id"]
-                        write_json_atomic(tdir / f"{cid}.measured.json", timeline_json(logs[p], sess.om), indent=None)
-                        write_json_atomic(tdir / f"{cid}.sim.json", chrome_trace(
-                            slog.compute_spans, slog.copy_spans, slog.occupancy, num_experts=sobj.model.num_experts,
-                            moe_layers=sobj.model.moe_layers), indent=None)
-                    base = {**{k: ms[0][k] for k in ("level", "config_id", "card", "date", "engine", "link", "model", "budget")},
-                            "policy": p, "source": "sim", "repetition": 0}
-                    s = validation_row(base, srow, gaps_of(slog))
-                    m_tpot = sum(x["tpot_s"] for x in ms) / len(ms)
-                    s["tpot_rel_err"] = (s["tpot_s"] - m_tpot) / m_tpot if m_tpot else math.nan
-                    new.append(s)
-                    log(f"  {name} b{g['budget']:.2f} {g['link']:>6} {engine:>7} {p:>10}: TPOT measured {m_tpot * 1e3:.2f} ms, "
-                        f"sim {s['tpot_s'] * 1e3:.2f} ms ({s['tpot_rel_err']:+.1%})")
+                new = _measured_rows(got, gaps, g, name, level, info["card"], today, log)
+                _add_sim_rows(new, cfg, pending, prep, logs, sess, path, g, name, engine, log)
                 rows_all += new
                 done |= {(x["level"], x["date"], x["config_id"], x["source"]) for x in new}
                 df = pd.DataFrame(rows_all)
