@@ -712,22 +712,15 @@ def card_name(card: str) -> str:
 
 
 # =============================================================================== main
-def run_profile(cfg: Any, log: Callable[[str], None] = print) -> tuple[Path, Path]:
-    """Measure and write the profile; return (yaml path, parquet path)."""
-    import pandas as pd
+def _check_request(cfg: Any, device: torch.device) -> tuple[list[str], dict[str, ModelSpec], dict[str, str], str, Path, Path, Path]:
+    """Stage 1: the shapes, card, profile name and output paths, every bad value refused before any
+    measurement (and an existing profile never overwritten without ``overwrite=true``)."""
+    from runtime.models import preset_config_path
 
-    from runtime.models import resolve_device
-    from traces.atomic import atomic_write
-
-    t_start = time.perf_counter()
-    device = resolve_device(cfg.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     shapes = list(cfg.shapes)
     if cfg.engine_shape in GRID_SHAPES:
         raise SimError(f"engine_shape '{cfg.engine_shape}' is a validation-grid shape ({', '.join(GRID_SHAPES)}); host "
                        "overheads are measured on a shape the grid does not use")
-    from runtime.models import preset_config_path
-
     if not preset_config_path(cfg.engine_shape).is_file():
         raise SimError(f"engine_shape '{cfg.engine_shape}': the runtime builds only presets with a config.json "
                        f"({preset_config_path(cfg.engine_shape)} not found)")
@@ -741,22 +734,27 @@ def run_profile(cfg: Any, log: Callable[[str], None] = print) -> tuple[Path, Pat
     ypath, ppath = out / f"{name}.yaml", out / f"{name}.parquet"
     if not cfg.overwrite and (ypath.exists() or ppath.exists()):
         raise SimError(f"{ypath} exists: pass overwrite=true to replace it, or name=... for another profile")
-    clock = Clock(device, cfg.reps if not cfg.smoke else 3)
-    torch.manual_seed(int(cfg.seed))
-    gr = grids(bool(cfg.smoke))
-    log(f"profiling {info['card']} (torch {info['torch']}, driver {info['driver']}) -> {ypath}")
+    return shapes, specs, info, name, out, ypath, ppath
 
-    roof = measure_roofline(clock, dtype, bool(cfg.smoke))
-    log(f"roofline: {roof['flops_bf16'] / 1e12:.0f} TFLOP/s, {roof['hbm_bandwidth'] / 1e12:.2f} TB/s, "
-        f"{roof['launch_overhead_s'] * 1e6:.2f} us/kernel in a graph, {roof['eager_launch_host_s'] * 1e6:.2f} us host/eager launch")
+
+def _measure_links(cfg: Any, clock: Clock, gr: dict[str, list[int]], specs: dict[str, ModelSpec],
+                   log: Callable[[str], None]) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, Any]]:
+    """Stage 3: the host link's copy curves and scalars (rows, scalars, summary); outside a smoke run
+    the shapes' expert sizes (bf16 and int4) are measured too, as the simulator copies them."""
     expert_sizes = sorted({sp.bytes_per_expert(dt) for sp in specs.values() for dt in ("bf16", "int4")})
     link_rows, scal = measure_link(clock, gr["link"], expert_sizes if not cfg.smoke else [])
     link = link_summary(link_rows, scal["copy_latency_s"])
     log(f"link: pinned {link['h2d_gbps']:.1f} / {link['d2h_gbps']:.1f} GB/s, pageable {link['pageable_h2d_gbps']:.1f} / "
         f"{link['pageable_d2h_gbps']:.1f} GB/s (h2d / d2h), latency {scal['copy_latency_s'] * 1e6:.2f} us, issue "
         f"{scal['copy_issue_overhead_s'] * 1e6:.2f} us, routing read {scal['decision_delay_s'] * 1e6:.1f} us")
-    rows = list(link_rows)
-    failed: list[str] = []  # a stage that fails is stated in the notes; the rest of the profile stands
+    return link_rows, scal, link
+
+
+def _measure_ops(cfg: Any, shapes: list[str], specs: dict[str, ModelSpec], clock: Clock, dtype: torch.dtype,
+                 gr: dict[str, list[int]], failed: list[str], log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Stage 4: each shape's op rows. A shape that fails is appended to ``failed`` (stated in the
+    notes) and the rest of the profile stands; in a smoke run it raises instead."""
+    rows: list[dict[str, Any]] = []
     for s in shapes:
         t0 = time.perf_counter()
         try:
@@ -769,8 +767,13 @@ def run_profile(cfg: Any, log: Callable[[str], None] = print) -> tuple[Path, Pat
             continue
         rows += got
         log(f"{s}: {len(got)} op rows in {time.perf_counter() - t0:.1f} s")
-    int4 = any(r.get("dtype") == "int4" for r in rows)
+    return rows
 
+
+def _measure_engine(cfg: Any, clock: Clock, roof: dict[str, float], failed: list[str],
+                    log: Callable[[str], None]) -> tuple[dict[str, dict[str, float]], dict[int, dict[str, float]]]:
+    """Stage 5: each decode path's host overheads on the engine shape (values per path, raw values per
+    depth). A failure is appended to ``failed`` and leaves them empty; in a smoke run it raises."""
     try:
         engine, at = engine_values(cfg.engine_shape, cfg, clock, roof["eager_launch_host_s"], log)
     except Exception as e:  # noqa: BLE001
@@ -784,10 +787,12 @@ def run_profile(cfg: Any, log: Callable[[str], None] = print) -> tuple[Path, Pat
     for path, e in engine.items():
         log(f"engine {path}: host/layer {e['host_per_layer_s'] * 1e6:.1f} us, draft host/layer "
             f"{e['draft_host_per_layer_s'] * 1e6:.1f} us, host/launch {e['host_per_launch_s'] * 1e6:.2f} us")
+    return engine, at
 
-    now = _dt.datetime.now(_dt.timezone.utc)
-    total_mem = torch.cuda.mem_get_info(device)[1] if device.type == "cuda" else 16e9
-    ek = specs[cfg.engine_shape]
+
+def _notes(cfg: Any, ek: ModelSpec, scal: dict[str, Any], failed: list[str], int4: bool) -> list[str]:
+    """Stage 6a: how each number was measured, what failed and what is missing, for the profile's
+    provenance (a reader must know what the simulator is being fed)."""
     notes = [
         "Compute rows: plain-torch ops on random weights, captured in CUDA graphs (kernel time, no host gaps).",
         f"Engine values measured on {cfg.engine_shape} (top-{ek.top_k}; depths {list(cfg.engine_layers)}), a shape "
@@ -810,7 +815,17 @@ def run_profile(cfg: Any, log: Callable[[str], None] = print) -> tuple[Path, Pat
     notes += [f"FAILED, not in this profile: {f}." for f in failed]
     if not int4:
         notes.append("No INT4 rows: this torch has no packed int4 matmul for the device; int4 experts fall back to the roofline.")
-    hw = {
+    return notes
+
+
+def _hardware_dict(cfg: Any, name: str, device: torch.device, shapes: list[str], info: dict[str, str],
+                   roof: dict[str, float], link: dict[str, Any], scal: dict[str, Any],
+                   engine: dict[str, dict[str, float]], at: dict[int, dict[str, float]], notes: list[str],
+                   now: _dt.datetime, t_start: float) -> dict[str, Any]:
+    """Stage 6b: the hardware profile as the simulator's hardware schema reads it, numbers rounded to
+    4 significant digits, with its provenance (card, driver, command, date, notes, raw values)."""
+    total_mem = torch.cuda.mem_get_info(device)[1] if device.type == "cuda" else 16e9
+    return {
         "name": f"measured/{name}",
         "memory_gb": round(total_mem / 1e9, 2),
         "flops_bf16": float(f"{roof['flops_bf16']:.4g}"),
@@ -842,7 +857,16 @@ def run_profile(cfg: Any, log: Callable[[str], None] = print) -> tuple[Path, Pat
             "queued_copy_gbps": f"{scal['queued_gbps']:.2f}",
         },
     }
+
+
+def _write_profile(hw: dict[str, Any], rows: list[dict[str, Any]], info: dict[str, str], now: _dt.datetime,
+                   out: Path, ypath: Path, ppath: Path, t_start: float, log: Callable[[str], None]) -> None:
+    """Stage 7: check the profile loads as the simulator will load it, render it, then write the op
+    table and the YAML atomically (nothing is half-written when a check fails)."""
+    import pandas as pd
+
     from sim.hardware import HardwareSpec
+    from traces.atomic import atomic_write
 
     HardwareSpec.from_dict({**hw, "profile_table": str(ppath.resolve())}, where=str(ypath))  # what the simulator will load
     df = pd.DataFrame(rows)
@@ -854,6 +878,35 @@ def run_profile(cfg: Any, log: Callable[[str], None] = print) -> tuple[Path, Pat
     atomic_write(ppath, lambda tmp: df.to_parquet(tmp, index=False))
     atomic_write(ypath, lambda tmp: Path(tmp).write_text(text))
     log(f"wrote {ypath} and {ppath} ({len(df)} rows) in {time.perf_counter() - t_start:.0f} s")
+
+
+def run_profile(cfg: Any, log: Callable[[str], None] = print) -> tuple[Path, Path]:
+    """Measure and write the profile; return (yaml path, parquet path)."""
+    from runtime.models import resolve_device
+
+    t_start = time.perf_counter()
+    device = resolve_device(cfg.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    shapes, specs, info, name, out, ypath, ppath = _check_request(cfg, device)
+    # Stage 2: the clock, seed and size grids every measurement shares
+    clock = Clock(device, cfg.reps if not cfg.smoke else 3)
+    torch.manual_seed(int(cfg.seed))
+    gr = grids(bool(cfg.smoke))
+    log(f"profiling {info['card']} (torch {info['torch']}, driver {info['driver']}) -> {ypath}")
+
+    roof = measure_roofline(clock, dtype, bool(cfg.smoke))
+    log(f"roofline: {roof['flops_bf16'] / 1e12:.0f} TFLOP/s, {roof['hbm_bandwidth'] / 1e12:.2f} TB/s, "
+        f"{roof['launch_overhead_s'] * 1e6:.2f} us/kernel in a graph, {roof['eager_launch_host_s'] * 1e6:.2f} us host/eager launch")
+    link_rows, scal, link = _measure_links(cfg, clock, gr, specs, log)
+    failed: list[str] = []  # a stage that fails is stated in the notes; the rest of the profile stands
+    rows = list(link_rows) + _measure_ops(cfg, shapes, specs, clock, dtype, gr, failed, log)
+    int4 = any(r.get("dtype") == "int4" for r in rows)
+    engine, at = _measure_engine(cfg, clock, roof, failed, log)
+
+    now = _dt.datetime.now(_dt.timezone.utc)
+    notes = _notes(cfg, specs[cfg.engine_shape], scal, failed, int4)
+    hw = _hardware_dict(cfg, name, device, shapes, info, roof, link, scal, engine, at, notes, now, t_start)
+    _write_profile(hw, rows, info, now, out, ypath, ppath, t_start, log)
     return ypath, ppath
 
 
