@@ -196,6 +196,9 @@ class RunConfig:
     # issue overhead; the virtual backend's copies take them, real backends ignore them
     transfer_s: float = 0.0
     issue_overhead_s: float = 0.0
+    # the host's prefetch admission rule (sim.host.HostController.admit); off: every prefetch goes out
+    admission: bool = True
+    reset: str = "never"  # cache.reset: 'request' empties the cache and every policy's state per request
 
 
 class Run:
@@ -232,6 +235,7 @@ class Run:
             transfer_time=rc.transfer_s, issue_overhead=rc.issue_overhead_s, copies_in_flight=rc.copies_in_flight,
             pad_s=pad_s)
         self.queue, self.in_flight, self.copy_log = link.queue, link.in_flight, link.copy_log
+        link.measure = not self.virtual  # the admission rule's link: measured on real backends
         self.infos: list[LayerInfo] = []
         if sch is not None:
             self.ctx = policy_context(sch, cache, link.queue.queued, rc.predictor, k)
@@ -253,7 +257,7 @@ class Run:
         self.host = host = HostController(
             sch, cache, link, eviction=rc.eviction, prefetch=rc.prefetch, log=self.log,
             decision_delay=float(rc.decision_delay_s), expert_bytes=om.nbytes, transfer_s=rc.transfer_s,
-            live=True, infos=self.infos)
+            live=True, infos=self.infos, admission=rc.admission, measured=not self.virtual, reset=rc.reset)
         if rc.timeline or host.has_done:
             link.on_done = host.copy_done
         self.steps: list[StepRecord] = []
@@ -327,11 +331,30 @@ class Run:
 
     # ------------------------------------------------------------------ driver interface
     def request_start(self, r: int) -> None:
-        """A request begins once the previous one's last token is on the host."""
+        """A request begins once the previous one's last token is on the host. Before the first,
+        the experts the policy keeps for good are copied (a model load); with cache.reset=request
+        every copy lands and the cache and the policies start afresh."""
         be = self.backend
         be.block(be.mark())
+        if not self.requests:
+            keys = self.host.preload_keys()
+            if keys:
+                self._land(set(keys))
+                self.cache.pin(keys)
+        if self.rc.reset == "request":
+            self.queue.clear()
+            self._land(set())
+            self.host.forget()
         self.requests.append((be.mark(), []))
         self.host.request_start(r)
+
+    def _land(self, keys: set[int]) -> None:
+        """Block until every key in ``keys`` is issued and every copy in flight has landed."""
+        self.ensure_issued(keys)
+        link = self.link
+        while link.in_flight:
+            self.backend.block(link.done_mark[link.in_flight[-1][1]])
+            link.observe()
 
     def request_end(self, r: int) -> None:
         be = self.backend
@@ -403,6 +426,9 @@ class Run:
             be = self.backend
             be.block(be.mark())  # the policy acts as the device reaches the layer (as in the model)
             self._resume(None)
+            while type(self._req) is Block:  # host-synchronous copies (whole-layer streaming)
+                be.block(self._req.mark)
+                self._resume(None)
 
     def layer_forward(self, m: int, module: nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor,
                       top_k_weights: torch.Tensor) -> torch.Tensor:

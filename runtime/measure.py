@@ -381,14 +381,20 @@ class Session:
             else:
                 predictor = PREDICTORS.create(pcfg.predictor, **dict(pcfg.predictor_args))
                 predictor.attach(trace, schedule.layer_steps(), tuple(range(1, depth + 1)), int(cfg.seed))
+        from sim.run import policy_link
+
+        # whole-layer streaming copies from pageable memory, one copy at a time (as the simulator)
+        sync = getattr(prefetch, "host_memory", None) == "pageable"
+        link_cost = policy_link(self.spec, hw, schedule.cost, prefetch)[1] if schedule is not None else None
         rc = RunConfig(
             eviction=eviction, prefetch=prefetch, predictor=predictor,
             slots=None if plan.per_layer else plan.slots, per_layer=plan.per_layer,
-            copies_in_flight=int(hw.copies_in_flight), decision_delay_s=float(hw.decision_delay_s),
+            copies_in_flight=1 if sync else int(hw.copies_in_flight), decision_delay_s=float(hw.decision_delay_s),
             schedule=schedule if mode == "replay" else None, seed=int(cfg.seed),
             link_pace_gbps=hw.link_pace_gbps, timeline=timeline, exec_log=exec_log,
-            issue_overhead_s=float(hw.copy_issue_overhead_s),
-            transfer_s=schedule.cost.h2d(schedule.model.bytes_per_expert()) if schedule is not None else 0.0,
+            issue_overhead_s=float(hw.copy_issue_overhead_s), admission=bool(pcfg.get("admission", True)),
+            reset=str(cfg.cache.get("reset", "never")),
+            transfer_s=link_cost.h2d(schedule.model.bytes_per_expert()) if link_cost is not None else 0.0,
         )
         run = self.om.start_run(rc)
         try:

@@ -86,14 +86,22 @@ def test_live_policies_prefetch_and_stay_exact(fam, name, pf, args):
         pred = LiveGatePredictor(args["depth"])
         pred.attach_live(lm)
     ev, pol = policy("lru", pf, **args)
-    run = om.start_run(RunConfig(eviction=ev, prefetch=pol, predictor=pred, slots=max(2 * k, E)))
-    out = live(om, run, PROMPTS, NEW, keep_logits=True)
-    om.end_run()
+    # every prediction goes out (the admission rule off): the prefetched experts' data path is what
+    # is tested; with the rule on, the measured link and layer times decide
+    for admission in (False, True):
+        run = om.start_run(RunConfig(eviction=ev, prefetch=pol, predictor=pred, slots=max(2 * k, E),
+                                     admission=admission))
+        out = live(om, run, PROMPTS, NEW, keep_logits=True)
+        om.end_run()
+        assert out["tokens"] == ref["tokens"] and equal_logits(out["logits"], ref["logits"])
+        prefetched = [c for c in run.copy_log if c[3]]
+        if not admission:
+            assert prefetched, "the policy prefetched nothing"
+            assert run.useful > 0 and run.link.refused == 0
+        else:  # the policy's predictions reached the host's rule: issued or refused
+            assert prefetched or run.link.refused > 0
+            assert run.link.copies_measured > 0 and run.link.duration > 0  # the link was measured
     om.close()
-    assert out["tokens"] == ref["tokens"] and equal_logits(out["logits"], ref["logits"])
-    prefetched = [c for c in run.copy_log if c[3]]
-    assert prefetched, "the policy prefetched nothing"
-    assert run.useful > 0
 
 
 def test_live_gate_predictor_equals_the_captured_lookahead():
@@ -303,10 +311,16 @@ def test_same_policy_objects_same_decisions_in_simulator_and_runtime(layout):
     try:
         for name in names:
             p = load_policy(name)
-            plan = sess.plan(cfg, p)
-            if name == "stream":
-                from dataclasses import replace
-                plan = replace(plan, slots=prep.model.num_experts)
+            # the admission rule weighs time: the CPU's measured clock is not the zero-time link's,
+            # so both hosts issue every prefetch here (the virtual-time test below keeps the rule)
+            p.admission = False
+            if name == "stream":  # it needs a whole layer's slots: one layer's worth streams, none stays
+                from sim.run import plan_for
+                prep.slots = prep.model.num_experts
+                plan = plan_for(prep, speculative=False, streaming=True)
+                prep.slots = 6
+            else:
+                plan = sess.plan(cfg, p)
             run = sess.run_config(cfg, p, plan, schedule=prep.schedule, trace=prep.trace)
             _, (sim, log) = run_policy(prep, p, 0, timeline=True, plan=plan)
             got = [(k, pf) for _, _, k, pf in run.copy_log]
@@ -339,10 +353,13 @@ def test_virtual_time_runtime_makes_exactly_the_simulators_decisions(layout):
     try:
         for name in names:
             p = load_policy(name)
-            plan = sess.plan(cfg, p)
-            if name == "stream":
-                from dataclasses import replace
-                plan = replace(plan, slots=prep.model.num_experts)
+            if name == "stream":  # it needs a whole layer's slots: one layer's worth streams, none stays
+                from sim.run import plan_for
+                prep.slots = prep.model.num_experts
+                plan = plan_for(prep, speculative=False, streaming=True)
+                prep.slots = 6
+            else:
+                plan = sess.plan(cfg, p)
             run = sess.run_config(cfg, p, plan, schedule=prep.schedule, trace=prep.trace)
             _, (sim, log) = run_policy(prep, p, 0, timeline=True, plan=plan)
             got = [(k, pf) for _, _, k, pf in run.copy_log]
