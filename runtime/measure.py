@@ -353,7 +353,8 @@ class Session:
             trace = load_trace(cfg.trace, self.spec)
         ctx = int(cfg.cache.max_context_tokens or int(trace.position.max()) + 1)
         cost = cost_model_for(self.spec, hw)
-        prep = Prepared(self.spec, hw, trace, cost, Schedule(trace, self.spec, cost), ctx, cfg.cache.slots, cfg.cache.per_layer)
+        prep = Prepared(self.spec, hw, trace, cost, Schedule(trace, self.spec, cost), ctx, cfg.cache.slots, cfg.cache.per_layer,
+                        reset=str(cfg.cache.get("reset", "never")))
         self._prep = (key, prep)
         return prep
 

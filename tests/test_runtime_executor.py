@@ -470,3 +470,26 @@ def test_cuda_backend_control_path_with_a_stand_in_for_cuda(monkeypatch):
     assert out["tokens"] == ref["tokens"] and equal_logits(out["logits"], ref["logits"])
     assert run.copies > 0 and len(slept) >= run.copies and St.waited > 0
     assert log.run_time > 0 and len(log.copy_spans) == run.copies and log.compute_spans
+
+
+def test_cache_reset_request_same_decisions_in_both_hosts():
+    """cache.reset=request on the virtual-time backend: at each request the cache and the policies
+    start afresh in the runtime exactly as in the simulator (copies, hits, misses, evictions)."""
+    from runtime.measure import Session
+    from sim.run import load_policy, run_policy
+
+    cfg = _run_cfg("model=tiny", "trace.requests=3", "trace.prompt_tokens=4", "trace.decode_tokens=12", "cache.slots=6",
+                   "cache.reset=request", "policy=baselines", "cpu_backend=virtual", "hardware.decision_delay_s=2e-5")
+    sess = Session(cfg, max_slots=10**6)
+    prep = sess.prepare(cfg)
+    assert prep.reset == "request"
+    try:
+        for name in ["lru", "lfu", "belady", "lookahead", "history"]:
+            p = load_policy(name)
+            plan = sess.plan(cfg, p)
+            run = sess.run_config(cfg, p, plan, schedule=prep.schedule, trace=prep.trace)
+            _, (sim, log) = run_policy(prep, p, 0, timeline=True, plan=plan)
+            assert [(k, pf) for _, _, k, pf in run.copy_log] == [(k, pf) for _, _, k, pf in log.copy_spans], name
+            assert (run.hits, run.late, run.misses, run.cache.evictions) == (log.hits, log.late, log.misses, log.evictions), name
+    finally:
+        sess.close()
