@@ -307,7 +307,8 @@ def run_shape(sh: dict[str, Any], args: argparse.Namespace, rows_path: Path, out
     diff = max_rel(lg, ref_logits) if ref_logits else float("nan")
     if not smoke:
         try:
-            lean.capture_step()
+            with torch.inference_mode():  # the cache and weights are inference tensors
+                lean.capture_step()
             floor_s = gpu_time(lambda: lean.step_graph.replay())
             base["kernel_floor_s"] = floor_s
             # segment account: each graph on its own (same kernels, replayed alone)

@@ -48,7 +48,7 @@ from sim.hardware import HardwareSpec  # noqa: E402
 from sim.experiments.roofline import compute_roofs_from_cycles, cycles_frame, most_chosen_k, operating_points, roofline_figure  # noqa: E402
 from sim.run import simulate  # noqa: E402
 from sim.spec import ModelSpec  # noqa: E402
-from sim.experiments.sweep import compose_sim  # noqa: E402
+from sim.experiments.search import compose_sim  # noqa: E402
 
 out = ROOT / figures
 out.mkdir(parents=True, exist_ok=True)

@@ -41,7 +41,7 @@ ROOT = next(p for p in [Path.cwd(), *Path.cwd().parents] if (p / "pyproject.toml
 sys.path.insert(0, str(ROOT))
 from sim.run import load_trace  # noqa: E402
 from sim.spec import ModelSpec  # noqa: E402
-from sim.experiments.sweep import compose_sim  # noqa: E402
+from sim.experiments.search import compose_sim  # noqa: E402
 from traces import read_trace  # noqa: E402
 from traces.stats import lru_hit_rates, predictor_recall, reuse, select_tokens  # noqa: E402
 

@@ -626,17 +626,30 @@ def _host_issue(clock: Clock, fn: Callable[[], Any], n: int) -> float:
 
 
 def _compose_run(overrides: list[str]) -> Any:
+    """The runtime's config (conf/run.yaml) for ``overrides``. ``engine=X`` names the runtime's
+    decode path; where the run config does not list the ``engine`` group among its defaults, Hydra
+    needs it appended (``+engine=X``)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import ConfigCompositionException
 
     from runtime.__main__ import register_configs
     from sim.presets import conf_dir
 
     register_configs()
+
+    def go(over: list[str]) -> Any:
+        try:
+            return compose(config_name="run", overrides=over)
+        except ConfigCompositionException:
+            if not any(o.startswith("engine=") for o in over):
+                raise
+            return compose(config_name="run", overrides=[("+" + o if o.startswith("engine=") else o) for o in over])
+
     if GlobalHydra.instance().is_initialized():  # inside `python -m runtime.profile` (same search path)
-        return compose(config_name="run", overrides=overrides)
+        return go(overrides)
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        return compose(config_name="run", overrides=overrides)
+        return go(overrides)
 
 
 def _resident_tpot(name: str, layers: int, cfg: Any, clock: Clock, engine: str) -> float:

@@ -240,7 +240,7 @@ def run_validate(cfg: Any, log: Any = print) -> Path:
                     sess = Session(c, max_slots=max(x["slots"] for x in todo))
                     if sess.om.device.type == "cuda" and any(x["link"] == "paced" for x in todo):
                         sess.om.backend.calibrate_sleep()  # copy pacing sleeps on the copy stream
-                prep = sess.prepare(c)
+                prep = prepare(c)  # the simulator's side: sim.run.prepare (cost model with the engine's host overhead)
                 gaps: dict[str, list[list[float]]] = {}
                 logs: dict[str, Any] = {}
 

@@ -47,7 +47,7 @@ PARAMS = {
                                    "max_window": 3},
     "policy_sweep": lambda tmp: {"model": "tiny", "layers": 2, "hardware": ["h200"], "budgets": [0.5],
                                  "policies": ["lru", "speq"], "link_gbps": [16.0], "host_per_layer_s": [0.0, 1e-4],
-                                 "requests": 1, "prompt_tokens": 4, "decode_tokens": 8},
+                                 "requests": 1, "prompt_tokens": 4, "decode_tokens": 24},
     "governor": lambda tmp: {"model": "tiny", "layers": 2, "fixed_k": [1, 2], "requests": 1, "prompt_tokens": 4,
                              "decode_tokens": 16},
 }

@@ -151,3 +151,16 @@ def test_missing_dir_is_an_error(tmp_path):
     assert out.returncode == 2 and "no such sweep directory" in out.stderr
     with pytest.raises(FileNotFoundError):
         aggregate.scan_sweep(tmp_path / "nope")
+
+
+def test_keys_the_named_ones_determine_stay_out_of_the_index():
+    """memory_gb follows memory_gib, and a policy that pins its own engine or host memory makes those
+    vary with the policy: neither splits the table's rows; a key that varies independently does."""
+    rows = pd.DataFrame([
+        {"model": "m", "memory_gib": g, "memory_gb": g * 1.073741824, "policy": p, "engine": e, "seed": s,
+         "status": "ok", "tpot_ms": 10.0 * g + i + s}
+        for g in (16, 24) for i, (p, e) in enumerate((("lru", "ideal"), ("hf-offload", "eager"))) for s in (0, 1)
+    ])
+    text, num = summary_table(rows, {"index": ["model", "memory_gib"], "columns": "policy"})
+    assert list(num.index.names) == ["model", "memory_gib", "seed"]
+    assert num.loc[("m", 24, 1), "hf-offload"] == 242.0

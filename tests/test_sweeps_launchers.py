@@ -24,6 +24,16 @@ from sim.run import simulate
 from sim.presets import conf_dir
 
 register_configs()
+
+
+def _missing(module: str) -> bool:
+    """Whether ``module`` cannot be imported (find_spec raises when a parent package is absent)."""
+    try:
+        return importlib.util.find_spec(module) is None
+    except ModuleNotFoundError:
+        return True
+
+
 TINY = ["model=tiny", "trace.requests=1", "trace.prompt_tokens=4", "trace.decode_tokens=8"]
 GRID = {"policy": ["lru", "belady"], "hardware": ["rtx4090", "h200"]}
 SWEEP = [*TINY, "policy=" + ",".join(GRID["policy"]), "hardware=" + ",".join(GRID["hardware"])]
@@ -87,7 +97,7 @@ def test_joblib_launcher_matches_single_runs(tmp_path, reference):
     check_sweep(tmp_path, out, reference)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is None,
+@pytest.mark.skipif(_missing("hydra_plugins.hydra_submitit_launcher"),
                     reason="hydra-submitit-launcher not installed (pip install -e '.[cluster]')")
 def test_submitit_local_launcher_matches_single_runs(tmp_path, reference):
     out = run_sweep(tmp_path, *SWEEP, "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5")
@@ -106,7 +116,7 @@ def test_slurm_launcher_config_composes():
 
 
 @pytest.mark.skipif(importlib.util.find_spec("ray") is None
-                    or importlib.util.find_spec("hydra_plugins.hydra_ray_launcher") is None,
+                    or _missing("hydra_plugins.hydra_ray_launcher"),
                     reason="ray / hydra-ray-launcher not installed (pip install -e '.[cluster]')")
 def test_ray_launcher_matches_single_runs(tmp_path, reference):
     """The sweep starts a local Ray instance (2 CPUs, no dashboard) and runs each job in a fresh

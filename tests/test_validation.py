@@ -123,14 +123,16 @@ def test_validate_grid_on_the_cpu_is_resumable(tmp_path: Path) -> None:
             "budgets=[0.5]", "links=[pinned]", "policies=[lru,oracle]", "repetitions=2"]
     dry = run("runtime.validate", *args, "dry_run=true")
     assert dry.returncode == 0, dry.stderr
-    assert "plan: 2 configs" in dry.stdout and not (tmp_path / "cpu").exists()
+    assert "plan: 4 configs" in dry.stdout and not (tmp_path / "cpu").exists()  # 2 policies x 2 engines
     r = run("runtime.validate", *args)
     assert r.returncode == 0, r.stderr
     df = pd.read_parquet(tmp_path / "cpu" / "validation.parquet")
     assert set(COLUMNS) <= set(df.columns)
-    assert (df.source == "measured").sum() == 4 and (df.source == "sim").sum() == 2
+    assert (df.source == "measured").sum() == 8 and (df.source == "sim").sum() == 4
     assert df.loc[df.source == "sim", "tpot_rel_err"].notna().all()
-    assert len(join(df)) == 4
+    assert len(join(df)) == 8 and df.config_id.nunique() == 4  # the engine is part of config_id
+    sim = df[df.source == "sim"].set_index(["policy", "engine"]).tpot_s
+    assert sim["lru", "eager"] > sim["lru", "graphed"]  # the simulator prices each engine's host overhead
     again = run("runtime.validate", *args)  # same day: nothing left to run
     assert again.returncode == 0 and len(pd.read_parquet(tmp_path / "cpu" / "validation.parquet")) == len(df)
     bad = run("runtime.validate", *args, "levels=[replayed]")

@@ -266,6 +266,14 @@ def _as_list(v: Any) -> list[str]:
     return [str(x) for x in v] if isinstance(v, (list, tuple)) else [str(v)]
 
 
+def _determined(rows: pd.DataFrame, by: Sequence[str], col: str) -> bool:
+    """Whether ``col`` takes one value in every group of ``by`` (it adds nothing to them as a key)."""
+    if not by:
+        return False
+    keys = rows[list(by)].astype(str)
+    return bool((rows[col].astype(str).groupby([keys[c] for c in by]).nunique(dropna=False) <= 1).all())
+
+
 def summary_table(rows: pd.DataFrame, spec: Mapping[str, Any]) -> tuple[str, pd.DataFrame]:
     """A pivot of ``values`` (default tpot_ms) over ``index`` x ``columns`` (default policy).
 
@@ -279,7 +287,11 @@ def summary_table(rows: pd.DataFrame, spec: Mapping[str, Any]) -> tuple[str, pd.
     # keys the spec does not name but the sweep varied go into the index (policy-derived columns
     # such as eviction follow the policy and are left out when policy is already a dimension)
     derived = {"eviction", "prefetch", "predictor", "governor", "governor_k"} if "policy" in index + columns else set()
-    index += [c for c in varying_keys(ok_rows if len(ok_rows) else rows, index + columns) if c not in derived]
+    named = index + columns
+    base = ok_rows if len(ok_rows) else rows
+    # a varying key that the named ones determine (memory_gb by memory_gib, a policy's own engine or
+    # host memory) would only split rows: it stays out of the index
+    index += [c for c in varying_keys(base, named) if c not in derived and not _determined(base, named, c)]
     if not index:
         index = ["job"]
     df = rows.copy()
