@@ -291,7 +291,7 @@ def run_shape(sh: dict[str, Any], args: argparse.Namespace, rows_path: Path, out
     best = min(hf.items(), key=lambda x: x[1]) if hf else (None, float("nan"))
 
     # ---- lean resident: kernels, the one-graph floor, per-layer graphs
-    kernel = "grouped_mm"
+    kernel = args.experts_kernel
     floor_s = float("nan")
     try:
         experts = GroupedExperts(mods, kernel)
@@ -499,6 +499,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--smoke", action="store_true", help="the tiny preset on the CPU (no graphs), seconds")
     ap.add_argument("--shapes", default="", help="comma list of shape names (default: all)")
     ap.add_argument("--hardware", default=None, help="hardware preset (default: from the card's name)")
+    ap.add_argument("--experts-kernel", default="grouped_mm", choices=["grouped_mm", "gather_bmm"],
+                    help="the resident experts' kernel (grouped_mm falls back to gather_bmm if it fails)")
     ap.add_argument("--budget-s", type=float, default=450.0, help="stop starting shapes after this many seconds")
     ap.add_argument("--job", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--date", default=None, help=argparse.SUPPRESS)
@@ -585,4 +587,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from traces.cli import run_cli
+
+    sys.exit(run_cli(main))

@@ -591,8 +591,6 @@ def _jsonable(v: Any) -> Any:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except Exception:  # noqa: BLE001 - the log says why
-        traceback.print_exc()
-        sys.exit(1)
+    from traces.cli import run_cli
+
+    sys.exit(run_cli(main))  # a project error: one line, exit 2; a bug: its traceback, exit 1

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import math
 import os
 import platform
 import subprocess
@@ -68,12 +67,12 @@ def hardware_of(name: str) -> str | None:
 def compose(overrides: list[str]) -> Any:
     from hydra import compose as _compose, initialize_config_dir
 
-    from runtime.__main__ import register_configs
+    from runtime.__main__ import register_configs, rewrite_args
     from sim.presets import conf_dir
 
     register_configs()
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        return _compose(config_name="run", overrides=overrides)
+        return _compose(config_name="run", overrides=rewrite_args(list(overrides)))
 
 
 def _num(v: Any) -> float:

@@ -69,4 +69,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from traces.cli import run_cli
+
+    sys.exit(run_cli(main))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import sys
 import time
 
 import simpy
@@ -128,4 +129,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from traces.cli import run_cli
+
+    sys.exit(run_cli(main))

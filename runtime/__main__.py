@@ -18,6 +18,7 @@ from typing import Any, Optional
 
 from sim.config import RunBase
 from sim.presets import setting
+from traces.cli import hydra_task
 
 
 @dataclass
@@ -29,7 +30,6 @@ class RunConf(RunBase):
     layers: Optional[int] = setting(None, "depth reduction of `source` (presets: model.layers)")
     mode: str = setting("replay", "replay: execute the trace's routing | live: the model's own routing")
     device: str = setting("auto", "auto: cuda if present, else cpu")
-    dtype: str = setting("auto", "random weights: auto = bf16 on a GPU, fp32 on the CPU")
     repetitions: int = setting(3, "measured repetitions of each policy")
     warmup_steps: int = setting(-1, "-1: one unmeasured pass over the whole trace first; N: its first N steps; 0: none")
     host_memory: Optional[str] = setting(None, "pinned | pageable: sets hardware.host_memory")
@@ -58,41 +58,60 @@ def rewrite_args(argv: list[str]) -> list[str]:
     return rewrite_model_args(argv)
 
 
-SPECULATIVE_COLUMNS = ["policy", "source", "repetition", "acceptance_rate", "mean_k", "tokens_per_cycle",
-                       "draft_agreement", "acceptance_by_position"]
-
-
 def speculative_table(rows: list[dict[str, Any]]) -> str:
-    """Acceptance, mean k, tokens per cycle (and, measured live, the draft's routing agreement and
-    acceptance per draft position) of the speculative rows; empty when there are none."""
+    """The simulator's speculative table (acceptance, mean k, tokens per cycle, coverage, ELB recall,
+    k histogram) over measured and simulated rows, then, for live runs, the draft's routing agreement
+    with the target and the acceptance per draft position; empty when no row is speculative."""
     import pandas as pd
 
-    spec = [r for r in rows if r.get("status") == "ok" and r.get("mean_k") is not None
-            and not (isinstance(r.get("mean_k"), float) and r["mean_k"] != r["mean_k"])]
-    if not spec:
-        return ""
-    df = pd.DataFrame(spec)
-    df = df[[c for c in SPECULATIVE_COLUMNS if c in df.columns]]
-    return df.to_string(index=False, float_format=lambda v: f"{v:.3f}")
+    from sim.report import format_speculative
+
+    text = format_speculative([{**r, "policy": f"{r.get('policy')} ({r.get('source')})"} for r in rows])
+    live = [r for r in rows if r.get("status") == "ok" and r.get("mode") == "live"
+            and r.get("draft_agreement") is not None]
+    if text and live:
+        df = pd.DataFrame(live)[["policy", "repetition", "draft_agreement", "acceptance_by_position"]]
+        text += "\nlive draft vs target:\n" + df.to_string(index=False, float_format=lambda v: f"{v:.3f}")
+    return text
 
 
 def run_app(cfg: Any, out_dir: Path) -> list[dict[str, Any]]:
     """Measure every policy of ``cfg``, write results (and timelines) under ``out_dir``; return the rows."""
-    from runtime.measure import Session, timeline_json
-    from sim.report import format_table, write_results
-    from traces.atomic import write_json_atomic
+    from runtime.errors import OffloadRuntimeError
+    from runtime.measure import Session, check_config, timeline_json
+    from runtime.memcheck import check_run
+    from sim.report import ResultsWriter, format_table, reasons
+    from traces.atomic import check_output_file, write_json_atomic
+    from traces.cli import Interrupted
     from traces.io import write_trace
 
     timelines = []
+    results = ResultsWriter(out_dir, cfg.results_name)  # refuses another run's directory, before the work
+    if cfg.timeline_out:
+        check_output_file(cfg.timeline_out, "timeline_out")
+    check_config(cfg)  # settings refused before anything is estimated or built
+    refuse_single_policy(cfg)
+    est = check_run(cfg)  # refuses, with the numbers, a run that cannot fit this machine's memory
+    reps = int(cfg.get("repetitions", 1))
+    progress = (lambda msg: print(msg, file=sys.stderr, flush=True)) if cfg.get("progress", True) else (lambda msg: None)
+    if est is not None:
+        progress(f"building the model: about {est.host_bytes / 1e9:.1f} GB of host memory"
+                 + (f", {est.gpu_bytes / 1e9:.1f} GB of GPU memory" if est.gpu_bytes else "") + " (estimated)")
 
     def on_run(p, run, log, row):
         if cfg.timeline_out and log.compute_spans is not None:
             timelines.append((p.name, log))
+        results.add(row)  # an interrupted suite keeps its measured rows
+        progress(f"{p.name}: repetition {int(row.get('repetition', 0)) + 1}/{reps} measured in {row.get('wall_s', 0):.1f} s")
 
     sess = Session(cfg)
     try:
-        rows = sess.measure(cfg, on_run=on_run)
-        write_results(rows, out_dir, cfg.results_name)
+        try:
+            rows = sess.measure(cfg, on_run=on_run)
+        except KeyboardInterrupt:
+            raise Interrupted(results.where()) from None
+        results.rows = list(rows)  # every row: measured, predicted (source=sim) and refused ones
+        results.write()
         if getattr(sess, "executed", None) is not None:
             write_trace(sess.executed, out_dir / "executed_trace.parquet")
         names = list(dict.fromkeys(n for n, _ in timelines))
@@ -108,31 +127,44 @@ def run_app(cfg: Any, out_dir: Path) -> list[dict[str, Any]]:
     spec = speculative_table(rows)
     if spec:
         print(spec)
-    print(f"results: {out_dir / (cfg.results_name + '.parquet')}")
+    if reasons(rows):
+        print(reasons(rows))
+    print(f"results: {results.parquet}")
+    if not any(r.get("status") == "ok" and r.get("source") == "measured" for r in rows):
+        raise OffloadRuntimeError(f"no policy ran (reasons above); rows in {results.parquet}")
     return rows
 
 
+def refuse_single_policy(cfg: Any) -> None:
+    """One named policy whose budget cannot hold it is refused before the model is built (exit 2);
+    in a suite such policies are rows with their status and reason, and the others run."""
+    if cfg.policy.get("suite"):
+        return
+    if cfg.get("mode", "replay") == "replay" and not cfg.get("source"):
+        from runtime.measure import apply_overrides
+        from sim.run import policy_plan, prepare
+
+        apply_overrides(cfg)
+        policy_plan(prepare(cfg), cfg.policy)  # InfeasibleError: the budget, with its shortfall
+
+
+@hydra_task
 def _app(cfg: Any) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    from sim.errors import SimError
-    from traces.errors import TraceError
-
-    try:
-        run_app(cfg, Path(HydraConfig.get().runtime.output_dir))
-    except (SimError, TraceError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_app(cfg, Path(HydraConfig.get().runtime.output_dir))
 
 
-def main(argv: list[str] | None = None) -> None:
-    """`python -m runtime key=value ...`."""
+def main(argv: list[str] | None = None) -> int:
+    """Exit code of `python -m runtime key=value ...` (traces.cli)."""
     import hydra
+
+    from traces.cli import run_cli
 
     register_configs()
     sys.argv = [sys.argv[0]] + rewrite_args(list(sys.argv[1:] if argv is None else argv))
-    hydra.main(version_base="1.3", config_path="pkg://conf", config_name="run")(_app)()
+    return run_cli(hydra.main(version_base="1.3", config_path="pkg://conf", config_name="run")(_app))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

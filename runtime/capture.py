@@ -37,17 +37,14 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
+from runtime.errors import CaptureError
 from runtime.models import LoadedModel
 from runtime.routing import base_model, experts_call_args, lookahead_route, sort_by_weight
 from sim.presets import setting
-from traces.errors import TraceError
+from traces.cli import hydra_task
 from traces.io import Rows, trace_from_rows
 from traces.provenance import git_sha, project_version
 from traces.trace import DECODE, PREFILL, Trace
-
-
-class CaptureError(TraceError):
-    """Bad capture input or settings."""
 
 
 @dataclass
@@ -606,11 +603,13 @@ def run_capture(cfg: Any) -> Path:
     from runtime.models import load_model
     from sim.presets import conf_dir
     from runtime.prompts import load_prompts
+    from traces.atomic import check_output_file
     from traces.io import write_trace
 
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
+    check_output_file(cfg.out, "out")  # before the model loads: not a directory, a folder we can write
     prompts = load_prompts(cfg.prompts.path, cfg.prompts.field, cfg.prompts.limit)
     if cfg.source:
         source, layers = cfg.source, cfg.layers
@@ -641,23 +640,21 @@ def run_capture(cfg: Any) -> Path:
     return write_trace(trace, Path(cfg.out))
 
 
+@hydra_task
 def _app(cfg: Any) -> None:
-    try:
-        path = run_capture(cfg)
-    except TraceError as e:  # ModelLoadError, CaptureError, bad prompt files
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    print(f"trace: {path}")
+    print(f"trace: {run_capture(cfg)}")
 
 
-def main(argv: list[str] | None = None) -> None:
-    """`python -m runtime.capture key=value ...` (also the moe-capture console script)."""
+def main(argv: list[str] | None = None) -> int:
+    """Exit code of `python -m runtime.capture key=value ...` (also the moe-capture console script)."""
     import hydra
+
+    from traces.cli import run_cli
 
     register_configs()
     sys.argv = [sys.argv[0]] + rewrite_model_args(list(sys.argv[1:] if argv is None else argv))
-    hydra.main(version_base="1.3", config_path="pkg://conf", config_name="capture")(_app)()
+    return run_cli(hydra.main(version_base="1.3", config_path="pkg://conf", config_name="capture")(_app))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

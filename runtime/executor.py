@@ -232,7 +232,9 @@ class Run:
             pad_s = max(0.0, paced - (om.copy_s or 0.0))
         self.link = link = MarkStream(
             cache, be, slot_bytes=om.slot_bytes, source=om.store.expert, num_slots=om.num_slots, nbytes=om.nbytes,
-            transfer_time=rc.transfer_s, issue_overhead=rc.issue_overhead_s, copies_in_flight=rc.copies_in_flight,
+            transfer_time=rc.transfer_s, issue_overhead=rc.issue_overhead_s,
+            # a policy that copies from pageable memory (whole-layer streaming) copies one at a time
+            copies_in_flight=1 if getattr(rc.prefetch, "host_memory", None) == "pageable" else rc.copies_in_flight,
             pad_s=pad_s)
         self.queue, self.in_flight, self.copy_log = link.queue, link.in_flight, link.copy_log
         link.measure = not self.virtual  # the admission rule's link: measured on real backends
@@ -275,6 +277,8 @@ class Run:
         self.end_mark: Any = None
         be.begin()
         self.t0 = be.base
+        for req in host.preload():  # a streaming policy's resident layers, before the first request
+            be.block(req.mark)
 
     # ------------------------------------------------------------------ the host's state
     @property
@@ -331,30 +335,19 @@ class Run:
 
     # ------------------------------------------------------------------ driver interface
     def request_start(self, r: int) -> None:
-        """A request begins once the previous one's last token is on the host. Before the first,
-        the experts the policy keeps for good are copied (a model load); with cache.reset=request
-        every copy lands and the cache and the policies start afresh."""
+        """A request begins once the previous one's last token is on the host; with
+        cache.reset=request every copy lands first and the cache and the policies start afresh."""
         be = self.backend
         be.block(be.mark())
-        if not self.requests:
-            keys = self.host.preload_keys()
-            if keys:
-                self._land(set(keys))
-                self.cache.pin(keys)
         if self.rc.reset == "request":
             self.queue.clear()
-            self._land(set())
+            link = self.link
+            while link.in_flight:
+                be.block(link.done_mark[link.in_flight[-1][1]])
+                link.observe()
             self.host.forget()
         self.requests.append((be.mark(), []))
         self.host.request_start(r)
-
-    def _land(self, keys: set[int]) -> None:
-        """Block until every key in ``keys`` is issued and every copy in flight has landed."""
-        self.ensure_issued(keys)
-        link = self.link
-        while link.in_flight:
-            self.backend.block(link.done_mark[link.in_flight[-1][1]])
-            link.observe()
 
     def request_end(self, r: int) -> None:
         be = self.backend
@@ -426,7 +419,7 @@ class Run:
             be = self.backend
             be.block(be.mark())  # the policy acts as the device reaches the layer (as in the model)
             self._resume(None)
-            while type(self._req) is Block:  # host-synchronous copies (whole-layer streaming)
+            while type(self._req) is Block:  # a host-synchronous (pageable) copy of the layer
                 be.block(self._req.mark)
                 self._resume(None)
 

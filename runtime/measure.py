@@ -37,6 +37,22 @@ from sim.metrics import results_row
 from sim.timeline import chrome_trace
 
 
+def _transfer_s(schedule: Any, hw: Any, prefetch: Any) -> float:
+    """One expert's copy time in the copy stream model, as the simulator times it for this policy
+    (a policy that copies from its own host memory, e.g. pageable streaming, uses that bandwidth)."""
+    if schedule is None:
+        return 0.0
+    cost = schedule.cost
+    host_memory = getattr(prefetch, "host_memory", None)
+    if host_memory and host_memory != hw.host_memory:
+        from dataclasses import replace
+
+        from sim.costmodel import cost_model_for
+
+        cost = cost_model_for(schedule.model, replace(hw, host_memory=host_memory))
+    return cost.h2d(schedule.model.bytes_per_expert())
+
+
 def run_log(run: Run, *, timeline: bool = True) -> RunLog:
     """The RunLog of a finished run (all marks complete)."""
     if not run.finished:
@@ -238,6 +254,9 @@ def check_config(cfg: Any) -> None:
                              "trace.decode_tokens); trace.path is for mode=replay")
     if int(cfg.get("repetitions", 1)) < 1:
         raise ExecutorError_(f"repetitions={cfg.repetitions}: must be >= 1")
+    if int(cfg.get("warmup_steps", -1)) < -1:
+        raise ExecutorError_(f"warmup_steps={cfg.warmup_steps}: must be -1 (one pass over the trace), 0 (none) "
+                             "or a number of steps")
 
 
 class Session:
@@ -252,7 +271,6 @@ class Session:
 
         from runtime.offloaded import OffloadedModel
         from runtime.models import load_model
-        from sim.spec import ModelSpec
 
         t0 = time.perf_counter()
         check_config(cfg)
@@ -263,7 +281,17 @@ class Session:
             spec = self.loaded.spec
             with open_dict(cfg):
                 cfg.model = OmegaConf.create({**spec.to_dict(), "layers": None, "hf_config": None})
-        self.spec = ModelSpec.from_cfg(cfg.model)
+        # the dtype the model was built in is the run's: in config_id and in the prediction's bytes
+        import torch
+
+        names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+        built = names.get(next(self.loaded.model.parameters()).dtype)
+        if built is not None:
+            with open_dict(cfg):
+                cfg.dtype = built
+        from sim.run import model_for
+
+        self.spec = model_for(cfg)
         sh = self.loaded.shape
         for f in ("moe_layers", "num_experts", "top_k"):
             if tuple(np.atleast_1d(getattr(sh, f))) != tuple(np.atleast_1d(getattr(self.spec, f))):
@@ -324,10 +352,9 @@ class Session:
         return out
 
     def plan(self, cfg: Any, pcfg: Any) -> Any:
-        from sim.hardware import HardwareSpec
         from sim.memory import plan_memory
 
-        hw = HardwareSpec.from_cfg(cfg.hardware)
+        hw = self.hardware(cfg)
         if cfg.get("mode", "replay") == "replay":
             prep = self.prepare(cfg)
             from sim.run import policy_plan
@@ -338,35 +365,38 @@ class Session:
                            draft_resident=pcfg.decoding == "speculative")
 
     def prepare(self, cfg: Any, trace: Any = None) -> Any:
-        """sim.run.Prepared of this config (replay: its trace; live: the executed trace)."""
-        from sim.costmodel import cost_model_for
-        from sim.hardware import HardwareSpec
-        from sim.run import Prepared, load_trace
-        from sim.schedule import Schedule
+        """sim.run.prepare of this config (replay: its trace; live: the executed trace), memoised,
+        with the resolved decode path's host overhead (conf/engine, or the measured profile's
+        values): the row it joins by config_id ran that path."""
+        from sim.run import prepare, with_engine
 
         key = (id(cfg), id(trace))
         cached = getattr(self, "_prep", None)
         if cached is not None and cached[0] == key:
             return cached[1]
-        hw = HardwareSpec.from_cfg(cfg.hardware)
-        if trace is None:
-            trace = load_trace(cfg.trace, self.spec)
-        ctx = int(cfg.cache.max_context_tokens or int(trace.position.max()) + 1)
-        cost = cost_model_for(self.spec, hw)
-        prep = Prepared(self.spec, hw, trace, cost, Schedule(trace, self.spec, cost), ctx, cfg.cache.slots, cfg.cache.per_layer,
-                        reset=str(cfg.cache.get("reset", "never")))
+        prep = with_engine(prepare(cfg, trace=trace), resolved_engine(cfg))
         self._prep = (key, prep)
         return prep
+
+    def hardware(self, cfg: Any) -> Any:
+        """The hardware spec of ``cfg``, built once (in replay: the prepared config's)."""
+        if cfg.get("mode", "replay") == "replay":
+            return self.prepare(cfg).hw
+        cached = getattr(self, "_hw", None)
+        if cached is None or cached[0] != id(cfg):
+            from sim.hardware import HardwareSpec
+
+            self._hw = (id(cfg), HardwareSpec.from_cfg(cfg.hardware))
+        return self._hw[1]
 
     def run_config(self, cfg: Any, pcfg: Any, plan: Any, *, schedule: Any = None, trace: Any = None,
                    prompts: Any = None, timeline: bool = False, exec_log: bool = False) -> Any:
         """One measured run of one policy; returns the finished executor Run."""
         from runtime.executor import LiveGatePredictor, RunConfig
         from runtime.replay import live, replay
-        from sim.hardware import HardwareSpec
         from sim.policies import EVICTION, PREDICTORS, PREFETCH
 
-        hw = HardwareSpec.from_cfg(cfg.hardware)
+        hw = self.hardware(cfg)
         mode = cfg.get("mode", "replay")
         eviction = EVICTION.create(pcfg.eviction, **dict(pcfg.eviction_args))
         prefetch = PREFETCH.create(pcfg.prefetch, **dict(pcfg.prefetch_args))
@@ -382,26 +412,29 @@ class Session:
             else:
                 predictor = PREDICTORS.create(pcfg.predictor, **dict(pcfg.predictor_args))
                 predictor.attach(trace, schedule.layer_steps(), tuple(range(1, depth + 1)), int(cfg.seed))
-        from sim.run import policy_link
-
-        # whole-layer streaming copies from pageable memory, one copy at a time (as the simulator)
-        sync = getattr(prefetch, "host_memory", None) == "pageable"
-        link_cost = policy_link(self.spec, hw, schedule.cost, prefetch)[1] if schedule is not None else None
         rc = RunConfig(
             eviction=eviction, prefetch=prefetch, predictor=predictor,
             slots=None if plan.per_layer else plan.slots, per_layer=plan.per_layer,
-            copies_in_flight=1 if sync else int(hw.copies_in_flight), decision_delay_s=float(hw.decision_delay_s),
-            schedule=schedule if mode == "replay" else None, seed=int(cfg.seed),
+            copies_in_flight=int(hw.copies_in_flight), decision_delay_s=float(hw.decision_delay_s),
+            # speculative replay: target passes are cycles, not the schedule's steps (ELB-driven policies)
+            schedule=schedule if mode == "replay" and pcfg.decoding != "speculative" else None, seed=int(cfg.seed),
             link_pace_gbps=hw.link_pace_gbps, timeline=timeline, exec_log=exec_log,
-            issue_overhead_s=float(hw.copy_issue_overhead_s), admission=bool(pcfg.get("admission", True)),
+            issue_overhead_s=float(hw.copy_issue_overhead_s),
+            transfer_s=_transfer_s(schedule, hw, prefetch), admission=bool(pcfg.get("admission", True)),
             reset=str(cfg.cache.get("reset", "never")),
-            transfer_s=link_cost.h2d(schedule.model.bytes_per_expert()) if link_cost is not None else 0.0,
         )
         run = self.om.start_run(rc)
         try:
             if pcfg.decoding == "speculative":
                 run.spec = self.speculative(cfg, run, hw)
-                run.live_out = {"tokens": run.spec.generate(prompts, int(cfg.trace.decode_tokens))}
+                if mode == "replay":  # the simulator's draft columns: the trace's own, or its stand-in
+                    from sim.run import speculative_trace
+                    from sim.speculative import DraftSource
+
+                    dtr = speculative_trace(self.prepare(cfg), cfg.trace)
+                    run.spec.replay(dtr, DraftSource(dtr), seed=int(cfg.seed))
+                else:
+                    run.live_out = {"tokens": run.spec.generate(prompts, int(cfg.trace.decode_tokens))}
             elif mode == "replay":
                 replay(self.om, run, trace, schedule, seed=int(cfg.seed))
             else:
@@ -465,18 +498,19 @@ class Session:
                 live(self.om, run, prompts, D if steps < 0 else steps)
             finally:
                 self.om.end_run()
-            if self.draft is not None:  # the draft's graphs and every verify width up to k_max + 1
-                from sim.hardware import HardwareSpec
-
-                g = cfg.governor
-                kw = max(int(g.get("k") or 1), int(g.get("k_max") or 1))
-                rc.eviction, rc.prefetch = EVICTION.create("lru"), PREFETCH.create("none")
-                run = self.om.start_run(rc)
-                try:
-                    dec = self.speculative(cfg, run, HardwareSpec.from_cfg(cfg.hardware), governor={"name": "fixed", "k": kw})
-                    dec.generate(prompts[:1], min(D, 3 * (kw + 1)) if steps < 0 else max(2, steps))
-                finally:
-                    self.om.end_run()
+        if self.draft is not None:  # the draft's graphs and every verify width up to k_max + 1
+            g = cfg.governor
+            kw = max(int(g.get("k") or 1), int(g.get("k_max") or 1))
+            rc.eviction, rc.prefetch, rc.schedule = EVICTION.create("lru"), PREFETCH.create("none"), None
+            run = self.om.start_run(rc)
+            try:
+                dec = self.speculative(cfg, run, self.hardware(cfg), governor={"name": "fixed", "k": kw})
+                lean = getattr(self.om, "stepper", None)
+                room = (lean.S if lean is not None else 1 << 20) - 8 - kw - 1  # static KV positions left
+                dec.generate(prompt_tokens(int(self.spec.vocab_size), [8], int(cfg.seed) + 1),
+                             max(2, min(room, 3 * (kw + 1) if steps < 0 else steps)))
+            finally:
+                self.om.end_run()
         self.warm = True
 
     # ------------------------------------------------------------------ the config's rows
@@ -490,9 +524,9 @@ class Session:
         import time
 
         from runtime.replay import executed_trace, prompt_tokens
-        from sim.errors import InfeasibleError, SimError
+        from sim.errors import InfeasibleError
         from sim.run import base_keys, bound_for, config_id, load_plugins, policy_presets, run_policy
-        from traces.errors import TraceError
+        from traces.errors import MoeOffloadError
 
         check_config(cfg)
         load_plugins(cfg.get("plugins") or [])
@@ -523,20 +557,17 @@ class Session:
             except InfeasibleError as e:
                 rows.append({**base, "source": "measured", "status": "infeasible", "reason": e.reason, "repetition": 0})
                 continue
-            reason = None
-            if p.decoding == "speculative" and mode != "live":
-                reason = ("speculative replay (the trace's draft/draft_match columns driving the ELB and acceptance) "
-                          "is not in this runtime yet: use mode=live")
-            elif mode == "live" and (p.eviction in LIVE_ONLY_TRACE or p.prefetch in FUTURE_PREFETCH
+            reason, status = None, "unsupported"
+            if mode == "live" and (p.eviction in LIVE_ONLY_TRACE or p.prefetch in FUTURE_PREFETCH
                                      or (p.predictor in FUTURE_PREDICTORS)):
                 reason = f"policy '{p.name}' reads the trace's future or truth: it needs mode=replay"
             elif self.engine == "graphed" and mode == "live" and p.predictor:
                 reason = (f"policy '{p.name}': the live gate predictor hooks the post-attention norms, which run "
                           "inside CUDA graphs with engine=graphed (use engine=eager, or mode=replay)")
             elif plan.slots > self.om.num_slots:
-                reason = f"the plan needs {plan.slots} slots, the session's pool has {self.om.num_slots}"
+                reason, status = f"the plan needs {plan.slots} slots, the session's pool has {self.om.num_slots}", "failed"
             if reason:
-                rows.append({**base, "source": "measured", "status": "failed", "reason": reason, "repetition": 0})
+                rows.append({**base, "source": "measured", "status": status, "reason": reason, "repetition": 0})
                 continue
             last = None
             if mode == "live":
@@ -552,8 +583,9 @@ class Session:
                     run = self.run_config(cfg, p, plan, schedule=prep.schedule if prep else None,
                                           trace=prep.trace if prep else None, prompts=prompts,
                                           timeline=keep and rep == reps - 1)
-                except (SimError, TraceError, RuntimeError) as e:
-                    rows.append({**base, "source": "measured", "status": "failed", "reason": f"{type(e).__name__}: {e}",
+                except (MoeOffloadError, RuntimeError) as e:  # ours, or the device's (CUDA out of memory)
+                    rows.append({**base, "source": "measured", "status": getattr(e, "status", "failed"),
+                                 "reason": f"{type(e).__name__}: {e}",
                                  "repetition": rep})
                     break
                 wall = time.perf_counter() - t0
@@ -591,8 +623,8 @@ class Session:
                     srow, _ = run_policy(prep, p, int(cfg.seed), timeline=False, governor_cfg=cfg.get("governor"),
                                          trace_cfg=cfg.trace, plan=plan)
                     rows.append({**base, "source": "sim", "status": "ok", "reason": "", "repetition": 0, **srow})
-                except (SimError, TraceError, AssertionError) as e:  # a simulator failure must not lose the measurement
-                    rows.append({**base, "source": "sim", "status": "failed", "reason": f"{type(e).__name__}: {e}",
+                except MoeOffloadError as e:  # a refused prediction must not lose the measurement (a bug still raises)
+                    rows.append({**base, "source": "sim", "status": e.status, "reason": f"{type(e).__name__}: {e}",
                                  "repetition": 0})
         return rows
 

@@ -27,15 +27,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from runtime.errors import ModelLoadError
 from runtime.routing import LayerHandles, layer_handles
 from sim.presets import conf_dir
 from sim.spec import ModelSpec
-from traces.errors import TraceError
+from traces.errors import MoeOffloadError
 from traces.shape import ModelShape
-
-
-class ModelLoadError(TraceError):
-    """A model source that cannot be loaded (missing, not MoE, unsupported, needs the network)."""
 
 
 @dataclass(frozen=True)
@@ -151,7 +148,7 @@ def spec_from_hf_config(config: Any, name: str) -> tuple[ModelShape, Any]:
     the one reader of config.json for the simulator and the runtime."""
     try:
         spec = ModelSpec.from_hf_config(hf_config_dict(config), name=name)
-    except ValueError as e:  # SimError / TraceError
+    except MoeOffloadError as e:  # SimError / TraceError of a config the simulator cannot read
         raise ModelLoadError(f"{name}: {e}") from None
     return spec.shape_only(), spec
 

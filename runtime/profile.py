@@ -33,7 +33,7 @@ import re
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -42,6 +42,7 @@ import torch.nn.functional as F
 
 from sim.costmodel import op_shape
 from sim.errors import SimError
+from sim.presets import setting
 from sim.spec import ModelSpec
 
 # Shapes of the validation grid (runtime.validate); the engine shape must not be one of them.
@@ -52,16 +53,16 @@ GRID_SHAPES = ["mixtral-8x7b", "phi-3.5-moe", "qwen3-30b-a3b"]
 class ProfileConf:
     """Structured config of `python -m runtime.profile` (ConfigStore name ``profile_schema``)."""
 
-    out: str = "conf/hardware/measured"  # folder of <name>.yaml and <name>.parquet
-    name: Optional[str] = None  # default: from the card (h100-sxm, h200, ...)
-    overwrite: bool = False  # refuse to replace an existing profile of this name unless true
-    smoke: bool = False  # tiny sizes (a test runs it on the CPU)
-    device: str = "auto"
-    shapes: list[str] = field(default_factory=lambda: list(GRID_SHAPES))
-    engine_shape: str = "olmoe-1b-7b"
-    engine_layers: list[int] = field(default_factory=lambda: [1, 3])
-    reps: int = 7
-    seed: int = 0
+    out: str = setting("conf/hardware/measured", "folder of <name>.yaml and <name>.parquet")
+    name: Optional[str] = setting(None, "default: from the card (h100-sxm, h200, ...); cpu-smoke on the CPU")
+    overwrite: bool = setting(False, "an existing profile of this name is never replaced unless true")
+    smoke: bool = setting(False, "tiny sizes, seconds on the CPU (the test suite runs it)")
+    device: str = setting("auto", "auto: cuda if present, else cpu")
+    shapes: list[str] = setting(list(GRID_SHAPES), "compute grid: the validation grid's shapes")
+    engine_shape: str = setting("olmoe-1b-7b", "host overhead per decode path: a shape the validation grid does not use")
+    engine_layers: list[int] = setting([1, 3], "two depths: host time per layer is the slope between them")
+    reps: int = setting(7, "timed repetitions (median)")
+    seed: int = setting(0, "seed of random weights and inputs")
 
 
 # =============================================================================== timing
@@ -626,30 +627,18 @@ def _host_issue(clock: Clock, fn: Callable[[], Any], n: int) -> float:
 
 
 def _compose_run(overrides: list[str]) -> Any:
-    """The runtime's config (conf/run.yaml) for ``overrides``. ``engine=X`` names the runtime's
-    decode path; where the run config does not list the ``engine`` group among its defaults, Hydra
-    needs it appended (``+engine=X``)."""
+    """The runtime's config (conf/run.yaml) for ``overrides`` (``engine=X`` names the decode path)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
-    from hydra.errors import ConfigCompositionException
 
     from runtime.__main__ import register_configs
     from sim.presets import conf_dir
 
     register_configs()
-
-    def go(over: list[str]) -> Any:
-        try:
-            return compose(config_name="run", overrides=over)
-        except ConfigCompositionException:
-            if not any(o.startswith("engine=") for o in over):
-                raise
-            return compose(config_name="run", overrides=[("+" + o if o.startswith("engine=") else o) for o in over])
-
     if GlobalHydra.instance().is_initialized():  # inside `python -m runtime.profile` (same search path)
-        return go(overrides)
+        return compose(config_name="run", overrides=overrides)
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        return go(overrides)
+        return compose(config_name="run", overrides=overrides)
 
 
 def _resident_tpot(name: str, layers: int, cfg: Any, clock: Clock, engine: str) -> float:
@@ -894,24 +883,20 @@ def register_configs() -> None:
 
 
 def _app(cfg: Any) -> None:
-    from traces.errors import TraceError
-
-    try:
-        run_profile(cfg)
-    except (SimError, TraceError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_profile(cfg)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """`python -m runtime.profile key=value ...`."""
+def main(argv: list[str] | None = None) -> int:
+    """Exit code of `python -m runtime.profile key=value ...` (traces.cli: errors print one line)."""
     import hydra
+
+    from traces.cli import hydra_task, run_cli
 
     register_configs()
     if argv is not None:
         sys.argv = [sys.argv[0]] + list(argv)
-    hydra.main(version_base="1.3", config_path="pkg://conf", config_name="profile")(_app)()
+    return run_cli(hydra.main(version_base="1.3", config_path="pkg://conf", config_name="profile")(hydra_task(_app)))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

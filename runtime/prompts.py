@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from traces.errors import TraceError
+from runtime.errors import CaptureError
 
 BUILTIN_PROMPTS: tuple[str, ...] = (
     "Write a Python function that returns the n-th Fibonacci number without recursion.",
@@ -69,12 +69,12 @@ def load_prompts(path: str | os.PathLike | None = None, field: str = "text", lim
     """Prompts from ``path`` (``.jsonl``/``.json``: one object per line, its ``field``; else one prompt
     per non-blank line), or the built-in set when ``path`` is None."""
     if limit is not None and limit < 1:
-        raise TraceError(f"prompts.limit must be >= 1, got {limit}")
+        raise CaptureError(f"prompts.limit must be >= 1, got {limit}")
     if path is None:
         return builtin_prompts(limit)
     p = Path(path).expanduser()
     if not p.is_file():
-        raise TraceError(f"{p}: prompt file not found")
+        raise CaptureError(f"{p}: prompt file not found")
     raw = p.read_text(encoding="utf-8")
     texts: list[str] = []
     if p.suffix in (".jsonl", ".json", ".ndjson"):
@@ -84,12 +84,12 @@ def load_prompts(path: str | os.PathLike | None = None, field: str = "text", lim
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise TraceError(f"{p}:{n}: not valid JSON ({e.msg})") from None
+                raise CaptureError(f"{p}:{n}: not valid JSON ({e.msg})") from None
             if not isinstance(obj, dict) or field not in obj:
-                raise TraceError(f"{p}:{n}: no field {field!r} (set prompts.field=...)")
+                raise CaptureError(f"{p}:{n}: no field {field!r} (set prompts.field=...)")
             v = obj[field]
             if not isinstance(v, str):
-                raise TraceError(f"{p}:{n}: field {field!r} is {type(v).__name__}, expected a string")
+                raise CaptureError(f"{p}:{n}: field {field!r} is {type(v).__name__}, expected a string")
             if v.strip():
                 texts.append(v)
         kind = "jsonl"
@@ -97,7 +97,7 @@ def load_prompts(path: str | os.PathLike | None = None, field: str = "text", lim
         texts = [line for line in raw.splitlines() if line.strip()]
         kind = "text"
     if not texts:
-        raise TraceError(f"{p}: no prompts in the file (empty, or only blank lines/values)")
+        raise CaptureError(f"{p}: no prompts in the file (empty, or only blank lines/values)")
     if limit:
         texts = texts[:limit]
     origin = {"origin": kind, "path": str(p), "count": len(texts), "sha256": _digest(texts)}

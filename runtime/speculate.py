@@ -134,6 +134,7 @@ class HFEngine:
             self._hooks.append(mod.register_forward_pre_hook(self._target_hook(m), with_kwargs=True))
         self.cache: Any = None
         self.length = 0
+        self.vocab_size = int(model.config.vocab_size)
 
     def _draft_call(self, m: int, draft: ExpertsFn):
         def call(hidden, idx, w):
@@ -257,6 +258,7 @@ class LeanEngine:
         self.draft_lean = LeanModel(target.loaded, max_len=target.S, experts=draft, graphs=graphs, read_routing=False)
         self.draft_lean.kv = target.kv  # one KV cache for the draft and the target
         self.length = 0
+        self.vocab_size = int(target.model.config.vocab_size)
 
     def reset(self) -> None:
         self.lean.reset()
@@ -311,6 +313,10 @@ class MeasuredCosts:
     def _ema(self, old: float | None, new: float) -> float:
         return new if old is None else (1 - self.alpha) * old + self.alpha * new
 
+    def at(self, r: int, t: int, L: int) -> None:
+        """The cycle about to be priced (request, position, request length): measured costs do not
+        depend on it."""
+
     def observe_draft(self, per_token_s: float) -> None:
         self.draft_s = self._ema(self.draft_s, per_token_s)
 
@@ -360,6 +366,35 @@ class MeasuredCosts:
                           new_experts=new_experts, k_limit=k_limit, expert_bytes=expert_bytes)
 
 
+class ModelledCosts(MeasuredCosts):
+    """The simulator's cost model in place of measured times (a virtual-time run): draft and verify
+    priced by the schedule exactly as the simulator's host prices them, so the governor sees the
+    simulator's inputs (tests of identical decisions; what-if runs). Transfers: ``expert_transfer_s``."""
+
+    def __init__(self, schedule: Any, trace: Any, decision_delay_s: float, expert_transfer_s: float,
+                 copy_latency_s: float = 0.0) -> None:
+        super().__init__(expert_transfer_s, copy_latency_s + decision_delay_s)
+        self.schedule, self.trace, self.dd = schedule, trace, float(decision_delay_s)
+        self.r = self.t = self.L = 0
+
+    def at(self, r: int, t: int, L: int) -> None:
+        self.r, self.t, self.L = r, t, L
+
+    def observe_draft(self, per_token_s: float) -> None:
+        pass
+
+    def observe_verify(self, n: int, s: float) -> None:
+        pass
+
+    def t_draft(self, k: int) -> float:
+        r, t, L = self.r, self.t, self.L
+        return sum(self.schedule.draft_token_time(r, t + i) for i in range(min(k, L - 1 - t)))
+
+    def t_verify(self, n: int) -> float:
+        r, t, L = self.r, self.t, self.L
+        return self.schedule.verify_estimate(n, int(self.trace.position[r, min(t + n, L) - 1]) + 1, self.dd)
+
+
 # =============================================================================== the decoder
 @dataclass
 class Cycle:
@@ -375,6 +410,8 @@ class Cycle:
     matches: list[bool] = field(default_factory=list)  # d_i == target's token, i = 1..k
     agreement: list[float] = field(default_factory=list)  # per drafted position with the target's input
     coverage: float = float("nan")
+    elb_hits: int = 0  # experts the verify pass needed that the ELB forecast (per layer)
+    verify_experts: int = 0  # distinct experts the verify pass needed (per layer, summed)
     fetched: int = 0
     predicted_cycle_s: float = float("nan")
     governor_phase: str = ""
@@ -421,7 +458,6 @@ class SpeculativeDecoder:
         dev = engine.device
         self.sync = sync or ((lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None))
         self.cycles: list[Cycle] = []
-        self.elb: list[tuple[tuple[int, ...], ...]] = []  # the last cycle's ELB rows (as ids)
         self.routing: list[list[tuple[tuple[int, ...], ...]]] = []  # per request: target ids per kept position
         self.draft_rows: list[list[tuple[tuple[int, ...], ...] | None]] = []  # per request: draft ids per kept position
         self.draft_match: list[list[bool]] = []
@@ -446,10 +482,10 @@ class SpeculativeDecoder:
         return busy, len(run.queue)
 
     # ------------------------------------------------------------------ passes
-    def _target(self, r: int, step: int, ids: list[int], start: int, emitted: int = 1) -> torch.Tensor:
+    def _target(self, r: int, step: int, ids: list[int], start: int, emitted: int = 1, **replayed: Any) -> torch.Tensor:
         run = self.run
         if run is not None:
-            rec = run.begin_step(r, step, len(ids), emitted=emitted)
+            run.begin_step(r, step, len(ids), emitted=emitted, **replayed)
         x = torch.tensor([ids], dtype=torch.long, device=self.engine.device)
         logits = self.engine.target(x, start)
         toks = logits.argmax(-1)
@@ -460,7 +496,6 @@ class SpeculativeDecoder:
     def generate(self, prompts: Sequence[Sequence[int]], new_tokens: int) -> list[list[int]]:
         """Greedy tokens of each prompt (``new_tokens`` each, the prefill's first included)."""
         out = []
-        eng = self.engine
         with torch.inference_mode():
             for r, prompt in enumerate(prompts):
                 out.append(self._request(r, list(prompt), int(new_tokens)))
@@ -511,7 +546,6 @@ class SpeculativeDecoder:
                 self._issue(self.prefetch.on_draft_token(i, self._keys(row), budget))
             self.sync()
             t1 = time.perf_counter()
-            self.elb = rows
             # verify: the draft's keys/values are dropped, the target writes t..t+k
             eng.rollback(t)
             ver = [emitted[-1]] + draft_toks
@@ -535,7 +569,9 @@ class SpeculativeDecoder:
                 drafts.append(rows[j] if j < k else None)
                 match.append(j < a or a == k)  # a == k: the bonus position was not drafted (see executed_spec_trace)
             fetched = (run.copies - copies0) if run is not None else 0
-            needed = sum(len({e for j in range(k + 1) for e in vrows[j][m]}) for m in range(self.M))
+            need_sets = [{e for j in range(k + 1) for e in vrows[j][m]} for m in range(self.M)]
+            needed = sum(len(x) for x in need_sets)
+            elb_hits = sum(len(need_sets[m] & {e for row in rows for e in row[m]}) for m in range(self.M))
             if k:
                 costs.observe_draft((t1 - t0) / k)
             costs.observe_verify(k + 1, t2 - t1)
@@ -545,6 +581,7 @@ class SpeculativeDecoder:
                 request=r, cycle=cycle, t=t, k=k, accepted=a, draft_s=t1 - t0, verify_s=t2 - t1,
                 matches=[draft_toks[i] == y[i] for i in range(k)], agreement=agree,
                 coverage=run.steps[-1].coverage if run is not None else float("nan"), fetched=fetched,
+                elb_hits=elb_hits, verify_experts=needed,
                 predicted_cycle_s=float(getattr(d, "predicted_cycle_s", float("nan"))),
                 governor_phase=str(getattr(d, "phase", ""))))
             emitted.extend(draft_toks[:a] + [y[a]])
@@ -558,13 +595,109 @@ class SpeculativeDecoder:
         self.draft_match.append(match)
         return emitted[:new_tokens]
 
+    # ------------------------------------------------------------------ replay
+    def replay(self, trace: Any, draft: Any, *, seed: int = 0) -> None:
+        """Speculative cycles over a trace's requests (mode=replay): the trace's routing is executed
+        (every target pass computes exactly the experts of its rows, with their gate weights), the
+        ELB rows and the acceptance come from ``draft`` (sim.speculative.DraftSource: the trace's
+        ``draft``/``draft_match`` columns), so the simulator and this run see the same cycles for the
+        same k. The draft model still runs its k tokens (its compute is measured), on random tokens."""
+        rng = np.random.default_rng([seed, 77])
+        with torch.inference_mode():
+            for r in range(trace.num_requests):
+                self._replay_request(r, trace, draft, rng)
+
+    def _overrides(self, trace: Any, r: int, a: int, b: int) -> dict[str, Any]:
+        k = self.top_k
+        ids_np = trace.expert_ids[r, a:b].astype(np.int64)  # (n, M, k)
+        if trace.gate_weights is not None:
+            w_np = trace.gate_weights[r, a:b].astype(np.float32)
+            w_np = np.where(np.isfinite(w_np), w_np, 1.0 / k)
+        else:
+            w_np = np.full(ids_np.shape, 1.0 / k, dtype=np.float32)
+        dev = self.engine.device
+        ov_ids = torch.from_numpy(np.ascontiguousarray(ids_np.transpose(1, 0, 2))).to(dev)
+        ov_w = torch.from_numpy(np.ascontiguousarray(w_np.transpose(1, 0, 2))).to(dev)
+        E = self.E
+        needed = [tuple(sorted({m * E + int(e) for e in ids_np[:, m].reshape(-1)})) for m in range(self.M)]
+        return {"override": (ov_ids, ov_w, ids_np.transpose(1, 0, 2).tolist()), "needed": needed}
+
+    def _replay_request(self, r: int, trace: Any, draft: Any, rng: np.random.Generator) -> None:
+        eng, run, gov, costs = self.engine, self.run, self.governor, self.costs
+        L = int(trace.lengths[r])
+        P = int((trace.phase[r, :L] == 0).sum())
+        vocab = int(eng.vocab_size)
+        if run is not None:
+            run.request_start(r)
+        else:
+            self._issue(self.prefetch.on_request_start(r))
+        eng.reset()
+        toks = rng.integers(3, max(vocab, 4), size=L).tolist()
+        self._target(r, 0, toks[:P], 0, **self._overrides(trace, r, 0, P))
+        t, cycle = P, 0
+        while t < L:
+            cycle += 1
+            k_limit = L - 1 - t
+            busy, _ = self._link_state()
+            costs.at(r, t, L)
+            hist = trace.expert_ids[r, max(0, t - 64):t].astype(np.int64)  # verified rows (prefill too, as the simulator)
+            d = gov.decide(costs.cycle_costs(hist, self.M, self.E, self.top_k, busy, k_limit, self.expert_bytes))
+            k = max(0, min(int(d.k), k_limit))
+            copies0 = run.copies if run is not None else 0
+            self._issue(self.prefetch.on_cycle_start(CycleInfo(
+                request=r, t=t, k=k, t_draft_s=costs.t_draft(k), expert_transfer_s=costs.expert_transfer_s,
+                slots=run.cache.total_slots if run is not None else self.M * self.E, top_k=self.top_k)))
+            self.sync()
+            t0 = time.perf_counter()
+            x = toks[t]
+            elb: set[int] = set()
+            for i in range(k):
+                x, _ = eng.draft(torch.tensor([[x]], dtype=torch.long, device=eng.device), t + i)
+                if run is not None:
+                    run.pump()
+                busy, queued = self._link_state()
+                xfer = costs.expert_transfer_s
+                budget = int((costs.t_draft(k - i - 1) - busy) / xfer) - queued if xfer > 0 else 0
+                row = draft.elb_row(r, t + i)
+                elb.update(key for keys in row for key in keys)
+                self._issue(self.prefetch.on_draft_token(i, row, budget))
+            self.sync()
+            t1 = time.perf_counter()
+            eng.rollback(t)
+            a = draft.accepted(r, t, k)
+            ov = self._overrides(trace, r, t, t + k + 1)
+            self._target(r, cycle, toks[t:t + k + 1], int(trace.position[r, t]), emitted=a + 1, **ov)
+            self.sync()
+            t2 = time.perf_counter()
+            eng.rollback(t + a + 1)
+            fetched = (run.copies - copies0) if run is not None else 0
+            if k:
+                costs.observe_draft((t1 - t0) / k)
+            costs.observe_verify(k + 1, t2 - t1)
+            costs.observe_fetch(fetched, sum(len(x) for x in ov["needed"]))
+            gov.observe(k, a, t2 - t0)
+            self.cycles.append(Cycle(
+                request=r, cycle=cycle, t=t, k=k, accepted=a, draft_s=t1 - t0, verify_s=t2 - t1,
+                matches=[bool(draft.accepted(r, t + i, 1)) for i in range(k)],
+                coverage=run.steps[-1].coverage if run is not None else float("nan"), fetched=fetched,
+                elb_hits=sum(1 for keys in ov["needed"] for key in keys if key in elb),
+                verify_experts=sum(len(x) for x in ov["needed"]),
+                predicted_cycle_s=float(getattr(d, "predicted_cycle_s", float("nan"))),
+                governor_phase=str(getattr(d, "phase", ""))))
+            t += a + 1
+        if run is not None:
+            run.request_end(r)
+        else:
+            self._issue(self.prefetch.on_request_end(r))
+
     # ------------------------------------------------------------------ reports
     def sim_cycles(self) -> list[dict[str, Any]]:
         """The cycles in the simulator's record format (sim.metrics.speculative_metrics)."""
         return [{"request": c.request, "cycle": c.cycle, "t": c.t, "k": c.k, "accepted": c.accepted,
                  "emitted": c.emitted, "observed_cycle_s": c.draft_s + c.verify_s, "t_draft": c.draft_s,
                  "t_verify": c.verify_s, "predicted_cycle_s": c.predicted_cycle_s, "governor_phase": c.governor_phase,
-                 "coverage": c.coverage} for c in self.cycles]
+                 "coverage": c.coverage,
+                 **({"elb_hits": c.elb_hits, "verify_experts": c.verify_experts} if c.k else {})} for c in self.cycles]
 
     def summary(self) -> dict[str, Any]:
         """Acceptance per draft position (P(accepted at i | accepted before i)), mean k, tokens per

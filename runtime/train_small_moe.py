@@ -461,5 +461,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
-    sys.exit(0)
+    from traces.cli import run_cli
+
+    sys.exit(run_cli(lambda: main() and 0))

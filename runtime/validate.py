@@ -26,46 +26,57 @@ import datetime as _dt
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from omegaconf import MISSING
+
 from sim.errors import SimError
 from sim.experiments.validation import COLUMNS
+from sim.presets import setting
 
 
 
 @dataclass
 class ShapeConf:
-    name: str = "???"
-    model: str = "???"
-    layers: Optional[int] = None
-    trace: Optional[str] = None  # a trace file (the project's own); null: the preset's synthetic trace
-    requests: int = 2
-    prompt_tokens: int = 16
-    decode_tokens: int = 24
+    name: str = setting(MISSING, "the shape's name in the tables")
+    model: str = setting(MISSING, "a conf/model preset (random weights)")
+    layers: Optional[int] = setting(None, "depth reduction: the first N decoder layers")
+    trace: Optional[str] = setting(None, "a trace file (the project's own); null: the preset's synthetic trace")
+    requests: int = setting(2, "synthetic trace: requests")
+    prompt_tokens: int = setting(16, "synthetic trace: prompt tokens per request")
+    decode_tokens: int = setting(24, "synthetic trace: decoded tokens per request")
+
+
+#: the default grid's shapes: depth-reduced and shape-faithful
+GRID = [ShapeConf("mixtral-8x7b-L4", "mixtral-8x7b", 4), ShapeConf("phi-3.5-moe-L4", "phi-3.5-moe", 4),
+        ShapeConf("qwen3-30b-a3b-L8", "qwen3-30b-a3b", 8)]
 
 
 @dataclass
 class ValidateConf:
     """Structured config of `python -m runtime.validate` (ConfigStore name ``validate_schema``)."""
 
-    card: Optional[str] = None  # measured profile name (hardware=measured/<card>); default: from the device
-    profile: Optional[str] = None  # the simulator's hardware preset (default: measured/<card>)
-    shapes: list[ShapeConf] = field(default_factory=list)
-    budgets: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75])  # share of all routed experts
-    policies: list[str] = field(default_factory=lambda: ["lru", "lookahead", "history", "oracle"])
-    links: list[str] = field(default_factory=lambda: ["pinned", "paced"])
-    pace_gbps: float = 16.0  # the paced link: pinned copies paced to this bandwidth (link_pace_gbps)
-    engines: list[str] = field(default_factory=lambda: ["graphed", "eager"])
-    levels: list[str] = field(default_factory=lambda: ["closed"])
-    repetitions: int = 3
-    fraction: float = 1.0  # < 1: a covering subset of the grid (stated in the plan)
-    budget_s: float = 540.0  # device seconds for this call; the rest waits for the next
-    out: str = "benchmarks/validation"
-    dry_run: bool = False
-    device: str = "auto"
-    seed: int = 0
+    card: Optional[str] = setting(None, "measured profile name (hardware=measured/<card>); default: the card this "
+                                        "runs on (h100-sxm, h200, ...); \"cpu\" on the CPU")
+    profile: Optional[str] = setting(None, "the simulator's hardware preset; default: measured/<card>")
+    shapes: list[ShapeConf] = setting(GRID, "the grid's model shapes")
+    budgets: list[float] = setting([0.25, 0.5, 0.75], "share of all routed experts the slot pool holds")
+    policies: list[str] = setting(["lru", "lookahead", "history", "oracle"], "policy presets run together per config")
+    links: list[str] = setting(["pinned", "paced"], "paced: pinned copies paced to pace_gbps (a slower link on the "
+                                                    "same machine)")
+    pace_gbps: float = setting(16.0, "the paced link's bandwidth (link_pace_gbps)")
+    engines: list[str] = setting(["graphed", "eager"], "runtime.lean's CUDA graphs between routing reads | "
+                                                       "transformers' forward")
+    levels: list[str] = setting(["closed"], "replayed once the simulator can replay the runtime's decisions")
+    repetitions: int = setting(3, "measured repetitions per config")
+    fraction: float = setting(1.0, "< 1: a covering subset of the grid (stated in the plan)")
+    budget_s: float = setting(540.0, "device seconds for this call; the rest waits for the next")
+    out: str = setting("benchmarks/validation", "tables go to <out>/<card>/validation.parquet")
+    dry_run: bool = setting(False, "the plan and its estimated device time only")
+    device: str = setting("auto", "auto: cuda if present, else cpu")
+    seed: int = setting(0, "seed of random weights and traces")
 
 
 def grid(cfg: Any) -> list[dict[str, Any]]:
@@ -302,24 +313,20 @@ def register_configs() -> None:
 
 
 def _app(cfg: Any) -> None:
-    from traces.errors import TraceError
-
-    try:
-        run_validate(cfg)
-    except (SimError, TraceError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_validate(cfg)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """`python -m runtime.validate key=value ...`."""
+def main(argv: list[str] | None = None) -> int:
+    """Exit code of `python -m runtime.validate key=value ...` (traces.cli: errors print one line)."""
     import hydra
+
+    from traces.cli import hydra_task, run_cli
 
     register_configs()
     if argv is not None:
         sys.argv = [sys.argv[0]] + list(argv)
-    hydra.main(version_base="1.3", config_path="pkg://conf", config_name="validate")(_app)()
+    return run_cli(hydra.main(version_base="1.3", config_path="pkg://conf", config_name="validate")(hydra_task(_app)))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

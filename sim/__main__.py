@@ -12,13 +12,14 @@ from omegaconf import DictConfig
 
 from sim.config import register_configs
 from sim.errors import SimError
-from traces import TraceError
+from traces.cli import hydra_task
 
 log = logging.getLogger("sim")
 register_configs()
 
 
 @hydra.main(version_base="1.3", config_path="pkg://conf", config_name="sim")
+@hydra_task
 def app(cfg: DictConfig) -> float:
     from pathlib import Path
 
@@ -33,12 +34,16 @@ def app(cfg: DictConfig) -> float:
 
         return task(cfg)
 
-    from sim.report import format_speculative, format_table, write_results
+    from sim.report import ResultsWriter, format_speculative, format_table, reasons, write_results
     from sim.run import simulate
     from sim.timeline import chrome_trace
-    from traces.atomic import write_json_atomic
+    from traces.atomic import check_output_file, write_json_atomic
+    from traces.cli import Interrupted
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)
+    results = ResultsWriter(out_dir, cfg.results_name)  # refuses another run's directory, before the work
+    if cfg.timeline_out:
+        check_output_file(cfg.timeline_out, "timeline_out")
     timelines, cycles = [], []
 
     def on_policy(p, sim, runlog, row):
@@ -48,11 +53,9 @@ def app(cfg: DictConfig) -> float:
         cycles.extend({"policy": p.name, "link_bytes_per_s": link, **c} for c in runlog.cycles)
 
     try:
-        rows = simulate(cfg, on_policy=on_policy)
-    except (SimError, TraceError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    write_results(rows, out_dir, cfg.results_name)
+        rows = simulate(cfg, on_policy=on_policy, on_row=results.add, strict=True)
+    except KeyboardInterrupt:
+        raise Interrupted(results.where()) from None
     if cycles:  # speculative runs: one record per draft/verify cycle (python -m sim.roofline RUN_DIR)
         write_results(cycles, out_dir, "cycles")
     for name, sim, runlog in timelines:
@@ -69,14 +72,26 @@ def app(cfg: DictConfig) -> float:
     spec = format_speculative(rows)
     if spec:
         print(spec)
-    print(f"results: {out_dir / (cfg.results_name + '.parquet')}")
+    if reasons(rows):
+        print(reasons(rows))
+    print(f"results: {results.parquet}")
     ok = [r["tpot_ms"] for r in rows if r.get("status") == "ok"]
-    return float(min(ok)) if ok else float("inf")
+    if not ok:  # every policy was refused while running (e.g. unsupported): exit 2
+        raise SimError(f"no policy ran (reasons above); rows in {results.parquet}")
+    return float(min(ok))
 
 
-def main() -> None:
-    app()
+def main() -> int:
+    """Exit code of ``python -m sim OVERRIDES`` (traces.cli: 0 ran, 2 refused, 130 interrupted)."""
+    from sim.experiments.aggregate import check_sweep_args
+    from traces.cli import run_cli
+
+    def go() -> None:
+        check_sweep_args(sys.argv[1:])
+        app()
+
+    return run_cli(go)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

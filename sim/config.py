@@ -63,7 +63,8 @@ class TraceConf:
     requests: int = setting(4, "synthetic trace: requests")
     prompt_tokens: int = setting(32, "synthetic trace: prompt tokens per request")
     decode_tokens: int = setting(128, "synthetic trace: decoded tokens per request")
-    seed: int = setting(0, "synthetic trace: seed")
+    seed: Optional[int] = setting(None, "synthetic trace (and stand-in draft): seed; null: the run's seed=, so "
+                                        "seed= alone changes the trace too")
     lookahead_depth: int = setting(4, "synthetic trace: layers of lookahead routing recorded per step")
     # The draft-quality dials of traces.synth (null: the model preset's value). They shape the
     # synthetic trace's draft columns, or the stand-in draft of a trace file without draft columns;
@@ -117,7 +118,10 @@ class RunBase:
     trace: Any = setting(MISSING, "conf/trace/synth.yaml, or trace.path=FILE")
     governor: Any = setting(MISSING, "speculative policies: conf/governor preset (roofline | fixed)")
     cache: CacheConf = setting(CacheConf(), "expert-cache layout (default: from the memory budget)")
-    seed: int = setting(0, "seed of the policies' randomness (noisy predictors, draft acceptance)")
+    dtype: str = setting("auto", "weights' dtype, part of config_id: auto (the simulator: the model preset's, bf16; "
+                                 "the runtime: bf16 on a GPU, fp32 on the CPU, a checkpoint's own) | bf16 | fp16 | fp32")
+    seed: int = setting(0, "the run's seed: the synthetic trace's (unless trace.seed= is set), noisy predictors', "
+                           "draft acceptance's")
     timeline_out: Optional[str] = setting(None, "Chrome/Perfetto trace JSON of the run (one per policy of a suite)")
     results_name: str = setting("results", "results file stem (<name>.parquet / .json in the run dir)")
     plugins: list[str] = setting([], "modules to import first: they register your own policies and predictors")

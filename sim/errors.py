@@ -1,9 +1,11 @@
-"""Errors of the simulator: bad specs or configs (SimError) and budgets that cannot run (InfeasibleError)."""
+"""Errors of the simulator (its branch of the project's error tree, traces.errors)."""
 
 from __future__ import annotations
 
+from traces.errors import MoeOffloadError
 
-class SimError(ValueError):
+
+class SimError(MoeOffloadError, ValueError):
     """A bad model/hardware spec, config value or cost-model query; the message names the field."""
 
 
@@ -15,7 +17,14 @@ class InfeasibleError(SimError):
     ``short_by_bytes`` is how many bytes the budget lacks (None where a count, not bytes, is short).
     """
 
+    status = "infeasible"
+
     def __init__(self, reason: str, short_by_bytes: int | None = None) -> None:
         super().__init__(reason)
-        self.reason = reason
         self.short_by_bytes = short_by_bytes
+
+
+class UnsupportedError(SimError):
+    """A combination the simulator (or the runtime hosting it) cannot express; ``status = unsupported``."""
+
+    status = "unsupported"

@@ -42,7 +42,7 @@ from sim.errors import SimError
 from sim.policies.base import Registry
 from sim.presets import setting
 
-GOVERNORS = Registry("governor")
+GOVERNORS = Registry("governor", SimError)
 
 OBJECTIVES = ("accepted", "emitted")
 PCIE_NEW = ("exposed", "overlapped")
@@ -471,7 +471,7 @@ class RooflineGovernor(Governor):
         lo, hi = self._range(costs)
         p = self.tracker.estimates(max(hi, 1))
         cands = self.predict(costs, range(lo, hi + 1), p)
-        if self.slo == "ttft" and self._k_slo_once is None and hi < self.k_max:
+        if self.slo == "ttft" and self._k_slo_once is None and hi < self.k_max and self.latency_budget_ms is not None:
             # the offline cap is over the whole range, whatever this first request allows
             full = self.predict(costs, range(self.k_min, self.k_max + 1), self.tracker.estimates(self.k_max))
             k_slo, slo_met = self._k_slo(full, self.k_min)

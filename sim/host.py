@@ -298,32 +298,44 @@ class HostController:
             self.now = yield Sleep(self.carry)
         self.carry = 0.0
 
-    def preload_keys(self) -> list[int]:
-        """Queue the experts the prefetch policy keeps for good (see ``_preload``); the caller waits
-        for them to land, then calls ``cache.pin``."""
-        keys = self.prefetch.preload(self.cache.capacity)
-        if keys:
-            self.apply([Fetch(key, DEMAND) for key in keys])
-            self.copy.try_issue()
-        return keys
-
     def forget(self) -> None:
         """``cache.reset=request`` once nothing is in flight: empty the cache, clear every policy."""
         self.cache.clear()
         self.eviction.reset()
         self.prefetch.reset()
 
-    def _preload(self) -> Iterator[Sleep]:
+    def preload(self) -> Iterator[Any]:
         """The experts the prefetch policy keeps for good (a streaming policy's resident layers),
         copied before the first request as a model load does: they count in the bytes moved and
         the run's time, in no request's latency, and the run still starts cold for the bound."""
-        keys = self.preload_keys()
+        keys = self.prefetch.preload(self.cache.capacity)
         if not keys:
             return
-        t = self.copy.ready_time(set(keys))
-        if t > self.now:
-            self.now = yield Sleep(t - self.now)
+        copy = self.copy
+        self.apply([Fetch(key, DEMAND) for key in keys])
+        copy.try_issue()
+        if self.live:
+            yield from self._wait_landed(set(keys))
+        else:
+            t = copy.ready_time(set(keys))
+            if t > self.now:
+                self.now = yield Sleep(t - self.now)
         self.cache.pin(keys)
+
+    def _wait_landed(self, keys: set[int]) -> Iterator[Block]:
+        """Runtime: the host blocks until every key in ``keys`` is resident (their copies issued
+        as room and slots free, then the last of them landed), processing the copy stream's events
+        up to each mark it waited for: the model's ``ready_time``."""
+        copy = self.copy
+        blk = copy.blocker(keys)
+        while blk is not None:
+            yield Block(blk)
+            copy.observe(blk)
+            blk = copy.blocker(keys)
+        landed = copy.last_landing(keys)
+        if landed is not None:
+            yield Block(landed)
+            copy.observe(landed)
 
     def _cold_start(self) -> Iterator[Sleep]:
         """``cache.reset=request``: nothing queued is issued any more, every copy in flight lands,
@@ -341,7 +353,7 @@ class HostController:
         """The whole run: for each request, prefill, then autoregressive steps or speculative
         draft/verify cycles; the counters go to the log at the end."""
         sch, log = self.schedule, self.log
-        yield from self._preload()
+        yield from self.preload()
         for r in range(sch.trace.num_requests):
             yield from self._settle()
             if self.reset == "request":
@@ -546,17 +558,9 @@ class HostController:
                     apply(acts)
                     try_issue()
                     fresh = None
-                    if not keeps and acts:  # host-synchronous copies, as in the simulator below
+                    if not keeps and acts:  # a pageable copy blocks the host (see below)
                         fresh = {a.key for a in acts}
-                        blk = blocker(fresh)
-                        while blk is not None:
-                            yield Block(blk)
-                            observe(blk)
-                            blk = blocker(fresh)
-                        landed = copy.last_landing(fresh)
-                        if landed is not None:
-                            yield Block(landed)
-                            observe(landed)
+                        yield from self._wait_landed(fresh)
                 needed = yield Routing(g)
                 now = observe()
                 self._layer_time(now)
@@ -661,12 +665,9 @@ class HostController:
                     if wait:
                         # the experts start once their copies have landed: what happened on the
                         # copy stream until the last of them landed belongs to this layer-step
-                        landed = copy.last_landing(wait)
-                        if landed is not None:
-                            yield Block(landed)
-                            t_landed = observe(landed)
-                            if t_landed > self._exp_start:
-                                self._exp_start = t_landed
+                        yield from self._wait_landed(wait)
+                        if copy.clock > self._exp_start:  # the experts start once they landed
+                            self._exp_start = copy.clock
                     if missed:
                         for key in missed:  # arrived on demand: count the use now
                             accessed(key, pool_of[key], g)

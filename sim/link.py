@@ -2,7 +2,7 @@
 
 CUDA streams are first-in-first-out: an issued copy can be neither cancelled nor overtaken. So the
 host keeps its own queue (demand before prefetch, cancellable while not yet issued) and issues at
-most ``copies_in_flight`` copies to the stream (DESIGN.md §5). The link is modelled as a
+most ``copies_in_flight`` copies to the stream (docs/host-controller.md). The link is modelled as a
 busy-until timestamp: an issued copy starts when the host has issued it (``issue_overhead`` of host
 time each) and the link is free, and takes ``copy_latency + bytes / bandwidth(bytes)``. Copies
 therefore complete in issue order.

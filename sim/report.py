@@ -12,6 +12,7 @@ import pandas as pd
 
 from sim.metrics import TABLE_COLUMNS
 from traces.atomic import atomic_write
+from traces.errors import UsageError
 
 _AFTER = TABLE_COLUMNS.index("gb_moved") + 1
 PRINTED = TABLE_COLUMNS[:_AFTER] + ["useful_prefetch_gb", "wasted_prefetch_gb"] + TABLE_COLUMNS[_AFTER:] + ["status"]
@@ -26,17 +27,85 @@ def to_frame(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
     return pd.DataFrame(list(rows))
 
 
-def write_results(rows: Sequence[dict[str, Any]], out_dir: str | os.PathLike, name: str = "results") -> tuple[Path, Path]:
-    """``<name>.parquet`` and ``<name>.json`` in ``out_dir``, each written atomically."""
+def write_results(rows: Sequence[dict[str, Any]], out_dir: str | os.PathLike, name: str = "results", *,
+                  overwrite: bool = True) -> tuple[Path, Path]:
+    """``<name>.parquet`` and ``<name>.json`` in ``out_dir``, each written atomically
+    (``overwrite=False``: FileExistsError rather than replace an existing file)."""
     out = Path(out_dir)
     df = to_frame(rows)
-    pq_path = atomic_write(out / f"{name}.parquet", lambda tmp: df.to_parquet(tmp, index=False))
+    pq_path = atomic_write(out / f"{name}.parquet", lambda tmp: df.to_parquet(tmp, index=False), overwrite=overwrite)
 
     def dump(tmp: str) -> None:
         with open(tmp, "w") as f:
             json.dump([_jsonable(r) for r in rows], f, indent=1, default=str)
 
-    return pq_path, atomic_write(out / f"{name}.json", dump)
+    return pq_path, atomic_write(out / f"{name}.json", dump, overwrite=overwrite)
+
+
+def reasons(rows: Sequence[dict[str, Any]]) -> str:
+    """The lines printed under a table: each non-ok row's status and reason."""
+    out = []
+    for r in rows:
+        if r.get("status", "ok") != "ok":
+            who = r.get("policy", "?") + (f" ({r['source']})" if r.get("source") not in (None, "sim") else "")
+            out.append(f"  {who}: {r['status']}: {r.get('reason') or 'no reason recorded'}")
+    return "\n".join(out)
+
+
+class ResultsWriter:
+    """The results file of one run, rewritten (atomically) each time a policy finishes, so that an
+    interrupted suite keeps its finished rows. It refuses, before any work, a directory that already
+    holds results of another run, and its first write never replaces a file that appeared meanwhile
+    (two runs that were given the same directory); ``resume=True`` adds to its own earlier rows."""
+
+    def __init__(self, out_dir: str | os.PathLike, name: str = "results", *, resume: bool = False) -> None:
+        from traces.atomic import check_output_dir
+
+        self.out_dir = check_output_dir(out_dir, "results directory")
+        self.name = name
+        self.parquet = self.out_dir / f"{name}.parquet"
+        self.json = self.out_dir / f"{name}.json"
+        self.rows: list[dict[str, Any]] = []
+        self._another_run = False  # another run's results appeared in the directory meanwhile
+        self._attempted = self._wrote = False
+        if not resume:
+            for path in (self.parquet, self.json):
+                if path.exists():
+                    raise UsageError(f"{path} already exists (another run's results); "
+                                     "give this run its own directory (hydra.run.dir=...)")
+        self._resume = resume
+
+    def add(self, row: dict[str, Any]) -> None:
+        """Write the rows with ``row`` added; ``rows`` holds it once it is on disk."""
+        self.write(self.rows + [row])
+        self.rows.append(row)
+
+    def write(self, rows: Sequence[dict[str, Any]] | None = None) -> None:
+        rows = self.rows if rows is None else rows
+        if not rows:
+            return
+        self._attempted = True
+        try:
+            write_results(rows, self.out_dir, self.name, overwrite=self._resume or self._wrote)
+            self._wrote = True
+        except FileExistsError:
+            self._another_run = True
+            raise UsageError(f"{self.parquet}: another run wrote results into this directory meanwhile; "
+                             "this run's rows were not written") from None
+
+    def where(self) -> str:
+        """One line for an interrupted run: where its finished rows are, counted in the file (an
+        interrupt can land after the file took a row and before ``rows`` did)."""
+        status = [r.get("status") for r in self.rows]
+        if self._attempted and not self._another_run and not self._resume:
+            try:
+                status = list(pd.read_parquet(self.parquet, columns=["status"])["status"])
+            except Exception:  # noqa: BLE001 - unreadable: what this run knows it wrote
+                pass
+        if not status:
+            return "no policy had finished; nothing was written"
+        ok = status.count("ok")
+        return f"{ok} finished row{'s' if ok != 1 else ''} ({len(status)} in all) in {self.parquet}"
 
 
 def _jsonable(row: dict[str, Any]) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from sim.presets import load_preset
 from sim.schedule import Schedule
 from sim.spec import ModelSpec
 from traces import Trace, TraceError, read_trace
+from traces.errors import MoeOffloadError
 
 # ------------------------------------------------------------------ inputs
 DRAFT_DIALS = ("draft_agreement", "draft_wrong_ids", "acceptance", "acceptance_corr")
@@ -95,7 +96,7 @@ def load_trace(tcfg: Any, model: ModelSpec) -> Trace:
         return trace
     from traces.synth import synthesize
 
-    return synthesize(params, seed=int(tcfg.seed), shape=model.shape_only())
+    return synthesize(params, seed=int(tcfg.seed or 0), shape=model.shape_only())
 
 
 def check_trace_matches(trace: Trace, model: ModelSpec, where: str) -> None:
@@ -170,11 +171,51 @@ class Prepared:
     reset: str = "never"  # cache.reset: 'never' (warm across requests) or 'request' (cold at each start)
 
 
-def prepare(cfg: DictConfig) -> Prepared:
+def resolve_trace_seed(cfg: DictConfig) -> int:
+    """``trace.seed`` null means the run's ``seed``: written into the config (idempotent) so that
+    the trace, its stand-in draft, the config keys and the saved config all show the seed used."""
+    from omegaconf import open_dict
+
+    if cfg.trace.get("seed") is None:
+        with open_dict(cfg):
+            cfg.trace.seed = int(cfg.get("seed", 0) or 0)
+    return int(cfg.trace.seed)
+
+
+def run_dtype(cfg: DictConfig, model: ModelSpec | None = None) -> str:
+    """The run's float dtype: ``dtype=``, or with ``auto`` the model preset's (bf16; bf16 beside
+    quantized experts). The runtime writes the dtype it actually loaded into ``dtype`` first."""
+    from sim.spec import FLOAT_BYTES
+
+    d = str(cfg.get("dtype", "auto") or "auto")
+    if d == "auto":
+        exp = (model.expert_dtype if model is not None else cfg.model.get("expert_dtype")) or "bf16"
+        return exp if exp in FLOAT_BYTES else "bf16"
+    if d not in FLOAT_BYTES:
+        raise SimError(f"dtype must be auto, {', '.join(FLOAT_BYTES)}; got {d!r}")
+    return d
+
+
+def model_for(cfg: DictConfig) -> ModelSpec:
+    """The model spec at the run's dtype (quantized experts keep theirs)."""
+    from sim.spec import FLOAT_BYTES
+
     model = ModelSpec.from_cfg(cfg.model)
+    d = run_dtype(cfg, model)
+    return model.with_expert_dtype(d) if model.expert_dtype in FLOAT_BYTES and d != model.expert_dtype else model
+
+
+def prepare(cfg: DictConfig, trace: Trace | None = None) -> Prepared:
+    """Specs, trace (``trace``, else ``cfg.trace``'s), cost model, schedule and memory plan of a config."""
+    resolve_trace_seed(cfg)
+    model = model_for(cfg)
     hw = HardwareSpec.from_cfg(cfg.hardware)
-    trace = load_trace(cfg.trace, model)
-    ctx = int(cfg.cache.max_context_tokens or int(trace.position.max()) + 1)
+    if trace is None:
+        trace = load_trace(cfg.trace, model)
+    mct = cfg.cache.max_context_tokens
+    if mct is not None and int(mct) < 1:
+        raise SimError(f"cache.max_context_tokens must be >= 1 (or null: the trace's longest request), got {mct}")
+    ctx = int(mct or int(trace.position.max()) + 1)
     cost = cost_model_for(model, hw, host=HostOverhead.from_cfg(cfg.get("engine"), hw))
     reset = str(cfg.cache.get("reset", "never"))
     if reset not in RESETS:
@@ -261,6 +302,7 @@ def memory_gb(hcfg: Any) -> float | None:
 
 
 def base_keys(cfg: DictConfig) -> dict[str, Any]:
+    resolve_trace_seed(cfg)
     return {
         "model": cfg.model.get("name"),
         "model_layers": cfg.model.get("layers"),
@@ -276,6 +318,7 @@ def base_keys(cfg: DictConfig) -> dict[str, Any]:
         "cache_per_layer": cfg.cache.per_layer,
         "cache_reset": str(cfg.cache.get("reset", "never")),
         "seed": int(cfg.seed),
+        "dtype": run_dtype(cfg),
     }
 
 
@@ -353,7 +396,7 @@ def speculative_trace(prep: Prepared, tcfg: Any) -> Trace:
         from traces.synth import with_draft
 
         tcfg = tcfg if tcfg is not None else TraceConf()
-        cached = prep.__dict__["_draft_trace"] = with_draft(prep.trace, synth_params(prep.model, tcfg), int(tcfg.seed))
+        cached = prep.__dict__["_draft_trace"] = with_draft(prep.trace, synth_params(prep.model, tcfg), int(tcfg.seed or 0))
     return cached
 
 
@@ -388,34 +431,82 @@ def bound_for(prep: Prepared, schedule: Schedule, pool_of: list[int], capacity: 
     return b
 
 
-def simulate(cfg: DictConfig, *, on_policy=None) -> list[dict[str, Any]]:
-    """All results rows of one config (one per policy of a suite). A policy whose memory budget
-    cannot run gives a row with ``status = infeasible`` and the reason; other errors propagate."""
+def policy_governor(cfg: DictConfig, p: DictConfig) -> Any:
+    """The governor a policy runs with: the config's, merged with the policy preset's own keys."""
+    gov = cfg.get("governor")
+    if p.get("governor"):
+        gov = OmegaConf.merge(gov, p.governor) if gov is not None else OmegaConf.create(dict(p.governor))
+    return gov
+
+
+def policy_keys(keys: dict[str, Any], p: DictConfig, gov: Any, engine: str) -> dict[str, Any]:
+    """The config keys of one policy's row (what its ``config_id`` hashes)."""
+    k = {**keys, "policy": p.name, "eviction": p.eviction, "prefetch": p.prefetch, "predictor": p.predictor,
+         "engine": engine}
+    if p.decoding == "speculative":
+        k["governor"] = gov.get("name")
+        k["governor_k"] = gov.get("k")
+    return k
+
+
+def refused_row(k: dict[str, Any], e: MoeOffloadError) -> dict[str, Any]:
+    """The row of a policy that did not run: its status (infeasible, unsupported, failed) and reason."""
+    return {**k, "source": "sim", "status": e.status, "reason": e.reason, "config_id": config_id(k), "repetition": 0}
+
+
+def simulate(cfg: DictConfig, *, on_policy=None, on_row=None, strict: bool = False) -> list[dict[str, Any]]:
+    """All results rows of one config (one per policy of a suite), ``on_row(row)`` as each finishes.
+
+    A policy that cannot run gives a row with its ``status`` and ``reason``: infeasible (its memory
+    budget), unsupported (e.g. a trace column it needs), or, in a suite, failed (any other
+    :class:`MoeOffloadError`, such as a bad argument); a single policy's bad argument propagates, as
+    do bugs. ``strict`` (the CLI): refuse before any work when no policy can run, and let a single
+    named policy's error of any status propagate instead of becoming a row.
+    """
     load_plugins(cfg.get("plugins") or [])
     presets = policy_presets(cfg.policy)
     keys = base_keys(cfg)
     base = prepare(cfg)
-    rows = []
+    single = not cfg.policy.get("suite")
+
+    def recorded(e: MoeOffloadError) -> bool:
+        return not single or (not strict and e.status != "failed")
+
+    plans: list[tuple[DictConfig, Prepared, Any, dict[str, Any], Any]] = []
     for p in presets:
         prep = with_engine(base, p.get("engine"))
-        gov = cfg.get("governor")
-        if p.get("governor"):
-            gov = OmegaConf.merge(gov, p.governor) if gov is not None else OmegaConf.create(dict(p.governor))
-        k = {**keys, "policy": p.name, "eviction": p.eviction, "prefetch": p.prefetch, "predictor": p.predictor,
-             "engine": prep.cost.host.name}
-        if p.decoding == "speculative":
-            k["governor"] = gov.get("name")
-            k["governor_k"] = gov.get("k")
+        gov = policy_governor(cfg, p)
+        k = policy_keys(keys, p, gov, prep.cost.host.name)
         try:
-            plan = policy_plan(prep, p)
-        except InfeasibleError as e:
-            rows.append({**k, "source": "sim", "status": "infeasible", "reason": e.reason,
-                         "config_id": config_id(k), "repetition": 0})
-            continue
-        row, (sim, log) = run_policy(prep, p, int(cfg.seed), timeline=bool(cfg.timeline_out),
-                                     governor_cfg=gov, trace_cfg=cfg.trace, plan=plan,
-                                     progress=bool(cfg.get("progress", False)))
-        rows.append({**k, "source": "sim", "status": "ok", "reason": "", "config_id": config_id(k), "repetition": 0, **row})
-        if on_policy is not None:
-            on_policy(p, sim, log, rows[-1])
+            plans.append((p, prep, gov, k, policy_plan(prep, p)))
+        except MoeOffloadError as e:
+            if not recorded(e):
+                raise
+            plans.append((p, prep, gov, k, e))
+    if strict and all(isinstance(plan, MoeOffloadError) for *_, plan in plans):
+        by_reason: dict[str, list[str]] = {}
+        for p, *_, plan in plans:
+            by_reason.setdefault(plan.reason, []).append(p.name)
+        raise SimError(f"no policy of suite '{cfg.policy.get('name')}' can run: "
+                       + "; ".join(f"{', '.join(names)}: {why}" for why, names in by_reason.items()))
+    rows = []
+    for p, prep, gov, k, plan in plans:
+        if isinstance(plan, MoeOffloadError):
+            rows.append(refused_row(k, plan))
+        else:
+            try:
+                row, (sim, log) = run_policy(prep, p, int(cfg.seed), timeline=bool(cfg.timeline_out),
+                                             governor_cfg=gov, trace_cfg=cfg.trace, plan=plan,
+                                             progress=bool(cfg.get("progress", False)))
+            except MoeOffloadError as e:
+                if not recorded(e):
+                    raise
+                rows.append(refused_row(k, e))
+            else:
+                rows.append({**k, "source": "sim", "status": "ok", "reason": "", "config_id": config_id(k),
+                             "repetition": 0, **row})
+                if on_policy is not None:
+                    on_policy(p, sim, log, rows[-1])
+        if on_row is not None:
+            on_row(rows[-1])
     return rows

@@ -24,7 +24,9 @@ from sim.presets import hydra_schema, load_preset, setting, spec_from_dict, to_p
 from traces.errors import TraceError
 from traces.shape import ModelShape
 
-EXPERT_DTYPES = ("bf16", "int4", "mxfp4")
+EXPERT_DTYPES = ("bf16", "fp16", "fp32", "int4", "mxfp4")
+#: bytes per weight of the unquantized dtypes (a run's ``dtype=``: the weights, and the KV cache)
+FLOAT_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 ATTENTION_KINDS = ("gqa", "mla")
 QK_NORMS = ("none", "head", "full")
 NORMS = ("rmsnorm", "layernorm")
@@ -81,7 +83,8 @@ class ModelSpec(ModelShape):
     tie_word_embeddings: bool = setting(False, "the lm head shares the embedding matrix")
     lm_head_bias: bool = setting(False, "bias on the lm head")
     max_position_embeddings: int = setting(0, "longest context the model supports (0: unknown)")
-    expert_dtype: str = setting("bf16", "how the routed experts are stored and moved: bf16 | int4 | mxfp4")
+    expert_dtype: str = setting("bf16", "how the routed experts are stored and moved: bf16 | fp16 | fp32 | int4 | mxfp4 "
+                                        "(a float dtype also sets the other weights' and the KV cache's; run dtype= sets it)")
     expert_bias: bool = setting(False, "GPT-OSS: biases on gate_up (2*inter) and down (hidden), kept bf16")
     router_bias: bool = setting(False, "the router has a bias (GPT-OSS)")
     shared_expert_gate: bool = setting(False, "Qwen2-MoE: sigmoid gate (hidden -> 1) on the shared expert")
@@ -195,8 +198,8 @@ class ModelSpec(ModelShape):
         dtype = self.expert_dtype if dtype is None else dtype
         h, i = self.hidden_size, self.expert_intermediate_size
         bias = BF16_BYTES * self.expert_bias_params
-        if dtype == "bf16":
-            return BF16_BYTES * self.expert_params + bias
+        if dtype in FLOAT_BYTES:
+            return FLOAT_BYTES[dtype] * self.expert_params + bias
         if dtype in ("int4", "mxfp4"):
             g = INT4_GROUP if dtype == "int4" else MXFP4_BLOCK
             scale_bytes = BF16_BYTES if dtype == "int4" else 1
@@ -278,14 +281,20 @@ class ModelSpec(ModelShape):
         }
 
     @property
+    def weight_bytes(self) -> int:
+        """Bytes per unquantized weight (and KV entry): the experts' float dtype (bf16, fp16 or
+        fp32, a run's ``dtype=``); bf16 beside int4/mxfp4 experts."""
+        return FLOAT_BYTES.get(self.expert_dtype, BF16_BYTES)
+
+    @property
     def non_expert_params(self) -> int:
         return sum(self.non_expert_params_breakdown().values())
 
     @property
     def non_expert_bytes(self) -> int:
         """Bytes of everything but the routed experts (embeddings, lm head unless tied, attention,
-        norms, routers, shared experts, dense FFNs), in bf16: always resident on the GPU."""
-        return BF16_BYTES * self.non_expert_params
+        norms, routers, shared experts, dense FFNs), at ``weight_bytes`` each: always resident on the GPU."""
+        return self.weight_bytes * self.non_expert_params
 
     @property
     def total_bytes(self) -> int:
@@ -295,11 +304,11 @@ class ModelSpec(ModelShape):
     # ------------------------------------------------------------------ KV cache
     @property
     def kv_bytes_per_token_layer(self) -> int:
-        """KV-cache bytes one token adds at one attention layer (bf16). MLA caches the compressed
+        """KV-cache bytes one token adds at one attention layer (``weight_bytes`` per entry). MLA caches the compressed
         latent (kv_lora_rank) plus the shared rope key, as transformers 5 does."""
         if self.attention == "mla":
-            return BF16_BYTES * (self.kv_lora_rank + self.qk_rope_head_dim)
-        return BF16_BYTES * 2 * self.num_key_value_heads * self.head_dim
+            return self.weight_bytes * (self.kv_lora_rank + self.qk_rope_head_dim)
+        return self.weight_bytes * 2 * self.num_key_value_heads * self.head_dim
 
     @property
     def kv_bytes_per_token(self) -> int:

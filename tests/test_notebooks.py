@@ -72,10 +72,20 @@ def test_notebook_runs_with_tiny_parameters(name: str, tmp_path: Path, monkeypat
     params = {**PARAMS[name](tmp_path), "figures": str(tmp_path / "figures")}
     src = "\n".join(f"{k} = {v!r}" for k, v in params.items())
     nb.cells.insert(idx[0] + 1, nbformat_cell(src))
+    nb.cells.append(nbformat_cell(EVERY_PANEL_HAS_DATA))
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
     nbclient.NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
     for fig in FIGURES[name]:
         assert (tmp_path / "figures" / fig).stat().st_size > 1000, fig
+
+
+#: appended to each notebook: every figure it drew has data in every visible panel
+EVERY_PANEL_HAS_DATA = """
+import matplotlib.pyplot as plt
+from sim.experiments.figures import empty_axes
+_empty = {n: empty_axes(plt.figure(n)) for n in plt.get_fignums()}
+assert plt.get_fignums() and not any(_empty.values()), _empty
+"""
 
 
 def nbformat_cell(src: str):

@@ -17,7 +17,8 @@ from hydra import compose, initialize_config_module  # noqa: E402
 
 from runtime.capture import register_configs, rewrite_model_args, run_capture  # noqa: E402
 from runtime.prompts import BUILTIN_PROMPTS, load_prompts  # noqa: E402
-from traces import TraceError, read_trace  # noqa: E402
+from traces import read_trace  # noqa: E402
+from traces.errors import MoeOffloadError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -84,18 +85,18 @@ def test_builtin_and_text_prompts(tmp_path):
 def test_bad_prompt_files(tmp_path, content, suffix, match):
     p = tmp_path / f"p{suffix}"
     p.write_text(content)
-    with pytest.raises(TraceError, match=match):
+    with pytest.raises(MoeOffloadError, match=match):
         load_prompts(p)
-    with pytest.raises(TraceError, match="not found"):
+    with pytest.raises(MoeOffloadError, match="not found"):
         load_prompts(tmp_path / "missing.txt")
 
 
 def test_bad_model_inputs_through_the_app(tmp_path):
-    with pytest.raises(TraceError, match="no such directory"):
+    with pytest.raises(MoeOffloadError, match="no such directory"):
         run_capture(cfg_for(f"model={tmp_path / 'missing'}"))
     empty = tmp_path / "empty.txt"
     empty.write_text("")
-    with pytest.raises(TraceError, match="no prompts"):
+    with pytest.raises(MoeOffloadError, match="no prompts"):
         run_capture(cfg_for("model=tiny-mixtral", f"prompts.path={empty}"))
 
 

@@ -314,11 +314,9 @@ def test_same_policy_objects_same_decisions_in_simulator_and_runtime(layout):
             # the admission rule weighs time: the CPU's measured clock is not the zero-time link's,
             # so both hosts issue every prefetch here (the virtual-time test below keeps the rule)
             p.admission = False
-            if name == "stream":  # it needs a whole layer's slots: one layer's worth streams, none stays
-                from sim.run import plan_for
-                prep.slots = prep.model.num_experts
-                plan = plan_for(prep, speculative=False, streaming=True)
-                prep.slots = 6
+            if name == "stream":  # a whole layer's slots (the plan of a caching policy, resized)
+                from dataclasses import replace
+                plan = replace(sess.plan(cfg, load_policy("lru")), slots=prep.model.num_experts)
             else:
                 plan = sess.plan(cfg, p)
             run = sess.run_config(cfg, p, plan, schedule=prep.schedule, trace=prep.trace)
@@ -353,11 +351,9 @@ def test_virtual_time_runtime_makes_exactly_the_simulators_decisions(layout):
     try:
         for name in names:
             p = load_policy(name)
-            if name == "stream":  # it needs a whole layer's slots: one layer's worth streams, none stays
-                from sim.run import plan_for
-                prep.slots = prep.model.num_experts
-                plan = plan_for(prep, speculative=False, streaming=True)
-                prep.slots = 6
+            if name == "stream":  # a whole layer's slots (the plan of a caching policy, resized)
+                from dataclasses import replace
+                plan = replace(sess.plan(cfg, load_policy("lru")), slots=prep.model.num_experts)
             else:
                 plan = sess.plan(cfg, p)
             run = sess.run_config(cfg, p, plan, schedule=prep.schedule, trace=prep.trace)

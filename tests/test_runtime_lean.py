@@ -210,8 +210,12 @@ def test_engine_refused_before_building():
     from runtime.executor import ExecutorError
     from runtime.measure import check_config
 
-    with pytest.raises(ExecutorError, match="engine='fast'"):
-        check_config(_run_cfg("engine=fast"))
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ExecutorError, match="engine='ideal'"):  # a simulator-only path
+        check_config(_run_cfg("engine=ideal"))
+    with pytest.raises(ConfigCompositionException, match="engine/fast"):  # engine= is the conf/engine group
+        _run_cfg("engine=fast")
 
 
 @pytest.mark.gpu

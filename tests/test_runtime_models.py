@@ -152,12 +152,16 @@ def test_unsupported_moe_family_is_named(tmp_path):
 def test_depth_out_of_range_and_below_first_moe_layer():
     with pytest.raises(ModelLoadError, match="out of range"):
         load_cpu("tiny-mixtral", layers=9)
-    with pytest.raises(TraceError, match="MoE"):
+    with pytest.raises(ModelLoadError, match="MoE"):
         load_cpu("tiny-deepseek_v2", layers=1)  # layer 0 is dense
 
 
-def test_errors_are_trace_errors():
-    assert issubclass(ModelLoadError, TraceError)
+def test_runtime_errors_are_project_errors_not_trace_errors():
+    from runtime.errors import OffloadRuntimeError
+    from traces.errors import MoeOffloadError
+
+    assert issubclass(ModelLoadError, OffloadRuntimeError) and issubclass(ModelLoadError, MoeOffloadError)
+    assert not issubclass(ModelLoadError, TraceError)
 
 
 def test_gpt_oss_layer_types_cut_with_depth():

@@ -28,6 +28,12 @@ GOVERNORS = [{"name": "fixed", "k": 1}, {"name": "fixed", "k": 3}, {"name": "fix
              {"name": "roofline", "k_min": 1, "k_max": 6, "warmup_cycles": 1}]
 
 
+def _compose(overrides):
+    from benchmarks.gpu_speculative import compose
+
+    return compose(overrides)
+
+
 def _engine(lm, kind: str, draft=None):
     mods = [h.experts for h in lm.moe_handles]
     fn = draft if draft is not None else draft_experts(mods)[0]
@@ -207,16 +213,11 @@ def test_the_executor_runs_a_verify_pass_as_one_step():
 
 
 def test_runtime_app_measures_speculative_policies_live(tmp_path, capsys):
-    from hydra import compose, initialize_config_dir
-
     from runtime.__main__ import run_app
-    from sim.presets import conf_dir
 
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
-        cfg = compose("run", overrides=["model=tiny", "mode=live", "policy.suite=[lru,speq,spec-lru,spmoe]",
-                                        "policy.name=s", "trace.requests=1", "trace.prompt_tokens=6",
-                                        "trace.decode_tokens=12", "repetitions=1", "warmup_steps=0",
-                                        "governor=roofline"])
+    cfg = _compose(["model=tiny", "mode=live", "policy.suite=[lru,speq,spec-lru,spmoe]", "policy.name=s",
+                    "trace.requests=1", "trace.prompt_tokens=6", "trace.decode_tokens=12", "repetitions=1",
+                    "warmup_steps=0", "governor=roofline"])
     rows = run_app(cfg, tmp_path)
     meas = {r["policy"]: r for r in rows if r["source"] == "measured"}
     assert all(r["status"] == "ok" for r in meas.values()), [r.get("reason") for r in meas.values()]
@@ -229,21 +230,29 @@ def test_runtime_app_measures_speculative_policies_live(tmp_path, capsys):
     assert "tokens_per_cycle" in out and "acceptance_rate" in out
 
 
-def test_speculative_replay_is_refused_with_a_reason(tmp_path):
-    from hydra import compose, initialize_config_dir
-
+@pytest.mark.parametrize("engine", ["eager", "graphed"])
+def test_speculative_replay_runs_the_simulators_cycles(engine):
+    """mode=replay: the trace's draft columns (here the synthetic trace's stand-in draft) drive
+    the ELB and the acceptance, so at fixed k the measured run has the simulator's cycles exactly,
+    and on-demand LRU under speculation (spec-lru) sees the same hits and misses."""
     from runtime.measure import Session
-    from sim.presets import conf_dir
 
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
-        cfg = compose("run", overrides=["model=tiny", "policy=speq", "repetitions=1", "warmup_steps=0",
-                                        "trace.requests=1", "trace.decode_tokens=4", "predict=false"])
+    cfg = _compose(["model=tiny", "policy.suite=[speq,spec-lru]", "policy.name=s", "repetitions=1",
+                    "warmup_steps=0", "trace.requests=2", "trace.prompt_tokens=5", "trace.decode_tokens=14",
+                    "governor=fixed", "governor.k=3", "cache.slots=12", f"engine={engine}"])
     sess = Session(cfg)
     try:
         rows = sess.measure(cfg)
     finally:
         sess.close()
-    assert rows[0]["status"] == "failed" and "mode=live" in rows[0]["reason"]
+    by = {(r["policy"], r["source"]): r for r in rows}
+    for p in ("speq", "spec-lru"):
+        m, s = by[(p, "measured")], by[(p, "sim")]
+        assert m["status"] == s["status"] == "ok", m.get("reason")
+        assert list(m["k_per_cycle"]) == list(s["k_per_cycle"]) and m["cycles"] == s["cycles"]
+        assert m["acceptance_rate"] == s["acceptance_rate"] and m["emitted_tokens"] == s["emitted_tokens"]
+    assert by[("spec-lru", "measured")]["hit_rate"] == by[("spec-lru", "sim")]["hit_rate"]
+    assert by[("spec-lru", "measured")]["miss_rate"] == by[("spec-lru", "sim")]["miss_rate"]
 
 
 def test_gpu_speculative_benchmark_smoke(tmp_path):
@@ -265,3 +274,46 @@ def test_gpu_speculative_benchmark_smoke(tmp_path):
     assert labels["speq"]["k"] == "governor" and labels["speq-k2"]["mean_k"] <= 2
     assert labels["speq"]["token_mismatch_share"] == 0.0  # fp32 on the CPU: the target's greedy output
     assert (tmp_path / "summary.md").read_text().count("MoE-SpeQ") >= 2
+
+
+def test_the_governor_decides_as_in_the_simulator_on_the_same_inputs():
+    """Replay with the simulator's cost model as the clock (ModelledCosts): the runtime's host hands
+    the roofline governor the simulator's inputs (draft and verify prices, |E_new(k)| from the same
+    fetch history, the same acceptance), so it picks the same k in every cycle; spec-lru (demand
+    fetches only) then sees the same hits and misses."""
+    from runtime.executor import RunConfig
+    from runtime.measure import Session
+    from runtime.speculate import ModelledCosts
+    from sim.hardware import HardwareSpec
+    from sim.policies import EVICTION
+    from sim.run import load_policy, run_policy, speculative_trace
+    from sim.speculative import DraftSource
+
+    cfg = _compose(["model=tiny", "policy=spec-lru", "repetitions=1", "warmup_steps=0", "trace.requests=2",
+                    "trace.prompt_tokens=5", "trace.decode_tokens=30", "governor=roofline", "governor.k_max=6",
+                    "cache.slots=10", "engine=eager"])
+    sess = Session(cfg)
+    try:
+        p = load_policy("spec-lru")
+        prep = sess.prepare(cfg)
+        plan = sess.plan(cfg, p)
+        srow, (_, slog) = run_policy(prep, p, int(cfg.seed), governor_cfg=cfg.governor, trace_cfg=cfg.trace, plan=plan)
+        hw = HardwareSpec.from_cfg(cfg.hardware)
+        run = sess.om.start_run(RunConfig(eviction=EVICTION.create("lru"), prefetch=PREFETCH.create("none"),
+                                          slots=plan.slots, decision_delay_s=float(hw.decision_delay_s)))
+        costs = ModelledCosts(prep.schedule, prep.trace, float(hw.decision_delay_s),
+                              prep.cost.h2d(prep.model.bytes_per_expert()), float(hw.copy_latency_s))
+        eng = HFEngine(sess.om.model, sess.om.modules, sess.draft[0])
+        dec = SpeculativeDecoder(eng, build_governor(cfg.governor), num_experts=sess.om.E, top_k=sess.om.top_k, run=run,
+                                 costs=costs, expert_bytes=prep.model.bytes_per_expert())
+        dtr = speculative_trace(prep, cfg.trace)
+        dec.replay(dtr, DraftSource(dtr), seed=int(cfg.seed))
+        sess.om.end_run()
+        eng.close()
+    finally:
+        sess.close()
+    sim_k = [c["k"] for c in slog.cycles]
+    assert len(set(sim_k)) > 1  # the governor moved (warm-up, then its choice): a real comparison
+    assert [c.k for c in dec.cycles] == sim_k
+    assert [c.accepted for c in dec.cycles] == [c["accepted"] for c in slog.cycles]
+    assert (run.hits, run.misses) == (slog.hits, slog.misses)

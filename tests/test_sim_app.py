@@ -13,9 +13,10 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from sim.config import register_configs
-from sim.errors import InfeasibleError, SimError
-from sim.run import simulate
+from sim.errors import InfeasibleError
+from sim.policies.errors import PolicyError
 from sim.presets import conf_dir
+from sim.run import simulate
 from traces import TraceError, write_trace
 
 register_configs()
@@ -85,9 +86,11 @@ def test_impossible_budget_says_by_how_much(tmp_path):
     with pytest.raises(InfeasibleError, match=r"GB"):
         plan_for(prep, speculative=False)
     out = run_app(tmp_path, "model=mixtral-8x7b", "hardware.memory_gb=3", "policy=lru", *SMALL)
-    assert out.returncode == 0  # a single run still writes its infeasible row
-    df = pd.read_parquet(tmp_path / "results.parquet")
-    assert df.status.tolist() == ["infeasible"] and "GB" in df.reason[0]
+    # the one named policy cannot run: refused before the work, one line with the shortfall, exit 2
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.startswith("error: ") and len(out.stderr.strip().splitlines()) == 1
+    assert "short by 0.21 GB" in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "results.parquet").exists()
 
 
 def test_trace_that_contradicts_the_model_is_an_error(tmp_path):
@@ -114,7 +117,7 @@ def test_malformed_trace_file_is_an_error(tmp_path):
 
 
 def test_unknown_policy_in_config_is_an_error():
-    with pytest.raises(SimError, match="unknown eviction policy"):
+    with pytest.raises(PolicyError, match="unknown eviction policy"):
         simulate(cfg_of("model=tiny", "policy=lru", "policy.eviction=nope", *SMALL))
 
 

@@ -66,8 +66,8 @@ def test_specs_do_not_import_each_other_or_the_app_config() -> None:
     assert "sim.spec" not in _imports(ROOT / "sim" / "hardware.py")
 
 
-@pytest.mark.parametrize("app", ["sim", "run", "capture"])
+@pytest.mark.parametrize("app", ["sim", "run", "capture", "validate", "profile"])
 def test_app_configs_hold_only_their_defaults_lists(app: str) -> None:
-    """An app's keys and defaults are its schema's (SimConf, RunConf, CaptureConf), not restated."""
+    """An app's keys and defaults are its schema's (SimConf, RunConf, CaptureConf, ValidateConf, ProfileConf)."""
     raw = OmegaConf.to_container(OmegaConf.load(conf_dir() / f"{app}.yaml"))
     assert set(raw) <= {"defaults", "hydra"}

@@ -339,9 +339,9 @@ def test_stream_keeps_whole_layers_and_copies_the_rest_host_synchronously():
 
 
 def test_unknown_policy_names_are_errors():
-    from sim.errors import SimError
+    from sim.policies.errors import PolicyError
 
-    with pytest.raises(SimError, match="unknown eviction policy 'lruu'.*known: belady, fifo"):
+    with pytest.raises(PolicyError, match="unknown eviction policy 'lruu'.*known: belady, fifo"):
         EVICTION.create("lruu")
-    with pytest.raises(SimError, match="bad arguments"):
+    with pytest.raises(PolicyError, match="bad arguments"):
         PREFETCH.create("lookahead", deepth=2)

@@ -53,6 +53,12 @@ def test_experiment_composes_and_names_existing_presets(name):
                     assert (conf_dir() / group / f"{v}.yaml").is_file(), f"{name}: {group}={v} does not exist"
         agg = cfg.hydra.callbacks.aggregate
         assert agg.table and agg.figure
+    elif cfg.experiment.get("map") is not None:  # speculation-map: its own grid, checked by MapSpec
+        from sim.experiments.speculation_map import MapSpec
+        from traces.presets import PRESETS
+
+        spec = MapSpec.from_cfg(dict(cfg.experiment))
+        assert set(spec.models) <= set(PRESETS) and (conf_dir() / "hardware" / f"{spec.hardware}.yaml").is_file()
     else:
         space = parse_space(cfg.experiment.search.params)
         for p in space:

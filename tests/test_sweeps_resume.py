@@ -22,10 +22,10 @@ TINY = ["model=tiny", "trace.requests=1", "trace.prompt_tokens=4", "trace.decode
 FOUR = [*TINY, "policy=lru,belady", "hardware=rtx4090,h200"]
 
 
-def sweep(d: Path, *args: str, app: str = "sim.sweep") -> subprocess.CompletedProcess:
+def sweep(d: Path, *args: str, app: str = "sim.sweep", code: int = 0) -> subprocess.CompletedProcess:
     out = subprocess.run([sys.executable, "-m", app, "-m", *args, f"hydra.sweep.dir={d}"],
                          capture_output=True, text=True, timeout=300, env={**os.environ, "MPLBACKEND": "Agg"})
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert out.returncode == code, out.stdout[-2000:] + out.stderr[-2000:]
     return out
 
 
@@ -47,11 +47,16 @@ def test_resume_reuses_every_finished_job(tmp_path):
     assert {j: (tmp_path / j / "results.parquet").read_bytes() for j in "0123"} == before
 
 
-def test_without_resume_everything_is_recomputed(tmp_path):
+def test_without_resume_another_sweeps_dir_is_refused(tmp_path):
+    """Nothing but an explicit resume writes into a directory another run wrote."""
     sweep(tmp_path, *FOUR)
-    out = sweep(tmp_path, *FOUR)
-    assert "reused" not in out.stdout
-    assert all(m["reused_from"] is None for m in markers(tmp_path).values())
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    for app in ("sim.sweep", "sim"):
+        out = sweep(tmp_path, *FOUR, app=app, code=2)
+        assert out.stderr.strip().splitlines() == [
+            f"error: {tmp_path} already holds a sweep's results; pass resume=true to reuse and extend them, "
+            "or give this sweep its own hydra.sweep.dir"]
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
 
 
 def test_interrupted_sweep_recomputes_only_the_missing_job(tmp_path):

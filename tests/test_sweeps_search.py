@@ -33,15 +33,24 @@ SPEC = {
 def test_search_is_deterministic_and_never_worse_than_the_default(tmp_path):
     a = run_search(BASE, SPEC, tmp_path / "a")
     b = run_search(BASE, SPEC, tmp_path / "b")
-    pd.testing.assert_frame_equal(a.trials.drop(columns=["cached"]), b.trials.drop(columns=["cached"]), check_exact=True)
+    pd.testing.assert_frame_equal(a.trials, b.trials, check_exact=True)
     assert len(a.trials) == 8
     # trial 0 is the default: lookahead, its preset depth and eviction, the budget's global pool
     t0 = json.loads(a.trials.params[0])
     assert t0 == {"policy": "lookahead", "policy.prefetch_args.depth": 1, "cache.layout": "global"}
     assert a.trials.tpot_ms[0] == a.default["tpot_ms"]
-    assert a.best["tpot_ms"] <= a.default["tpot_ms"]
+    # then the baseline presets of the space, as users run them (suite order: lru, lookahead, history)
+    assert a.trials.baseline[:3].tolist() == ["default", "policy=lru", "policy=history"]
+    assert json.loads(a.trials.params[1]) == {"policy": "lru", "eviction": "lru", "cache.layout": "global"}
+    assert a.trials.overrides.is_unique  # a repeated proposal is skipped, not counted as a trial
+    assert a.best["tpot_ms"] <= min(a.default["tpot_ms"], a.baseline["tpot_ms"])
+    assert a.baseline["tpot_ms"] == a.trials.tpot_ms[:3].min()
     assert math.isfinite(a.best["tpot_ms"])
-    assert "default" in a.table and "best" in a.table and "% lower" in a.table
+    assert "default" in a.table and "best baseline" in a.table and "% lower" in a.table
+    if a.baseline["baseline"] == "default":
+        assert "vs default (the best baseline)" in a.table
+    else:
+        assert f"vs best baseline (policy={a.baseline['policy']})" in a.table
     # conditional parameters appear only under their condition
     for p in a.trials.params.map(json.loads):
         assert ("policy.prefetch_args.depth" in p) == (p["policy"] == "lookahead")
@@ -85,6 +94,24 @@ def test_search_command(tmp_path):
         [sys.executable, "-m", "sim.sweep", "search", *BASE, "experiment.search.trials=4", f"hydra.run.dir={tmp_path}"],
         capture_output=True, text=True, timeout=300, env={**os.environ, "MPLBACKEND": "Agg"})
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "policy search over 4 trials" in out.stdout and "best" in out.stdout
-    assert (tmp_path / "search_report.txt").read_text().startswith("policy search over 4 trials")
+    assert "policy search over 4 distinct configurations" in out.stdout and "best" in out.stdout
+    assert (tmp_path / "search_report.txt").read_text().startswith("policy search over 4 distinct configurations")
     assert len(pd.read_parquet(tmp_path / "search_trials.parquet")) == 4
+
+
+def test_a_space_smaller_than_trials_ends_early_without_repeats():
+    spec = {"trials": 10, "seed": 0, "params": {"policy": {"choices": ["lru", "history"]}}}
+    res = run_search(BASE, spec)
+    assert sorted(res.trials.overrides) == ["policy=history", "policy=lru"]
+    assert "2 distinct configurations (the space holds no more; 10 asked)" in res.table
+
+
+@pytest.mark.parametrize("spec, msg", [
+    ({"trials": 0, "params": {"policy": {"choices": ["lru"]}}}, "trials must be >= 1, got 0"),
+    ({"trials": 2, "metric": "tpot", "params": {"policy": {"choices": ["lru"]}}}, "'tpot' is not a numeric results column"),
+])
+def test_bad_search_settings_are_refused(spec, msg):
+    from traces.errors import UsageError
+
+    with pytest.raises(UsageError, match=msg):
+        run_search(BASE, spec)

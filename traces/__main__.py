@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from traces.errors import TraceError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,12 +25,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
+    """Exit code of ``python -m traces ARGS`` (traces.cli: errors print one line)."""
+    from traces.cli import run_cli
+
+    def go() -> int:
+        from traces.atomic import check_output_file
+
+        args = build_parser().parse_args(argv)
+        if getattr(args, "output", None):  # before any work: not a directory, a folder we can write
+            check_output_file(args.output, "-o")
         return int(args.run(args) or 0)
-    except TraceError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+
+    return run_cli(go)
 
 
 if __name__ == "__main__":

@@ -152,18 +152,25 @@ def _open_text(path: Path) -> IO[str]:
 def parse_layers(spec: str) -> tuple[int, ...]:
     """'1,3,5-7' -> (1, 3, 5, 6, 7): the --moe-layers syntax."""
     out: list[int] = []
+    backwards = None
     try:
         for part in spec.split(","):
             part = part.strip()
             if not part:
                 continue
             if "-" in part:
-                a, b = part.split("-", 1)
-                out.extend(range(int(a), int(b) + 1))
+                a, b = (int(x) for x in part.split("-", 1))
+                backwards = backwards or (part if a > b else None)
+                out.extend(range(a, b + 1))
             else:
                 out.append(int(part))
     except ValueError:
         raise TraceError(f"--moe-layers: cannot parse {spec!r} (expected e.g. '1,3,5-23')") from None
+    if backwards:
+        a, b = backwards.split("-", 1)
+        raise TraceError(f"--moe-layers: range {backwards!r} runs backwards (write {b}-{a})")
+    if not out or min(out) < 0:
+        raise TraceError(f"--moe-layers: {spec!r} names no layer or a negative one (expected e.g. '1,3,5-23')")
     return tuple(sorted(set(out)))
 
 

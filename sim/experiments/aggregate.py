@@ -35,6 +35,8 @@ from sim.experiments.figures import plot_sweep, varying_keys
 from sim.experiments.jobs import config_fingerprint, file_sha, index_job, read_marker, write_marker
 from sim.report import format_table, write_results
 from traces.atomic import atomic_write, write_text_atomic
+from traces.cli import run_cli
+from traces.errors import UsageError
 
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 
@@ -355,6 +357,32 @@ def report(scan: SweepScan, *, table: Mapping[str, Any] | None = None, name: str
 
 #: the scan of the last sweep aggregated in this process (the sweep app reads it for its exit code)
 LAST_SCAN: SweepScan | None = None
+#: the sweep dir of the multirun running in this process (the sweep app's Ctrl-C line names it)
+SWEEP_DIR: Path | None = None
+
+
+def check_sweep_args(argv: list[str]) -> None:
+    """Before Hydra starts a multirun (it writes multirun.yaml first): an explicit
+    ``hydra.sweep.dir=`` must not hold another sweep unless ``resume=true`` (the default dir is unique)."""
+    if not any(a in ("-m", "--multirun") for a in argv):
+        return
+    dirs = [a.split("=", 1)[1] for a in argv if a.lstrip("+").startswith("hydra.sweep.dir=")]
+    resume = [a.split("=", 1)[1].strip().lower() for a in argv if a.lstrip("+").startswith("resume=")]
+    if dirs:
+        check_sweep_dir(dirs[-1], bool(resume) and resume[-1] == "true")
+
+
+def check_sweep_dir(sweep_dir: str | os.PathLike, resume: bool) -> None:
+    """Refuse, before any job, a sweep dir that already holds another sweep's jobs unless the sweep
+    resumes it (``resume=true`` reuses and extends it; nothing else writes into another run's dir)."""
+    from traces.atomic import check_output_dir
+
+    sweep = check_output_dir(sweep_dir, "hydra.sweep.dir")
+    if resume or not sweep.is_dir():
+        return
+    if (sweep / "multirun.yaml").is_file() or any((d / ".hydra").is_dir() for d in sweep.iterdir() if d.is_dir()):
+        raise UsageError(f"{sweep} already holds a sweep's results; pass resume=true to reuse and extend "
+                         "them, or give this sweep its own hydra.sweep.dir")
 
 
 class AggregateSweep(Callback):
@@ -367,6 +395,10 @@ class AggregateSweep(Callback):
 
         self.figure = plain(figure)
         self.table = plain(table)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        global SWEEP_DIR
+        SWEEP_DIR = Path(config.hydra.sweep.dir)
 
     def on_job_end(self, config: DictConfig, job_return: Any = None, **kwargs: Any) -> None:
         from hydra.core.hydra_config import HydraConfig
@@ -416,17 +448,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("sweep_dir")
     p.add_argument("--name", default="results", help="results file stem of the jobs (results_name)")
     p.add_argument("--no-figure", action="store_true", help="skip the figure even if the sweep asks for one")
-    p.add_argument("--strict", action="store_true", help="exit 1 if any job has no current results")
-    a = p.parse_args(argv)
-    spec = aggregate_spec(a.sweep_dir)
-    try:
-        scan = write_scan(a.sweep_dir, a.name, figure=None if a.no_figure else spec.get("figure"),
-                          table=spec.get("table"))
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(report(scan, table=spec.get("table"), name=a.name))
-    return 1 if (a.strict and scan.incomplete) else 0
+    p.add_argument("--strict", action="store_true", help="exit 2 if any job has no current results")
+
+    def go() -> int:
+        a = p.parse_args(argv)
+        sweep = Path(a.sweep_dir)
+        if not sweep.is_dir():
+            raise UsageError(f"{sweep}: no such sweep directory")
+        if scan_sweep(sweep, a.name).jobs.empty:  # before anything is written there
+            raise UsageError(f"{sweep}: holds no sweep (no multirun.yaml, no job directories with .hydra/)")
+        spec = aggregate_spec(sweep)
+        scan = write_scan(sweep, a.name, figure=None if a.no_figure else spec.get("figure"), table=spec.get("table"))
+        print(report(scan, table=spec.get("table"), name=a.name))
+        if a.strict and scan.incomplete:
+            raise UsageError(f"--strict: {len(scan.incomplete)} job(s) without current results: "
+                             + ", ".join(scan.incomplete))
+        return 0
+
+    return run_cli(go)
 
 
 if __name__ == "__main__":

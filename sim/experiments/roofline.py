@@ -33,7 +33,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from sim.errors import SimError
 from sim.timeline import PID_CACHE, PID_GPU, PID_LINK
-from traces.atomic import atomic_write
+from traces.atomic import atomic_write, check_output_dir
 
 CYCLE_COLUMNS = ("k", "accepted", "observed_cycle_s", "bytes_moved", "t_draft", "t_verify", "t_pcie")
 GB = 1e9
@@ -126,7 +126,11 @@ def _style():
 
 
 def _save_png(fig: Any, path: str | os.PathLike) -> Path:
-    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=130))
+    """Save with the whole title inside the image; a figure with an empty panel is a bug."""
+    from sim.experiments.figures import empty_axes
+
+    assert not empty_axes(fig), f"{path}: empty panels {empty_axes(fig)}"
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=130, bbox_inches="tight"))
 
 
 # ---------------------------------------------------------------------------- the roofline
@@ -502,15 +506,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--tokens", choices=("accepted", "emitted"), default="accepted")
     ap.add_argument("--chosen-k", type=int, default=None, help="k to mark (default: the most used k)")
     ap.add_argument("--cycle", type=int, default=0, help="cycle of the timeline figure (0-based)")
-    a = ap.parse_args(argv)
-    try:
-        written = _run(a)
-    except SimError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    for p in written:
-        print(p)
-    return 0
+    from traces.cli import run_cli
+
+    def go() -> int:
+        for p in _run(ap.parse_args(argv)):
+            print(p)
+        return 0
+
+    return run_cli(go)
 
 
 def _run(a: argparse.Namespace) -> list[Path]:
@@ -519,7 +522,7 @@ def _run(a: argparse.Namespace) -> list[Path]:
     run_dir: Path = a.run_dir
     if not run_dir.is_dir():
         raise SimError(f"{run_dir}: no such run folder")
-    out = a.out or run_dir
+    out = check_output_dir(a.out or run_dir, "-o")
     written: list[Path] = []
     cyc_path = run_dir / "cycles.parquet"
     if not cyc_path.is_file():

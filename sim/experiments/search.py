@@ -1,6 +1,7 @@
 """Policy search: Optuna's seeded TPE sampler over policy parameters for the lowest TPOT (or another
 metric) of one model and hardware, each trial's config built with Hydra's compose API; the best
-configuration is reported against the default (docs/sweeps.md#policy-search).
+configuration is reported against the default and the best baseline preset
+(docs/sweeps.md#policy-search).
 
 ``python -m sim.sweep search [OVERRIDES]`` (= ``experiment=search``; conf/experiment/search.yaml
 holds the space) runs it. Deterministic: one process, trials in sequence, a seeded sampler and a
@@ -12,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -21,8 +22,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from sim.errors import SimError
 from sim.presets import conf_dir
-from traces import TraceError
+from sim.experiments.jobs import config_fingerprint
 from traces.atomic import write_json_atomic, write_text_atomic
+from traces.errors import MoeOffloadError, UsageError
 
 
 @dataclass(frozen=True)
@@ -143,6 +145,7 @@ def compose_sim(overrides: Sequence[str]) -> DictConfig:
     from sim.config import register_configs
 
     register_configs()
+
     if GlobalHydra.instance().is_initialized():
         return compose(config_name="sim", overrides=list(overrides))
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
@@ -175,26 +178,58 @@ SHOWN = ["tpot_ms", "tokens_per_s", "hit_rate", "gb_moved", "stall_share", "x_bo
 
 @dataclass
 class SearchResult:
-    trials: pd.DataFrame  # one row per trial: number, params, overrides, status, metrics
+    trials: pd.DataFrame  # one row per distinct trial: number, params, overrides, status, metrics, baseline
     default: dict[str, Any]  # the default's row (overrides, metrics)
     best: dict[str, Any]
     table: str  # the printed comparison
+    baseline: dict[str, Any] = field(default_factory=dict)  # the best plain preset's row (the bar to beat)
+    duplicates: int = 0  # configurations the sampler proposed again (skipped: not counted as trials)
+
+
+#: the policy presets a search tries first, as users run them (conf/policy/baselines.yaml's suite)
+def baseline_presets() -> list[str]:
+    from sim.run import load_policy
+
+    return [str(n) for n in load_policy("baselines").suite]
+
+
+def _preset_point(cfg: DictConfig, params: Sequence[Param]) -> dict[str, Any] | None:
+    """The space's point of a composed config (its preset's own values), or None if the space does
+    not hold it (a value out of range, an active parameter without a valid value)."""
+    point: dict[str, Any] = {}
+    for p in params:
+        if _active(p, point):
+            v = _default_value(cfg, p)
+            if not _valid(p, v):
+                return None
+            point[p.name] = v
+    return point or None
 
 
 def run_search(base: Sequence[str], spec: Mapping[str, Any], out_dir: str | os.PathLike | None = None) -> SearchResult:
     """Optuna (seeded TPE) over ``spec['params']`` on top of the ``base`` overrides, minimising
     ``spec['metric']`` (tpot_ms); the default (``base`` + ``spec['default']``) is trial 0.
 
-    Deterministic: one process, trials in sequence, a seeded sampler and a deterministic simulator;
-    configs already simulated are looked up, not re-run. Infeasible or failing points score +inf."""
+    The baseline presets in the space (``policy`` choices of the ``baselines`` suite, each with its
+    preset's values) are the next trials, so the best is never worse than plain ``policy=lru``, and
+    the report gives the best's margin over the best baseline. ``trials`` counts distinct
+    configurations: a point the sampler proposes again is skipped (the sampler still learns its
+    score). Deterministic: one process, trials in sequence, a seeded sampler and a deterministic
+    simulator. Infeasible or failing points score +inf (their reason is kept)."""
     import optuna
 
     from sim.run import prepare, simulate
 
     params = parse_space(spec.get("params") or {})
     metric = str(spec.get("metric", "tpot_ms"))
-    n_trials = int(spec.get("trials", 30))
-    seed = int(spec.get("seed", 0))
+    try:
+        n_trials = int(spec.get("trials", 30))
+        seed = int(spec.get("seed", 0))
+    except (TypeError, ValueError):
+        raise UsageError(f"experiment.search.trials and .seed must be integers, got {spec.get('trials')!r}, "
+                         f"{spec.get('seed')!r}") from None
+    if n_trials < 1:
+        raise UsageError(f"experiment.search.trials must be >= 1, got {n_trials}")
     base = [o for o in base if not o.lstrip("+~").startswith("hydra")]
     default_ovr = [str(o) for o in (spec.get("default") or [])]
     default_cfg = compose_sim([*base, *default_ovr])
@@ -206,30 +241,58 @@ def run_search(base: Sequence[str], spec: Mapping[str, Any], out_dir: str | os.P
         except Exception:
             pass
 
-    memo: dict[tuple[str, ...], dict[str, Any]] = {}
+    memo: dict[str, dict[str, Any]] = {}  # config fingerprint (or the overrides) -> result
+
+    composed: dict[tuple[str, ...], tuple[str, Any]] = {}
+
+    def identify(ovr: list[str]) -> tuple[str, Any]:
+        """(key, composed config): equal configurations share a key however their overrides read."""
+        if tuple(ovr) not in composed:
+            try:
+                cfg = compose_sim([*base, *ovr])
+                composed[tuple(ovr)] = (config_fingerprint(cfg), cfg)
+            except Exception as e:
+                if not type(e).__module__.startswith(("hydra.", "omegaconf.")):
+                    raise
+                composed[tuple(ovr)] = (" ".join(ovr), e)
+        return composed[tuple(ovr)]
 
     def evaluate(ovr: list[str]) -> dict[str, Any]:
-        key = tuple(ovr)
+        key, cfg = identify(ovr)
         if key in memo:
             return memo[key]
         res: dict[str, Any] = {"status": "failed", "reason": "", metric: math.inf}
         try:
-            rows = simulate(compose_sim([*base, *ovr]))
+            if isinstance(cfg, Exception):
+                raise cfg
+            rows = simulate(cfg)
             if len(rows) != 1:
                 raise SimError(f"a search point must be one policy, got a suite of {len(rows)}")
             r = rows[0]
+            if r["status"] == "ok" and not columns:
+                columns.update(k for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
             res = {k: r.get(k) for k in dict.fromkeys(["policy", "slots", "layout", *SHOWN, metric])}
             res["status"], res["reason"] = r["status"], r.get("reason", "")
             if r["status"] != "ok" or not math.isfinite(float(r.get(metric, math.nan))):
                 res[metric] = math.inf
-        except (SimError, TraceError) as e:
-            res["reason"] = str(e)
-        except Exception as e:  # a config that Hydra cannot compose, a bug: the point scores +inf
-            res["reason"] = f"{type(e).__name__}: {e}"
+        except MoeOffloadError as e:
+            res["status"], res["reason"] = e.status, str(e)
+        except Exception as e:
+            if not type(e).__module__.startswith(("hydra.", "omegaconf.")):
+                raise  # a bug is never a +inf point
+            res["reason"] = f"{type(e).__name__}: {e}"  # a point Hydra cannot compose
         memo[key] = res
         return res
 
+    columns: set[str] = set()  # numeric columns of a results row, from the first one that ran
+    default_row = {"config": "default", "overrides": " ".join(default_ovr) or "(base)", **evaluate(list(default_ovr))}
+    if columns and metric not in columns:  # checked on the default, before any trial
+        raise UsageError(f"experiment.search.metric={metric!r} is not a numeric results column; "
+                         f"columns: {', '.join(sorted(columns))}")
+
     records: list[dict[str, Any]] = []
+    labels: dict[int, str] = {}  # trial number -> "default" / the baseline preset it runs
+    duplicates = 0
 
     def objective(trial: "optuna.trial.Trial") -> float:
         chosen: dict[str, Any] = {}
@@ -242,57 +305,72 @@ def run_search(base: Sequence[str], spec: Mapping[str, Any], out_dir: str | os.P
                 chosen[p.name] = trial.suggest_int(p.name, int(p.low), int(p.high), step=int(p.step or 1), log=p.log)
             else:
                 chosen[p.name] = trial.suggest_float(p.name, float(p.low), float(p.high), step=p.step, log=p.log)
+        nonlocal duplicates
         values = {p.key: chosen[p.name] for p in params if p.name in chosen}
         ovr = default_ovr + overrides_of(values)
         try:
             if "cache.layout" in values:
                 ovr += layout_overrides(str(values["cache.layout"]), compose_sim([*base, *ovr]), slots)
-        except Exception as e:
-            res = {"status": "failed", "reason": str(e), metric: math.inf}
+        except MoeOffloadError as e:
+            res = {"status": e.status, "reason": str(e), metric: math.inf}
         else:
-            cached = tuple(ovr) in memo
+            key = identify(ovr)[0]
+            if key in seen:  # proposed again: skipped, not a trial (the sampler learns its score)
+                duplicates += 1
+                repeats[0] += 1
+                return float(memo[key][metric])
+            repeats[0] = 0
+            seen.add(key)
             res = evaluate(ovr)
-            res = {**res, "cached": cached}
-        records.append({"trial": trial.number, "params": json.dumps(chosen, sort_keys=True, default=str),
-                        "overrides": " ".join(ovr), **res})
+        records.append({"trial": len(records), "params": json.dumps(chosen, sort_keys=True, default=str),
+                        "overrides": " ".join(ovr), "baseline": labels.get(trial.number, ""), **res})
         return float(res[metric])
+
+    seen: set[str] = set()
+    repeats = [0]  # proposals in a row that repeated an earlier configuration
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="minimize", sampler=optuna.samplers.TPESampler(seed=seed))
-    dflt = _default_point(params, default_cfg)
-    if dflt:
-        study.enqueue_trial(dflt)  # trial 0 is the default (when the space holds it)
-    study.optimize(objective, n_trials=n_trials)
+    # first trials: the default, then each baseline preset in the space (as users run them)
+    seeds: list[tuple[str, dict[str, Any]]] = []
+    point = _preset_point(default_cfg, params)
+    if point is not None:
+        seeds.append(("default", point))
+    policy_param = next((p for p in params if p.key == "policy" and p.kind == "choices" and not p.when), None)
+    if policy_param is not None:
+        for name in baseline_presets():
+            if name in policy_param.choices:
+                point = _preset_point(compose_sim([*base, *default_ovr, f"policy={name}"]), params)
+                if point is not None and point not in [pt for _, pt in seeds]:
+                    seeds.append((f"policy={name}", point))
+    for n, (label, point) in enumerate(seeds):
+        labels[n] = label
+        study.enqueue_trial(point)
+    # a space smaller than `trials` ends the search: 50 proposals in a row found nothing new
+    while len(records) < n_trials and repeats[0] < 50:
+        study.optimize(objective, n_trials=1)
 
-    default_row = {"config": "default", "overrides": " ".join(default_ovr) or "(base)", **evaluate(list(default_ovr))}
     trials = pd.DataFrame(records)
-    best_row = _best(trials, metric)
-    table = _search_table(base, default_row, best_row, metric, n_trials, len(memo))
+    best_row = _best(trials, metric, "best")
+    presets = set(baseline_presets())
+    is_base = [lab.startswith("policy=") or (lab == "default" and pol in presets)
+               for lab, pol in zip(trials.get("baseline", []), trials.get("policy", []))]
+    baseline_row = _best(trials[is_base], metric, "best baseline") if any(is_base) else {}
+    table = _search_table(base, default_row, best_row, metric, n_trials, len(records), baseline=baseline_row,
+                          duplicates=duplicates)
     if out_dir is not None:
-        _write_search(Path(out_dir), trials, default_row, best_row, base, table)
-    return SearchResult(trials, default_row, best_row, table)
+        _write_search(Path(out_dir), trials, default_row, best_row, base, table, baseline_row)
+    return SearchResult(trials, default_row, best_row, table, baseline_row, duplicates)
 
 
-def _default_point(params: Sequence[Param], default_cfg: DictConfig) -> dict[str, Any]:
-    """The default config as a point of the space ({} when the space does not hold it)."""
-    dflt: dict[str, Any] = {}
-    for p in params:
-        if _active(p, dflt):
-            v = _default_value(default_cfg, p)
-            if _valid(p, v):
-                dflt[p.name] = v
-    return dflt if dflt and all(p.name in dflt for p in params if _active(p, dflt)) else {}
-
-
-def _best(trials: pd.DataFrame, metric: str) -> dict[str, Any]:
-    """The row of the trial with the lowest finite ``metric`` (a failed row if none)."""
+def _best(trials: pd.DataFrame, metric: str, config: str) -> dict[str, Any]:
+    """The lowest-``metric`` trial as a row labelled ``config`` (a failed row when none is finite)."""
     finite = trials[[math.isfinite(float(v)) for v in trials[metric]]] if not trials.empty else trials
     if finite.empty:
-        return {"config": "best", "overrides": "-", "status": "failed", metric: math.inf,
+        return {"config": config, "overrides": "-", "status": "failed", metric: math.inf,
                 "reason": "no feasible configuration found"}
     b = finite.loc[finite[metric].astype(float).idxmin()]
-    return {"config": "best", **{k: _py(b[k]) for k in b.index if k not in ("trial", "cached")},
-            "trial": int(b["trial"])}
+    return {"config": config, **{k: _py(b[k]) for k in b.index if k != "trial"}, "trial": int(b["trial"])}
 
 
 def _py(v: Any) -> Any:
@@ -301,11 +379,14 @@ def _py(v: Any) -> Any:
 
 
 def _search_table(base: Sequence[str], default: Mapping[str, Any], best: Mapping[str, Any], metric: str,
-                  n_trials: int, distinct: int) -> str:
+                  n_trials: int, distinct: int, *, baseline: Mapping[str, Any] | None = None,
+                  duplicates: int = 0) -> str:
     from sim.report import format_table
 
+    if baseline and baseline.get("baseline") == "default":  # the default is the best baseline: one row
+        baseline, default = None, {**default, "config": "default = best baseline"}
     rows = []
-    for r in (default, best):
+    for r in (default, *([baseline] if baseline else []), best):
         rows.append({"config": r["config"], **{k: r.get(k) for k in SHOWN}, "status": r.get("status"),
                      "overrides": r.get("overrides")})
     for r in rows:  # format_table prints only known columns; keep the overrides readable beside it
@@ -313,20 +394,34 @@ def _search_table(base: Sequence[str], default: Mapping[str, Any], best: Mapping
             if r[k] is None:
                 r[k] = float("nan")
     text = format_table([{k: v for k, v in r.items() if k != "overrides"} for r in rows], extra=["config"])
-    lines = [f"policy search over {n_trials} trials ({distinct} distinct configs), minimising {metric}",
+    head = f"policy search over {distinct} distinct configurations"
+    if distinct < n_trials:
+        head += f" (the space holds no more; {n_trials} asked)"
+    if duplicates:
+        head += f", {duplicates} repeated proposals skipped"
+    lines = [f"{head}, minimising {metric}",
              f"base: {' '.join(base) or '(sim.yaml defaults)'}", text]
     for r in rows:
         lines.append(f"  {r['config']}: {r['overrides']}")
-    d, b = float(default.get(metric, math.inf)), float(best.get(metric, math.inf))
-    if math.isfinite(d) and math.isfinite(b) and d > 0:
-        lines.append(f"best {metric} {b:.4g} vs default {d:.4g}: {100 * (d - b) / d:.1f}% lower")
-    elif math.isfinite(b):
-        lines.append(f"best {metric} {b:.4g}; the default is infeasible or failed ({default.get('reason')})")
+    b = float(best.get(metric, math.inf))
+    for ref in (default, baseline):
+        if not ref:
+            continue
+        what = (f"best baseline (policy={ref.get('policy')})" if ref is baseline
+                else "default (the best baseline)" if ref["config"] != "default" else "default")
+        r = float(ref.get(metric, math.inf))
+        if math.isfinite(r) and math.isfinite(b) and r > 0:
+            lines.append(f"best {metric} {b:.4g} vs {what} {r:.4g}: {100 * (r - b) / r:.1f}% lower")
+        elif math.isfinite(b):
+            lines.append(f"best {metric} {b:.4g}; the {what} is infeasible or failed ({ref.get('reason')})")
+    if baseline and best.get("trial") is not None and best.get("trial") == baseline.get("trial"):
+        lines.append(f"the best is a baseline preset (policy={baseline.get('policy')}): "
+                     "no searched configuration beats it")
     return "\n".join(lines)
 
 
 def _write_search(out: Path, trials: pd.DataFrame, default: Mapping[str, Any], best: Mapping[str, Any],
-                  base: Sequence[str], table: str) -> None:
+                  base: Sequence[str], table: str, baseline: Mapping[str, Any] | None = None) -> None:
     from sim.report import write_results
 
     out.mkdir(parents=True, exist_ok=True)
@@ -334,5 +429,6 @@ def _write_search(out: Path, trials: pd.DataFrame, default: Mapping[str, Any], b
         write_results(trials.to_dict("records"), out, "search_trials")
     cmd = "python -m sim " + " ".join([*base, *(str(best.get("overrides", "")).split())])
     write_json_atomic(out / "search_best.json",
-                      {"default": dict(default), "best": dict(best), "base": list(base), "command": cmd})
+                      {"default": dict(default), "best_baseline": dict(baseline or {}), "best": dict(best),
+                       "base": list(base), "command": cmd})
     write_text_atomic(out / "search_report.txt", table + f"\nreproduce the best: {cmd}\n")

@@ -37,8 +37,9 @@ from sim.config import register_configs
 from sim.errors import SimError
 from sim.experiments.jobs import MARKER, config_fingerprint, index_job, indexed_results, read_marker, write_marker
 from sim.experiments.search import run_search
-from traces import TraceError
 from traces.atomic import write_bytes_atomic, write_json_atomic
+from traces.cli import hydra_task
+from traces.errors import MoeOffloadError, UsageError
 
 register_configs()
 
@@ -80,8 +81,8 @@ def find_reusable(fp: str, job_dir: Path, sweep_dir: Path | None, name: str) -> 
 def run_job(cfg: DictConfig, out_dir: str | os.PathLike, *, sweep_dir: str | os.PathLike | None = None,
             resume: bool | None = None) -> JobResult:
     """Simulate one config into ``out_dir`` (results + marker), or reuse earlier results of the same
-    fingerprint when resuming. Errors become a failed marker, never an exception: one bad config
-    must not stop a sweep (KeyboardInterrupt still does)."""
+    fingerprint when resuming. A project error (MoeOffloadError) becomes a failed marker: one bad
+    config must not stop a sweep; a bug is recorded too but raised (as is KeyboardInterrupt)."""
     from sim.report import write_results
     from sim.run import simulate
 
@@ -119,8 +120,11 @@ def run_job(cfg: DictConfig, out_dir: str | os.PathLike, *, sweep_dir: str | os.
         if runs:
             _timelines(runs, Path(str(cfg.timeline_out)).name, out)
         write_results(rows, out, name)
-    except Exception as e:
+    except MoeOffloadError as e:
         return _fail(out, fp, e, t0)
+    except Exception as e:  # a bug: recorded (resume reruns the job), then it stops the sweep
+        _fail(out, fp, e, t0)
+        raise
     write_marker(out, {"status": "ok", "fingerprint": fp, "rows": len(rows), "reused_from": None,
                        "wall_s": time.perf_counter() - t0})
     index_job(sweep, fp, out, name)
@@ -128,7 +132,7 @@ def run_job(cfg: DictConfig, out_dir: str | os.PathLike, *, sweep_dir: str | os.
 
 
 def _fail(out: Path, fp: str | None, e: BaseException, t0: float) -> JobResult:
-    kind = "" if isinstance(e, (SimError, TraceError)) else f"{type(e).__name__}: "
+    kind = "" if isinstance(e, MoeOffloadError) else f"{type(e).__name__}: "
     err = f"{kind}{e}"
     write_marker(out, {"status": "failed", "fingerprint": fp, "error": err,
                        "traceback": traceback.format_exc(), "wall_s": time.perf_counter() - t0})
@@ -162,15 +166,10 @@ def task(cfg: DictConfig) -> float:
     exp = cfg.get("experiment")
     if isinstance(exp, DictConfig) and exp.get("search") is not None:
         if multirun:
-            print("error: experiment=search runs its own trials; do not combine it with a multirun", file=sys.stderr)
-            sys.exit(2)
+            raise UsageError("experiment=search runs its own trials; do not combine it with a multirun (-m)")
         base = [str(o) for o in hc.overrides.task]
         spec = OmegaConf.to_container(exp.search, resolve=True)
-        try:
-            res = run_search(base, spec, out)
-        except (SimError, TraceError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
+        res = run_search(base, spec, out)
         print(res.table)
         print(f"search results: {out}")
         return float(res.best.get(str(spec.get("metric", "tpot_ms")), math.inf))
@@ -180,9 +179,9 @@ def task(cfg: DictConfig) -> float:
 
     res = run_job(cfg, out, sweep_dir=Path(hc.sweep.dir) if multirun else None)
     if res.status == "failed":
-        print(f"error: {res.error}", file=sys.stderr)
         if not multirun:
-            sys.exit(2)
+            raise SimError(res.error)
+        print(f"error: job {hc.job.num}: {res.error}", file=sys.stderr)
         return math.inf
     print(format_table(res.rows))
     note = f" (reused from {res.reused_from})" if res.reused_from else ""
@@ -196,15 +195,10 @@ def _map_task(cfg: DictConfig, overrides: list[str], out: Path, multirun: bool) 
     from sim.experiments.speculation_map import MapSpec, run_map
 
     if multirun:
-        print("error: experiment=speculation-map runs its own grid; do not combine it with a multirun", file=sys.stderr)
-        sys.exit(2)
+        raise UsageError("experiment=speculation-map runs its own grid; do not combine it with a multirun (-m)")
     base = [o for o in overrides if not o.lstrip("+~").startswith("experiment")]
-    try:
-        spec = MapSpec.from_cfg(OmegaConf.to_container(cfg.experiment, resolve=True))
-        res = run_map(base, spec, out)
-    except (SimError, TraceError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    spec = MapSpec.from_cfg(OmegaConf.to_container(cfg.experiment, resolve=True))
+    res = run_map(base, spec, out)
     print(res.summary)
     print(f"speculation map: {out / 'speculation_map.png'} (table: speculation_map.parquet)")
     ok = res.table[res.table["status"] == "ok"]
@@ -214,12 +208,24 @@ def _map_task(cfg: DictConfig, overrides: list[str], out: Path, multirun: bool) 
 def _app() -> None:
     import hydra
 
-    hydra.main(version_base="1.3", config_path="pkg://conf", config_name="sim")(task)()
+    hydra.main(version_base="1.3", config_path="pkg://conf", config_name="sim")(hydra_task(task))()
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m sim.sweep [search] [OVERRIDES]`` (also ``moe-sweep``)."""
+def check_sweep_outcome(scan: Any) -> None:
+    """A sweep in which no job ran a policy (every row infeasible, unsupported or failed) is refused
+    (exit 2); one in which at least one job ran succeeds, its other jobs staying rows with their
+    ``status`` and ``reason``."""
+    if scan is None:
+        return
+    ran = not scan.rows.empty and "status" in scan.rows.columns and (scan.rows["status"] == "ok").any()
+    if not ran:
+        raise SimError(f"no job of the sweep ran (see the job table above); rows and jobs.csv in {scan.sweep_dir}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Exit code of ``python -m sim.sweep [search] [OVERRIDES]`` (also ``moe-sweep``; traces.cli)."""
     from sim.experiments import aggregate
+    from traces.cli import Interrupted, run_cli
 
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] == "search":
@@ -227,11 +233,22 @@ def main(argv: Sequence[str] | None = None) -> None:
         if not any(a.startswith("experiment=") for a in args):
             args.insert(0, "experiment=search")
     sys.argv = [sys.argv[0], *args]
-    aggregate.LAST_SCAN = None
-    _app()
-    scan = aggregate.LAST_SCAN
-    if scan is not None and scan.incomplete:
-        sys.exit(1)
+
+    def go() -> int:
+        aggregate.LAST_SCAN = aggregate.SWEEP_DIR = None
+        aggregate.check_sweep_args(args)
+        try:
+            _app()
+        except KeyboardInterrupt:
+            where = aggregate.SWEEP_DIR
+            if where is None:
+                raise
+            raise Interrupted(f"finished jobs are in {where}; finish the sweep with the same overrides "
+                              f"plus hydra.sweep.dir={where} resume=true") from None
+        check_sweep_outcome(aggregate.LAST_SCAN)
+        return 0
+
+    return run_cli(go)
 
 
 if __name__ == "__main__":
@@ -239,4 +256,4 @@ if __name__ == "__main__":
     # (joblib, submitit, Ray workers import it instead of receiving a copy)
     from sim.experiments.sweep import main as _main
 
-    _main()
+    sys.exit(_main())

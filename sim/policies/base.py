@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple, Protocol, Sequence
 
+from sim.policies.errors import PolicyError
+
 DEMAND = 0  # priority of demand fetches: before every prefetch
 
 
@@ -177,8 +179,9 @@ class PrefetchPolicy:
 class Registry:
     """Name -> class, filled at import time; errors list the known names."""
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, error: type[Exception] = PolicyError) -> None:
         self.kind = kind
+        self.error = error  # what a bad name or argument raises (the owner's branch of the error tree)
         self._items: dict[str, type] = {}
 
     def register(self, name: str) -> Callable[[type], type]:
@@ -195,18 +198,14 @@ class Registry:
         try:
             return self._items[name]
         except KeyError:
-            from sim.errors import SimError
-
-            raise SimError(f"unknown {self.kind} '{name}'; known: {', '.join(sorted(self._items))}") from None
+            raise self.error(f"unknown {self.kind} '{name}'; known: {', '.join(sorted(self._items))}") from None
 
     def create(self, name: str, **kwargs: Any) -> Any:
         cls = self.get(name)
         try:
             return cls(**kwargs)
         except TypeError as e:
-            from sim.errors import SimError
-
-            raise SimError(f"{self.kind} '{name}': bad arguments {kwargs}: {e}") from None
+            raise self.error(f"{self.kind} '{name}': bad arguments {kwargs}: {e}") from None
 
     def names(self) -> list[str]:
         return sorted(self._items)

@@ -12,7 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
-from sim.errors import SimError
+from sim.policies.errors import PolicyError, PolicyUnsupported
 from sim.policies.base import PREDICTORS
 from traces import Trace
 
@@ -86,7 +86,7 @@ class RecordedPredictor(Predictor):
     def _array(self, d: int, seed: int) -> np.ndarray:
         if d not in self.trace.lookahead:
             have = [f"lookahead_{x}" for x in self.trace.lookahead_depths] or "none"
-            raise SimError(
+            raise PolicyUnsupported(
                 f"predictor 'recorded' needs column lookahead_{d}, the trace has {have}; "
                 "use a shallower depth or predictor=noisy"
             )
@@ -100,7 +100,7 @@ def noisy_sets(truth: np.ndarray, num_experts: int, recall: float, rng: np.rando
     at random), and fills the rest with random experts outside the true set. Rows of -1 stay -1.
     """
     if not 0.0 <= recall <= 1.0:
-        raise SimError(f"noisy predictor recall must be in [0, 1], got {recall}")
+        raise PolicyError(f"noisy predictor recall must be in [0, 1], got {recall}")
     shape = truth.shape
     k = shape[-1]
     flat = truth.reshape(-1, k).astype(np.int64)
@@ -128,7 +128,7 @@ class NoisyOraclePredictor(Predictor):
     def __init__(self, recall: Sequence[float] | float = (0.9, 0.8, 0.7, 0.6)) -> None:
         self.recall = [float(recall)] if isinstance(recall, (int, float)) else [float(x) for x in recall]
         if not self.recall:
-            raise SimError("noisy predictor needs at least one recall value")
+            raise PolicyError("noisy predictor needs at least one recall value")
 
     def _array(self, d: int, seed: int) -> np.ndarray:
         rec = self.recall[min(d, len(self.recall)) - 1]

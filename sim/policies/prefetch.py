@@ -6,7 +6,7 @@ from typing import Sequence
 
 import numpy as np
 
-from sim.errors import SimError
+from sim.policies.errors import PolicyError
 from sim.policies.base import DEMAND, PREFETCH, Action, Cancel, Fetch, LayerStep, PolicyContext, PrefetchPolicy
 
 
@@ -116,7 +116,7 @@ class GateLookahead(_Tracked):
 
     def __init__(self, depth: int = 1) -> None:
         if depth < 1:
-            raise SimError(f"lookahead depth must be >= 1, got {depth}")
+            raise PolicyError(f"lookahead depth must be >= 1, got {depth}")
         self.depth = int(depth)
 
     def on_routed(self, ls: LayerStep, needed: Sequence[int]) -> list[Action]:
@@ -138,7 +138,7 @@ class OraclePrefetch(_Tracked):
 
     def __init__(self, depth: int = 2) -> None:
         if depth < 1:
-            raise SimError(f"oracle depth must be >= 1, got {depth}")
+            raise PolicyError(f"oracle depth must be >= 1, got {depth}")
         self.depth = int(depth)
 
     def on_request_start(self, request: int) -> list[Action]:
@@ -166,7 +166,7 @@ class HistoryPrefetch(_Tracked):
 
     def __init__(self, layers_ahead: int = 2, per_layer: int | None = None, max_history: int = 64) -> None:
         if layers_ahead < 1:
-            raise SimError(f"history layers_ahead must be >= 1, got {layers_ahead}")
+            raise PolicyError(f"history layers_ahead must be >= 1, got {layers_ahead}")
         self.layers_ahead = int(layers_ahead)
         self.per_layer = per_layer
         self.max_history = int(max_history)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from sim.errors import SimError
+from sim.policies.errors import PolicyError
 from sim.policies.base import PREFETCH, Action, Cancel, CycleInfo, Fetch, LayerStep, PolicyContext, PrefetchPolicy
 
 PHASE3, PHASE2 = 1, 2  # copy priorities (0 is demand)
@@ -46,11 +46,11 @@ class SpeqScheduler(PrefetchPolicy):
                  bandwidth_share: float = 1.0) -> None:
         for name, v in (("phase2_start", phase2_start), ("window_lo", window_lo), ("window_hi", window_hi)):
             if not 0.0 <= float(v) <= 1.0:
-                raise SimError(f"speq {name} must be in [0, 1], got {v}")
+                raise PolicyError(f"speq {name} must be in [0, 1], got {v}")
         if window_lo > window_hi:
-            raise SimError(f"speq window_lo ({window_lo}) must be <= window_hi ({window_hi})")
+            raise PolicyError(f"speq window_lo ({window_lo}) must be <= window_hi ({window_hi})")
         if bandwidth_share < 0:
-            raise SimError(f"speq bandwidth_share must be >= 0, got {bandwidth_share}")
+            raise PolicyError(f"speq bandwidth_share must be >= 0, got {bandwidth_share}")
         self.phase2_start, self.window_lo, self.window_hi = float(phase2_start), float(window_lo), float(window_hi)
         self.bandwidth_share = float(bandwidth_share)
 
@@ -186,7 +186,7 @@ class SpMoeCutoff(PrefetchPolicy):
 
     def __init__(self, memory_share: float = 0.5, max_layers: int | None = None) -> None:
         if not 0 < memory_share <= 1:
-            raise SimError(f"spmoe memory_share must be in (0, 1], got {memory_share}")
+            raise PolicyError(f"spmoe memory_share must be in (0, 1], got {memory_share}")
         self.memory_share = float(memory_share)
         self.max_layers = max_layers
 

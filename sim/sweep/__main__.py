@@ -1,3 +1,5 @@
+import sys
+
 from sim.experiments.sweep import main
 
-main()
+sys.exit(main())
