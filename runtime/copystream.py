@@ -44,6 +44,12 @@ class MarkStream(CopyEngine):
         self.done_mark: dict[int, Any] = {}  # key -> end mark of its latest copy
         self.free_mark: list[Any] = [None] * num_slots  # slot -> mark after the last computation reading it
         self.copy_log: list[tuple[Any, Any, int, bool]] = []  # (start mark, end mark, key, is_prefetch)
+        # real backends: one expert's transfer time is measured on every copy the host sees land (an
+        # EMA), so the admission rule's head starts use the measured bandwidth; the virtual backend
+        # keeps the model's duration (its copies take exactly that)
+        self.measure = False
+        self.copies_measured = 0
+        self.start_mark: dict[int, Any] = {}  # key -> start mark of its latest copy
         # ablation for tests only: no slot guard (copies do not wait for readers, slots are released
         # as soon as their computation is enqueued); shows what the guards prevent
         self.unsafe_no_guard = False
@@ -53,8 +59,12 @@ class MarkStream(CopyEngine):
         after = None if self.unsafe_no_guard else self.free_mark[slot]
         s, e = self.backend.copy(self.slot_bytes[slot], self.source(key), after, self.pad_s, (self.clock, start, end))
         self.done_mark[key] = e
+        self.start_mark[key] = s
         self.copy_log.append((s, e, key, is_prefetch))
-        return _known(e)
+        end = _known(e)
+        if self.measure and end != _INF:  # a backend whose times are known at once
+            self._measured(end - _known(s))
+        return end
 
     def hold(self, keys: tuple[int, ...], done: Any) -> None:
         """``keys`` are read by the computation that ends at mark ``done``: their slots are rewritten
@@ -93,6 +103,8 @@ class MarkStream(CopyEngine):
                         break
                     inflight[i] = (end, key)
                     filled = True
+                    if self.measure:
+                        self._measured(end - sec(self.start_mark[key]))
                 elif lim is not None and end > lim:
                     break
                 if end > t:
@@ -116,6 +128,12 @@ class MarkStream(CopyEngine):
             self.advance(t)
             if not filled:
                 return t
+
+    def _measured(self, seconds: float) -> None:
+        """One observed copy's time (start mark to end mark) into the transfer-time estimate."""
+        if seconds > 0:
+            self.duration = seconds if not self.copies_measured else 0.8 * self.duration + 0.2 * seconds
+            self.copies_measured += 1
 
     def blocker(self, keys: set[int]) -> Any:
         """None once every key in ``keys`` is resident or on its way (the compute stream then waits

@@ -196,6 +196,9 @@ class RunConfig:
     # issue overhead; the virtual backend's copies take them, real backends ignore them
     transfer_s: float = 0.0
     issue_overhead_s: float = 0.0
+    # the host's prefetch admission rule (sim.host.HostController.admit); off: every prefetch goes out
+    admission: bool = True
+    reset: str = "never"  # cache.reset: 'request' empties the cache and every policy's state per request
 
 
 class Run:
@@ -234,6 +237,7 @@ class Run:
             copies_in_flight=1 if getattr(rc.prefetch, "host_memory", None) == "pageable" else rc.copies_in_flight,
             pad_s=pad_s)
         self.queue, self.in_flight, self.copy_log = link.queue, link.in_flight, link.copy_log
+        link.measure = not self.virtual  # the admission rule's link: measured on real backends
         self.infos: list[LayerInfo] = []
         if sch is not None:
             self.ctx = policy_context(sch, cache, link.queue.queued, rc.predictor, k)
@@ -255,7 +259,7 @@ class Run:
         self.host = host = HostController(
             sch, cache, link, eviction=rc.eviction, prefetch=rc.prefetch, log=self.log,
             decision_delay=float(rc.decision_delay_s), expert_bytes=om.nbytes, transfer_s=rc.transfer_s,
-            live=True, infos=self.infos)
+            live=True, infos=self.infos, admission=rc.admission, measured=not self.virtual, reset=rc.reset)
         if rc.timeline or host.has_done:
             link.on_done = host.copy_done
         self.steps: list[StepRecord] = []
@@ -331,9 +335,17 @@ class Run:
 
     # ------------------------------------------------------------------ driver interface
     def request_start(self, r: int) -> None:
-        """A request begins once the previous one's last token is on the host."""
+        """A request begins once the previous one's last token is on the host; with
+        cache.reset=request every copy lands first and the cache and the policies start afresh."""
         be = self.backend
         be.block(be.mark())
+        if self.rc.reset == "request":
+            self.queue.clear()
+            link = self.link
+            while link.in_flight:
+                be.block(link.done_mark[link.in_flight[-1][1]])
+                link.observe()
+            self.host.forget()
         self.requests.append((be.mark(), []))
         self.host.request_start(r)
 

@@ -420,7 +420,8 @@ class Session:
             schedule=schedule if mode == "replay" and pcfg.decoding != "speculative" else None, seed=int(cfg.seed),
             link_pace_gbps=hw.link_pace_gbps, timeline=timeline, exec_log=exec_log,
             issue_overhead_s=float(hw.copy_issue_overhead_s),
-            transfer_s=_transfer_s(schedule, hw, prefetch),
+            transfer_s=_transfer_s(schedule, hw, prefetch), admission=bool(pcfg.get("admission", True)),
+            reset=str(cfg.cache.get("reset", "never")),
         )
         run = self.om.start_run(rc)
         try:

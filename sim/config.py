@@ -49,6 +49,9 @@ class PolicyConf:
     governor: Optional[dict[str, Any]] = setting(
         None, "speculative: governor settings for this policy only, over the run's governor= ({name: fixed, k: 4})")
     engine: Optional[str] = setting(None, "a conf/engine preset for this policy only (the paper-like baseline: eager)")
+    admission: bool = setting(
+        True, "the host's prefetch admission rule (docs/metrics.md): a prefetch goes out only when it pays for "
+        "itself; false: every prefetch goes out (an ablation)")
     suite: list[str] = setting([], "non-empty: run each named preset instead (one results row each)")
 
 

@@ -60,6 +60,7 @@ class Simulation:
         draft=None,
         progress=None,
         reset: str = "never",
+        admission: bool = True,
     ) -> None:
         self.schedule = schedule
         self.model, self.hw, self.cost = model, hw, cost
@@ -102,7 +103,7 @@ class Simulation:
             sch, cache, copy, eviction=eviction, prefetch=prefetch, log=log,
             decision_delay=float(hw.decision_delay_s), expert_bytes=self.expert_bytes, transfer_s=transfer_s,
             copy_latency_s=float(hw.copy_latency_s), governor=governor, draft=draft,
-            layer_names=[f"L{x}" for x in model.moe_layers], progress=progress, reset=reset,
+            layer_names=[f"L{x}" for x in model.moe_layers], progress=progress, reset=reset, admission=admission,
         )
         if timeline or host.has_done:
             copy.on_done = host.copy_done

@@ -123,6 +123,8 @@ class HostController:
         reset: str = "never",
         live: bool = False,
         infos: list | None = None,
+        admission: bool = True,
+        measured: bool = False,
     ) -> None:
         if (governor is None) != (draft is None):
             raise SimError("speculative decoding needs both a governor and a draft source")
@@ -157,8 +159,14 @@ class HostController:
         self._routing_at: list[float] = []  # stall-free routing time of each layer-step (see admit)
         self._steps_timed = 0
         self._t_next = 0.0
-        if schedule is not None:  # the admission rule reads the schedule's stall-free plan
-            copy.admit = self.admit
+        # live decoding without a plan: the measured time from one layer's experts starting to the
+        # next routing (an EMA), and when the last routed layer-step's experts started
+        self._layer_s: float | None = None
+        self._exp_start: float | None = None
+        # real hardware (the runtime on a real backend): its clock is not the plan's, so the layer
+        # time is measured even where a schedule exists
+        self.measured = measured or schedule is None
+        copy.admit = self.admit if admission else None  # off: every prefetch goes out (tests, ablations)
 
     # ------------------------------------------------------------ admission
     def admit(self, for_g: int, confidence: float, start: float) -> bool:
@@ -183,7 +191,9 @@ class HostController:
         """When layer-step ``g``'s routing will reach the host, as the host estimates it now: the
         last routed layer-step's experts start once the experts it waits for have landed (the
         copy stream's model: ``ready_at``), then every layer runs stall-free (the schedule's
-        compute times)."""
+        compute times; on real hardware and in live decoding: the measured layer time instead)."""
+        if self.measured:
+            return self._measured_routing_time(g)
         at = self._routing_at
         if g >= len(at):
             self._time_steps()
@@ -200,6 +210,29 @@ class HostController:
                 if state[key] == LOADING and ready_at[key] > t:
                     t = ready_at[key]
         return t + at[g] - at[g0]
+
+    def _measured_routing_time(self, g: int) -> float:
+        """``routing_time`` from the measured layer time (the runtime on real hardware); before any
+        measurement no prefetch is admitted."""
+        if self.anchor is None or self._layer_s is None:
+            return float("-inf")
+        g0, t, wait = self.anchor
+        if g <= g0:
+            return float("-inf")
+        if wait:
+            state, ready_at = self.cache.state, self.cache.ready_at
+            for key in wait:
+                if state[key] == LOADING and ready_at[key] > t:
+                    t = ready_at[key]
+        return t + (g - g0) * self._layer_s
+
+    def _layer_time(self, routed_at: float) -> None:
+        """The runtime: a routing arrived; the time since the last layer-step's experts started is one
+        sample of the stall-free layer time."""
+        if self._exp_start is not None and routed_at > self._exp_start:
+            x = routed_at - self._exp_start
+            self._layer_s = x if self._layer_s is None else 0.8 * self._layer_s + 0.2 * x
+        self._exp_start = routed_at
 
     def _time_steps(self) -> None:
         """Extend the stall-free routing times over the schedule's steps added since."""
@@ -265,6 +298,12 @@ class HostController:
             self.now = yield Sleep(self.carry)
         self.carry = 0.0
 
+    def forget(self) -> None:
+        """``cache.reset=request`` once nothing is in flight: empty the cache, clear every policy."""
+        self.cache.clear()
+        self.eviction.reset()
+        self.prefetch.reset()
+
     def preload(self) -> Iterator[Any]:
         """The experts the prefetch policy keeps for good (a streaming policy's resident layers),
         copied before the first request as a model load does: they count in the bytes moved and
@@ -307,9 +346,7 @@ class HostController:
         while copy.in_flight:
             self.now = yield Sleep(copy.in_flight[-1][0] - self.now)
             copy.advance(self.now)
-        self.cache.clear()
-        self.eviction.reset()
-        self.prefetch.reset()
+        self.forget()
 
     # --------------------------------------------------------------- the run
     def drive(self) -> Iterator[Sleep]:
@@ -526,6 +563,7 @@ class HostController:
                         yield from self._wait_landed(fresh)
                 needed = yield Routing(g)
                 now = observe()
+                self._layer_time(now)
             else:
                 if has_start:
                     if carry > 0:
@@ -628,6 +666,8 @@ class HostController:
                         # the experts start once their copies have landed: what happened on the
                         # copy stream until the last of them landed belongs to this layer-step
                         yield from self._wait_landed(wait)
+                        if copy.clock > self._exp_start:  # the experts start once they landed
+                            self._exp_start = copy.clock
                     if missed:
                         for key in missed:  # arrived on demand: count the use now
                             accessed(key, pool_of[key], g)

@@ -351,19 +351,14 @@ def run_policy(prep: Prepared, pcfg: DictConfig, seed: int, *, timeline: bool = 
 
         bar = tqdm(total=prep.trace.num_requests, desc=f"{pcfg.name}", unit="request", disable=None, leave=False)
     t0 = time.perf_counter()
-    hw, cost = prep.hw, prep.cost
-    host_memory = getattr(prefetch, "host_memory", None)  # a policy that copies from its own host memory
-    if host_memory and host_memory != hw.host_memory:
-        from dataclasses import replace
-
-        hw = replace(hw, host_memory=host_memory)
-        cost = cost_model_for(prep.model, hw)
+    hw, cost = policy_link(prep.model, prep.hw, prep.cost, prefetch)
+    host_memory = getattr(prefetch, "host_memory", None)
     sim = Simulation(
         schedule, prep.model, hw, cost,
         eviction=eviction, prefetch=prefetch, predictor=predictor,
         slots=None if plan.per_layer else plan.slots, per_layer=plan.per_layer,
         seed=seed, timeline=timeline, lookahead_depths=depths, governor=governor, draft=draft, progress=bar,
-        reset=prep.reset,
+        reset=prep.reset, admission=bool(pcfg.get("admission", True)),
     )
     log = sim.run()
     wall = time.perf_counter() - t0
@@ -403,6 +398,18 @@ def speculative_trace(prep: Prepared, tcfg: Any) -> Trace:
         tcfg = tcfg if tcfg is not None else TraceConf()
         cached = prep.__dict__["_draft_trace"] = with_draft(prep.trace, synth_params(prep.model, tcfg), int(tcfg.seed or 0))
     return cached
+
+
+def policy_link(model: ModelSpec, hw: HardwareSpec, cost: CostModel, prefetch: Any) -> tuple[HardwareSpec, CostModel]:
+    """The hardware and cost model a policy's copies see: a policy that copies from its own kind
+    of host memory (whole-layer streaming: pageable, as accelerate's offload) gets that curve."""
+    host_memory = getattr(prefetch, "host_memory", None)
+    if not host_memory or host_memory == hw.host_memory:
+        return hw, cost
+    from dataclasses import replace
+
+    hw = replace(hw, host_memory=host_memory)
+    return hw, cost_model_for(model, hw)
 
 
 def bound_for(prep: Prepared, schedule: Schedule, pool_of: list[int], capacity: list[int]):

@@ -86,14 +86,22 @@ def test_live_policies_prefetch_and_stay_exact(fam, name, pf, args):
         pred = LiveGatePredictor(args["depth"])
         pred.attach_live(lm)
     ev, pol = policy("lru", pf, **args)
-    run = om.start_run(RunConfig(eviction=ev, prefetch=pol, predictor=pred, slots=max(2 * k, E)))
-    out = live(om, run, PROMPTS, NEW, keep_logits=True)
-    om.end_run()
+    # every prediction goes out (the admission rule off): the prefetched experts' data path is what
+    # is tested; with the rule on, the measured link and layer times decide
+    for admission in (False, True):
+        run = om.start_run(RunConfig(eviction=ev, prefetch=pol, predictor=pred, slots=max(2 * k, E),
+                                     admission=admission))
+        out = live(om, run, PROMPTS, NEW, keep_logits=True)
+        om.end_run()
+        assert out["tokens"] == ref["tokens"] and equal_logits(out["logits"], ref["logits"])
+        prefetched = [c for c in run.copy_log if c[3]]
+        if not admission:
+            assert prefetched, "the policy prefetched nothing"
+            assert run.useful > 0 and run.link.refused == 0
+        else:  # the policy's predictions reached the host's rule: issued or refused
+            assert prefetched or run.link.refused > 0
+            assert run.link.copies_measured > 0 and run.link.duration > 0  # the link was measured
     om.close()
-    assert out["tokens"] == ref["tokens"] and equal_logits(out["logits"], ref["logits"])
-    prefetched = [c for c in run.copy_log if c[3]]
-    assert prefetched, "the policy prefetched nothing"
-    assert run.useful > 0
 
 
 def test_live_gate_predictor_equals_the_captured_lookahead():
@@ -303,10 +311,14 @@ def test_same_policy_objects_same_decisions_in_simulator_and_runtime(layout):
     try:
         for name in names:
             p = load_policy(name)
-            plan = sess.plan(cfg, p)
-            if name == "stream":
+            # the admission rule weighs time: the CPU's measured clock is not the zero-time link's,
+            # so both hosts issue every prefetch here (the virtual-time test below keeps the rule)
+            p.admission = False
+            if name == "stream":  # a whole layer's slots (the plan of a caching policy, resized)
                 from dataclasses import replace
-                plan = replace(plan, slots=prep.model.num_experts)
+                plan = replace(sess.plan(cfg, load_policy("lru")), slots=prep.model.num_experts)
+            else:
+                plan = sess.plan(cfg, p)
             run = sess.run_config(cfg, p, plan, schedule=prep.schedule, trace=prep.trace)
             _, (sim, log) = run_policy(prep, p, 0, timeline=True, plan=plan)
             got = [(k, pf) for _, _, k, pf in run.copy_log]
@@ -454,3 +466,26 @@ def test_cuda_backend_control_path_with_a_stand_in_for_cuda(monkeypatch):
     assert out["tokens"] == ref["tokens"] and equal_logits(out["logits"], ref["logits"])
     assert run.copies > 0 and len(slept) >= run.copies and St.waited > 0
     assert log.run_time > 0 and len(log.copy_spans) == run.copies and log.compute_spans
+
+
+def test_cache_reset_request_same_decisions_in_both_hosts():
+    """cache.reset=request on the virtual-time backend: at each request the cache and the policies
+    start afresh in the runtime exactly as in the simulator (copies, hits, misses, evictions)."""
+    from runtime.measure import Session
+    from sim.run import load_policy, run_policy
+
+    cfg = _run_cfg("model=tiny", "trace.requests=3", "trace.prompt_tokens=4", "trace.decode_tokens=12", "cache.slots=6",
+                   "cache.reset=request", "policy=baselines", "cpu_backend=virtual", "hardware.decision_delay_s=2e-5")
+    sess = Session(cfg, max_slots=10**6)
+    prep = sess.prepare(cfg)
+    assert prep.reset == "request"
+    try:
+        for name in ["lru", "lfu", "belady", "lookahead", "history"]:
+            p = load_policy(name)
+            plan = sess.plan(cfg, p)
+            run = sess.run_config(cfg, p, plan, schedule=prep.schedule, trace=prep.trace)
+            _, (sim, log) = run_policy(prep, p, 0, timeline=True, plan=plan)
+            assert [(k, pf) for _, _, k, pf in run.copy_log] == [(k, pf) for _, _, k, pf in log.copy_spans], name
+            assert (run.hits, run.late, run.misses, run.cache.evictions) == (log.hits, log.late, log.misses, log.evictions), name
+    finally:
+        sess.close()
