@@ -223,9 +223,14 @@ def _log_plan(cfg: Any, plan: list[dict[str, Any]], total_s: float, card: str, h
 def _pending(cfg: Any, c: Any, engine: str, level: str, today: str, done: set[tuple[Any, ...]]) -> list[str]:
     """The config's policies with no measured row of this level today (keyed as runtime.measure
     keys its rows): only they are measured, so a repeated call adds nothing twice."""
+    from runtime.models import resolve_device
     from sim.run import base_keys, config_id, load_policy
 
     keys = {**base_keys(c), "engine": engine}  # as runtime.measure keys its rows
+    if str(c.get("dtype", "auto") or "auto") == "auto" and not c.get("source"):
+        # the session keys rows by the dtype it built: random weights are bf16 on a GPU, fp32 on the
+        # CPU (runtime.models.resolve_dtype)
+        keys["dtype"] = "bf16" if resolve_device(c.get("device", "auto")).type == "cuda" else "fp32"
     cids = {}
     for p in cfg.policies:
         pc = load_policy(p)
