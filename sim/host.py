@@ -405,7 +405,10 @@ class HostController:
                 return memo[k]
 
             def t_verify(n: int, t=t) -> float:
-                return sch.verify_estimate(n, int(trace.position[r, min(t + n, L) - 1]) + 1, dd)
+                # a pass longer than the request (the TTFT cap's offline range) extends its context
+                # past the last position, one key per token
+                kv = int(trace.position[r, min(t + n, L) - 1]) + 1 + max(0, t + n - L)
+                return sch.verify_estimate(n, kv, dd)
 
             def new_experts(k: int, t=t, memo=union_memo) -> int:
                 """|E_new(k)|, causally: the distinct experts of the last k + 1 positions already

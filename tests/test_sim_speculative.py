@@ -201,3 +201,15 @@ def test_trace_file_without_draft_gets_a_stand_in_with_the_dials(tmp_path):
     (row,) = simulate(cfg)
     assert row["draft_source"].startswith("stand-in(draft_agreement=1, draft_wrong_ids=1, acceptance=1,")
     assert row["acceptance_rate"] == 1.0
+
+
+def test_ttft_cap_on_requests_shorter_than_k_max():
+    """The TTFT cap prices k over the governor's whole range once, also when the first request has
+    fewer tokens left than k_max + 1: those passes extend the context past its last position
+    instead of failing, and the decode k stays within what each request allows."""
+    short = ["trace.requests=2", "trace.prompt_tokens=4", "trace.decode_tokens=8"]
+    for budget in (5, 500):
+        rows = simulate(cfg_of("model=tiny", "policy=speq", "governor.slo=ttft",
+                               f"governor.latency_budget_ms={budget}", *short))
+        assert [r["status"] for r in rows] == ["ok"]
+        assert 1 <= rows[0]["mean_k"] <= 7
