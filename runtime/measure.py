@@ -255,6 +255,7 @@ class Session:
 
         t0 = time.perf_counter()
         check_config(cfg)
+        self.engine = resolved_engine(cfg)
         source, layers = model_source(cfg)
         self.loaded = load_model(source, layers=layers, dtype=cfg.get("dtype", "auto"), device=cfg.get("device", "auto"),
                                  seed=int(cfg.seed))
@@ -284,7 +285,6 @@ class Session:
         self.om = OffloadedModel(self.loaded, max_slots=min(int(max_slots), total),
                                  host_memory=str(cfg.hardware.host_memory), cpu_backend=str(cfg.get("cpu_backend", "sync")),
                                  record_routing=cfg.get("mode", "replay") == "live")
-        self.engine = resolved_engine(cfg)
         if self.engine == "graphed":
             from runtime.lean import ExecutorExperts, LeanModel
 
@@ -338,7 +338,8 @@ class Session:
 
     def prepare(self, cfg: Any, trace: Any = None) -> Any:
         """sim.run.Prepared of this config (replay: its trace; live: the executed trace)."""
-        from sim.costmodel import cost_model_for
+        from sim.config import load_group_file
+        from sim.costmodel import HostOverhead, cost_model_for
         from sim.hardware import HardwareSpec
         from sim.run import Prepared, load_trace
         from sim.schedule import Schedule
@@ -351,7 +352,8 @@ class Session:
         if trace is None:
             trace = load_trace(cfg.trace, self.spec)
         ctx = int(cfg.cache.max_context_tokens or int(trace.position.max()) + 1)
-        cost = cost_model_for(self.spec, hw)
+        # the prediction under the host overhead of the engine that runs (conf/engine/<resolved>.yaml)
+        cost = cost_model_for(self.spec, hw, host=HostOverhead.from_cfg(load_group_file("engine", self.engine), hw))
         prep = Prepared(self.spec, hw, trace, cost, Schedule(trace, self.spec, cost), ctx, cfg.cache.slots, cfg.cache.per_layer)
         self._prep = (key, prep)
         return prep

@@ -210,8 +210,9 @@ def test_engine_refused_before_building():
     from runtime.executor import ExecutorError
     from runtime.measure import check_config
 
-    with pytest.raises(ExecutorError, match="engine='fast'"):
-        check_config(_run_cfg("engine=fast"))
+    # the simulator's `ideal` (no host overhead) is not something a real machine runs
+    with pytest.raises(ExecutorError, match="engine='ideal'"):
+        check_config(_run_cfg("engine=ideal"))
 
 
 @pytest.mark.gpu

@@ -99,7 +99,7 @@ def test_app_replay_rows_join_the_simulators(tmp_path):
     meas, sim = df[df.source == "measured"], df[df.source == "sim"]
     assert len(meas) == 2 and list(meas.repetition) == [0, 1] and len(sim) == 1
     assert (df.status == "ok").all()
-    srows = simulate(sim_cfg(*over, "+engine=eager"))  # the runtime on the CPU: engine null -> eager
+    srows = simulate(sim_cfg(*over, "engine=eager"))  # the runtime on the CPU: engine null -> eager
     assert meas.engine.iloc[0] == "eager"
     assert srows[0]["config_id"] == meas.config_id.iloc[0] == sim.config_id.iloc[0]
     assert srows[0]["tokens_per_s"] == pytest.approx(float(sim.tokens_per_s.iloc[0]))
