@@ -397,7 +397,8 @@ def run_shape(sh: dict[str, Any], args: argparse.Namespace, rows_path: Path, out
             emit(path="draft-int4", engine="graphed", resident=True, status="failed", reason=f"{type(e).__name__}: {e}"[:300])
 
     # ---- the executor (host controller + experts loop): resident and offloaded, both engines
-    from runtime.executor import OffloadedModel, RunConfig
+    from runtime.executor import RunConfig
+    from runtime.offloaded import OffloadedModel
     from sim.policies import EVICTION, PREFETCH
 
     total = M * E

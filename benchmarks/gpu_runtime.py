@@ -337,7 +337,8 @@ def preflight(device: str) -> dict[str, Any]:
     try:
         import torch
 
-        from runtime.executor import OffloadedModel, RunConfig
+        from runtime.executor import RunConfig
+        from runtime.offloaded import OffloadedModel
         from runtime.models import load_model
         from runtime.replay import live, reference_decode
         from sim.policies import EVICTION, PREFETCH

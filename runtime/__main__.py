@@ -34,7 +34,8 @@ class RunConf(RunBase):
     warmup_steps: int = setting(-1, "-1: one unmeasured pass over the whole trace first; N: its first N steps; 0: none")
     host_memory: Optional[str] = setting(None, "pinned | pageable: sets hardware.host_memory")
     link_pace_gbps: Optional[float] = setting(None, "pace copies to this bandwidth: sets hardware.link_pace_gbps")
-    cpu_backend: str = setting("sync", "on the CPU: sync (inline) | thread (two stream threads)")
+    cpu_backend: str = setting("sync", "on the CPU: sync (inline) | thread (two stream threads) | "
+                                       "virtual (deterministic virtual time, the simulator's durations; replay)")
     engine: Any = setting(None, "group conf/engine: graphed (static KV cache + CUDA graphs between routing reads, "
                                 "runtime.lean) | eager (transformers' forward) | null: graphed on a GPU, eager on the "
                                 "CPU; the simulator's prediction uses the resolved engine's host overhead")

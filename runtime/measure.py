@@ -1,5 +1,5 @@
 """Measured runs in the simulator's terms: a ``runtime.executor.Run``'s marks (CUDA event timestamps
-on the GPU, host clocks on the CPU) become a ``sim.engine.RunLog``, and ``sim.metrics.results_row``
+on the GPU, host clocks on the CPU) become a ``sim.runlog.RunLog``, and ``sim.metrics.results_row``
 turns it into the same results row as a simulated run (docs/metrics.md), with ``source = measured``.
 
 How each RunLog field is measured:
@@ -30,7 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from runtime.executor import OffloadedModel, Run
+from runtime.executor import Run
+from runtime.offloaded import OffloadedModel
 from sim.runlog import RunLog
 from sim.metrics import results_row
 from sim.timeline import chrome_trace
@@ -201,7 +202,7 @@ def model_source(cfg: Any) -> tuple[str, int | None]:
 
 
 def ExecutorError_(msg: str):  # noqa: N802 - a constructor-like helper
-    from runtime.executor import ExecutorError
+    from runtime.errors import ExecutorError
 
     return ExecutorError(msg)
 
@@ -249,7 +250,7 @@ class Session:
 
         from omegaconf import OmegaConf, open_dict
 
-        from runtime.executor import OffloadedModel
+        from runtime.offloaded import OffloadedModel
         from runtime.models import load_model
         from sim.spec import ModelSpec
 
@@ -388,6 +389,8 @@ class Session:
             copies_in_flight=int(hw.copies_in_flight), decision_delay_s=float(hw.decision_delay_s),
             schedule=schedule if mode == "replay" else None, seed=int(cfg.seed),
             link_pace_gbps=hw.link_pace_gbps, timeline=timeline, exec_log=exec_log,
+            issue_overhead_s=float(hw.copy_issue_overhead_s),
+            transfer_s=schedule.cost.h2d(schedule.model.bytes_per_expert()) if schedule is not None else 0.0,
         )
         run = self.om.start_run(rc)
         try:

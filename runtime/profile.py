@@ -515,7 +515,8 @@ def engine_at_depth(name: str, layers: int, cfg: Any, clock: Clock) -> dict[str,
                                                                   else "gather_bmm"), graphs=clock.cuda)
     out["lean_grouped_step_s"] = _decode_wall(lean.forward, n, clock)
     if clock.cuda:
-        lean.capture_step()
+        with torch.inference_mode():  # the static KV buffers are inference tensors
+            lean.capture_step()
         out["floor_step_s"] = _events(clock, lean.step_graph.replay)  # a graph: timed by events, not re-captured
         out["graph_launch_host_s"] = clock.host(lean._graphs[0].replay, inner=20)
     else:  # no graphs: the eager lean step is all the work there is
@@ -525,9 +526,10 @@ def engine_at_depth(name: str, layers: int, cfg: Any, clock: Clock) -> dict[str,
     try:
         draft = LeanModel(lm, max_len=max_len, experts=Int4Experts(mods), graphs=clock.cuda)
         if clock.cuda:
-            draft.forward(torch.arange(3, 11, device=clock.device).reshape(1, -1), 0)
-            draft.capture_step()
-            out["draft_call_host_s"] = _host_issue(clock, lambda: draft.step_one_graph(8), 1)
+            with torch.inference_mode():
+                draft.forward(torch.arange(3, 11, device=clock.device).reshape(1, -1), 0)
+                draft.capture_step()
+                out["draft_call_host_s"] = _host_issue(clock, lambda: draft.step_one_graph(8), 1)
         else:
             out["draft_call_host_s"] = 0.0
         del draft
@@ -542,6 +544,7 @@ def engine_at_depth(name: str, layers: int, cfg: Any, clock: Clock) -> dict[str,
         pos = torch.arange(start, start + ids.shape[1], device=clock.device).reshape(1, -1)
         return forward_step(lm.model, ids, pos, state["cache"], extra)
 
+    _decode_wall(hf_step, n, clock)  # warm-up: transformers' first forward in the process is slow
     out["transformers_step_s"] = _decode_wall(hf_step, n, clock)
     del lm, state
     for engine in ("graphed", "eager"):
@@ -565,21 +568,48 @@ def engine_values(name: str, cfg: Any, clock: Clock, eager_launch_host_s: float,
     def slope(key: str) -> float:
         return (at[l2][key] - at[l1][key]) / dm
 
-    floor = slope("floor_step_s")
     for L, v in at.items():
         log(f"engine shape {name} L{L}: kernels {v['floor_step_s'] * 1e3:.3f} ms/step; executor graphed "
             f"{v['executor_graphed_step_s'] * 1e3:.3f}, eager {v['executor_eager_step_s'] * 1e3:.3f}; lean grouped "
             f"{v['lean_grouped_step_s'] * 1e3:.3f}; transformers {v['transformers_step_s'] * 1e3:.3f} ms/step")
-    draft_graphed = max(at[l1].get("draft_call_host_s", 0.0), at[l2].get("draft_call_host_s", 0.0)) / at[l1]["moe_layers"]
-    values = {
+    return derive_engine(at, ModelSpec.from_preset(name), eager_launch_host_s), at
+
+
+def derive_engine(at: dict[int, dict[str, float]], spec: ModelSpec, eager_launch_host_s: float) -> dict[str, dict[str, float]]:
+    """The engine keys from the per-depth measurements, in the simulator's terms (docs/engine.md:
+    host(layer) = host_per_layer_s + host_per_launch_s x the layer's kernel launches):
+
+    - total host time per MoE layer of a path = slope over depth of its wall time per step minus the
+      slope of the kernels' own time (embedding, head and per-step constants cancel);
+    - eager: every kernel is launched by the host, so ``host_per_launch_s`` = one eager launch and
+      ``host_per_layer_s`` = total - launches of the engine shape's layer (attention, router, top-k
+      experts: sim.costmodel.KERNELS) x that, for the target and the draft alike;
+    - graphed: kernels inside graphs cost the host nothing per launch (``host_per_launch_s`` = 0);
+      the whole total is ``host_per_layer_s`` (it includes the executor's expert dispatch of the
+      engine shape's top-k). The draft is one graph launch per token: its per-layer term is the slope
+      of that call's host time over depth (~0).
+    """
+    from sim.costmodel import RooflineCostModel
+    from sim.hardware import HardwareSpec
+
+    l1, l2 = sorted(at)[:2]
+    dm = at[l2]["moe_layers"] - at[l1]["moe_layers"]
+
+    def slope(key: str) -> float:
+        return (at[l2][key] - at[l1][key]) / dm
+
+    floor = slope("floor_step_s")
+    # kernel launches of one of the engine shape's MoE layers (the count needs no hardware numbers)
+    launches = RooflineCostModel(spec, HardwareSpec.from_preset("h200")).layer_launches(spec.moe_layers[0], spec.top_k)
+    per_launch = eager_launch_host_s * launches
+    draft_graphed = max(0.0, slope("draft_call_host_s")) if all("draft_call_host_s" in v for v in at.values()) else 0.0
+    return {
         "graphed": {"host_per_layer_s": max(0.0, slope("executor_graphed_step_s") - floor),
-                    "draft_host_per_layer_s": draft_graphed,
-                    "host_per_launch_s": statistics.median([at[L]["graph_launch_host_s"] for L in at])},
-        "eager": {"host_per_layer_s": max(0.0, slope("executor_eager_step_s") - floor),
-                  "draft_host_per_layer_s": max(0.0, slope("transformers_step_s") - floor),
+                    "draft_host_per_layer_s": draft_graphed, "host_per_launch_s": 0.0},
+        "eager": {"host_per_layer_s": max(0.0, slope("executor_eager_step_s") - floor - per_launch),
+                  "draft_host_per_layer_s": max(0.0, slope("transformers_step_s") - floor - per_launch),
                   "host_per_launch_s": eager_launch_host_s},
     }
-    return values, at
 
 
 def _host_issue(clock: Clock, fn: Callable[[], Any], n: int) -> float:
@@ -763,11 +793,14 @@ def run_profile(cfg: Any, log: Callable[[str], None] = print) -> tuple[Path, Pat
         "of the path's wall time per decode step minus the slope of the kernels' own time (runtime.lean's "
         "whole-step CUDA graph), so it includes dispatching that shape's experts and reading its routing.",
         "graphed: runtime.executor with engine=graphed (runtime.lean: one CUDA graph per layer segment, the routing "
-        "read through pinned memory + event, the executor's expert compute); draft = host time of the INT4 "
-        "draft's one-graph step call (runtime.lean, Int4Experts) / MoE layers.",
+        "read through pinned memory + event, the executor's expert compute); draft = slope over depth of the host "
+        "time of the INT4 draft's one-graph step call (runtime.lean, Int4Experts; the call itself, per token, is "
+        "draft_call_host_s in engine_raw).",
         "eager: runtime.executor with engine=eager (transformers' layers); draft = transformers' own forward "
         "(no executor hooks).",
-        "host_per_launch_s: eager = host time of one eager kernel launch; graphed = host time of one graph replay call.",
+        "host_per_launch_s: eager = host time of one eager kernel launch, and the eager per-layer values exclude "
+        "the engine shape's layer launches priced at it (the simulator adds host_per_launch_s x launches); graphed = "
+        "0 (kernels inside graphs), its per-layer value is the whole per-layer host time.",
         "workspace_gb is not measured (estimate).",
         f"decision_delay_s is the eager .tolist() read; through pinned memory + event: "
         f"{scal['decision_delay_pinned_event_s'] * 1e6:.1f} us.",

@@ -26,7 +26,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from runtime.executor import ExecutorError, OffloadedModel, Run
+from runtime.errors import ExecutorError
+from runtime.executor import Run
+from runtime.offloaded import OffloadedModel
 from traces.io import Rows, trace_from_rows
 from traces.trace import DECODE, PREFILL, Trace
 

@@ -28,7 +28,7 @@ class ExpertCache:
     ) -> None:
         if (slots is None) == (per_layer is None):
             raise SimError("ExpertCache needs exactly one of slots (global pool) or per_layer")
-        self.num_experts = num_experts
+        self.num_layers, self.num_experts = num_moe_layers, num_experts
         n = num_moe_layers * num_experts
         if per_layer is not None:
             self.pool_of = [key // num_experts for key in range(n)]

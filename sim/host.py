@@ -6,10 +6,18 @@ the demand waits; the speculative cycle (draft k, fill the Expert Lookahead Buff
 acceptance, the governor's calls, the cycle records) too. It has no clock of its own: it is a
 generator that yields *wait requests* and is resumed with the time at which the wait is over.
 
-- ``Sleep(dt)``: let ``dt`` seconds pass on the compute stream. The simulator's SimPy process
-  answers with ``env.timeout(dt)``; the controller yields only where the compute stream must really
-  wait for the host (once per target pass, once per draft token, at request boundaries), and keeps
-  the host's decision times within a pass in a local clock (docs/host-controller.md).
+- simulator (``live=False``): ``Sleep(dt)``, let ``dt`` seconds pass on the compute stream. The
+  SimPy process answers with ``env.timeout(dt)``; the controller yields only where the compute
+  stream must really wait for the host (once per target pass, once per draft token, at request
+  boundaries), and keeps the host's decision times within a pass in a local clock, since the copy
+  stream (``sim.link.CopyEngine``) is an exact model that it advances itself.
+- runtime (``live=True``): ``LayerStart(g)``, ``Routing(g)``, ``Compute(...)`` and ``Block(mark)``:
+  the executor answers them from the model's forward (layer hooks, the router's output, a kernel
+  launch, a wait on a CUDA event or backend mark). The copy stream is then
+  ``runtime.copystream.MarkStream``: the same ``CopyEngine`` (one issue point, one replay of
+  completions and releases in timestamp order) fed with the times of the marks the host observes.
+
+docs/host-controller.md describes the states, the waits and both drivers.
 
 Same-time order, everywhere: at one instant, slot releases, then copy completions (each followed by
 the issues it allows), then the host reads the routing; a copy landing exactly at a decision is a hit.
@@ -29,9 +37,42 @@ from sim.runlog import RunLog
 
 
 class Sleep(NamedTuple):
-    """Wait request: ``dt`` seconds pass on the compute stream; resume with the new time."""
+    """Wait request (simulator): ``dt`` seconds pass on the compute stream; resume with the new time."""
 
     dt: float
+
+
+class LayerStart(NamedTuple):
+    """Wait request (runtime): resume (with None) once the compute stream reaches layer-step ``g``
+    (its attention is about to run): only for policies with ``on_layer_start``."""
+
+    g: int
+
+
+class Routing(NamedTuple):
+    """Wait request (runtime): the routing of layer-step ``g``; resume with its keys (a tuple)."""
+
+    g: int
+
+
+class Compute(NamedTuple):
+    """Wait request (runtime): launch the experts ``wave`` (wave ``w`` of layer-step ``g``) on the
+    compute stream, after the copies of the ``held`` experts it reads; ``late`` were still loading
+    when the routing arrived. Resume with the launch's done mark."""
+
+    g: int
+    m: int
+    w: int
+    wave: tuple
+    held: tuple
+    late: tuple
+
+
+class Block(NamedTuple):
+    """Wait request (runtime): the host blocks until ``mark`` (a copy or a computation) is done;
+    resume with None."""
+
+    mark: Any
 
 
 def policy_context(schedule: Any, cache: ExpertCache, queued: Any, predictor: Any, top_k: int) -> PolicyContext:
@@ -80,12 +121,17 @@ class HostController:
         layer_names: list[str] | None = None,
         progress: Any = None,
         reset: str = "never",
+        live: bool = False,
+        infos: list | None = None,
     ) -> None:
         if (governor is None) != (draft is None):
             raise SimError("speculative decoding needs both a governor and a draft source")
         if reset not in ("never", "request"):
             raise SimError(f"cache.reset must be 'never' or 'request', got {reset!r}")
         self.schedule, self.cache, self.copy, self.log = schedule, cache, copy, log
+        self.live = live  # the runtime drives (routing from the model, real copies and compute)
+        self.infos = infos if infos is not None else schedule.infos  # per layer-step: what policies see
+        self.M, self.E = cache.num_layers, cache.num_experts
         self.eviction, self.prefetch = eviction, prefetch
         self.governor, self.draft = governor, draft
         self.decision_delay = float(decision_delay)
@@ -93,7 +139,7 @@ class HostController:
         self.transfer_s = transfer_s
         self.copy_latency_s = float(copy_latency_s)
         self.progress = progress  # e.g. a tqdm bar: update(1) after each request
-        self.layer_names = layer_names or [f"m{m}" for m in range(schedule.M)]
+        self.layer_names = layer_names or [f"m{m}" for m in range(self.M)]
         self.prefetched = cache.prefetched
         self.has_layer_start = overridden(prefetch, PrefetchPolicy, "on_layer_start")
         self.has_routed = overridden(prefetch, PrefetchPolicy, "on_routed")
@@ -104,14 +150,15 @@ class HostController:
         self.now = 0.0  # the compute stream's time when the controller was last resumed
         self.carry = 0.0  # compute committed on the stream but not waited for (relative to now)
         self.counts = [0, 0, 0, 0, 0.0, 0.0]  # hits, late, misses, useful, late_wait, stall
-        self.stall_layer = [0.0] * schedule.M
+        self.stall_layer = [0.0] * self.M
         self.reset = reset
         # admission: the last routed layer-step, its routing time and the experts it waits for
         self.anchor: tuple[int, float, Any] | None = None
         self._routing_at: list[float] = []  # stall-free routing time of each layer-step (see admit)
         self._steps_timed = 0
         self._t_next = 0.0
-        copy.admit = self.admit
+        if not live:  # the admission rule reads the simulator's stall-free plan (sim only, for now)
+            copy.admit = self.admit
 
     # ------------------------------------------------------------ admission
     def admit(self, for_g: int, confidence: float, start: float) -> bool:
@@ -179,6 +226,39 @@ class HostController:
         if self.log.occupancy is not None:
             self.log.occupancy.append((t, self.cache.resident_count()))
 
+    def _observe(self) -> None:
+        """Bring the copy stream to the host's present."""
+        if self.live:
+            self.copy.observe()
+        else:
+            self.copy.advance(self.now)
+
+    def request_start(self, r: int) -> None:
+        self._observe()
+        self.apply(self.prefetch.on_request_start(r))
+        self.copy.try_issue()
+
+    def request_end(self, r: int) -> None:
+        self._observe()
+        self.apply(self.prefetch.on_request_end(r))
+        self.copy.try_issue()
+
+    @property
+    def hits(self) -> int:
+        return self.counts[0]
+
+    @property
+    def late(self) -> int:
+        return self.counts[1]
+
+    @property
+    def misses(self) -> int:
+        return self.counts[2]
+
+    @property
+    def useful(self) -> int:
+        return self.counts[3]
+
     def _settle(self) -> Iterator[Sleep]:
         """Wait for the compute already committed to the stream."""
         if self.carry > 0:
@@ -217,7 +297,7 @@ class HostController:
     def drive(self) -> Iterator[Sleep]:
         """The whole run: for each request, prefill, then autoregressive steps or speculative
         draft/verify cycles; the counters go to the log at the end."""
-        sch, log, prefetch, copy = self.schedule, self.log, self.prefetch, self.copy
+        sch, log = self.schedule, self.log
         yield from self._preload()
         for r in range(sch.trace.num_requests):
             yield from self._settle()
@@ -226,9 +306,7 @@ class HostController:
             now = self.now
             log.request_start.append(now)
             times: list[float] = [now]  # the request start; dropped below
-            copy.advance(now)
-            self.apply(prefetch.on_request_start(r))
-            copy.try_issue()
+            self.request_start(r)
             if self.governor is None:
                 s_first, s_end = sch.request_steps[r]
                 for s_idx in range(s_first, s_end):
@@ -237,9 +315,7 @@ class HostController:
                 yield from self.speculative_request(r, times)
             log.token_times.append(times[1:])
             yield from self._settle()
-            copy.advance(self.now)
-            self.apply(prefetch.on_request_end(r))
-            copy.try_issue()
+            self.request_end(r)
             if self.progress is not None:
                 self.progress.update(1)
         c = self.counts
@@ -355,20 +431,28 @@ class HostController:
             miss_share = share if miss_share is None else 0.7 * miss_share + 0.3 * share
             t += a + 1
 
-    def target_pass(self, s_idx: int, times: list[float]) -> Iterator[Sleep]:
+    def target_pass(self, s_idx: int, times: list[float] | None) -> Iterator[Any]:
         """One target pass (prefill, decode step or verify) through every MoE layer: the hot path.
 
-        The copy stream is an exact lazy model (sim/link.py), so within a pass the host's decision
-        times are kept in a local clock and the pass yields once, at its end: the coarsest wait
-        that still changes a decision. Compute that needs no decision is carried to the next
-        decision point; a carried computation's experts stay in use until it ends (the copy stream
-        releases them then, in order). Counters are locals, added at the end."""
-        sch, cache, copy, log = self.schedule, self.cache, self.copy, self.log
+        Simulator: the copy stream is an exact lazy model (sim/link.py), so within a pass the
+        host's decision times are kept in a local clock and the pass yields once, at its end: the
+        coarsest wait that still changes a decision. Compute that needs no decision is carried to the
+        next decision point; a carried computation's experts stay in use until it ends (the copy
+        stream releases them then, in order). Counters are locals, added at the end.
+
+        Runtime (``live``; ``s_idx`` is then the pass's first layer-step and ``times`` None): the
+        same decisions, the routing, launches and host waits requested from the executor. The
+        demand wait blocks the host until every needed copy is issued, the launch waits for the
+        copies on the device, and the host then waits for the last of them to land, so that the
+        copy stream's events until then are processed in this layer-step, before the next
+        layer's, as the model does."""
+        cache, copy, log = self.cache, self.copy, self.log
         prefetch = self.prefetch
+        live = self.live
         state, in_use, ready_at, prefetched = cache.state, cache.in_use, cache.ready_at, self.prefetched
-        pre, exp, needed_all, infos = sch.pre, sch.exp, sch.needed, sch.infos
+        infos = self.infos
         dd = self.decision_delay
-        M, E = sch.M, sch.E
+        M, E = self.M, self.E
         layer_names = self.layer_names
         spans = log.compute_spans
         occupancy = log.occupancy
@@ -385,52 +469,68 @@ class HostController:
         hits = late = misses = useful = queued = 0
         late_wait = stall_total = cov_ready = cov_requested = 0.0
         carry = self.carry
-        step = sch.steps[s_idx]
-        g0 = step.g0
         qentry = copy.queue._entry  # a miss whose key is queued as a prefetch was requested in time
-        track = step.phase != 0  # coverage is over decode and verify passes
         copies0 = copy.copies
-        # per-step coverage: share of the step's needed experts resident as it starts
-        t_start = clock + carry
-        tot = hit0 = 0
-        for g in range(g0, g0 + M):
-            for key in needed_all[g]:
-                tot += 1
-                st = state[key]
-                hit0 += st == RESIDENT or (st == LOADING and ready_at[key] <= t_start)
-        log.coverage.append(hit0 / tot if tot else 1.0)
-        kind = "verify " if step.emitted > 1 or step.draft_s else ""
-        fresh = None
+        fresh = lates = None
+        if live:
+            g0 = s_idx
+            track = False  # coverage comes from the executor's marks
+            observe, blocker = copy.observe, copy.blocker
+        else:
+            sch = self.schedule
+            pre, exp, needed_all = sch.pre, sch.exp, sch.needed
+            step = sch.steps[s_idx]
+            g0 = step.g0
+            track = step.phase != 0  # coverage is over decode and verify passes
+            # per-step coverage: share of the step's needed experts resident as it starts
+            t_start = clock + carry
+            tot = hit0 = 0
+            for g in range(g0, g0 + M):
+                for key in needed_all[g]:
+                    tot += 1
+                    st = state[key]
+                    hit0 += st == RESIDENT or (st == LOADING and ready_at[key] <= t_start)
+            log.coverage.append(hit0 / tot if tot else 1.0)
+            kind = "verify " if step.emitted > 1 or step.draft_s else ""
         for m in range(M):
             g = g0 + m
             self.g = copy.g = g
-            if has_start:
-                if carry > 0:
-                    clock += carry
+            if live:
+                if has_start:
+                    yield LayerStart(g)
+                    observe()
+                    apply(prefetch.on_layer_start(infos[g]))
+                    try_issue()
+                needed = yield Routing(g)
+                now = observe()
+            else:
+                if has_start:
+                    if carry > 0:
+                        clock += carry
+                    carry = 0.0
+                    advance(clock)
+                    acts = prefetch.on_layer_start(infos[g])
+                    apply(acts)
+                    try_issue()
+                    fresh = None
+                    if not keeps and acts:
+                        # a pageable copy blocks the host (accelerate's offload): the layer's experts
+                        # land one after another while nothing else is issued, then the layer starts;
+                        # they count as misses at its routing and the wait as its stall
+                        fresh = {a.key for a in acts}
+                        t_ready = ready_time(fresh)
+                        stall_total += t_ready - clock
+                        stall_layer[m] += t_ready - clock
+                        if spans is not None:
+                            spans.append((clock, t_ready, f"pageable copy {layer_names[m]}"))
+                        clock = t_ready
+                t = clock + carry
+                clock = now = t + pre[g] + dd
                 carry = 0.0
-                advance(clock)
-                acts = prefetch.on_layer_start(infos[g])
-                apply(acts)
-                try_issue()
-                fresh = None
-                if not keeps and acts:
-                    # a pageable copy blocks the host (accelerate's offload): the layer's experts
-                    # land one after another while nothing else is issued, then the layer starts;
-                    # they count as misses at its routing and the wait as its stall
-                    fresh = {a.key for a in acts}
-                    t_ready = ready_time(fresh)
-                    stall_total += t_ready - clock
-                    stall_layer[m] += t_ready - clock
-                    if spans is not None:
-                        spans.append((clock, t_ready, f"pageable copy {layer_names[m]}"))
-                    clock = t_ready
-            t = clock + carry
-            clock = now = t + pre[g] + dd
-            carry = 0.0
-            advance(now)
-            if spans is not None:
-                spans.append((t, now, f"{kind}attn+router {layer_names[m]}"))
-            needed = needed_all[g]
+                advance(now)
+                if spans is not None:
+                    spans.append((t, now, f"{kind}attn+router {layer_names[m]}"))
+                needed = needed_all[g]
             cap = caps[m if per_layer else 0]
             if len(needed) <= cap:
                 waves = (needed,)
@@ -441,6 +541,8 @@ class HostController:
             for w, wave in enumerate(waves):
                 wait = None
                 missed = None
+                if live:
+                    lates = []
                 for key in wave:
                     in_use[key] += 1
                     st = state[key]
@@ -455,6 +557,8 @@ class HostController:
                             late += 1
                             late_wait += ready_at[key] - now
                             accessed(key, pool_of[key], g)
+                            if live:
+                                lates.append(key)
                         else:
                             misses += 1
                             if key in qentry:
@@ -487,6 +591,31 @@ class HostController:
                 if has_routed and w == 0:
                     apply(prefetch.on_routed(infos[g], needed))
                 try_issue()
+                if live:
+                    if wait:
+                        # the host waits only until every copy it needs is issued (the slots they
+                        # need free as copies land and computations end)
+                        blk = blocker(wait)
+                        while blk is not None:
+                            yield Block(blk)
+                            observe(blk)
+                            blk = blocker(wait)
+                    done = yield Compute(g, m, w, wave, held, tuple(lates))
+                    if wait:
+                        # the experts start once their copies have landed: what happened on the
+                        # copy stream until the last of them landed belongs to this layer-step
+                        landed = copy.last_landing(wait)
+                        if landed is not None:
+                            yield Block(landed)
+                            observe(landed)
+                    if missed:
+                        for key in missed:  # arrived on demand: count the use now
+                            accessed(key, pool_of[key], g)
+                    hold(held, done)
+                    if w < last:
+                        yield Block(done)
+                        observe(done)
+                    continue
                 stall = 0.0
                 if wait:
                     # the stall needs no wait of its own: nothing is decided when the experts
@@ -514,8 +643,22 @@ class HostController:
                 n_needed = len(needed)
                 cov_ready += (hits - h0) / n_needed
                 cov_requested += (hits - h0 + late - l0 + queued - q0) / n_needed
-            if occupancy is not None:
+            if live:
+                # while the experts compute, copies that have landed free room on the copy stream:
+                # issue the next queued ones now (they belong to the next layer-step, as in the
+                # model); after the pass's last layer the next event may be the request's end
+                if m < M - 1:
+                    self.g = copy.g = g + 1
+                    observe(done)
+            elif occupancy is not None:
                 occupancy.append((now, cache.resident_count()))
+        if live:
+            c = self.counts
+            c[0] += hits
+            c[1] += late
+            c[2] += misses
+            c[3] += useful
+            return
         if step.tail:
             if spans is not None:
                 spans.append((clock + carry, clock + carry + step.tail, "head"))

@@ -132,6 +132,7 @@ class CopyEngine:
         copies_in_flight: int,
         on_done: Callable[[int, float], None] | None = None,
         record: list | None = None,
+        submit: Callable[[int, bool, float, float], float] | None = None,
     ) -> None:
         self.cache = cache
         self.queue = CopyQueue()
@@ -146,6 +147,9 @@ class CopyEngine:
         self.g = 0  # the host's current layer-step (set by the compute stream)
         self.on_done = on_done
         self.record = record  # timeline spans (start, end, key, is_prefetch) when enabled
+        # the runtime's copies: submit(key, is_prefetch, start, end) enqueues the real copy and returns
+        # its completion time as far as the host knows it (inf until observed); None: the model only
+        self.submit = submit
         self.copies = 0
         self.busy_time = 0.0
         self.blocked = False  # the queue head waits for a slot
@@ -153,8 +157,7 @@ class CopyEngine:
         # admit(for_g, confidence, start) -> issue it now? (None: every prefetch goes out)
         self.admit: Callable[[int, float, float], bool] | None = None
         self.refused = 0  # prefetches the admission rule dropped
-        self._pending: tuple[int, ...] | None = None  # experts in use until _pending_until
-        self._pending_until = 0.0
+        self.holds: deque[tuple[float, tuple[int, ...]]] = deque()  # (until, experts in use), compute order
 
     # ------------------------------------------------------------ host side
     def request(self, key: int, priority: int) -> None:
@@ -167,13 +170,12 @@ class CopyEngine:
 
     def hold(self, keys: tuple[int, ...], until: float) -> None:
         """``keys`` are in use by a computation that ends at ``until`` (released then, in order)."""
-        if self._pending is not None:
-            raise AssertionError("a computation is still holding experts")
-        self._pending = keys
-        self._pending_until = until
+        self.holds.append((until, keys))
 
     def try_issue(self) -> None:
-        """Issue queued copies at ``self.clock`` while the stream has room and a slot is found."""
+        """Issue queued copies at ``self.clock`` while the stream has room and a slot is found.
+
+        The one issue point of both hosts (the simulator's model and the runtime's real copies)."""
         queue, inflight = self.queue, self.in_flight
         entry = queue._entry
         cap = self.max_in_flight
@@ -181,7 +183,7 @@ class CopyEngine:
             return
         cache = self.cache
         state, load = cache.state, cache.load
-        prefetched, record, g = cache.prefetched, self.record, self.g
+        prefetched, record, g, submit = cache.prefetched, self.record, self.g, self.submit
         admit, target = self.admit, queue.target
         self.blocked = False
         for p, dq in enumerate(queue._buckets):
@@ -218,7 +220,7 @@ class CopyEngine:
                 self.busy_time += end - start
                 self.copies += 1
                 prefetched[key] = p != DEMAND
-                inflight.append((end, key))
+                inflight.append((end if submit is None else submit(key, p != DEMAND, start, end), key))
                 if record is not None:
                     record.append((start, end, key, p != DEMAND))
                 if len(inflight) >= cap or not entry:
@@ -239,12 +241,13 @@ class CopyEngine:
         on_done = self.on_done
         if entry and len(inflight) < cap:
             self.try_issue()
-        rel = self._pending_until if self._pending is not None else _INF
+        holds = self.holds
+        rel = holds[0][0] if holds else _INF
         while inflight:
             end, key = inflight[0]
             if rel <= end and rel <= t:
                 self._release_at(rel)
-                rel = _INF
+                rel = holds[0][0] if holds else _INF
             elif end <= t:
                 inflight.popleft()
                 self.clock = end
@@ -252,13 +255,13 @@ class CopyEngine:
                     state[key] = RESIDENT
                 if on_done is not None:
                     on_done(key, end)
-                    rel = self._pending_until if self._pending is not None else _INF
             else:
                 break
             if entry and len(inflight) < cap:
                 self.try_issue()
-        if rel <= t:
+        while rel <= t:
             self._release_at(rel)
+            rel = holds[0][0] if holds else _INF
             if entry and len(inflight) < cap:
                 self.try_issue()
             if inflight and inflight[0][0] <= t:  # copies issued at the release may end by t too
@@ -269,8 +272,7 @@ class CopyEngine:
     def _release_at(self, t: float) -> None:
         if t > self.clock:
             self.clock = t
-        keys, self._pending = self._pending, None
-        self.cache.release(keys)
+        self.cache.release(self.holds.popleft()[1])
 
     def ready_time(self, keys: set[int]) -> float:
         """Run the stream forward until every key in ``keys`` is resident; return that time.
@@ -284,8 +286,8 @@ class CopyEngine:
                     self.advance(ready_at[k])  # completes everything before it, in order
                 elif inflight:
                     self.advance(inflight[0][0])
-                elif self._pending is not None:
-                    self.advance(self._pending_until)
+                elif self.holds:
+                    self.advance(self.holds[0][0])
                 else:
                     missing = sorted(x for x in keys if state[x] != RESIDENT)
                     raise AssertionError(f"experts {missing} can never arrive: queue blocked with nothing in flight")

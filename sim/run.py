@@ -282,7 +282,6 @@ def base_keys(cfg: DictConfig) -> dict[str, Any]:
 def run_policy(prep: Prepared, pcfg: DictConfig, seed: int, *, timeline: bool = False, governor_cfg: Any = None,
                trace_cfg: Any = None, plan: MemoryPlan | None = None, progress: bool = False) -> tuple[dict[str, Any], Any]:
     """One policy on a prepared config: its results row (without config keys) and (sim, log)."""
-    from sim.config import TraceConf
     from sim.governor import build_governor
     from sim.speculative import DraftSource
 

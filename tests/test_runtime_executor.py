@@ -11,8 +11,11 @@ pytest.importorskip("transformers")
 
 from hydra import compose, initialize_config_dir  # noqa: E402
 
-from runtime.executor import (  # noqa: E402
-    ExecutorError, LiveGatePredictor, OffloadedModel, RunConfig, SlotCache, ThreadBackend, view_part)
+from runtime.backends import ThreadBackend  # noqa: E402
+from runtime.errors import ExecutorError  # noqa: E402
+from runtime.executor import LiveGatePredictor, RunConfig, SlotCache  # noqa: E402
+from runtime.offloaded import OffloadedModel  # noqa: E402
+from runtime.store import view_part  # noqa: E402
 from runtime.models import FAMILIES, load_model  # noqa: E402
 from runtime.replay import live, reference_decode  # noqa: E402
 from sim.cache import ABSENT, RESIDENT  # noqa: E402
@@ -315,6 +318,50 @@ def test_same_policy_objects_same_decisions_in_simulator_and_runtime(layout):
         sess.close()
 
 
+@pytest.mark.parametrize("layout", ["cache.slots=6", "cache.per_layer=3"])
+def test_virtual_time_runtime_makes_exactly_the_simulators_decisions(layout):
+    """With non-zero copy and compute times (the tiny preset's link, the cost model's durations),
+    the runtime on the deterministic virtual-time backend and the simulator make the same decisions
+    for every autoregressive policy: the same copies in the same order, demand or prefetch, the
+    same hits, late experts, misses, evictions and useful prefetches; and the same token times
+    (within floating-point rounding: the two sum the same durations in a different order)."""
+    from runtime.measure import Session, run_log
+    from sim.run import load_policy, run_policy
+
+    cfg = _run_cfg("model=tiny", "trace.requests=2", "trace.prompt_tokens=6", "trace.decode_tokens=16", layout,
+                   "policy=baselines", "cpu_backend=virtual", "hardware.decision_delay_s=2e-5")
+    sess = Session(cfg, max_slots=10**6)
+    prep = sess.prepare(cfg)
+    names = ["lru", "lfu", "fifo", "belady", "lookahead", "history", "oracle"]
+    if layout == "cache.slots=6":
+        names.append("stream")
+    stall = 0.0
+    try:
+        for name in names:
+            p = load_policy(name)
+            plan = sess.plan(cfg, p)
+            if name == "stream":
+                from dataclasses import replace
+                plan = replace(plan, slots=prep.model.num_experts)
+            run = sess.run_config(cfg, p, plan, schedule=prep.schedule, trace=prep.trace)
+            _, (sim, log) = run_policy(prep, p, 0, timeline=True, plan=plan)
+            got = [(k, pf) for _, _, k, pf in run.copy_log]
+            want = [(k, pf) for _, _, k, pf in log.copy_spans]
+            assert got == want, name
+            assert (run.hits, run.late, run.misses, run.cache.evictions) == (log.hits, log.late, log.misses, log.evictions), name
+            assert run.useful == log.useful_prefetch_bytes // prep.model.bytes_per_expert(), name
+            rl = run_log(run)
+            assert np.allclose(np.concatenate(rl.token_times), np.concatenate(log.token_times), rtol=1e-9, atol=0), name
+            sec = run.backend.seconds
+            assert np.allclose([sec(b) for _, b, _, _ in run.copy_log], [b for _, b, _, _ in log.copy_spans],
+                               rtol=1e-9, atol=0), name
+            assert rl.coverage == pytest.approx(log.coverage, rel=1e-12), name
+            stall += log.stall
+    finally:
+        sess.close()
+    assert stall > 0  # the compute stream waits for copies: the copy times matter in this setup
+
+
 def test_slot_cache_reuses_the_victims_slot():
     ev = EVICTION.create("lru")
     from sim.policies import PolicyContext
@@ -352,7 +399,7 @@ def test_cuda_backend_control_path_with_a_stand_in_for_cuda(monkeypatch):
     import contextlib
     import time as _time
 
-    from runtime import executor as ex
+    from runtime import backends as ex
 
     class Ev:
         def __init__(self, enable_timing=False):

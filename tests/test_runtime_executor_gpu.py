@@ -7,7 +7,9 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from runtime.executor import CudaBackend, LiveGatePredictor, OffloadedModel, RunConfig  # noqa: E402
+from runtime.backends import CudaBackend  # noqa: E402
+from runtime.executor import LiveGatePredictor, RunConfig  # noqa: E402
+from runtime.offloaded import OffloadedModel  # noqa: E402
 from runtime.models import FAMILIES, load_model  # noqa: E402
 from runtime.replay import live, reference_decode  # noqa: E402
 from sim.policies import EVICTION, PREFETCH  # noqa: E402

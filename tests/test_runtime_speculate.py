@@ -180,7 +180,8 @@ def test_the_elb_holds_exactly_the_drafts_routing(kind):
 def test_the_executor_runs_a_verify_pass_as_one_step():
     """On the offloading executor: one step per cycle with k + 1 tokens, emitted = accepted + 1, the
     policy's prefetches copied; output still the target's."""
-    from runtime.executor import OffloadedModel, RunConfig
+    from runtime.executor import RunConfig
+    from runtime.offloaded import OffloadedModel
     from runtime.speculate import MeasuredCosts
     from sim.policies import EVICTION
 

@@ -167,7 +167,7 @@ class MapResult:
 
 def run_map(base: Sequence[str], spec: MapSpec, out_dir: str | Path) -> MapResult:
     """Every cell of the grid (``spec.workers`` processes), then the table, figure and summary."""
-    from sim.experiments.sweep import compose_sim
+    from sim.experiments.search import compose_sim
 
     t0 = time.perf_counter()
     cells = spec.cells()
