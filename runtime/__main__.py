@@ -36,8 +36,9 @@ class RunConf(RunBase):
     link_pace_gbps: Optional[float] = setting(None, "pace copies to this bandwidth: sets hardware.link_pace_gbps")
     cpu_backend: str = setting("sync", "on the CPU: sync (inline) | thread (two stream threads) | "
                                        "virtual (deterministic virtual time, the simulator's durations; replay)")
-    engine: Any = setting(None, "graphed: static KV cache + CUDA graphs between routing reads (runtime.lean) | "
-                                "eager: transformers' forward | null: graphed on a GPU, eager on the CPU")
+    engine: Any = setting(None, "group conf/engine: graphed (static KV cache + CUDA graphs between routing reads, "
+                                "runtime.lean) | eager (transformers' forward) | null: graphed on a GPU, eager on the "
+                                "CPU; the simulator's prediction uses the resolved engine's host overhead")
     predict: bool = setting(True, "also the simulator's row of each config (source=sim)")
 
 
