@@ -2,7 +2,9 @@
 
 No SimPy: the test is the compute stream (it answers each ``Sleep(dt)`` with the new time), a
 scripted prefetch policy decides what is fetched or cancelled and when, and the copy stream's
-``submit`` hook records every copy that reaches the stream (key, prefetch?, start, end). Every
+``submit`` hook records every copy that reaches the stream (key, prefetch?, start, end). The last
+test drives the runtime's side instead (Routing/Compute/Block over ``runtime.copystream.MarkStream``
+and a scripted backend) and checks it reaches the simulator's numbers on the same scenario. Every
 expected number is worked out by hand in the test's docstring (attention 1 ms per MoE layer,
 expert 0.5 ms, no head, no decision delay, no issue overhead).
 """
@@ -12,10 +14,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from runtime.copystream import MarkStream
 from sim.costmodel import CostModel
 from sim.engine import Simulation
 from sim.hardware import HardwareSpec
-from sim.host import Sleep
+from sim.host import Block, Compute, HostController, Routing, Sleep
 from sim.policies import EVICTION
 from sim.policies.base import Cancel, Fetch, PrefetchPolicy
 from sim.schedule import Schedule
@@ -243,3 +246,82 @@ def test_a_stale_prefetch_promoted_to_demand_is_copied_once():
     assert (log.hits, log.late, log.misses) == (1, 0, 1)
     assert log.stall == approx(19 * ms)
     assert log.token_times[0] == approx([22.0 * ms])
+
+
+class _Mark:
+    """A scripted backend's event: complete once the fake clock reaches ``t``."""
+
+    def __init__(self, t: float) -> None:
+        self.t = t
+
+
+class _FakeBackend:
+    """The runtime's side, scripted: one FIFO copy engine (a copy starts when the model says, after the
+    slot's last reader and the previous copy) and a clock the test moves."""
+
+    def __init__(self, transfer: float) -> None:
+        self.now, self.link_free, self.transfer = 0.0, 0.0, transfer
+
+    def copy(self, dst, src, after, pad_s, at=None):
+        start = max(at[1], self.link_free, after.t if after is not None else 0.0)
+        self.link_free = start + self.transfer
+        return _Mark(start), _Mark(self.link_free)
+
+    def query(self, mark) -> bool:
+        return mark.t <= self.now
+
+    def seconds(self, mark) -> float:
+        return mark.t
+
+    def now_s(self) -> float:
+        return self.now
+
+
+def test_live_driver_demand_wait_blocks_the_host_then_the_compute_runs():
+    """The runtime's driver (Routing/Compute/Block, a MarkStream over a scripted backend) on the
+    demand-wait scenario above gives the simulator's numbers: two demand copies 1-11 and 14-24 ms
+    (the second into the slot e0's last computation released at 13), 2 hits, 2 misses, and the
+    experts of each token end at 11.5, 13, 24.5, 26 ms. The host blocks on the copy it needs."""
+    model = make_model(1)
+    hw = HardwareSpec(name="test", memory_gb=10, flops_bf16=1e14, hbm_bandwidth=1e12, launch_overhead_s=0.0,
+                      workspace_gb=0.0, h2d_gbps=10, d2h_gbps=10, pageable_h2d_gbps=5, pageable_d2h_gbps=5,
+                      copies_in_flight=2)
+    cost = FixedCost(model, hw, h2d=10 * ms)
+    sch = Schedule(make_trace(model, [[0], [0], [1], [1]]), model, cost)
+    sim = Simulation(sch, model, hw, cost, eviction=EVICTION.create("lru"), prefetch=Scripted(), slots=1)
+    cache = sim.cache
+    cache.slot_of = [0] * 4  # one slot: every key goes there
+    be = _FakeBackend(10 * ms)
+    link = MarkStream(cache, be, slot_bytes=[None], source=lambda key: None, num_slots=1, nbytes=1,
+                      transfer_time=10 * ms, copies_in_flight=2)
+    host = HostController(sch, cache, link, eviction=sim.eviction, prefetch=sim.prefetch, log=sim.log,
+                          decision_delay=0.0, expert_bytes=1, transfer_s=10 * ms, live=True, admission=False)
+    blocks, token_end, gpu = [], [], 0.0
+    host.request_start(0)
+    for s in range(4):
+        run = host.target_pass(s, None)
+        answer = None
+        try:
+            while True:
+                req = run.send(answer)
+                answer = None
+                if type(req) is Routing:
+                    gpu += 1 * ms  # attention
+                    be.now = max(be.now, gpu)
+                    answer = tuple(sch.needed[req.g])
+                elif type(req) is Compute:
+                    ready = max([link.done_mark[k].t for k in req.held if k in link.done_mark] + [gpu])
+                    gpu = ready + 0.5 * ms
+                    answer = _Mark(gpu)
+                else:
+                    assert type(req) is Block
+                    blocks.append(req.mark.t)
+                    be.now = max(be.now, req.mark.t)
+        except StopIteration:
+            pass
+        token_end.append(gpu)
+    assert [(s.t, e.t, k, p) for s, e, k, p in link.copy_log] == [
+        approx((1 * ms, 11 * ms, 0, False)), approx((14 * ms, 24 * ms, 1, False))]
+    assert (host.hits, host.late, host.misses) == (2, 0, 2)
+    assert token_end == approx([11.5 * ms, 13 * ms, 24.5 * ms, 26 * ms])
+    assert blocks == approx([11 * ms, 24 * ms])  # the host waited for each demand copy to land
