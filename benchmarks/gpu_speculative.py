@@ -42,11 +42,12 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from card import identify, measured_models  # benchmarks/card.py
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-CARDS = {"H100 80GB HBM3": "h100-sxm", "H100 SXM": "h100-sxm", "H100 PCIe": "h100-pcie5", "H200": "h200"}
 SHAPES = [
     {"name": "small-moe", "model": "small-moe", "source": "models/small-moe", "layers": None, "est_s": 70},
     {"name": "phi-3.5-moe-L4", "model": "phi-3.5-moe", "layers": 4, "est_s": 110},
@@ -58,10 +59,6 @@ SMOKE = [{"name": "tiny", "model": "tiny", "layers": None, "est_s": 60}]
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def hardware_of(name: str) -> str | None:
-    return next((hw for key, hw in CARDS.items() if key in name), None)
 
 
 def compose(overrides: list[str]) -> Any:
@@ -266,23 +263,10 @@ def main(argv: list[str] | None = None) -> int:
                             "host": platform.node(), "torch": torch.__version__, "transformers": transformers.__version__,
                             "command": " ".join(["python3", "benchmarks/gpu_speculative.py",
                                                  *(argv if argv is not None else sys.argv[1:])])}
-    if args.smoke:
-        meta.update(card="cpu", hardware=args.hardware or "h200")
-    else:
-        if not torch.cuda.is_available():
-            print("no CUDA GPU here: use --smoke for the CPU check", file=sys.stderr)
-            return 2
-        meta["card"] = torch.cuda.get_device_name(0)
-        meta["hardware"] = args.hardware or hardware_of(meta["card"])
-        if meta["hardware"] is None:
-            print(f"card {meta['card']!r} has no hardware preset here (known: {CARDS}); pass --hardware", file=sys.stderr)
-            return 2
-    done = set()
-    if rows_path.is_file():
-        for line in rows_path.read_text().splitlines():
-            r = json.loads(line)
-            if r.get("card") == meta["card"]:
-                done.add(r["model"])
+    code = identify(meta, args.smoke, args.hardware)
+    if code:
+        return code
+    done = measured_models(rows_path, meta["card"])
     todo = [s for s in shapes if s["name"] not in done]
     log(f"card {meta['card']} -> hardware={meta['hardware']}; planned: ~{sum(s['est_s'] for s in todo)} s for "
         f"{[s['name'] for s in todo]} (skipping {sorted(done)}: rows exist)")
