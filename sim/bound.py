@@ -12,6 +12,7 @@ can only lower its miss count, so the bound stays a bound for every grouped poli
 from __future__ import annotations
 
 import heapq
+from itertools import chain
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,32 +23,54 @@ RESETS = ("never", "request")
 
 
 def belady_misses(needed: list[tuple[int, ...]], pool_of: list[int], capacity: list[int]) -> np.ndarray:
-    """Misses per layer-step of MIN eviction (cold start) on the access sequence ``needed``."""
-    seq = [key for keys in needed for key in keys]
-    owner = np.repeat(np.arange(len(needed)), [len(k) for k in needed])
-    n = len(seq)
-    nxt = [NEVER] * n
-    last: dict[int, int] = {}
-    for i in range(n - 1, -1, -1):
-        key = seq[i]
-        nxt[i] = last.get(key, NEVER)
-        last[key] = i
-    resident: list[dict[int, int]] = [dict() for _ in capacity]  # key -> its current next use
-    heaps: list[list[tuple[int, int]]] = [[] for _ in capacity]
-    misses = np.zeros(len(needed), dtype=np.int64)
-    for i, key in enumerate(seq):
-        p = pool_of[key]
-        res, heap = resident[p], heaps[p]
-        if key not in res:
-            misses[owner[i]] += 1
-            if len(res) >= capacity[p]:
+    """Misses per layer-step of MIN eviction (cold start) on the access sequence ``needed``.
+
+    Pools share nothing, so each pool's accesses are replayed on their own. An expert's priority
+    is the position of its next access; never used again, it ranks above every position, the
+    smallest key first (so ties are deterministic). Priorities are unique, so the heap holds plain
+    ints and a popped priority names its key."""
+    lens = np.fromiter(map(len, needed), dtype=np.int64, count=len(needed))
+    seq = np.fromiter(chain.from_iterable(needed), dtype=np.int64, count=int(lens.sum()))
+    n, num_keys = len(seq), len(pool_of)
+    order = np.argsort(seq, kind="stable")  # each key's accesses, in time order
+    nxt = np.empty(n, dtype=np.int64)
+    nxt[order[:-1]] = np.where(seq[order[1:]] == seq[order[:-1]], order[1:], -1)
+    if n:
+        nxt[order[-1]] = -1
+    never = nxt < 0
+    nxt[never] = n + (num_keys - 1 - seq[never])
+    key_of = seq.tolist() + list(range(num_keys - 1, -1, -1))  # priority -> key
+    missed = np.zeros(n, dtype=bool)
+    pools = np.asarray(pool_of, dtype=np.int64)[seq] if len(capacity) > 1 else None
+    for p, cap in enumerate(capacity):
+        at = np.arange(n) if pools is None else np.flatnonzero(pools == p)
+        missed[at[_min_misses(seq[at].tolist(), nxt[at].tolist(), cap, key_of, num_keys)]] = True
+    owner = np.repeat(np.arange(len(needed)), lens)
+    return np.bincount(owner[missed], minlength=len(needed)).astype(np.int64)
+
+
+def _min_misses(keys: list[int], prio: list[int], cap: int, key_of: list[int], num_keys: int) -> list[int]:
+    """Indices of the misses of MIN on one pool of ``cap`` slots (``prio``: each access's next use)."""
+    current = [-1] * num_keys  # a resident key's priority; -1 when absent
+    heap: list[int] = []  # negated priorities; stale ones are skipped
+    push, pop = heapq.heappush, heapq.heappop
+    misses = []
+    size = 0
+    for i, key in enumerate(keys):
+        if current[key] < 0:
+            misses.append(i)
+            if size < cap:
+                size += 1
+            else:
                 while True:
-                    neg, victim = heapq.heappop(heap)
-                    if res.get(victim) == -neg:
-                        del res[victim]
+                    v = -pop(heap)
+                    victim = key_of[v]
+                    if current[victim] == v:
+                        current[victim] = -1
                         break
-        res[key] = nxt[i]
-        heapq.heappush(heap, (-nxt[i], key))
+        v = prio[i]
+        current[key] = v
+        push(heap, -v)
     return misses
 
 

@@ -132,7 +132,12 @@ class HostController:
             raise SimError(f"cache.reset must be 'never' or 'request', got {reset!r}")
         self.schedule, self.cache, self.copy, self.log = schedule, cache, copy, log
         self.live = live  # the runtime drives (routing from the model, real copies and compute)
-        self.infos = infos if infos is not None else schedule.infos  # per layer-step: what policies see
+        self.prefetched = cache.prefetched
+        self.has_layer_start = overridden(prefetch, PrefetchPolicy, "on_layer_start")
+        self.has_routed = overridden(prefetch, PrefetchPolicy, "on_routed")
+        self.has_done = overridden(prefetch, PrefetchPolicy, "on_transfer_done")
+        # per layer-step: what the layer hooks see (the schedule builds them only when asked)
+        self.infos = infos if infos is not None or not (self.has_layer_start or self.has_routed) else schedule.infos
         self.M, self.E = cache.num_layers, cache.num_experts
         self.eviction, self.prefetch = eviction, prefetch
         self.governor, self.draft = governor, draft
@@ -142,10 +147,6 @@ class HostController:
         self.copy_latency_s = float(copy_latency_s)
         self.progress = progress  # e.g. a tqdm bar: update(1) after each request
         self.layer_names = layer_names or [f"m{m}" for m in range(self.M)]
-        self.prefetched = cache.prefetched
-        self.has_layer_start = overridden(prefetch, PrefetchPolicy, "on_layer_start")
-        self.has_routed = overridden(prefetch, PrefetchPolicy, "on_routed")
-        self.has_done = overridden(prefetch, PrefetchPolicy, "on_transfer_done")
         if overridden(prefetch, PrefetchPolicy, "admits"):  # asked on every load that must evict
             cache.admit = prefetch.admits
         self.g = 0

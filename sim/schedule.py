@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from collections import Counter
+from itertools import repeat
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 
@@ -64,7 +66,7 @@ class Schedule:
         self.pre: list[float] = []
         self.exp: list[float] = []
         self.g_step: list[int] = []  # index into self.steps
-        self.infos: list[LayerStepInfo] = []
+        self._infos: list[LayerStepInfo] | None = None
         self.request_steps: list[tuple[int, int]] = []  # per request: (first step idx, end step idx)
         self._dense_before = [
             [x for x in range(model.num_layers) if x not in moe and (m == 0 or x > moe[m - 1]) and x < moe[m]]
@@ -72,6 +74,14 @@ class Schedule:
         ]
         self._dense_after = [x for x in range(model.num_layers) if x > moe[-1]]
         self._offsets = np.arange(M, dtype=np.int64)[:, None] * E
+        # MoE layers priced by the same memo entries (the cost model's layer classes, with those of
+        # the dense layers before them) get the same pre-routing time: computed once per class
+        classes: dict[tuple, int] = {}
+        self._pre_class = [
+            classes.setdefault(self._price_class(m), len(classes)) for m in range(M)
+        ]
+        self._class_reps = [self._pre_class.index(c) for c in range(len(classes))]  # an MoE ordinal per class
+        self._one_token_exp: list[float] | None = None
         self._uses: dict[int, list[int]] | None = None
         self._draft_memo: dict[int, float] = {}
         self._verify_memo: dict[tuple[int, int], float] = {}
@@ -101,6 +111,19 @@ class Schedule:
     def num_layer_steps(self) -> int:
         return len(self.needed)
 
+    def _price_class(self, m: int) -> tuple:
+        cls, dense = self.cost.layer_class, self._dense_before[m]
+        layer = self.model.moe_layers[m]
+        return (cls("attention", layer), cls("moe", layer), tuple((cls("attention", d), cls("dense", d)) for d in dense))
+
+    def _pre_routing(self, m: int, n: int, kv: int) -> float:
+        """MoE layer m's attention and router, with the dense layers since the previous MoE layer."""
+        cost, layer = self.cost, self.model.moe_layers[m]
+        pre = cost.attention(layer, n, kv) + cost.router(layer, n)
+        for dl in self._dense_before[m]:
+            pre += cost.attention(dl, n, kv) + cost.dense_ffn(dl, n) + cost.host_layer(dl)
+        return pre
+
     def add_step(self, r: int, a: int, b: int, step_no: int, phase: int, *, emitted: int = 1,
                  draft_s: float = 0.0) -> int:
         """Append a target pass over tokens [a, b) of request r; returns its step index."""
@@ -114,26 +137,32 @@ class Schedule:
         self.steps.append(Step(r, step_no, a, b, kv, phase, g0, tail, emitted, draft_s))
         keys_all = trace.expert_ids[r, a:b].transpose(1, 0, 2).reshape(M, -1).astype(np.int64) + self._offsets
         moe = model.moe_layers
-        for m in range(M):
-            layer = moe[m]
-            pre = cost.attention(layer, n, kv) + cost.router(layer, n)
-            for dl in self._dense_before[m]:
-                pre += cost.attention(dl, n, kv) + cost.dense_ffn(dl, n) + cost.host_layer(dl)
-            if n == 1:
-                keys = tuple(keys_all[m].tolist())
-                exp = len(keys) * cost.expert_ffn(layer, 1)
-            else:
+        base = [self._pre_routing(m, n, kv) for m in self._class_reps]
+        if n == 1:  # one token (autoregressive decode): every layer runs its top_k experts once
+            k = keys_all.shape[1]
+            if self._one_token_exp is None:
+                self._one_token_exp = [
+                    k * cost.expert_ffn(layer, 1) + (cost.shared_experts(layer, 1) if model.num_shared_experts else 0.0)
+                    for layer in moe]
+            # host work before a layer's experts can run (the same for every MoE layer of a class)
+            pre_c = [base[c] + cost.host_layer(moe[m], k) for c, m in enumerate(self._class_reps)]
+            self.needed.extend(map(tuple, keys_all.tolist()))
+            self.pre.extend([pre_c[c] for c in self._pre_class])
+            self.exp.extend(self._one_token_exp)
+        else:
+            for m in range(M):
+                layer = moe[m]
                 counts = Counter(keys_all[m].tolist())
                 keys = tuple(sorted(counts))
                 exp = sum(cost.expert_ffn(layer, c) for c in counts.values())
-            pre += cost.host_layer(layer, len(keys))  # host work before this layer's experts can run
-            if model.num_shared_experts:
-                exp += cost.shared_experts(layer, n)
-            self.needed.append(keys)
-            self.pre.append(pre)
-            self.exp.append(exp)
-            self.g_step.append(s_idx)
-            self.infos.append(LayerStepInfo(g0 + m, r, step_no, m))
+                if model.num_shared_experts:
+                    exp += cost.shared_experts(layer, n)
+                self.needed.append(keys)
+                self.pre.append(base[self._pre_class[m]] + cost.host_layer(layer, len(keys)))
+                self.exp.append(exp)
+        self.g_step.extend([s_idx] * M)
+        if self._infos is not None:
+            self._infos.extend(self._step_infos(s_idx))
         self._uses = None
         return s_idx
 
@@ -223,6 +252,19 @@ class Schedule:
             return NEVER
         i = bisect_right(lst, g)
         return lst[i] if i < len(lst) else NEVER
+
+    @property
+    def infos(self) -> list[LayerStepInfo]:
+        """Each layer-step's ``LayerStepInfo``, built on first use (policies with layer hooks ask):
+        a long run holds one per layer-step, and as many objects tracked by the garbage collector
+        cost a run that never reads them a full collection (about as long as building the rest)."""
+        if self._infos is None:
+            self._infos = [info for s_idx in range(len(self.steps)) for info in self._step_infos(s_idx)]
+        return self._infos
+
+    def _step_infos(self, s_idx: int) -> Iterator[LayerStepInfo]:
+        s, M = self.steps[s_idx], self.M
+        return map(LayerStepInfo, range(s.g0, s.g0 + M), repeat(s.request, M), repeat(s.step, M), range(M))
 
     def layer_step(self, g: int) -> LayerStepInfo:
         return self.infos[g]
