@@ -30,47 +30,52 @@ def belady_misses(needed: list[tuple[int, ...]], pool_of: list[int], capacity: l
     smallest key first (so ties are deterministic). Priorities are unique, so the heap holds plain
     ints and a popped priority names its key."""
     lens = np.fromiter(map(len, needed), dtype=np.int64, count=len(needed))
-    seq = np.fromiter(chain.from_iterable(needed), dtype=np.int64, count=int(lens.sum()))
-    n, num_keys = len(seq), len(pool_of)
-    order = np.argsort(seq, kind="stable")  # each key's accesses, in time order
+    n, num_keys = int(lens.sum()), len(pool_of)
+    # 16-bit keys sort by radix (stable, linear): each key's accesses in time order
+    seq = np.fromiter(chain.from_iterable(needed), dtype=np.uint16 if num_keys <= 1 << 16 else np.int64, count=n)
+    order = np.argsort(seq, kind="stable")
     nxt = np.empty(n, dtype=np.int64)
     nxt[order[:-1]] = np.where(seq[order[1:]] == seq[order[:-1]], order[1:], -1)
     if n:
         nxt[order[-1]] = -1
     never = nxt < 0
-    nxt[never] = n + (num_keys - 1 - seq[never])
-    key_of = seq.tolist() + list(range(num_keys - 1, -1, -1))  # priority -> key
-    missed = np.zeros(n, dtype=bool)
-    pools = np.asarray(pool_of, dtype=np.int64)[seq] if len(capacity) > 1 else None
-    for p, cap in enumerate(capacity):
-        at = np.arange(n) if pools is None else np.flatnonzero(pools == p)
-        missed[at[_min_misses(seq[at].tolist(), nxt[at].tolist(), cap, key_of, num_keys)]] = True
+    nxt[never] = n + (num_keys - 1 - seq[never].astype(np.int64))
+    keys = seq.tolist()
+    key_of = keys + list(range(num_keys - 1, -1, -1))  # priority -> key
+    if len(capacity) == 1:
+        missed = _min_misses(keys, nxt.tolist(), capacity[0], key_of, num_keys)
+    else:
+        pools = np.asarray(pool_of, dtype=np.int64)[seq]
+        missed = np.zeros(n, dtype=bool)
+        for p, cap in enumerate(capacity):
+            at = np.flatnonzero(pools == p)
+            missed[at[_min_misses(seq[at].tolist(), nxt[at].tolist(), cap, key_of, num_keys)]] = True
     owner = np.repeat(np.arange(len(needed)), lens)
     return np.bincount(owner[missed], minlength=len(needed)).astype(np.int64)
 
 
 def _min_misses(keys: list[int], prio: list[int], cap: int, key_of: list[int], num_keys: int) -> list[int]:
-    """Indices of the misses of MIN on one pool of ``cap`` slots (``prio``: each access's next use)."""
-    current = [-1] * num_keys  # a resident key's priority; -1 when absent
-    heap: list[int] = []  # negated priorities; stale ones are skipped
-    push, pop = heapq.heappush, heapq.heappop
+    """Indices of the misses of MIN on one pool of ``cap`` slots (``prio``: each access's next use).
+
+    The heap keeps every priority pushed (negated). A resident key's latest one is a position
+    still ahead (or a never-used-again rank); any other entry is a position already passed, so
+    the heap's top at a miss is always the resident key to evict: no staleness checks."""
+    resident = bytearray(num_keys)
+    heap: list[int] = []
+    push, replace = heapq.heappush, heapq.heapreplace
     misses = []
     size = 0
-    for i, key in enumerate(keys):
-        if current[key] < 0:
-            misses.append(i)
-            if size < cap:
-                size += 1
-            else:
-                while True:
-                    v = -pop(heap)
-                    victim = key_of[v]
-                    if current[victim] == v:
-                        current[victim] = -1
-                        break
-        v = prio[i]
-        current[key] = v
-        push(heap, -v)
+    for i, (key, v) in enumerate(zip(keys, prio)):
+        if resident[key]:
+            push(heap, -v)
+            continue
+        misses.append(i)
+        if size < cap:
+            size += 1
+            push(heap, -v)
+        else:
+            resident[key_of[-replace(heap, -v)]] = 0
+        resident[key] = 1
     return misses
 
 

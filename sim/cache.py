@@ -51,7 +51,9 @@ class ExpertCache:
         self.evicted = [False] * n  # evicted since its last load
         self.refetches = 0  # loads of evicted experts
         self.pinned: frozenset[int] = frozenset()  # preloaded for good (a streaming policy's resident layers)
-        self._can_evict = self.can_evict
+        state, in_use = self.state, self.in_use
+        self._can_evict = lambda key: state[key] == RESIDENT and not in_use[key]  # one call per candidate
+        self._victim, self._inserted, self._removed = eviction.victim, eviction.inserted, eviction.removed
         # admission (a prefetch policy's ``admits``): (incoming key, victim) -> may it evict?
         self.admit: Callable[[int, int], bool] | None = None
 
@@ -69,9 +71,11 @@ class ExpertCache:
         """Start loading ``key`` into a slot of its pool, evicting the policy's victim if the pool
         is full; False (and nothing changes) if every slot is loading or in use."""
         pool = self.pool_of[key]
-        occupancy, state = self.occupancy, self.state
-        if occupancy[pool] >= self.capacity[pool]:
-            victim = self.eviction.victim(pool, g, self._can_evict)
+        state, evicted = self.state, self.evicted
+        if self.occupancy[pool] < self.capacity[pool]:
+            self.occupancy[pool] += 1
+        else:
+            victim = self._victim(pool, g, self._can_evict)
             if victim is None:
                 return False
             if self.admit is not None and not self.admit(key, victim):
@@ -79,16 +83,15 @@ class ExpertCache:
                 return False
             if state[victim] != RESIDENT or self.in_use[victim] or self.pool_of[victim] != pool:
                 raise SimError(f"eviction policy {self.eviction.name} chose non-evictable key {victim}")
-            self.remove(victim)
+            self._drop(victim, pool)  # its slot passes to key: the pool's occupancy stays
             self.evictions += 1
-            self.evicted[victim] = True
-        if self.evicted[key]:  # an evicted expert comes back: what an eviction costs
-            self.evicted[key] = False
+            evicted[victim] = True
+        if evicted[key]:  # an evicted expert comes back: what an eviction costs
+            evicted[key] = False
             self.refetches += 1
         state[key] = LOADING
         self.ready_at[key] = ready_at
-        occupancy[pool] += 1
-        self.eviction.inserted(key, pool, g)
+        self._inserted(key, pool, g)
         return True
 
     def insert_resident(self, key: int, g: int) -> None:
@@ -120,13 +123,16 @@ class ExpertCache:
 
     def remove(self, key: int) -> None:
         """Evict (or drop) a resident expert."""
-        if self.prefetched[key]:
+        pool = self.pool_of[key]
+        self._drop(key, pool)
+        self.occupancy[pool] -= 1
+
+    def _drop(self, key: int, pool: int) -> None:
+        if self.prefetched[key]:  # never used: a wasted prefetch
             self.prefetched[key] = False
             self.wasted_prefetches += 1
-        pool = self.pool_of[key]
         self.state[key] = ABSENT
-        self.occupancy[pool] -= 1
-        self.eviction.removed(key, pool)
+        self._removed(key, pool)
 
     def release(self, keys: tuple[int, ...]) -> None:
         """A computation that used ``keys`` is over: they leave the in-use state."""

@@ -25,6 +25,7 @@ the issues it allows), then the host reads the routing; a copy landing exactly a
 
 from __future__ import annotations
 
+from itertools import chain
 from typing import Any, Iterator, NamedTuple
 
 import numpy as np
@@ -529,6 +530,7 @@ class HostController:
         late_wait = stall_total = cov_ready = cov_requested = 0.0
         carry = self.carry
         qentry = copy.queue._entry  # a miss whose key is queued as a prefetch was requested in time
+        push = copy.queue.push
         copies0 = copy.copies
         fresh = lates = None
         if live:
@@ -543,13 +545,12 @@ class HostController:
             track = step.phase != 0  # coverage is over decode and verify passes
             # per-step coverage: share of the step's needed experts resident as it starts
             t_start = clock + carry
-            tot = hit0 = 0
-            for g in range(g0, g0 + M):
-                for key in needed_all[g]:
-                    tot += 1
-                    st = state[key]
-                    hit0 += st == RESIDENT or (st == LOADING and ready_at[key] <= t_start)
-            log.coverage.append(hit0 / tot if tot else 1.0)
+            keys = list(chain.from_iterable(needed_all[g0:g0 + M]))
+            states = list(map(state.__getitem__, keys))
+            hit0 = states.count(RESIDENT)
+            if LOADING in states:  # landed by then
+                hit0 += sum(1 for key, st in zip(keys, states) if st == LOADING and ready_at[key] <= t_start)
+            log.coverage.append(hit0 / len(keys) if keys else 1.0)
             kind = "verify " if step.emitted > 1 or step.draft_s else ""
         for m in range(M):
             g = g0 + m
@@ -628,7 +629,7 @@ class HostController:
                             misses += 1
                             if key in qentry:
                                 queued += 1
-                            request(key, DEMAND)
+                            push(key, DEMAND)  # absent: queued (or promoted) as a demand fetch
                             if missed is None:
                                 missed = [key]
                             else:

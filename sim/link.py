@@ -175,7 +175,8 @@ class CopyEngine:
     def try_issue(self) -> None:
         """Issue queued copies at ``self.clock`` while the stream has room and a slot is found.
 
-        The one issue point of both hosts (the simulator's model and the runtime's real copies)."""
+        The one issue point of both hosts (the simulator's model and the runtime's real copies).
+        The link's busy-until times are locals while issuing (nothing called reads them), stored once."""
         queue, inflight = self.queue, self.in_flight
         entry = queue._entry
         cap = self.max_in_flight
@@ -185,46 +186,50 @@ class CopyEngine:
         state, load = cache.state, cache.load
         prefetched, record, g, submit = cache.prefetched, self.record, self.g, self.submit
         admit, target = self.admit, queue.target
+        clock, overhead = self.clock, self.issue_overhead
+        host_free, link_free, copies, busy = self.host_free, self.link_free, self.copies, self.busy_time
         self.blocked = False
-        for p, dq in enumerate(queue._buckets):
-            while dq:
-                seq, key = dq[0]
-                e = entry.get(key)
-                if e is None or e[1] != seq:
-                    dq.popleft()  # stale: cancelled or promoted
-                    continue
-                if state[key]:
+        try:
+            for p, dq in enumerate(queue._buckets):
+                while dq:
+                    seq, key = dq[0]
+                    e = entry.get(key)
+                    if e is None or e[1] != seq:
+                        dq.popleft()  # stale: cancelled or promoted
+                        continue
+                    if state[key]:
+                        dq.popleft()
+                        del entry[key]
+                        continue
+                    host = (clock if clock > host_free else host_free) + overhead
+                    start = host if host > link_free else link_free
+                    end = start + self.duration  # the runtime's submit may re-measure it
+                    if p != DEMAND and target:
+                        tc = target.get(key)
+                        if tc is not None and admit is not None and not admit(tc[0], tc[1], start):
+                            dq.popleft()
+                            del entry[key], target[key]
+                            self.refused += 1
+                            continue
+                    if not load(key, end, g):
+                        self.blocked = True
+                        return
                     dq.popleft()
                     del entry[key]
-                    continue
-                clock = self.clock
-                host = (clock if clock > self.host_free else self.host_free) + self.issue_overhead
-                start = host if host > self.link_free else self.link_free
-                end = start + self.duration
-                if p != DEMAND and target:
-                    tc = target.get(key)
-                    if tc is not None and admit is not None and not admit(tc[0], tc[1], start):
-                        dq.popleft()
-                        del entry[key], target[key]
-                        self.refused += 1
-                        continue
-                if not load(key, end, g):
-                    self.blocked = True
-                    return
-                dq.popleft()
-                del entry[key]
-                if target:
-                    target.pop(key, None)
-                self.host_free = host
-                self.link_free = end
-                self.busy_time += end - start
-                self.copies += 1
-                prefetched[key] = p != DEMAND
-                inflight.append((end if submit is None else submit(key, p != DEMAND, start, end), key))
-                if record is not None:
-                    record.append((start, end, key, p != DEMAND))
-                if len(inflight) >= cap or not entry:
-                    return
+                    if target:
+                        target.pop(key, None)
+                    host_free = host
+                    link_free = end
+                    busy += end - start
+                    copies += 1
+                    prefetched[key] = p != DEMAND
+                    inflight.append((end if submit is None else submit(key, p != DEMAND, start, end), key))
+                    if record is not None:
+                        record.append((start, end, key, p != DEMAND))
+                    if len(inflight) >= cap or not entry:
+                        return
+        finally:
+            self.host_free, self.link_free, self.copies, self.busy_time = host_free, link_free, copies, busy
 
     @property
     def bytes_moved(self) -> int:
@@ -241,12 +246,14 @@ class CopyEngine:
         on_done = self.on_done
         if entry and len(inflight) < cap:
             self.try_issue()
-        holds = self.holds
+        holds, release = self.holds, self.cache.release
         rel = holds[0][0] if holds else _INF
         while inflight:
             end, key = inflight[0]
-            if rel <= end and rel <= t:
-                self._release_at(rel)
+            if rel <= end and rel <= t:  # a computation ends: its experts leave the in-use state
+                if rel > self.clock:
+                    self.clock = rel
+                release(holds.popleft()[1])
                 rel = holds[0][0] if holds else _INF
             elif end <= t:
                 inflight.popleft()
@@ -260,7 +267,9 @@ class CopyEngine:
             if entry and len(inflight) < cap:
                 self.try_issue()
         while rel <= t:
-            self._release_at(rel)
+            if rel > self.clock:
+                self.clock = rel
+            release(holds.popleft()[1])
             rel = holds[0][0] if holds else _INF
             if entry and len(inflight) < cap:
                 self.try_issue()
@@ -268,11 +277,6 @@ class CopyEngine:
                 self.advance(t)
                 return
         self.clock = t
-
-    def _release_at(self, t: float) -> None:
-        if t > self.clock:
-            self.clock = t
-        self.cache.release(self.holds.popleft()[1])
 
     def ready_time(self, keys: set[int]) -> float:
         """Run the stream forward until every key in ``keys`` is resident; return that time.
