@@ -42,7 +42,10 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from card import identify, measured_models  # benchmarks/card.py
+if __package__:  # imported as benchmarks.<script> (the tests)
+    from .card import identify, measured_models  # noqa: F401
+else:  # run as a script: benchmarks/ is on sys.path
+    from card import identify, measured_models  # noqa: F401 (benchmarks/card.py)
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -62,7 +65,7 @@ SHAPES = [
     {"name": "mixtral-8x7b-L4", "model": "mixtral-8x7b", "layers": 4, "mode": "replay", "matrix": "reduced",
      "engines": ("graphed",), "est_s": 70},
 ]
-SMOKE = [{"name": "tiny", "model": "tiny", "layers": None, "mode": "replay", "matrix": "full", "engines": ("eager",),
+SMOKE = [{"name": "tiny", "model": "tiny", "layers": None, "mode": "live", "matrix": "full", "engines": ("eager",),
           "est_s": 60}]
 
 
@@ -176,7 +179,8 @@ def run_engine(sh: dict[str, Any], engine: str, args: argparse.Namespace, rows_p
             if not ok:
                 log(f"{sh['name']} {x['label']}: {meas[0]['status'] if meas else 'no row'}: "
                     f"{meas[0].get('reason') if meas else ''}")
-                out.append({"label": x["label"], "status": meas[0]["status"] if meas else "failed",
+                out.append({"label": x["label"], "policy": x["policy"], "k": x["k"], "memory": x.get("memory"),
+                            "status": meas[0]["status"] if meas else "failed",
                             "reason": meas[0].get("reason") if meas else ""})
                 continue
             tp = [r["tpot_ms"] / 1e3 for r in ok]
