@@ -13,6 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sim.errors import SimError
+from sim.decisions import DecisionLog
 from sim.experiments.validation import COLUMNS, join, ks_statistic, summary
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,5 +136,39 @@ def test_validate_grid_on_the_cpu_is_resumable(tmp_path: Path) -> None:
     assert sim["lru", "eager"] > sim["lru", "graphed"]  # the simulator prices each engine's host overhead
     again = run("runtime.validate", *args)  # same day: nothing left to run
     assert again.returncode == 0 and len(pd.read_parquet(tmp_path / "cpu" / "validation.parquet")) == len(df)
-    bad = run("runtime.validate", *args, "levels=[replayed]")
-    assert bad.returncode == 2 and "replay" in bad.stderr
+    bad = run("runtime.validate", *args, "levels=[replayed,open]")
+    assert bad.returncode == 2 and "levels: unknown level 'open'" in bad.stderr
+
+    # level replayed added on the same day: closed is done, so only the replayed rows are written,
+    # from new measured runs that log their decisions; one replayed sim row per repetition
+    both = run("runtime.validate", *args, "levels=[replayed,closed]")
+    assert both.returncode == 0, both.stderr
+    df2 = pd.read_parquet(tmp_path / "cpu" / "validation.parquet")
+    assert len(df2[df2.level == "closed"]) == len(df)
+    rep = df2[df2.level == "replayed"]
+    assert (rep.source == "measured").sum() == 8 and (rep.source == "sim").sum() == 8
+    assert set(rep.config_id) == set(df.config_id)
+    for _, r in rep.iterrows():  # every replayed row names the decisions file it came from, and it loads
+        assert DecisionLog.load(tmp_path / "cpu" / r["decisions"]).meta["config_id"] == r["config_id"]
+    assert rep.loc[rep.source == "sim", "tpot_rel_err"].notna().all() and (rep.replay_unreached.dropna() == 0).all()
+    j = join(df2)
+    assert set(j.level) == {"closed", "replayed"} and len(j) == 16
+    assert set(summary(j).level) == {"closed", "replayed"}
+    # oracle prefetches: its replayed decisions are not empty
+    oracle = rep[(rep.policy == "oracle") & (rep.source == "measured")].iloc[0]
+    assert DecisionLog.load(tmp_path / "cpu" / oracle["decisions"]).prefetches
+
+
+def test_a_bad_decisions_file_in_the_table_folder_is_one_line(tmp_path: Path) -> None:
+    """The replay reads each decisions file back from disk: a damaged one stops the call with one
+    line naming it (here: written over by a text file before the replay reads it)."""
+    from runtime.validate import _add_replayed_rows
+
+    (tmp_path / "decisions").mkdir()
+    (tmp_path / "decisions" / "x.r0.parquet").write_text("oops")
+    m = {"level": "replayed", "config_id": "x", "card": "cpu", "date": "d", "engine": "eager", "link": "pinned",
+         "model": "tiny", "budget": 0.5, "repetition": 0, "policy": "lru", "source": "measured", "tpot_s": 0.01,
+         "decisions": "decisions/x.r0.parquet"}
+    with pytest.raises(SimError, match=r"decisions file .*x\.r0\.parquet: not a Parquet file"):
+        _add_replayed_rows([m], None, {"lru": ["replayed"]}, None, tmp_path / "validation.parquet", "tiny",
+                           {"budget": 0.5, "link": "pinned", "engine": "eager"}, print)
