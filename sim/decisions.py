@@ -36,7 +36,7 @@ from typing import Any, NamedTuple, Sequence
 from sim.errors import SimError
 from sim.policies.base import Fetch, PrefetchPolicy
 
-#: the policy hooks whose actions are recorded, in the order of the columns that locate them
+#: the policy hooks a recorded prefetch can come from (the ``hook`` column)
 HOOKS = ("preload", "request_start", "layer_start", "routed", "transfer_done", "cycle_start", "draft_token",
          "request_end")
 #: the PrefetchPolicy methods the host calls (``meta["hooks"]``: those the recorded policy implements)

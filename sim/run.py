@@ -330,8 +330,8 @@ def run_policy(prep: Prepared, pcfg: DictConfig, seed: int, *, timeline: bool = 
     ``decisions`` (a sim.decisions.DecisionLog): replay a recorded run's decisions instead of the
     policy's own: its prefetches (sim.policies.replay.ReplayPrefetch) beside the policy's eviction
     (its recorded victims where the eviction follows the prefetch policy's predictions:
-    ReplayEviction), and, speculative, its k per cycle (sim.governor.PlaybackGovernor). ``record``: record this
-    run's decisions (the simulation's ``recorder``)."""
+    ReplayEviction), and, speculative, its k per cycle (sim.governor.PlaybackGovernor).
+    ``record``: record this run's decisions (the simulation's ``recorder``)."""
     from sim.governor import PlaybackGovernor, build_governor
     from sim.speculative import DraftSource
 

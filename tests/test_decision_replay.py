@@ -52,7 +52,8 @@ def record_and_replay(prep, name: str, admission: bool = True):
     ("oracle", True, ["cache.slots=6"]),
     ("history", False, ["cache.slots=6"]),  # the tiny preset's link: the admission rule refuses every history guess
     ("stream", True, ["cache.slots=12", "hardware.memory_gb=100"]),  # pageable copies at each layer's start
-    ("speq", True, ["cache.slots=6", "trace.decode_tokens=40"]),  # ELB prefetches, lookahead-aware eviction, k per cycle
+    # ELB prefetches, lookahead-aware eviction (its victims replayed), k per cycle
+    ("speq", True, ["cache.slots=6", "trace.decode_tokens=40"]),
     ("spmoe", True, ["cache.slots=6", "trace.decode_tokens=40"]),
 ])
 def test_a_replay_of_the_simulators_own_decisions_is_the_same_run(name, admission, overrides):

@@ -7,8 +7,8 @@ admission rule lets them all out (the recorded run's rule already admitted them)
 policy runs as configured (``ReplayEviction`` replays the recorded victims of one that follows the
 prefetch policy's predictions, MoE-SpeQ's lookahead-aware eviction); demand fetches come from the
 routing as always; where the recorded policy vetoed evictions (``admits``), the same asks are
-refused again. ``PlaybackGovernor``
-(sim.governor) returns the recorded k of each speculative cycle in turn.
+refused again. ``PlaybackGovernor`` (sim.governor) returns the recorded k of each speculative cycle
+in turn.
 """
 
 from __future__ import annotations
@@ -37,14 +37,14 @@ class ReplayPrefetch(PrefetchPolicy):
         if variant is None:
             base = {h: getattr(PrefetchPolicy, h) for h in GATED if h not in hooks}
             variant = _VARIANTS[hooks] = type(cls.__name__, (cls,), base)
-        return super().__new__(variant)
+        obj = super().__new__(variant)
+        obj.decisions = decisions
+        return obj
 
     def __init__(self, decisions: "_decisions.DecisionLog | str | Path") -> None:
-        if not isinstance(decisions, _decisions.DecisionLog):
-            decisions = _decisions.DecisionLog.load(decisions)
-        self.decisions = decisions
-        self.keeps_cache = bool(decisions.meta.get("keeps_cache", True))
-        self.host_memory = decisions.meta.get("host_memory")
+        meta = self.decisions.meta  # read by __new__
+        self.keeps_cache = bool(meta.get("keeps_cache", True))
+        self.host_memory = meta.get("host_memory")
 
     def attach(self, ctx: PolicyContext) -> None:
         super().attach(ctx)
