@@ -80,6 +80,8 @@ class ValidateConf:
     out: str = setting("benchmarks/validation", "tables go to <out>/<card>/validation.parquet")
     dry_run: bool = setting(False, "the plan and its estimated device time only")
     device: str = setting("auto", "auto: cuda if present, else cpu")
+    cpu_backend: str = setting("sync", "on the CPU: sync | thread | virtual (deterministic virtual time with the "
+                                       "simulator's durations: a check of the pipeline, not a measurement)")
     seed: int = setting(0, "seed of random weights and traces")
 
 
@@ -123,7 +125,8 @@ def grid(cfg: Any) -> list[dict[str, Any]]:
 
 def overrides(cfg: Any, g: dict[str, Any], slots: int | None, hardware: str, policies: list[str] | None = None) -> list[str]:
     s = g["shape"]
-    over = [f"model={s['model']}", f"hardware={hardware}", f"device={cfg.device}", f"repetitions={int(cfg.repetitions)}",
+    over = [f"model={s['model']}", f"hardware={hardware}", f"device={cfg.device}", f"cpu_backend={cfg.cpu_backend}",
+            f"repetitions={int(cfg.repetitions)}",
             f"engine={g['engine']}",
             "policy=baselines", f"policy.suite=[{','.join(policies or cfg.policies)}]", f"seed={int(cfg.seed)}", "predict=false"]
     if s.get("layers"):

@@ -159,6 +159,26 @@ def test_validate_grid_on_the_cpu_is_resumable(tmp_path: Path) -> None:
     assert DecisionLog.load(tmp_path / "cpu" / oracle["decisions"]).prefetches
 
 
+def test_validate_on_the_virtual_time_backend_has_no_error_at_either_level(tmp_path: Path) -> None:
+    """The whole pipeline (measured runs logging their decisions, files written and read back, the
+    replay, the join) where both sides are the same model: the runtime on the deterministic
+    virtual-time backend under the profile the simulator uses. Every error is floating-point
+    rounding, at both levels."""
+    import pandas as pd
+
+    r = run("runtime.validate", "profile=h200", f"out={tmp_path}", "cpu_backend=virtual", "engines=[eager]",
+            "shapes=[{name: tiny, model: tiny, requests: 2, prompt_tokens: 4, decode_tokens: 8}]", "budgets=[0.25]",
+            "links=[pinned]", "policies=[lru,lookahead,oracle]", "repetitions=1", "levels=[replayed,closed]")
+    assert r.returncode == 0, r.stderr
+    df = pd.read_parquet(tmp_path / "cpu" / "validation.parquet")
+    sim = df[df.source == "sim"]
+    assert sorted(sim.level) == ["closed"] * 3 + ["replayed"] * 3
+    assert (sim.tpot_rel_err.abs() < 1e-9).all()
+    assert (df[(df.policy == "lru") & (df.source == "measured")].stall_share > 0).all()  # the copies matter here
+    s = summary(join(df)).set_index("level")
+    assert s.loc["replayed", "meets_target"] and s.loc["closed", "meets_target"]
+
+
 def test_a_bad_decisions_file_in_the_table_folder_is_one_line(tmp_path: Path) -> None:
     """The replay reads each decisions file back from disk: a damaged one stops the call with one
     line naming it (here: written over by a text file before the replay reads it)."""
