@@ -310,7 +310,7 @@ def _add_replayed_rows(new: list[dict[str, Any]], cfg: Any, pending: dict[str, l
     replaying that repetition's decisions file (read back from disk, as a later resimulation
     would), with its TPOT error against that repetition; writes the replay's timeline of the last
     repetition beside the measured one."""
-    from sim.decisions import DecisionLog
+    from sim.decisions import DecisionLog, agreement
     from sim.run import load_policy, run_policy
     from sim.timeline import chrome_trace
     from traces.atomic import write_json_atomic
@@ -323,7 +323,8 @@ def _add_replayed_rows(new: list[dict[str, Any]], cfg: Any, pending: dict[str, l
         for x in ms:
             decisions = DecisionLog.load(path.parent / x["decisions"])
             last = x is ms[-1]
-            srow, (sobj, slog) = run_policy(prep, load_policy(p), int(cfg.seed), timeline=last, decisions=decisions)
+            srow, (sobj, slog) = run_policy(prep, load_policy(p), int(cfg.seed), timeline=last, decisions=decisions,
+                                            record=True)
             if last:
                 write_json_atomic(path.parent / "timelines" / f"{x['config_id']}.replayed.json", chrome_trace(
                     slog.compute_spans, slog.copy_spans, slog.occupancy, num_experts=sobj.model.num_experts,
@@ -331,7 +332,8 @@ def _add_replayed_rows(new: list[dict[str, Any]], cfg: Any, pending: dict[str, l
             base = {**{k: x[k] for k in ("level", "config_id", "card", "date", "engine", "link", "model", "budget",
                                          "repetition")}, "policy": p, "source": "sim"}
             s = validation_row(base, srow, gaps_of(slog), decisions=x["decisions"],
-                               replay_unreached=int(srow.get("replay_unreached", 0)))
+                               replay_unreached=int(srow.get("replay_unreached", 0)),
+                               **agreement(decisions, sobj.recorder.decisions(slog.cycles)))
             s["tpot_rel_err"] = (s["tpot_s"] - x["tpot_s"]) / x["tpot_s"] if x["tpot_s"] else math.nan
             errs.append(s["tpot_rel_err"])
             new.append(s)

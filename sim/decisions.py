@@ -262,6 +262,23 @@ class DecisionLog:
         return log
 
 
+def agreement(recorded: DecisionLog, replayed: DecisionLog) -> dict[str, float]:
+    """How closely a replay followed the recorded run, where the two can differ (the copy stream's
+    timing): the share of the recorded prefetches that the replay issued at the same layer-step
+    (key and ``issued_g``), and of the recorded evictions that it made too (layer-step, victim,
+    incoming key), each counted as a multiset; NaN where the recorded run had none."""
+    from collections import Counter
+
+    def share(a: list, b: list) -> float:
+        if not a:
+            return float("nan")
+        return sum((Counter(a) & Counter(b)).values()) / len(a)
+
+    return {"replay_issue_agreement": share([(p.key, p.issued_g) for p in recorded.prefetches],
+                                            [(p.key, p.issued_g) for p in replayed.prefetches]),
+            "replay_eviction_agreement": share(list(recorded.evictions), list(replayed.evictions))}
+
+
 class _Recording:
     """The prefetch policy as the host sees it while a recorder is attached: each hook first tells
     the recorder where it is called, then asks the policy. Everything else is the policy's."""

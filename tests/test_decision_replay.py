@@ -18,7 +18,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from sim.config import register_configs
-from sim.decisions import META_KEY, CycleK, DecisionLog, Eviction, Point, Prefetch, Refusal
+from sim.decisions import META_KEY, CycleK, DecisionLog, Eviction, Point, Prefetch, Refusal, agreement
 from sim.errors import SimError
 from sim.governor import CycleCosts, PlaybackGovernor
 from sim.policies import PREFETCH
@@ -64,7 +64,10 @@ def test_a_replay_of_the_simulators_own_decisions_is_the_same_run(name, admissio
     assert [(k, pf) for _, _, k, pf in log.copy_spans] == [(k, pf) for _, _, k, pf in log2.copy_spans]
     assert d2.prefetches == d.prefetches and d2.evictions == d.evictions
     assert row2["tpot_ms"] == row["tpot_ms"] and row2["replay_unreached"] == 0
-    assert row2["replayed_prefetches"] == len(d.prefetches)
+    assert row2["replayed_prefetches"] == len(d.prefetches) and row2["replay_already_cached"] == 0
+    agree = agreement(d, d2)
+    assert agree["replay_eviction_agreement"] == 1.0 or not d.evictions
+    assert agree["replay_issue_agreement"] == 1.0 or not d.prefetches
     if log.cycles:  # speculative: the same k and acceptance per cycle
         assert d.ks() == [c["k"] for c in log.cycles] and d2.cycles == d.cycles
         assert [c["accepted"] for c in log2.cycles] == [c["accepted"] for c in log.cycles]
@@ -91,6 +94,16 @@ def test_replaying_changes_nothing_but_the_decisions():
                               "hooks": ["on_routed"]})
     replayed, _ = run_policy(prep, load_policy("lookahead"), 0, decisions=empty)
     assert replayed["tpot_ms"] == lru["tpot_ms"] and replayed["replayed_prefetches"] == 0
+
+
+def test_agreement_counts_same_layer_step_issues_and_evictions_as_multisets():
+    pt = Point("routed", 0, 0, 0)
+    rec = DecisionLog(prefetches=[Prefetch(pt, 5, 1, 0, 1), Prefetch(pt, 5, 1, 0, 3), Prefetch(pt, 6, 1, 0, 1)],
+                      evictions=[Eviction(1, 2, 5)])
+    rep = DecisionLog(prefetches=[Prefetch(pt, 5, 1, 0, 1), Prefetch(pt, 5, 1, 0, 1), Prefetch(pt, 6, 1, 0, 2)])
+    a = agreement(rec, rep)
+    assert a["replay_issue_agreement"] == pytest.approx(1 / 3) and a["replay_eviction_agreement"] == 0.0
+    assert np.isnan(agreement(DecisionLog(), rep)["replay_issue_agreement"])
 
 
 def test_decisions_file_round_trip(tmp_path: Path):

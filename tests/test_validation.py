@@ -174,6 +174,9 @@ def test_validate_on_the_virtual_time_backend_has_no_error_at_either_level(tmp_p
     sim = df[df.source == "sim"]
     assert sorted(sim.level) == ["closed"] * 3 + ["replayed"] * 3
     assert (sim.tpot_rel_err.abs() < 1e-9).all()
+    rep = sim[sim.level == "replayed"].set_index("policy")
+    assert (rep.replay_eviction_agreement == 1.0).all()  # the replay made the runtime's every eviction
+    assert (rep.loc[["lookahead", "oracle"], "replay_issue_agreement"] == 1.0).all()  # and every prefetch, as timed
     assert (df[(df.policy == "lru") & (df.source == "measured")].stall_share > 0).all()  # the copies matter here
     s = summary(join(df)).set_index("level")
     assert s.loc["replayed", "meets_target"] and s.loc["closed", "meets_target"]

@@ -60,6 +60,7 @@ class ReplayPrefetch(PrefetchPolicy):
         self._asked: dict[tuple[int, int], int] = {}
         self._request, self._cycle = -1, 0
         self.replayed = 0
+        self.already = 0  # replayed keys already resident or loading here (the two runs' caches differ)
 
     def reset(self) -> None:
         """``cache.reset=request``: the recorded decisions are the state; nothing to forget."""
@@ -69,6 +70,8 @@ class ReplayPrefetch(PrefetchPolicy):
         if not acts:
             return []
         self.replayed += len(acts)
+        cached = self.ctx.cached
+        self.already += sum(1 for a in acts if cached(a.key))
         return acts
 
     def preload(self, capacity: Sequence[int]) -> list[int]:
@@ -106,9 +109,10 @@ class ReplayPrefetch(PrefetchPolicy):
         return (key, victim, n) not in self._refused
 
     def summary(self) -> dict[str, Any]:
-        """How much of the log was replayed: prefetches queued, and those whose decision point the
-        simulated run never reached (a different trace, or cycles that went another way)."""
-        return {"replayed_prefetches": self.replayed,
+        """How much of the log was replayed: prefetches queued, those whose key was already on the
+        GPU or on its way here, and those whose decision point the simulated run never reached (a
+        different trace, or cycles that went another way)."""
+        return {"replayed_prefetches": self.replayed, "replay_already_cached": getattr(self, "already", 0),
                 "replay_unreached": sum(len(v) for v in getattr(self, "_at", {}).values())}
 
 
