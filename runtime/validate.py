@@ -79,6 +79,9 @@ class ValidateConf:
     budget_s: float = setting(540.0, "device seconds for this call; the rest waits for the next")
     out: str = setting("benchmarks/validation", "tables go to <out>/<card>/validation.parquet")
     dry_run: bool = setting(False, "the plan and its estimated device time only")
+    resimulate: bool = setting(False, "no measurement: the simulator predicts every measured config of the card's "
+                                      "table again (level replayed from its stored decisions) into "
+                                      "<out>/<card>/resimulated/<UTC time>.parquet, errors before and after")
     device: str = setting("auto", "auto: cuda if present, else cpu")
     cpu_backend: str = setting("sync", "on the CPU: sync | thread | virtual (deterministic virtual time with the "
                                        "simulator's durations: a check of the pipeline, not a measurement)")
@@ -265,7 +268,7 @@ def _measured_rows(got: list[dict[str, Any]], gaps: dict[str, list[list[float]]]
         for level in pending[r["policy"]]:
             base = {"level": level, "config_id": r["config_id"], "card": card, "date": today,
                     "engine": g["engine"], "link": g["link"], "policy": r["policy"], "source": "measured",
-                    "model": name, "budget": g["budget"], "repetition": rep}
+                    "model": name, "budget": g["budget"], "repetition": rep, "dtype": r.get("dtype")}
             extra = {"decisions": decided[(r["policy"], rep)]} if (r["policy"], rep) in decided else {}
             new.append(validation_row(base, r, gaps[r["policy"]][i], **extra))
     return new
@@ -294,8 +297,8 @@ def _add_sim_rows(new: list[dict[str, Any]], cfg: Any, pending: dict[str, list[s
             write_json_atomic(tdir / f"{cid}.sim.json", chrome_trace(
                 slog.compute_spans, slog.copy_spans, slog.occupancy, num_experts=sobj.model.num_experts,
                 moe_layers=sobj.model.moe_layers), indent=None)
-        base = {**{k: ms[0][k] for k in ("level", "config_id", "card", "date", "engine", "link", "model", "budget")},
-                "policy": p, "source": "sim", "repetition": 0}
+        base = {**{k: ms[0].get(k) for k in ("level", "config_id", "card", "date", "engine", "link", "model", "budget",
+                                             "dtype")}, "policy": p, "source": "sim", "repetition": 0}
         s = validation_row(base, srow, gaps_of(slog))
         m_tpot = sum(x["tpot_s"] for x in ms) / len(ms)
         s["tpot_rel_err"] = (s["tpot_s"] - m_tpot) / m_tpot if m_tpot else math.nan
@@ -305,11 +308,11 @@ def _add_sim_rows(new: list[dict[str, Any]], cfg: Any, pending: dict[str, list[s
 
 
 def _add_replayed_rows(new: list[dict[str, Any]], cfg: Any, pending: dict[str, list[str]], prep: Any,
-                       path: Path, name: str, g: dict[str, Any], log: Any) -> None:
+                       path: Path, name: str, g: dict[str, Any], log: Any, timelines: bool = True) -> None:
     """Stage 4c (level replayed): appends to ``new`` one simulator row per measured repetition,
-    replaying that repetition's decisions file (read back from disk, as a later resimulation
-    would), with its TPOT error against that repetition; writes the replay's timeline of the last
-    repetition beside the measured one."""
+    replaying that repetition's decisions file (read back from disk, as a resimulation does), with
+    its TPOT error against that repetition; writes the replay's timeline of the last repetition
+    beside the measured one (``timelines``)."""
     from sim.decisions import DecisionLog, agreement
     from sim.run import load_policy, run_policy
     from sim.timeline import chrome_trace
@@ -322,15 +325,15 @@ def _add_replayed_rows(new: list[dict[str, Any]], cfg: Any, pending: dict[str, l
         errs = []
         for x in ms:
             decisions = DecisionLog.load(path.parent / x["decisions"])
-            last = x is ms[-1]
+            last = timelines and x is ms[-1]
             srow, (sobj, slog) = run_policy(prep, load_policy(p), int(cfg.seed), timeline=last, decisions=decisions,
                                             record=True)
             if last:
                 write_json_atomic(path.parent / "timelines" / f"{x['config_id']}.replayed.json", chrome_trace(
                     slog.compute_spans, slog.copy_spans, slog.occupancy, num_experts=sobj.model.num_experts,
                     moe_layers=sobj.model.moe_layers), indent=None)
-            base = {**{k: x[k] for k in ("level", "config_id", "card", "date", "engine", "link", "model", "budget",
-                                         "repetition")}, "policy": p, "source": "sim"}
+            base = {**{k: x.get(k) for k in ("level", "config_id", "card", "date", "engine", "link", "model", "budget",
+                                             "repetition", "dtype")}, "policy": p, "source": "sim"}
             s = validation_row(base, srow, gaps_of(slog), decisions=x["decisions"],
                                replay_unreached=int(srow.get("replay_unreached", 0)),
                                **agreement(decisions, sobj.recorder.decisions(slog.cycles)))
@@ -354,8 +357,63 @@ def _save_decisions(run: Any, lg: Any, row: dict[str, Any], table_dir: Path, tod
     return rel.as_posix()
 
 
+def resimulate(cfg: Any, path: Path, hardware: str, log: Any = print) -> Path:
+    """The simulator's rows of every measured config in the table at ``path`` again, under the
+    model as it is now (after a fix of a term, say), with no device: closed from the policy, replayed
+    from each repetition's stored decisions. The measured rows and the new sim rows go to
+    ``resimulated/<UTC time>.parquet`` beside the table (the same columns: ``join`` reads it); the
+    table itself is never changed. Shapes are looked up by name in ``shapes``."""
+    import pandas as pd
+
+    from sim.experiments.validation import join, summary
+    from sim.run import prepare
+    from sim.spec import ModelSpec
+    from traces.atomic import atomic_write
+
+    old, _ = _existing_table(path)
+    if old is None:
+        raise SimError(f"resimulate: no validation table at {path}")
+    shapes = {str(s["name"]): dict(s) for s in cfg.shapes}
+    measured = old[old.source == "measured"]
+    unknown = sorted(set(measured.model) - set(shapes))
+    if unknown:
+        raise SimError(f"resimulate: {path} has model shape(s) {unknown} that shapes= does not name; known: {sorted(shapes)}")
+    rows: list[dict[str, Any]] = []
+    preps: dict[tuple[Any, ...], Any] = {}
+    for (date, cid), ms in measured.groupby(["date", "config_id"], sort=True):
+        first = ms.iloc[0]
+        g = {"shape": shapes[first.model], "budget": float(first.budget), "link": str(first.link),
+             "engine": str(first.engine)}
+        dtype = first.get("dtype")  # the measured run's (tables before this column: the preset's)
+        dtype = [f"dtype={dtype}"] if isinstance(dtype, str) and dtype else []
+        key = (first.model, g["budget"], g["link"], g["engine"], *dtype)
+        if key not in preps:
+            spec = ModelSpec.from_cfg(_compose(overrides(cfg, g, None, hardware)).model)
+            slots = max(spec.top_k, int(round(g["budget"] * spec.num_routed_experts_total)))
+            preps[key] = prepare(_compose(overrides(cfg, g, slots, hardware, [str(first.policy)]) + dtype))
+        new = ms.to_dict("records")
+        pending = {str(first.policy): sorted(set(ms.level))}
+        _add_sim_rows(new, cfg, pending, preps[key], {}, None, path, g, str(first.model), g["engine"], log)
+        _add_replayed_rows(new, cfg, pending, preps[key], path, str(first.model), g, log, timelines=False)
+        rows += new
+    df = pd.DataFrame(rows)
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H%M%S")
+    out = path.parent / "resimulated" / f"{stamp}.parquet"
+    atomic_write(out, lambda tmp: df.to_parquet(tmp, index=False), overwrite=False)
+    before, after = summary(join(old)).set_index("level"), summary(join(df)).set_index("level")
+    for level in after.index:
+        b = before.loc[level] if level in before.index else None
+        a = after.loc[level]
+        log(f"{level}: median |TPOT error| {'' if b is None else f'{b.tpot_median_abs_err:.1%} -> '}"
+            f"{a.tpot_median_abs_err:.1%}, max {'' if b is None else f'{b.tpot_max_abs_err:.1%} -> '}"
+            f"{a.tpot_max_abs_err:.1%} ({int(a.configs)} configs)")
+    log(f"resimulated table: {out} ({len(df)} rows)")
+    return out
+
+
 def run_validate(cfg: Any, log: Any = print) -> Path:
     import pandas as pd
+    from omegaconf import open_dict
 
     from runtime.measure import Session
     from runtime.models import resolve_device
@@ -370,6 +428,8 @@ def run_validate(cfg: Any, log: Any = print) -> Path:
     groups = grid(cfg)  # bad grids fail before any work
     today = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
     path = Path(cfg.out) / card / "validation.parquet"
+    if cfg.resimulate:
+        return resimulate(cfg, path, hardware, log)
     old, done = _existing_table(path)
 
     # ---- the plan: configs and estimated device seconds (the simulator's prediction of each run)
@@ -384,7 +444,7 @@ def run_validate(cfg: Any, log: Any = print) -> Path:
         todo = [g for g in plan if g["shape"]["name"] == name and g["engine"] == engine]  # one session each
         if time.monotonic() > deadline:
             break
-        sess = None
+        sess, built = None, None
         try:
             for g in todo:
                 c = g["cfg"]
@@ -399,8 +459,11 @@ def run_validate(cfg: Any, log: Any = print) -> Path:
                 record = any("replayed" in lvs for lvs in pending.values())
                 if sess is None:
                     sess = Session(c, max_slots=max(x["slots"] for x in todo))
+                    built = str(c.dtype)  # the dtype the session built its model in (it writes it into c)
                     if sess.om.device.type == "cuda" and any(x["link"] == "paced" for x in todo):
                         sess.om.backend.calibrate_sleep()  # copy pacing sleeps on the copy stream
+                with open_dict(c):  # every group of the session: the measured run's dtype, in its keys and bytes
+                    c.dtype = built
                 prep = prepare(c)  # the simulator's side: sim.run.prepare (cost model with the engine's host overhead)
                 gaps: dict[str, list[list[float]]] = {}
                 logs: dict[str, Any] = {}

@@ -158,6 +158,23 @@ def test_validate_grid_on_the_cpu_is_resumable(tmp_path: Path) -> None:
     oracle = rep[(rep.policy == "oracle") & (rep.source == "measured")].iloc[0]
     assert DecisionLog.load(tmp_path / "cpu" / oracle["decisions"]).prefetches
 
+    # resimulation (no device): the same model predicts every sim row again, bit for bit, into a
+    # new file beside the table, which is left as it was
+    resim = run("runtime.validate", *args, "levels=[replayed,closed]", "resimulate=true")
+    assert resim.returncode == 0, resim.stderr
+    assert "replayed: median |TPOT error|" in resim.stdout and "closed: median |TPOT error|" in resim.stdout
+    (out,) = (tmp_path / "cpu" / "resimulated").glob("*.parquet")
+    new = pd.read_parquet(out)
+    assert pd.read_parquet(tmp_path / "cpu" / "validation.parquet").equals(df2)
+    key = ["level", "config_id", "source", "repetition"]
+    old_sim, new_sim = (t[t.source == "sim"].set_index(key).sort_index() for t in (df2, new))
+    assert len(new) == len(df2) and new_sim.index.equals(old_sim.index)
+    assert (new_sim.tpot_s == old_sim.tpot_s).all() and (new_sim.tpot_rel_err == old_sim.tpot_rel_err).all()
+    bad = run("runtime.validate", *args, "resimulate=true", "shapes=[{name: other, model: tiny}]")
+    assert bad.returncode == 2 and "shape(s) ['tiny'] that shapes= does not name" in bad.stderr
+    none = run("runtime.validate", *args, "resimulate=true", f"out={tmp_path / 'empty'}")
+    assert none.returncode == 2 and "no validation table" in none.stderr
+
 
 def test_validate_on_the_virtual_time_backend_has_no_error_at_either_level(tmp_path: Path) -> None:
     """The whole pipeline (measured runs logging their decisions, files written and read back, the
