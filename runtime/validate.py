@@ -21,6 +21,8 @@ configs not started in time are left for the next call. The table is appended pe
 link, engine) group, atomically, and configs already in it for this card, level and date are
 skipped, so a call after a cut-off resumes; a later day adds its own rows (``date`` column).
 ``fraction`` < 1 runs a stated subset of the grid that still covers every level of every factor.
+``resimulate=true`` measures nothing: the simulator predicts the table's measured configs again into
+``resimulated/<UTC time>.parquet`` beside it (``resimulate``), to judge a fix of the model offline.
 """
 
 from __future__ import annotations
