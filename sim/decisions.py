@@ -299,12 +299,13 @@ class _Recording:
         rec.point = (Point("request_start", request=int(request)), -1)
         return self._policy.on_request_start(request)
 
+    # per layer-step: the point is built only if the hook's actions change the queue (host time)
     def on_layer_start(self, ls: Any) -> list:
-        self._rec.point = (Point("layer_start", int(ls.request), int(ls.step), int(ls.m)), int(ls.g))
+        self._rec.point = ("layer_start", ls)
         return self._policy.on_layer_start(ls)
 
     def on_routed(self, ls: Any, needed: Sequence[int]) -> list:
-        self._rec.point = (Point("routed", int(ls.request), int(ls.step), int(ls.m)), int(ls.g))
+        self._rec.point = ("routed", ls)
         return self._policy.on_routed(ls, needed)
 
     def on_transfer_done(self, key: int) -> list:
@@ -339,12 +340,14 @@ class DecisionRecorder:
 
     def __init__(self, host: Any) -> None:
         self.host = host
-        self.point: tuple[Point, int] | None = None  # (point, layer-step) of the hook last called
+        # (point, layer-step) of the hook last called, or (hook, layer-step info) for the per-layer hooks
+        self.point: tuple[Any, Any] | None = None
         self.request, self.cycle = -1, 0
         self.landings: dict[int, int] = {}
         self.pending: dict[int, tuple[tuple[Point, int], int]] = {}  # key -> ((point, g), queue seq)
-        self.prefetches: list[Prefetch] = []
-        self.evictions: list[Eviction] = []
+        # plain tuples while the run goes (host time), named in ``decisions()``
+        self.prefetches: list[tuple] = []
+        self.evictions: list[tuple] = []
         self._removed = -1
         self.policy = host.prefetch
         host.prefetch = _Recording(host.prefetch, self)
@@ -354,10 +357,15 @@ class DecisionRecorder:
 
         def recorded_apply(actions: Any) -> None:
             point, self.point = self.point, None  # a hook's actions are applied once, right after it
+            if not actions:
+                return
             seq0 = queue._seq
             apply(actions)
             if point is None or queue._seq == seq0:
                 return
+            if type(point[0]) is str:  # a per-layer hook's (hook, info)
+                ls = point[1]
+                point = (Point(point[0], int(ls.request), int(ls.step), int(ls.m)), int(ls.g))
             for a in actions:
                 if type(a) is Fetch:
                     e = entry.get(a.key)
@@ -370,15 +378,15 @@ class DecisionRecorder:
             if not load(key, ready_at, g):
                 return False
             if cache.evictions != evictions:
-                self.evictions.append(Eviction(int(g), self._removed, int(key)))
+                self.evictions.append((g, self._removed, key))
             p = pending.pop(key, None)
             if p is not None and e is not None and p[1] == e[1]:
                 (pt, pg), prio = p[0], e[0]
-                self.prefetches.append(Prefetch(pt, int(key), int(prio), pg, int(g)))
+                self.prefetches.append((pt, key, prio, pg, g))
             return True
 
         def recorded_remove(key: int) -> None:
-            self._removed = int(key)
+            self._removed = key
             remove(key)
 
         host.apply = recorded_apply
@@ -405,7 +413,8 @@ class DecisionRecorder:
         get = (lambda c, n: c[n]) if cycles and isinstance(cycles[0], dict) else getattr
         cache = self.host.cache
         return DecisionLog(
-            prefetches=list(self.prefetches), evictions=list(self.evictions), refusals=list(self.refusals),
+            prefetches=[Prefetch(pt, int(k), int(p), int(pg), int(g)) for pt, k, p, pg, g in self.prefetches],
+            evictions=[Eviction(int(g), int(v), int(k)) for g, v, k in self.evictions], refusals=list(self.refusals),
             cycles=[CycleK(int(get(c, "request")), int(get(c, "cycle")), int(get(c, "k"))) for c in cycles],
             meta={"num_moe_layers": cache.num_layers, "num_experts": cache.num_experts,
                   "hooks": [h for h in HOOK_METHODS if getattr(type(self.policy), h) is not getattr(PrefetchPolicy, h)],
