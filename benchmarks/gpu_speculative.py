@@ -231,7 +231,10 @@ def summary(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     if not rows:
         return "\n".join(lines + ["no rows"])
     df = pd.DataFrame(rows)
-    cols = ["model", "engine", "label", "k", "slots", "tpot_measured_s", "tpot_sim_s", "speedup_measured", "speedup_sim",
+    if "speedup_measured" in df:
+        df["speedup_err"] = (df["speedup_measured"] - df["speedup_sim"]) / df["speedup_sim"]
+    cols = ["model", "engine", "label", "policy", "k", "slots", "tpot_measured_s", "tpot_sim_s", "speedup_measured", "speedup_sim",
+            "speedup_err", "link_util",
             "acceptance", "sim_acceptance", "mean_k", "sim_mean_k", "tokens_per_cycle", "draft_agreement",
             "token_mismatch_share", "status"]
     df = df[[c for c in cols if c in df.columns]]
@@ -242,8 +245,15 @@ def summary(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         if len(s) and "speedup_measured" in s:
             sm, ss = float(s["speedup_measured"].iloc[0]), float(s["speedup_sim"].iloc[0])
             lines.append(f"- {model} ({engine}): MoE-SpeQ (governor) vs LRU at the same GPU memory: "
-                         f"{sm:.2f}x measured, {ss:.2f}x simulated -> "
-                         f"{'beats' if sm > 1 else 'does not beat'} LRU on this card")
+                         f"{sm:.2f}x measured, {ss:.2f}x simulated (speed-up error {sm / ss - 1:+.1%}, target "
+                         f"within 10%) -> {'beats' if sm > 1 else 'does not beat'} LRU on this card")
+            fixed = g[(g["policy"] == "speq") & (g["k"] != "governor") & (g["status"] == "ok")]
+            if len(fixed):
+                best = fixed.loc[fixed["tpot_measured_s"].idxmin()]
+                gov = float(s["tpot_measured_s"].iloc[0])
+                lines.append(f"  governor {gov * 1e3:.2f} ms vs best fixed k = {best['k']} "
+                             f"{best['tpot_measured_s'] * 1e3:.2f} ms: {gov / best['tpot_measured_s'] - 1:+.1%} "
+                             f"(target within 5%)")
     return "\n".join(lines) + "\n"
 
 
