@@ -530,7 +530,8 @@ class HostController:
         late_wait = stall_total = cov_ready = cov_requested = 0.0
         carry = self.carry
         qentry = copy.queue._entry  # a miss whose key is queued as a prefetch was requested in time
-        push = copy.queue.push
+        push, fetch_now = copy.queue.push, copy.fetch_now
+        plain = not live and keeps and not has_routed
         copies0 = copy.copies
         fresh = lates = None
         if live:
@@ -609,6 +610,8 @@ class HostController:
                 missed = None
                 if live:
                     lates = []
+                # nothing queued and no hook before the issue: the misses go out directly, in order
+                direct = not qentry and plain
                 for key in wave:
                     in_use[key] += 1
                     st = state[key]
@@ -627,9 +630,10 @@ class HostController:
                                 lates.append(key)
                         else:
                             misses += 1
-                            if key in qentry:
+                            if key in qentry or (direct and missed and key in missed):  # (named twice)
                                 queued += 1
-                            push(key, DEMAND)  # absent: queued (or promoted) as a demand fetch
+                            if not direct:
+                                push(key, DEMAND)  # absent: queued (or promoted) as a demand fetch
                             if missed is None:
                                 missed = [key]
                             else:
@@ -656,7 +660,10 @@ class HostController:
                 self.anchor = (g, now, wait)
                 if has_routed and w == 0:
                     apply(prefetch.on_routed(infos[g], needed))
-                try_issue()
+                if not direct:
+                    try_issue()
+                elif missed:
+                    fetch_now(missed)
                 if live:
                     if wait:
                         # the host waits only until every copy it needs is issued (the slots they

@@ -231,6 +231,47 @@ class CopyEngine:
         finally:
             self.host_free, self.link_free, self.copies, self.busy_time = host_free, link_free, copies, busy
 
+    def fetch_now(self, keys: list[int]) -> None:
+        """Demand fetches of the absent ``keys``, in order, with nothing queued: exactly what
+        queueing them and ``try_issue`` do, without the queue's bookkeeping (the host's common
+        case: every miss of a layer-step, no prefetch waiting). Those the stream has no room or
+        slot for yet are queued, in order."""
+        inflight, cap = self.in_flight, self.max_in_flight
+        if len(inflight) >= cap:
+            for key in keys:
+                self.queue.push(key, DEMAND)
+            return
+        cache = self.cache
+        state, load, prefetched = cache.state, cache.load, cache.prefetched
+        record, g, submit = self.record, self.g, self.submit
+        clock, overhead = self.clock, self.issue_overhead
+        host_free, link_free = self.host_free, self.link_free
+        self.blocked = False
+        for i, key in enumerate(keys):
+            if state[key]:  # already on its way (a key named twice)
+                continue
+            host = (clock if clock > host_free else host_free) + overhead
+            start = host if host > link_free else link_free
+            end = start + self.duration
+            if not load(key, end, g):
+                self.blocked = True
+                for rest in keys[i:]:
+                    self.queue.push(rest, DEMAND)
+                break
+            host_free = host
+            link_free = end
+            self.busy_time += end - start
+            self.copies += 1
+            prefetched[key] = False
+            inflight.append((end if submit is None else submit(key, False, start, end), key))
+            if record is not None:
+                record.append((start, end, key, False))
+            if len(inflight) >= cap:
+                for rest in keys[i + 1:]:
+                    self.queue.push(rest, DEMAND)
+                break
+        self.host_free, self.link_free = host_free, link_free
+
     @property
     def bytes_moved(self) -> int:
         return self.copies * self.nbytes
