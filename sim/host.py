@@ -530,7 +530,7 @@ class HostController:
         late_wait = stall_total = cov_ready = cov_requested = 0.0
         carry = self.carry
         qentry = copy.queue._entry  # a miss whose key is queued as a prefetch was requested in time
-        push, fetch_now = copy.queue.push, copy.fetch_now
+        push, fetch_now, holds = copy.queue.push, copy.fetch_now, copy.holds
         plain = not live and keeps and not has_routed
         copies0 = copy.copies
         fresh = lates = None
@@ -630,7 +630,9 @@ class HostController:
                                 lates.append(key)
                         else:
                             misses += 1
-                            if key in qentry or (direct and missed and key in missed):  # (named twice)
+                            if direct:  # nothing queued: a key named twice was queued by its first miss
+                                queued += missed is not None and key in missed
+                            elif key in qentry:
                                 queued += 1
                             if not direct:
                                 push(key, DEMAND)  # absent: queued (or promoted) as a demand fetch
@@ -705,7 +707,7 @@ class HostController:
                 dur = exp[g] if last == 0 else exp[g] * len(wave) / len(needed)
                 if spans is not None:
                     spans.append((now, now + dur, f"{kind}experts {layer_names[m]}"))
-                hold(held, now + dur)
+                holds.append((now + dur, held))  # copy.hold, inlined
                 if w < last:
                     clock = now = now + dur
                     advance(now)

@@ -245,7 +245,7 @@ class CopyEngine:
         state, load, prefetched = cache.state, cache.load, cache.prefetched
         record, g, submit = self.record, self.g, self.submit
         clock, overhead = self.clock, self.issue_overhead
-        host_free, link_free = self.host_free, self.link_free
+        host_free, link_free, copies, busy = self.host_free, self.link_free, self.copies, self.busy_time
         self.blocked = False
         for i, key in enumerate(keys):
             if state[key]:  # already on its way (a key named twice)
@@ -260,8 +260,8 @@ class CopyEngine:
                 break
             host_free = host
             link_free = end
-            self.busy_time += end - start
-            self.copies += 1
+            busy += end - start
+            copies += 1
             prefetched[key] = False
             inflight.append((end if submit is None else submit(key, False, start, end), key))
             if record is not None:
@@ -270,7 +270,7 @@ class CopyEngine:
                 for rest in keys[i + 1:]:
                     self.queue.push(rest, DEMAND)
                 break
-        self.host_free, self.link_free = host_free, link_free
+        self.host_free, self.link_free, self.copies, self.busy_time = host_free, link_free, copies, busy
 
     @property
     def bytes_moved(self) -> int:
