@@ -60,10 +60,9 @@ class SlotCache(ExpertCache):
             self.free.append(list(range(base + cap - 1, base - 1, -1)))  # pop() gives the lowest first
             base += cap
 
-    def remove(self, key: int) -> None:
-        s = self.slot_of.pop(key)
-        self.free[self.pool_of[key]].append(s)
-        super().remove(key)
+    def vacate(self, key: int, pool: int) -> None:
+        self.free[pool].append(self.slot_of.pop(key))
+        super().vacate(key, pool)
 
     def load(self, key: int, ready_at: float, g: int) -> bool:
         if not super().load(key, ready_at, g):

@@ -83,7 +83,7 @@ class ExpertCache:
                 return False
             if state[victim] != RESIDENT or self.in_use[victim] or self.pool_of[victim] != pool:
                 raise SimError(f"eviction policy {self.eviction.name} chose non-evictable key {victim}")
-            self._drop(victim, pool)  # its slot passes to key: the pool's occupancy stays
+            self.vacate(victim, pool)  # its slot passes to key: the pool's occupancy stays
             self.evictions += 1
             evicted[victim] = True
         if evicted[key]:  # an evicted expert comes back: what an eviction costs
@@ -124,10 +124,11 @@ class ExpertCache:
     def remove(self, key: int) -> None:
         """Evict (or drop) a resident expert."""
         pool = self.pool_of[key]
-        self._drop(key, pool)
+        self.vacate(key, pool)
         self.occupancy[pool] -= 1
 
-    def _drop(self, key: int, pool: int) -> None:
+    def vacate(self, key: int, pool: int) -> None:
+        """``key`` leaves its slot (evicted, or dropped): what a subclass that tracks slots frees."""
         if self.prefetched[key]:  # never used: a wasted prefetch
             self.prefetched[key] = False
             self.wasted_prefetches += 1

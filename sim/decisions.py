@@ -22,7 +22,7 @@ exact: a copy goes out when the queue, the link and the slots let it, which is t
 model (on the runtime's deterministic virtual-time backend the replay reproduces the run's token
 times; tests/test_replay.py).
 
-The recorder wraps the host's policy calls, its ``apply`` and the cache's ``load``/``_drop`` of
+The recorder wraps the host's policy calls, its ``apply`` and the cache's ``load``/``vacate`` of
 this one run (instance attributes); runs that do not record are untouched.
 """
 
@@ -353,7 +353,7 @@ class DecisionRecorder:
         host.prefetch = _Recording(host.prefetch, self)
         queue, cache = host.copy.queue, host.cache
         entry, pending = queue._entry, self.pending
-        apply, load, drop = host.apply, cache.load, cache._drop
+        apply, load, vacate = host.apply, cache.load, cache.vacate
 
         def recorded_apply(actions: Any) -> None:
             point, self.point = self.point, None  # a hook's actions are applied once, right after it
@@ -385,13 +385,13 @@ class DecisionRecorder:
                 self.prefetches.append((pt, key, prio, pg, g))
             return True
 
-        def recorded_drop(key: int, pool: int) -> None:  # every eviction or drop passes here
+        def recorded_vacate(key: int, pool: int) -> None:  # every eviction or drop passes here
             self._removed = key
-            drop(key, pool)
+            vacate(key, pool)
 
         host.apply = recorded_apply
         cache.load = recorded_load
-        cache._drop = recorded_drop
+        cache.vacate = recorded_vacate
         self.refusals: list[Refusal] = []
         admit = cache.admit
         if admit is not None:  # the policy's admission of evictions (MoE-SpeQ's admits)
