@@ -108,8 +108,9 @@ def policy_context(schedule: Any, cache: ExpertCache, queued: Any, predictor: An
 
 
 def overridden(policy: Any, base: type, name: str) -> bool:
-    """Whether ``policy`` implements hook ``name`` (the host skips calls to the base's no-ops)."""
-    return getattr(type(policy), name) is not getattr(base, name)
+    """Whether ``policy`` implements hook ``name`` (the host skips calls to the base's no-ops); a
+    wrapper that forwards its attributes (``__getattr__``) is asked for every hook."""
+    return getattr(type(policy), name, None) is not getattr(base, name)
 
 
 class HostController:
@@ -282,7 +283,7 @@ class HostController:
         if self.log.occupancy is not None:
             self.log.occupancy.append((t, self.cache.resident_count()))
 
-    def _observe(self) -> float:
+    def observe(self) -> float:
         """Bring the copy stream to the host's present; returns it."""
         if self.live:
             return self.copy.observe()
@@ -290,12 +291,12 @@ class HostController:
         return self.now
 
     def request_start(self, r: int) -> None:
-        self._observe()
+        self.observe()
         self.apply(self.prefetch.on_request_start(r))
         self.copy.try_issue()
 
     def request_end(self, r: int) -> None:
-        self._observe()
+        self.observe()
         self.apply(self.prefetch.on_request_end(r))
         self.copy.try_issue()
 
@@ -508,7 +509,7 @@ class HostController:
         with the number of copies the link can still finish while drafting goes on (the drafting
         time left, less the link time already committed), and its copies are issued."""
         cyc, copy = self.cycle, self.copy
-        now = self._observe()
+        now = self.observe()
         cyc.remaining -= dt
         cyc.rows.append(row)
         xfer = self.costs.expert_transfer_s
