@@ -2,10 +2,14 @@
 
 The draft is the target with its routed experts quantized to INT4 (runtime.quant, symmetric, group
 128), all resident, sharing the embeddings, norms, attention, routers and the KV cache with the
-target (arXiv 2511.14102, Sec. 3.1). One cycle follows the simulator's rule (sim/speculative.py):
-with t the position of the last emitted token x_t, whose keys are not cached yet,
+target (arXiv 2511.14102, Sec. 3.1). One cycle follows the simulator's rule (sim/speculative.py)
+and is the simulator's own: the host controller's cycle methods (sim.host.HostController
+``cycle_begin``, ``draft_token``, ``cycle_end``; docs/host-controller.md) decide and record it, this
+module runs the draft and the target around them. With t the position of the last emitted token
+x_t, whose keys are not cached yet,
 
-1. the governor (sim.governor, the simulator's object) picks k from measured costs;
+1. the governor (sim.governor, the simulator's object) picks k from measured costs (the cost
+   model's on the virtual-time backend: sim.cycle_costs);
 2. the draft processes x_t, d_1, ..., d_{k-1} at positions t..t+k-1 (greedy) and proposes
    d_1..d_k; after each draft token its routers' choice (one ELB row: the experts of every MoE
    layer) goes to the prefetch policy (``on_draft_token``: MoE-SpeQ's scheduler, SP-MoE's cutoff,

@@ -3,7 +3,9 @@
 It owns routing classification (hit, late, miss), the policies' calls, applying their actions to the
 copy queue, completions and releases in timestamp order (through the copy stream, sim/link.py), and
 the demand waits; the speculative cycle (draft k, fill the Expert Lookahead Buffer, verify k + 1,
-acceptance, the governor's calls, the cycle records) too. It has no clock of its own: it is a
+acceptance, the governor's calls, the cycle records) too, as per-cycle methods (``cycle_begin``,
+``draft_token``, ``cycle_end``) that the simulator's ``speculative_request`` and the runtime's
+``runtime.speculate.SpeculativeDecoder`` both drive. It has no clock of its own: it is a
 generator that yields *wait requests* and is resumed with the time at which the wait is over.
 
 - simulator (``live=False``): ``Sleep(dt)``, let ``dt`` seconds pass on the compute stream. The
