@@ -144,28 +144,36 @@ def sync(dev: Any) -> None:
         torch.cuda.synchronize(dev)
 
 
-def decode_times(step, prompt: list[int], n: int, dev: Any) -> tuple[list[float], list[Any], list[int]]:
+def decode_times(step, prompt: list[int], n: int, dev: Any, forced: list[int] | None = None
+                 ) -> tuple[list[float], list[Any], list[int]]:
     """Greedy decoding: ``step(ids [1, T], start) -> logits``; wall seconds of each decode step (the
-    host waits for the token at the end of each), the logits and tokens."""
+    host waits for the token at the end of each), the logits and tokens.
+
+    ``forced``: feed these tokens instead of the path's own argmax (teacher forcing, from a device
+    tensor: no host copy in the timed step). Every path is fed the reference's greedy tokens, so
+    their logits compare step by step: a free-running path that picks another token once (a near-tie
+    flipped by bf16 rounding) would otherwise be compared on a different sequence from then on."""
     import torch
 
     toks = torch.tensor([prompt], device=dev)
+    fed = torch.tensor(forced, device=dev).reshape(-1, 1, 1) if forced is not None else None
     times, logits_all, out = [], [], []
     with torch.inference_mode():
         logits = step(toks, 0)
         start = len(prompt)
-        nxt = logits.argmax(-1).reshape(1, 1)
+        nxt = logits.argmax(-1).reshape(1, 1) if fed is None else fed[0]
         sync(dev)
         logits_all.append(logits.float().cpu())
-        for _ in range(n):
+        out.append(int(logits.argmax(-1)))
+        for i in range(n):
             t0 = time.perf_counter()
             logits = step(nxt, start)
-            nxt = logits.argmax(-1).reshape(1, 1)
+            nxt = logits.argmax(-1).reshape(1, 1) if fed is None else fed[i + 1]
             sync(dev)
             times.append(time.perf_counter() - t0)
             start += 1
             logits_all.append(logits.float().cpu())
-            out.append(int(nxt))
+            out.append(int(logits.argmax(-1)))
     return times, logits_all, out
 
 
@@ -216,6 +224,34 @@ def gpu_time(fn, reps: int = 30, warm: int = 3) -> float:
     return ts[len(ts) // 2]
 
 
+def segment_account(lean: Any, M: int, reps: int = 10, warm: int = 2) -> dict[str, float]:
+    """GPU seconds per decode step of the per-layer graphs by kind (attention + router segments,
+    experts, head), each graph timed by events inside a full step replayed in CAPTURE ORDER. The
+    graphs share one memory pool: a graph's scratch may hold a later graph's input between their
+    replays, so replaying one graph on its own (out of order) overwrites another's inputs (on
+    Phi-3.5-MoE that fed garbage expert ids to the experts graph: an index out of bounds)."""
+    import torch
+
+    order = [(f"seg{s}", lean._graphs[s]) for s in range(M)]
+    order = [x for s in range(M) for x in (order[s], (f"exp{s}", lean._egraphs[s]))] + [("head", lean._graphs[M])]
+    per: dict[str, list[float]] = {name: [] for name, _ in order}
+    for rep in range(warm + reps):
+        evs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in order]
+        for (_, g), (a, b) in zip(order, evs):
+            a.record(); g.replay(); b.record()
+        torch.cuda.synchronize()
+        if rep >= warm:
+            for (name, _), (a, b) in zip(order, evs):
+                per[name].append(a.elapsed_time(b) / 1e3)
+    med = {name: sorted(v)[len(v) // 2] for name, v in per.items()}
+    return {"attn_router_s": sum(med[f"seg{s}"] for s in range(M)),
+            "experts_s": sum(med[f"exp{s}"] for s in range(M)), "head_s": med["head"]}
+
+
+def first_divergence(a: list[int], b: list[int]) -> int | None:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+
+
 def max_rel(a: list[Any], b: list[Any]) -> float:
     return max(float((x - y).abs().max() / (y.abs().max() + 1e-6)) for x, y in zip(a, b))
 
@@ -263,16 +299,18 @@ def run_shape(sh: dict[str, Any], args: argparse.Namespace, rows_path: Path, out
 
     # ---- transformers' own resident forward
     hf: dict[str, float] = {}
-    ref_logits = None
+    ref_logits = ref_toks = None  # transformers' eager experts loop, dynamic cache: the reference
+    hf_logits: dict[str, list[Any]] = {}
     for impl in ("eager", "batched_mm", "grouped_mm"):
         for cache_kind in ("dynamic", "static"):
             if smoke and impl == "grouped_mm":
                 continue
             try:
                 cfg._experts_implementation = impl
-                times, lg, _ = decode_times(hf_stepper(lm.model, cache_kind, MAX_LEN), prompt, DECODE, dev)
-                if impl == "eager" and cache_kind == "dynamic":
-                    ref_logits = lg
+                times, lg, toks_hf = decode_times(hf_stepper(lm.model, cache_kind, MAX_LEN), prompt, DECODE, dev, ref_toks)
+                if ref_toks is None:
+                    ref_logits, ref_toks = lg, toks_hf
+                hf_logits[f"{impl}/{cache_kind}"] = lg
                 hf[f"{impl}/{cache_kind}"] = tpot(times)
                 emit(path=f"transformers-{impl}-{cache_kind}", engine="transformers", resident=True, status="ok",
                      tpot_s=tpot(times), tpot_median_s=sorted(times)[len(times) // 2])
@@ -288,25 +326,24 @@ def run_shape(sh: dict[str, Any], args: argparse.Namespace, rows_path: Path, out
     try:
         experts = GroupedExperts(mods, kernel)
         lean = LeanModel(lm, max_len=MAX_LEN, experts=experts, graphs=not smoke)
-        times, lg, toks = decode_times(lean.forward, prompt, DECODE, dev)
+        times, lg, toks = decode_times(lean.forward, prompt, DECODE, dev, ref_toks)
     except Exception as e:  # noqa: BLE001
         log(f"grouped_mm path failed ({type(e).__name__}: {e}); trying gather_bmm")
         (out_dir / f"trace-{sh['name']}-grouped.txt").write_text(traceback.format_exc())
         kernel = "gather_bmm"
         experts = GroupedExperts(mods, kernel)
         lean = LeanModel(lm, max_len=MAX_LEN, experts=experts, graphs=not smoke)
-        times, lg, toks = decode_times(lean.forward, prompt, DECODE, dev)
+        times, lg, toks = decode_times(lean.forward, prompt, DECODE, dev, ref_toks)
     diff = max_rel(lg, ref_logits) if ref_logits else float("nan")
+    bmm = hf_logits.get("batched_mm/dynamic")
+    diff_bmm = max_rel(lg, bmm) if bmm else float("nan")
     if not smoke:
         try:
             with torch.inference_mode():  # the cache and weights are inference tensors
                 lean.capture_step()
             floor_s = gpu_time(lambda: lean.step_graph.replay())
             base["kernel_floor_s"] = floor_s
-            # segment account: each graph on its own (same kernels, replayed alone)
-            acc = {"attn_router_s": sum(gpu_time(g.replay, 10, 2) for g in lean._graphs[:M]),
-                   "experts_s": sum(gpu_time(g.replay, 10, 2) for g in lean._egraphs),
-                   "head_s": gpu_time(lean._graphs[M].replay, 10, 2)}
+            acc = segment_account(lean, M)
             emit(path="kernel-floor", engine="graphed", resident=True, status="ok", kernel_floor_s=floor_s, gpu_s=floor_s,
                  experts_kernel=kernel, floor_over_roofline=floor_s / roof,
                  floor_over_bytes_roofline=floor_s / floors["floor_bytes_s"], **acc)
@@ -328,16 +365,18 @@ def run_shape(sh: dict[str, Any], args: argparse.Namespace, rows_path: Path, out
     emit(path="lean-grouped", engine="graphed" if not smoke else "eager", resident=True, status="ok", tpot_s=t_graphed,
          tpot_median_s=sorted(times)[len(times) // 2], experts_kernel=kernel, read_routing=True,
          exposed_host_per_layer_s=(t_graphed - floor_s) / M, max_rel_logit_diff_vs_transformers=diff,
+         max_rel_logit_diff_vs_transformers_batched_mm=diff_bmm,
          transformers_best=best[0], transformers_best_tpot_s=best[1], speedup_vs_transformers=best[1] / t_graphed)
     if not smoke:
         lean.read_routing = False
-        times, _, _ = decode_times(lean.forward, prompt, DECODE, dev)
+        times, _, free = decode_times(lean.forward, prompt, DECODE, dev)  # free-running: its own tokens
         emit(path="lean-grouped-async-routing", engine="graphed", resident=True, status="ok", tpot_s=tpot(times),
+             free_run_first_divergence=first_divergence(free, ref_toks) if ref_toks else None,
              experts_kernel=kernel, read_routing=False, exposed_host_per_layer_s=(tpot(times) - floor_s) / M)
     if not smoke:
         try:
             plain = LeanModel(lm, max_len=MAX_LEN, experts=experts, graphs=False)
-            times, _, _ = decode_times(plain.forward, prompt, DECODE, dev)
+            times, _, _ = decode_times(plain.forward, prompt, DECODE, dev, ref_toks)
             emit(path="lean-grouped-no-graphs", engine="eager", resident=True, status="ok", tpot_s=tpot(times),
                  experts_kernel=kernel, exposed_host_per_layer_s=(tpot(times) - floor_s) / M)
             del plain
@@ -433,7 +472,7 @@ def run_shape(sh: dict[str, Any], args: argparse.Namespace, rows_path: Path, out
 
             try:
                 run.request_start(0)
-                times, lg, _ = decode_times(exec_step, prompt, DECODE, dev)
+                times, lg, _ = decode_times(exec_step, prompt, DECODE, dev, ref_toks)
                 run.request_end(0)
                 om.end_run()
                 t = tpot(times)

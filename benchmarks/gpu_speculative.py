@@ -48,13 +48,22 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+# mode: live = the model decodes its prompts (real acceptance: the trained checkpoint only);
+# replay = the synthetic trace's routing and draft columns (acceptance and agreement at the model
+# preset's stated dials), so the GPU and the simulator see the same cycles. matrix: full (every
+# policy of the issue's matrix) or reduced (governor, fixed k = 4, spec-lru, lru).
 SHAPES = [
-    {"name": "small-moe", "model": "small-moe", "source": "models/small-moe", "layers": None, "est_s": 70},
-    {"name": "phi-3.5-moe-L4", "model": "phi-3.5-moe", "layers": 4, "est_s": 110},
-    {"name": "qwen1.5-moe-L4", "model": "qwen1.5-moe-a2.7b", "layers": 4, "est_s": 110},
-    {"name": "mixtral-8x7b-L4", "model": "mixtral-8x7b", "layers": 4, "est_s": 110},
+    {"name": "phi-3.5-moe-L4", "model": "phi-3.5-moe", "layers": 4, "mode": "replay", "matrix": "full",
+     "engines": ("graphed", "eager"), "est_s": 260},
+    {"name": "small-moe", "model": "small-moe", "source": "models/small-moe", "layers": None, "mode": "live",
+     "matrix": "reduced", "engines": ("graphed",), "est_s": 60},
+    {"name": "qwen1.5-moe-L4", "model": "qwen1.5-moe-a2.7b", "layers": 4, "mode": "replay", "matrix": "reduced",
+     "engines": ("graphed",), "est_s": 60},
+    {"name": "mixtral-8x7b-L4", "model": "mixtral-8x7b", "layers": 4, "mode": "replay", "matrix": "reduced",
+     "engines": ("graphed",), "est_s": 70},
 ]
-SMOKE = [{"name": "tiny", "model": "tiny", "layers": None, "est_s": 60}]
+SMOKE = [{"name": "tiny", "model": "tiny", "layers": None, "mode": "replay", "matrix": "full", "engines": ("eager",),
+          "est_s": 60}]
 
 
 def log(msg: str) -> None:
@@ -81,13 +90,46 @@ def _num(v: Any) -> float:
 
 
 # =============================================================================== one shape
+def plan_runs(matrix: str, ks: list[int], reps: int, slots: int, same_mem: int) -> list[dict[str, Any]]:
+    """The configs of one shape and engine: label, policy, k, overrides, repetitions, memory."""
+    runs = [{"label": "lru", "policy": "lru", "k": None, "over": [f"cache.slots={same_mem}"], "reps": reps,
+             "memory": "same_memory"},
+            {"label": "lru-same-cache", "policy": "lru", "k": None, "over": [f"cache.slots={slots}"], "reps": 1,
+             "memory": "same_cache"}]
+    if matrix == "full":
+        for pol in ("lookahead", "oracle"):
+            runs.append({"label": pol, "policy": pol, "k": None, "over": [f"cache.slots={same_mem}"], "reps": 1,
+                         "memory": "same_memory"})
+            runs.append({"label": f"{pol}-same-cache", "policy": pol, "k": None, "over": [f"cache.slots={slots}"],
+                         "reps": 1, "memory": "same_cache"})
+    runs.append({"label": "speq", "policy": "speq", "k": "governor", "over": ["governor=roofline"], "reps": reps})
+    for k in (ks if matrix == "full" else [4]):
+        runs.append({"label": f"speq-k{k}", "policy": "speq", "k": k, "over": ["governor=fixed", f"governor.k={k}"],
+                     "reps": 1})
+    runs.append({"label": "spec-lru", "policy": "spec-lru", "k": "governor", "over": ["governor=roofline"], "reps": 1})
+    if matrix == "full":
+        runs.append({"label": "spmoe", "policy": "spmoe", "k": "governor", "over": ["governor=roofline"], "reps": 1})
+    return runs
+
+
 def run_shape(sh: dict[str, Any], args: argparse.Namespace, rows_path: Path, meta: dict[str, Any]) -> None:
+    engines = args.engines or sh["engines"]
+    deadline = time.monotonic() + args.shape_budget_s
+    for i, engine in enumerate(engines):
+        # the shape's time shared by its engines; an engine left over gets what the others left
+        share = (deadline - time.monotonic()) / (len(engines) - i)
+        run_engine(sh, engine, args, rows_path, meta, time.monotonic() + share)
+
+
+def run_engine(sh: dict[str, Any], engine: str, args: argparse.Namespace, rows_path: Path, meta: dict[str, Any],
+               deadline: float) -> None:
     from runtime.measure import Session
     from sim.spec import ModelSpec
 
     dev = "cpu" if args.smoke else "cuda"
     R, P, D = (1, 6, 14) if args.smoke else (1, 32, args.decode_tokens)
-    base = [f"hardware={meta['hardware']}", f"device={dev}", "mode=live", f"trace.requests={R}",
+    base = [f"hardware={meta['hardware']}", f"device={dev}", f"mode={sh['mode']}", f"engine={engine}",
+            f"trace.requests={R}",
             f"trace.prompt_tokens={P}", f"trace.decode_tokens={D}", "warmup_steps=-1"]
     if sh.get("source"):
         base.append(f"source={ROOT / sh['source']}")
@@ -96,8 +138,7 @@ def run_shape(sh: dict[str, Any], args: argparse.Namespace, rows_path: Path, met
         base.append(f"model={sh['model']}")
     if sh.get("layers"):
         base.append(f"model.layers={sh['layers']}")
-    if not args.smoke:
-        base.append("dtype=bfloat16")
+    base.append("dtype=fp32" if args.smoke else "dtype=bf16")
     spec = ModelSpec.from_cfg(compose(base).model)
     total = spec.num_routed_experts_total
     slots = max(spec.top_k, int(round(args.budget * total)))
@@ -111,20 +152,9 @@ def run_shape(sh: dict[str, Any], args: argparse.Namespace, rows_path: Path, met
     log(f"{sh['name']}: setup {time.perf_counter() - t0:.1f} s, {slots} slots ({args.budget:.0%} of {total}); "
         f"INT4 draft {draft_bytes / 2**20:.1f} MiB ({sess.draft[1]}) = {extra} experts -> lru at the same memory: "
         f"{same_mem} slots; engine {sess.engine}; link {sess.h2d_gbps:.1f} GB/s")
-    runs: list[dict[str, Any]] = []  # (label, k, cfg overrides, reps)
-    runs.append({"label": "lru", "policy": "lru", "k": None, "over": [f"cache.slots={same_mem}"], "reps": args.reps,
-                 "memory": "same_memory"})
-    runs.append({"label": "lru-same-cache", "policy": "lru", "k": None, "over": [f"cache.slots={slots}"], "reps": 1,
-                 "memory": "same_cache"})
-    runs.append({"label": "speq", "policy": "speq", "k": "governor", "over": ["governor=roofline"], "reps": args.reps})
-    for k in args.ks:
-        runs.append({"label": f"speq-k{k}", "policy": "speq", "k": k, "over": ["governor=fixed", f"governor.k={k}"],
-                     "reps": 1})
-    runs.append({"label": "spec-lru", "policy": "spec-lru", "k": "governor", "over": ["governor=roofline"], "reps": 1})
-    runs.append({"label": "spmoe", "policy": "spmoe", "k": "governor", "over": ["governor=roofline"], "reps": 1})
+    runs = plan_runs(sh["matrix"], args.ks, args.reps, slots, same_mem)
     tokens: dict[str, list[list[int]]] = {}
     out: list[dict[str, Any]] = []
-    deadline = time.monotonic() + args.shape_budget_s
     try:
         for x in runs:
             if time.monotonic() > deadline:
@@ -136,7 +166,7 @@ def run_shape(sh: dict[str, Any], args: argparse.Namespace, rows_path: Path, met
             cfg = compose(over)
 
             def on_run(p, run, lg, row, label=x["label"]):
-                tokens[label] = (run.live_out or {}).get("tokens")
+                tokens[label] = (getattr(run, "live_out", None) or {}).get("tokens")  # live mode only
 
             t1 = time.perf_counter()
             got = sess.measure(cfg, on_run=on_run)
@@ -173,7 +203,7 @@ def run_shape(sh: dict[str, Any], args: argparse.Namespace, rows_path: Path, met
     with rows_path.open("a") as f:
         for r in out:
             row = {"card": meta["card"], "hardware": meta["hardware"], "date": meta["date"], "model": sh["name"],
-                   "engine": sess.engine, "budget": args.budget, "budget_slots": slots, "draft_bytes": draft_bytes,
+                   "engine": sess.engine, "mode": sh["mode"], "budget": args.budget, "budget_slots": slots, "draft_bytes": draft_bytes,
                    "expert_bytes": sess.om.nbytes, "h2d_gbps_measured": sess.h2d_gbps, "decode_tokens": D, **r}
             if r["status"] == "ok" and ref is not None:
                 row["speedup_measured"] = ref["tpot_measured_s"] / r["tpot_measured_s"]
@@ -202,11 +232,11 @@ def summary(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     df = df[[c for c in cols if c in df.columns]]
     lines.append(df.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     lines.append("")
-    for model, g in df.groupby("model"):
+    for (model, engine), g in df.groupby(["model", "engine"]):
         s = g[(g["label"] == "speq") & (g["status"] == "ok")]
         if len(s) and "speedup_measured" in s:
             sm, ss = float(s["speedup_measured"].iloc[0]), float(s["speedup_sim"].iloc[0])
-            lines.append(f"- {model} ({g['engine'].iloc[0]}): MoE-SpeQ (governor) vs LRU at the same GPU memory: "
+            lines.append(f"- {model} ({engine}): MoE-SpeQ (governor) vs LRU at the same GPU memory: "
                          f"{sm:.2f}x measured, {ss:.2f}x simulated -> "
                          f"{'beats' if sm > 1 else 'does not beat'} LRU on this card")
     return "\n".join(lines) + "\n"
@@ -221,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget", type=float, default=0.5, help="slot pool as a share of all routed experts")
     ap.add_argument("--ks", default="1,2,4,8,16", help="fixed draft lengths")
     ap.add_argument("--reps", type=int, default=3, help="repetitions of the governor and lru runs")
+    ap.add_argument("--engines", default="", help="comma list of engines (graphed, eager) for every shape; "
+                    "default: the shape's own (Phi-3.5-MoE both, the others graphed)")
     ap.add_argument("--decode-tokens", type=int, default=256)
     ap.add_argument("--budget-s", type=float, default=390.0, help="stop starting shapes after this many seconds")
     ap.add_argument("--shape-budget-s", type=float, default=150.0, help="stop starting configs of a shape after this")
@@ -231,6 +263,10 @@ def main(argv: list[str] | None = None) -> int:
         args.ks = [int(k) for k in str(args.ks).split(",") if k]
     except ValueError:
         print(f"--ks {args.ks!r}: a comma list of integers", file=sys.stderr)
+        return 2
+    args.engines = [e for e in str(args.engines).split(",") if e]
+    if set(args.engines) - {"graphed", "eager"}:
+        print(f"--engines {','.join(args.engines)}: use graphed and/or eager", file=sys.stderr)
         return 2
     if not 0 < args.budget <= 1:
         print(f"--budget {args.budget}: must be in (0, 1]", file=sys.stderr)
@@ -278,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         cmd = [sys.executable, str(Path(__file__).resolve()), "--job", sh["name"], "--out", str(out),
                "--meta", json.dumps(meta), "--budget", str(args.budget), "--ks", ",".join(map(str, args.ks)),
-               "--reps", str(args.reps), "--decode-tokens", str(args.decode_tokens),
+               "--reps", str(args.reps), "--decode-tokens", str(args.decode_tokens), "--engines", ",".join(args.engines),
                "--shape-budget-s", str(min(args.shape_budget_s, max(30.0, left - 40)))]
         if args.smoke:
             cmd.append("--smoke")
@@ -300,7 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import pandas as pd
 
-        pd.DataFrame(rows).astype({"k": str}).to_parquet(out / "results.parquet")
+        if rows:
+            pd.DataFrame(rows).astype({"k": str}).to_parquet(out / "results.parquet")
     except Exception as e:  # noqa: BLE001
         log(f"parquet: {e}")
     print(text)
