@@ -319,10 +319,6 @@ class Run:
     def try_issue(self) -> None:
         self.link.try_issue()
 
-    def pump(self) -> None:
-        """Process what the host can see has happened (completions, releases, the issues they allow)."""
-        self.link.observe()
-
     def ensure_issued(self, keys: set[int]) -> None:
         """Block until every key in ``keys`` has its copy issued (the controller's demand wait)."""
         link = self.link

@@ -615,7 +615,9 @@ class Session:
                 log = run_log(run, timeline=keep and rep == reps - 1)
                 if spec is not None:
                     log.cycles = spec.sim_cycles()
-                bound = bound_for(prep, prep.schedule, run.cache.pool_of, run.cache.capacity)
+                # speculative replay: the bound of the cycles the run executed (its realized schedule), as the simulator's
+                sched = run.rc.schedule if spec is not None and run.rc.schedule is not None else prep.schedule
+                bound = bound_for(prep, sched, run.cache.pool_of, run.cache.capacity)
                 row = {**base, "source": "measured", "status": "ok", "reason": "", "repetition": rep,
                        **measured_row(log, bound, self.om, run), "wall_s": wall, **env,
                        "peak_host_gb": peak_host_bytes() / 1e9}

@@ -46,6 +46,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from runtime.errors import ExecutorError
 from runtime.routing import experts_call_args
 from sim.cache import ExpertCache
 from sim.cycle_costs import CycleCostSource, MeasuredCosts, ModelledCosts
@@ -316,7 +317,6 @@ class Cycle:
     rec: dict[str, Any]
     matches: list[bool] = field(default_factory=list)  # d_i == target's token, i = 1..k
     agreement: list[float] = field(default_factory=list)  # per drafted position with the target's input
-    fetched: int = 0  # copies issued during the cycle
     step: int | None = None  # index into the run's steps
 
     @property
@@ -334,14 +334,6 @@ class Cycle:
     @property
     def emitted(self) -> int:
         return self.rec["accepted"] + 1
-
-    @property
-    def draft_s(self) -> float:
-        return self.rec["t_draft"]
-
-    @property
-    def verify_s(self) -> float:
-        return self.rec["t_verify"]
 
 
 class _Resident:
@@ -415,8 +407,7 @@ class SpeculativeDecoder:
         # the virtual-time backend: cycles are timed on its clock, drafting takes the schedule's times
         self.virtual = run is not None and run.virtual
         if self.virtual and run.rc.schedule is None:
-            raise ValueError("speculation on the virtual backend needs the run's schedule (mode=replay)")
-        self.expert_bytes = int(expert_bytes)
+            raise ExecutorError("speculation on the virtual backend needs the run's schedule (mode=replay)")
         dev = engine.device
         self.sync = sync or ((lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None))
         self.cycles: list[Cycle] = []
@@ -493,8 +484,7 @@ class SpeculativeDecoder:
             t2 = self._now()
             eng.rollback(t + a + 1)
             rec = host.cycle_end(a, t2 - t0, t1 - t0, t2 - t1, needed, float("nan"))
-            self.cycles.append(Cycle(rec, src.matches, src.agreement, host.copy.copies - cyc.copies0,
-                                     len(run.steps) - 1 if run is not None else None))
+            self.cycles.append(Cycle(rec, src.matches, src.agreement, len(run.steps) - 1 if run is not None else None))
             t += a + 1
         if run is not None:
             run.request_end(r)
