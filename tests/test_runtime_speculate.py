@@ -6,7 +6,9 @@ family, both engines where the lean path supports the family); a draft that is o
 changes nothing but the acceptance; after rollback the KV cache equals a non-speculative run's;
 the ELB rows the policy receives are the draft's routing, and MoE-SpeQ's scheduler holds exactly
 their union; the executor's run counts a verify pass as one multi-token step; `python -m runtime`
-measures speculative policies in live mode and prints acceptance, mean k and tokens per cycle.
+measures speculative policies in live mode and prints acceptance, mean k and tokens per cycle; on
+the virtual-time backend the runtime's speculation (hosted by the simulator's controller) makes
+exactly the simulator's decisions for the governor, fixed k, spec-lru and SP-MoE.
 """
 
 from __future__ import annotations
