@@ -119,7 +119,10 @@ class HostController:
     """The host of one run: policies, the copy queue and stream, the cache, the counters.
 
     ``copy`` is the copy stream (``sim.link.CopyEngine``: the exact timestamp model). ``drive()`` is
-    the generator of the whole run (every request of the schedule's trace, in order)."""
+    the generator of the whole run (every request of the schedule's trace, in order). Speculative
+    runs: ``governor`` picks each cycle's k, ``costs`` prices cycles (default: the cost model's,
+    ``sim.cycle_costs.ModelledCosts``), ``draft`` gives the simulator's ELB rows and acceptance (the
+    runtime's driver brings its own); the runtime attaches them with ``use_governor``."""
 
     def __init__(
         self,
