@@ -42,7 +42,10 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from card import CARDS, hardware_of, identify, measured_models  # noqa: F401 (CARDS re-exported: benchmarks/card.py)
+if __package__:  # imported as benchmarks.<script> (the tests)
+    from .card import CARDS, hardware_of, identify, measured_models  # noqa: F401
+else:  # run as a script: benchmarks/ is on sys.path
+    from card import CARDS, hardware_of, identify, measured_models  # noqa: F401 (benchmarks/card.py)
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:

@@ -139,7 +139,8 @@ def spans(trace: dict) -> tuple[list, list]:
 COL = {"attn+router": "#4C72B0", "stall": "#C44E52", "experts": "#55A868", "head": "#8C8C8C",
        "demand": "#DD8452", "prefetch": "#8172B3"}
 tdir = (ROOT / validation).parent / "timelines" if validation is not None else None
-files = {s: tdir / f"{cid}.{s}.json" for s in ("measured", "sim")} if tdir is not None else {}
+sim_side = "sim" if pick.level == "closed" else "replayed"  # level replayed: the simulator's replay
+files = {s: tdir / f"{cid}.{s}.json" for s in ("measured", sim_side)} if tdir is not None else {}
 if files and all(p.is_file() for p in files.values()):
     fig, axes = plt.subplots(2, 1, figsize=(11, 3.8), sharex=True)
     for ax, (src, p) in zip(axes, files.items()):

@@ -35,6 +35,7 @@ from runtime.errors import ExecutorError
 from runtime.models import LoadedModel
 from runtime.routing import lookahead_route, sort_by_weight
 from sim.cache import LOADING, RESIDENT, ExpertCache
+from sim.decisions import DecisionRecorder
 from sim.host import Block, Compute, HostController, LayerStart, Routing, policy_context
 from sim.policies.base import EvictionPolicy, PolicyContext, PrefetchPolicy
 from sim.runlog import RunLog
@@ -199,6 +200,9 @@ class RunConfig:
     # the host's prefetch admission rule (sim.host.HostController.admit); off: every prefetch goes out
     admission: bool = True
     reset: str = "never"  # cache.reset: 'request' empties the cache and every policy's state per request
+    # record the run's decisions (sim.decisions.DecisionRecorder: prefetches issued, evictions) for a
+    # replay in the simulator (validation level replayed); after the run: Run.recorder.decisions()
+    record_decisions: bool = False
 
 
 class Run:
@@ -262,6 +266,9 @@ class Run:
             live=True, infos=self.infos, admission=rc.admission, measured=not self.virtual, reset=rc.reset, top_k=k)
         if rc.timeline or host.has_done:
             link.on_done = host.copy_done
+        self.recorder = DecisionRecorder(host) if rc.record_decisions else None
+        if self.recorder is not None:
+            self.prefetch = host.prefetch  # the speculative decoder calls the policy through the run
         self.steps: list[StepRecord] = []
         self.layers: list[LayerRecord] = []
         self.occupancy: list[tuple[Any, int]] = []  # (mark, resident experts) after each layer-step

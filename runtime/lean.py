@@ -322,6 +322,19 @@ class _Seg:
     next_tok: torch.Tensor | None = None  # last segment: [1, 1]
 
 
+@dataclass
+class _GraphSet:
+    """The captured graphs of one step length T and their static inputs and outputs."""
+
+    graphs: list  # M + 1 segment graphs
+    egraphs: list  # per MoE layer: the experts graph, or None (experts called between graphs)
+    segs: list  # each segment's static outputs (_Seg)
+    outs: list  # each MoE layer's experts output as the next segment reads it
+    tok: torch.Tensor  # [1, T] token ids
+    pos: torch.Tensor  # [1, T] positions
+    out_in: list  # [T, H] per MoE layer: where eager experts' outputs are copied for the next graph
+
+
 class LeanModel:
     """A loaded HF MoE model run as segments between MoE layers (see the module docstring).
 
@@ -389,6 +402,7 @@ class LeanModel:
         self.tok = torch.zeros((1, 1), dtype=torch.long, device=self.device)
         self.pos = torch.zeros((1, 1), dtype=torch.long, device=self.device)
         self.out_in = [torch.zeros((1, self.H), dtype=self.dtype, device=self.device) for _ in range(self.M)]
+        self._sets: dict[int, _GraphSet] = {}  # captured graphs per step length T
         self._graphs: list[torch.cuda.CUDAGraph] | None = None
         self._egraphs: list[torch.cuda.CUDAGraph | None] = []
         self._segs: list[_Seg] = []
@@ -496,74 +510,101 @@ class LeanModel:
         raise AssertionError("unreachable")
 
     # ------------------------------------------------------------------ graphs
-    def _warm_and_capture(self) -> None:
-        """Capture the M + 1 segment graphs (and one graph per layer for capturable experts) for a
-        one-token decode step, after one warm-up pass on a side stream (cuBLAS handles, autotuned
-        kernels). The warm-up writes position max_len - 1 of the cache: masked until a step reaches
-        it, then overwritten by that step."""
+    def _capture(self, T: int) -> _GraphSet:
+        """Capture the M + 1 segment graphs (and one graph per layer for capturable experts) of a
+        T-token step (T = 1: decode; T = k + 1: a speculative verify pass), after one warm-up pass
+        on a side stream (cuBLAS handles, autotuned kernels). The warm-up writes positions
+        max_len - T .. max_len - 1 of the cache: masked until a step reaches them, then overwritten
+        by that step. Each T has its own memory pool: its graphs share one and are always replayed
+        together in capture order (a graph's scratch may hold a later graph's input between their
+        replays), while sets of different T interleave freely."""
+        dev = self.device
+        tok = self.tok if T == 1 else torch.zeros((1, T), dtype=torch.long, device=dev)
+        pos = self.pos if T == 1 else torch.zeros((1, T), dtype=torch.long, device=dev)
+        out_in = self.out_in if T == 1 else [torch.zeros((T, self.H), dtype=self.dtype, device=dev) for _ in range(self.M)]
         pool = torch.cuda.graph_pool_handle()
         self.kv.n = None
-        self.pos.fill_(self.S - 1)
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                prev, prev_out = None, None
-                for s in range(self.M + 1):
-                    seg = self._segment(s, self.tok, self.pos, prev, prev_out)
-                    if s < self.M:
-                        prev_out = self.experts(s, seg.x, seg.idx, seg.w) if self.experts.capturable else self.out_in[s]
-                        prev = seg
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        torch.cuda.synchronize(self.device)
-        graphs, egraphs, segs, outs = [], [], [], []
-        prev, prev_out = None, None
-        for s in range(self.M + 1):
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=pool):
-                seg = self._segment(s, self.tok, self.pos, prev, prev_out)
-            graphs.append(g)
-            segs.append(seg)
-            if s == self.M:
-                break
-            if self.experts.capturable:
-                eg = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(eg, pool=pool):
-                    prev_out = self.experts(s, seg.x, seg.idx, seg.w)
-                egraphs.append(eg)
-            else:
-                egraphs.append(None)
-                prev_out = self.out_in[s]
-            outs.append(prev_out)
-            prev = seg
-        self._graphs, self._egraphs, self._segs, self._exp_out = graphs, egraphs, segs, outs
-        torch.cuda.synchronize(self.device)
+        pos.copy_(self._ar[self.S - T:].reshape(1, T))
+        self.all_logits = T > 1  # a verify pass needs every position's logits
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        try:
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    prev, prev_out = None, None
+                    for s in range(self.M + 1):
+                        seg = self._segment(s, tok, pos, prev, prev_out)
+                        if s < self.M:
+                            prev_out = self.experts(s, seg.x, seg.idx, seg.w) if self.experts.capturable else out_in[s]
+                            prev = seg
+            torch.cuda.current_stream(dev).wait_stream(side)
+            torch.cuda.synchronize(dev)
+            graphs, egraphs, segs, outs = [], [], [], []
+            prev, prev_out = None, None
+            for s in range(self.M + 1):
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g, pool=pool):
+                    seg = self._segment(s, tok, pos, prev, prev_out)
+                graphs.append(g)
+                segs.append(seg)
+                if s == self.M:
+                    break
+                if self.experts.capturable:
+                    eg = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(eg, pool=pool):
+                        prev_out = self.experts(s, seg.x, seg.idx, seg.w)
+                    egraphs.append(eg)
+                else:
+                    egraphs.append(None)
+                    prev_out = out_in[s]
+                outs.append(prev_out)
+                prev = seg
+        finally:
+            self.all_logits = False
+        torch.cuda.synchronize(dev)
+        return _GraphSet(graphs, egraphs, segs, outs, tok, pos, out_in)
+
+    def _warm_and_capture(self) -> None:
+        """The one-token decode graphs (``_graphs``, ``_egraphs``, ``_segs``: the kernel-floor and
+        profile code reads them)."""
+        gs = self._capture(1)
+        self._sets[1] = gs
+        self._graphs, self._egraphs, self._segs, self._exp_out = gs.graphs, gs.egraphs, gs.segs, gs.outs
 
     def forward_graphed(self, ids: torch.Tensor | None, position: int) -> torch.Tensor:
-        """One decode token through the captured graphs (``ids`` None: the previous step's argmax)."""
-        if self._graphs is None:
+        """One step of ``ids`` [1, T] at positions position..position+T-1 through the captured graphs
+        of that T (captured at first use; ``ids`` None: one token, the previous step's argmax).
+        Returns the last position's logits [1, V] (T = 1) or every position's [T, V]."""
+        T = 1 if ids is None else int(ids.shape[1])
+        if T == 1 and self._graphs is None:
             self._warm_and_capture()
+        gs = self._sets.get(T)
+        if gs is None:
+            gs = self._sets[T] = self._capture(T)
         if ids is not None:
-            self.tok.copy_(ids.reshape(1, 1), non_blocking=True)
+            gs.tok.copy_(ids.reshape(1, T), non_blocking=True)
         else:
-            self.tok.copy_(self._segs[-1].next_tok)
-        self.pos.fill_(position)
+            gs.tok.copy_(gs.segs[-1].next_tok)
+        if T == 1:
+            gs.pos.fill_(position)
+        else:
+            torch.add(self._ar[:T], int(position), out=gs.pos[0])
         for s in range(self.M):
             if self.layer_start is not None:
                 self.layer_start(s)
-            self._graphs[s].replay()
+            gs.graphs[s].replay()
             self.events[s].record()
-            seg = self._segs[s]
-            eg = self._egraphs[s]
+            seg = gs.segs[s]
+            eg = gs.egraphs[s]
             if eg is not None:
-                if self.read_routing:
+                if self.read_routing and T == 1:
                     self.events[s].synchronize()
                 eg.replay()
             else:
                 out = self.experts(s, seg.x, seg.idx, seg.w)
-                self.out_in[s].copy_(out)
-        self._graphs[self.M].replay()
-        return self._segs[self.M].logits
+                gs.out_in[s].copy_(out)
+        gs.graphs[self.M].replay()
+        return gs.segs[self.M].logits
 
     def capture_step(self) -> None:
         """Capture a whole one-token decode step (every segment and capturable experts) as ONE graph:
@@ -607,7 +648,8 @@ class LeanModel:
     # ------------------------------------------------------------------ the driver's interface
     def forward(self, ids: torch.Tensor, start: int) -> torch.Tensor:
         """Logits [1, V] of the last of ``ids`` [1, T] placed at positions start..start+T-1: one-token
-        steps through the graphs when ``graphs``, everything else (prefill, the CPU) eagerly."""
+        steps through the graphs when ``graphs``, everything else (prefill, the CPU) eagerly
+        (``forward_graphed`` takes T > 1 too: the speculative verify pass)."""
         if self.graphs and ids.shape[1] == 1:
             return self.forward_graphed(ids, int(start))
         return self.forward_eager(ids, int(start), int(start) + ids.shape[1])

@@ -390,7 +390,8 @@ class Session:
         return self._hw[1]
 
     def run_config(self, cfg: Any, pcfg: Any, plan: Any, *, schedule: Any = None, trace: Any = None,
-                   prompts: Any = None, timeline: bool = False, exec_log: bool = False) -> Any:
+                   prompts: Any = None, timeline: bool = False, exec_log: bool = False,
+                   decisions: bool = False) -> Any:
         """One measured run of one policy; returns the finished executor Run."""
         from runtime.executor import LiveGatePredictor, RunConfig
         from runtime.replay import live, replay
@@ -425,7 +426,7 @@ class Session:
             link_pace_gbps=hw.link_pace_gbps, timeline=timeline, exec_log=exec_log,
             issue_overhead_s=float(hw.copy_issue_overhead_s),
             transfer_s=_transfer_s(schedule, hw, prefetch), admission=bool(pcfg.get("admission", True)),
-            reset=str(cfg.cache.get("reset", "never")),
+            reset=str(cfg.cache.get("reset", "never")), record_decisions=decisions,
         )
         run = self.om.start_run(rc)
         try:
@@ -525,12 +526,13 @@ class Session:
 
     # ------------------------------------------------------------------ the config's rows
     def measure(self, cfg: Any, *, on_run: Any = None, deadline: float | None = None,
-                timeline: bool | None = None) -> list[dict[str, Any]]:
+                timeline: bool | None = None, decisions: bool = False) -> list[dict[str, Any]]:
         """Measured rows (``source = measured``, one per policy and repetition) and, with
         ``predict``, the simulator's row of each config (``source = sim``); infeasible budgets and
         failed runs are rows with their status and reason. ``deadline`` (time.monotonic()): runs
         not started by then are rows with status ``skipped``. ``timeline``: keep the spans of the
-        last repetition (default: when ``timeline_out`` is set)."""
+        last repetition (default: when ``timeline_out`` is set). ``decisions``: record each run's
+        decisions (``run.recorder``, for ``on_run``: validation level replayed)."""
         import time
 
         from runtime.replay import executed_trace, prompt_tokens
@@ -593,7 +595,7 @@ class Session:
                 try:
                     run = self.run_config(cfg, p, plan, schedule=prep.schedule if prep else None,
                                           trace=prep.trace if prep else None, prompts=prompts,
-                                          timeline=keep and rep == reps - 1)
+                                          timeline=keep and rep == reps - 1, decisions=decisions)
                 except (MoeOffloadError, RuntimeError) as e:  # ours, or the device's (CUDA out of memory)
                     rows.append({**base, "source": "measured", "status": getattr(e, "status", "failed"),
                                  "reason": f"{type(e).__name__}: {e}",

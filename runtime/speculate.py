@@ -249,7 +249,11 @@ class LeanEngine:
     executor's stepper); the draft is a second LeanModel over the same modules with the INT4
     experts and the *same* StaticKV object. On a GPU the draft's one-token steps run through its
     captured graphs (the INT4 experts captured too) and its routing is read from pinned memory;
-    the verify pass (k + 1 tokens) runs the segments eagerly (graphs are captured for one token)."""
+    the verify pass (k + 1 tokens) runs through graphs captured for its length at first use (one
+    set per k + 1 <= ``graph_max_tokens``: M + 1 segment graphs, activations only, each in its own
+    pool); the prefill and longer passes run the segments eagerly."""
+
+    graph_max_tokens = 17  # k_max + 1 (sim.governor's k_max = 16)
 
     name = "graphed"
 
@@ -281,7 +285,10 @@ class LeanEngine:
         self.target_routing.on = True
         self.lean.all_logits = True
         try:
-            out = self.lean.forward_eager(ids, int(start), int(start) + T)
+            if self.lean.graphs and 1 < T <= self.graph_max_tokens:
+                out = self.lean.forward_graphed(ids, int(start))  # a verify pass: the graphs of its T
+            else:
+                out = self.lean.forward_eager(ids, int(start), int(start) + T)
         finally:
             self.lean.all_logits = False
             self.target_routing.on = False

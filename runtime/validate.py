@@ -8,9 +8,12 @@ same ``config_id`` (sim.run.config_id), the level, card and date, and the per-to
 (``token_gaps_s``) for the distribution comparison. Both timelines of every config (the last
 measured repetition and the simulator's) go to ``timelines/<config_id>.{measured,sim}.json``
 beside the table (Chrome/Perfetto format). ``sim.experiments.validation`` joins the two and computes
-the errors. Level ``closed``: each side runs its own policies. Level ``replayed`` (the simulator
-replaying the runtime's logged decisions) needs a decision-replay policy in the simulator and is
-refused until it exists.
+the errors. Level ``closed``: each side runs its own policies (and governor). Level ``replayed``:
+each measured repetition records its decisions (sim.decisions: the prefetches it issued, where they
+were decided, its evictions, the k of each cycle) to ``decisions/<date>/<config_id>.r<N>.parquet``
+beside the table (the row's ``decisions`` column), and the simulator replays them
+(sim.policies.replay) on the same trace and config: one sim row per repetition. With both levels
+the same measured runs serve both (their rows are written once per level).
 
 The plan (configs, repetitions, estimated device seconds from the simulator's own prediction of
 each run) is printed before any work; ``dry_run=true`` stops there. ``budget_s`` bounds the run:
@@ -18,6 +21,8 @@ configs not started in time are left for the next call. The table is appended pe
 link, engine) group, atomically, and configs already in it for this card, level and date are
 skipped, so a call after a cut-off resumes; a later day adds its own rows (``date`` column).
 ``fraction`` < 1 runs a stated subset of the grid that still covers every level of every factor.
+``resimulate=true`` measures nothing: the simulator predicts the table's measured configs again into
+``resimulated/<UTC time>.parquet`` beside it (``resimulate``), to judge a fix of the model offline.
 """
 
 from __future__ import annotations
@@ -69,13 +74,19 @@ class ValidateConf:
     pace_gbps: float = setting(16.0, "the paced link's bandwidth (link_pace_gbps)")
     engines: list[str] = setting(["graphed", "eager"], "runtime.lean's CUDA graphs between routing reads | "
                                                        "transformers' forward")
-    levels: list[str] = setting(["closed"], "replayed once the simulator can replay the runtime's decisions")
+    levels: list[str] = setting(["closed"], "replayed (the simulator replays the runtime's logged decisions) | "
+                                            "closed (each side runs its own policies)")
     repetitions: int = setting(3, "measured repetitions per config")
     fraction: float = setting(1.0, "< 1: a covering subset of the grid (stated in the plan)")
     budget_s: float = setting(540.0, "device seconds for this call; the rest waits for the next")
     out: str = setting("benchmarks/validation", "tables go to <out>/<card>/validation.parquet")
     dry_run: bool = setting(False, "the plan and its estimated device time only")
+    resimulate: bool = setting(False, "no measurement: the simulator predicts every measured config of the card's "
+                                      "table again (level replayed from its stored decisions) into "
+                                      "<out>/<card>/resimulated/<UTC time>.parquet, errors before and after")
     device: str = setting("auto", "auto: cuda if present, else cpu")
+    cpu_backend: str = setting("sync", "on the CPU: sync | thread | virtual (deterministic virtual time with the "
+                                       "simulator's durations: a check of the pipeline, not a measurement)")
     seed: int = setting(0, "seed of random weights and traces")
 
 
@@ -85,12 +96,11 @@ def grid(cfg: Any) -> list[dict[str, Any]]:
     for e in cfg.engines:
         if e not in ("graphed", "eager"):
             raise SimError(f"engines: unknown decode path {e!r}; known: graphed, eager")
+    if not cfg.levels:
+        raise SimError("levels: empty; known: replayed, closed")
     for lv in cfg.levels:
         if lv not in ("closed", "replayed"):
             raise SimError(f"levels: unknown level {lv!r}; known: replayed, closed")
-        if lv == "replayed":
-            raise SimError("levels: 'replayed' needs the simulator to replay the runtime's logged decisions, which it "
-                           "cannot yet; run levels=[closed]")
     for ln in cfg.links:
         if ln not in ("pinned", "paced"):
             raise SimError(f"links: unknown link {ln!r}; known: pinned, paced (pageable rows wait for the simulator's "
@@ -120,7 +130,8 @@ def grid(cfg: Any) -> list[dict[str, Any]]:
 
 def overrides(cfg: Any, g: dict[str, Any], slots: int | None, hardware: str, policies: list[str] | None = None) -> list[str]:
     s = g["shape"]
-    over = [f"model={s['model']}", f"hardware={hardware}", f"device={cfg.device}", f"repetitions={int(cfg.repetitions)}",
+    over = [f"model={s['model']}", f"hardware={hardware}", f"device={cfg.device}", f"cpu_backend={cfg.cpu_backend}",
+            f"repetitions={int(cfg.repetitions)}",
             f"engine={g['engine']}",
             "policy=baselines", f"policy.suite=[{','.join(policies or cfg.policies)}]", f"seed={int(cfg.seed)}", "predict=false"]
     if s.get("layers"):
@@ -220,9 +231,10 @@ def _log_plan(cfg: Any, plan: list[dict[str, Any]], total_s: float, card: str, h
             f"engine {g['engine']}: ~{g['est_s']:.1f} s")
 
 
-def _pending(cfg: Any, c: Any, engine: str, level: str, today: str, done: set[tuple[Any, ...]]) -> list[str]:
-    """The config's policies with no measured row of this level today (keyed as runtime.measure
-    keys its rows): only they are measured, so a repeated call adds nothing twice."""
+def _pending(cfg: Any, c: Any, engine: str, today: str, done: set[tuple[Any, ...]]) -> dict[str, list[str]]:
+    """The config's policies with no measured row today at some level (keyed as runtime.measure
+    keys its rows), each with the levels it lacks: only they are measured, and only those levels'
+    rows are written, so a repeated call adds nothing twice."""
     from runtime.models import resolve_device
     from sim.run import base_keys, config_id, load_policy
 
@@ -236,13 +248,16 @@ def _pending(cfg: Any, c: Any, engine: str, level: str, today: str, done: set[tu
         pc = load_policy(p)
         cids[p] = config_id({**keys, "policy": pc.name, "eviction": pc.eviction, "prefetch": pc.prefetch,
                              "predictor": pc.predictor})
-    return [p for p in cfg.policies if (level, today, cids[p], "measured") not in done]
+    need = {p: [lv for lv in cfg.levels if (lv, today, cids[p], "measured") not in done] for p in cfg.policies}
+    return {p: lvs for p, lvs in need.items() if lvs}
 
 
 def _measured_rows(got: list[dict[str, Any]], gaps: dict[str, list[list[float]]], g: dict[str, Any], name: str,
-                   level: str, card: str, today: str, log: Any) -> list[dict[str, Any]]:
-    """Stage 4a: the session's ok measured rows in the table's columns, each repetition with its own
-    token gaps; a run that did not finish ok is logged and left out."""
+                   pending: dict[str, list[str]], decided: dict[tuple[str, int], str], card: str, today: str,
+                   log: Any) -> list[dict[str, Any]]:
+    """Stage 4a: the session's ok measured rows in the table's columns, one per level the policy
+    lacks, each repetition with its own token gaps (and its decisions file, when recorded); a run
+    that did not finish ok is logged and left out."""
     new = []
     seen: dict[str, int] = {}
     for r in got:
@@ -251,24 +266,29 @@ def _measured_rows(got: list[dict[str, Any]], gaps: dict[str, list[list[float]]]
             continue
         i = seen.get(r["policy"], 0)
         seen[r["policy"]] = i + 1
-        base = {"level": level, "config_id": r["config_id"], "card": card, "date": today,
-                "engine": g["engine"], "link": g["link"], "policy": r["policy"], "source": "measured",
-                "model": name, "budget": g["budget"], "repetition": int(r.get("repetition", i))}
-        new.append(validation_row(base, r, gaps[r["policy"]][i]))
+        rep = int(r.get("repetition", i))
+        for level in pending[r["policy"]]:
+            base = {"level": level, "config_id": r["config_id"], "card": card, "date": today,
+                    "engine": g["engine"], "link": g["link"], "policy": r["policy"], "source": "measured",
+                    "model": name, "budget": g["budget"], "repetition": rep, "dtype": r.get("dtype")}
+            extra = {"decisions": decided[(r["policy"], rep)]} if (r["policy"], rep) in decided else {}
+            new.append(validation_row(base, r, gaps[r["policy"]][i], **extra))
     return new
 
 
-def _add_sim_rows(new: list[dict[str, Any]], cfg: Any, pending: list[str], prep: Any, logs: dict[str, Any],
-                  sess: Any, path: Path, g: dict[str, Any], name: str, engine: str, log: Any) -> None:
-    """Stage 4b: appends to ``new`` the simulator's row of each measured policy, with its TPOT error
-    against the mean measured TPOT, and writes both timelines where the run recorded one."""
+def _add_sim_rows(new: list[dict[str, Any]], cfg: Any, pending: dict[str, list[str]], prep: Any,
+                  logs: dict[str, Any], sess: Any, path: Path, g: dict[str, Any], name: str, engine: str,
+                  log: Any) -> None:
+    """Stage 4b (level closed): appends to ``new`` the simulator's row of each measured policy, with
+    its TPOT error against the mean measured TPOT, and writes both timelines where the run recorded
+    one."""
     from runtime.measure import timeline_json
     from sim.run import load_policy, run_policy
     from sim.timeline import chrome_trace
     from traces.atomic import write_json_atomic
 
     for p in pending:
-        ms = [x for x in new if x["policy"] == p]
+        ms = [x for x in new if x["policy"] == p and x["level"] == "closed"]
         if not ms:
             continue
         srow, (sobj, slog) = run_policy(prep, load_policy(p), int(cfg.seed), timeline=p in logs)
@@ -279,8 +299,8 @@ def _add_sim_rows(new: list[dict[str, Any]], cfg: Any, pending: list[str], prep:
             write_json_atomic(tdir / f"{cid}.sim.json", chrome_trace(
                 slog.compute_spans, slog.copy_spans, slog.occupancy, num_experts=sobj.model.num_experts,
                 moe_layers=sobj.model.moe_layers), indent=None)
-        base = {**{k: ms[0][k] for k in ("level", "config_id", "card", "date", "engine", "link", "model", "budget")},
-                "policy": p, "source": "sim", "repetition": 0}
+        base = {**{k: ms[0].get(k) for k in ("level", "config_id", "card", "date", "engine", "link", "model", "budget",
+                                             "dtype")}, "policy": p, "source": "sim", "repetition": 0}
         s = validation_row(base, srow, gaps_of(slog))
         m_tpot = sum(x["tpot_s"] for x in ms) / len(ms)
         s["tpot_rel_err"] = (s["tpot_s"] - m_tpot) / m_tpot if m_tpot else math.nan
@@ -289,8 +309,113 @@ def _add_sim_rows(new: list[dict[str, Any]], cfg: Any, pending: list[str], prep:
             f"sim {s['tpot_s'] * 1e3:.2f} ms ({s['tpot_rel_err']:+.1%})")
 
 
+def _add_replayed_rows(new: list[dict[str, Any]], cfg: Any, pending: dict[str, list[str]], prep: Any,
+                       path: Path, name: str, g: dict[str, Any], log: Any, timelines: bool = True) -> None:
+    """Stage 4c (level replayed): appends to ``new`` one simulator row per measured repetition,
+    replaying that repetition's decisions file (read back from disk, as a resimulation does), with
+    its TPOT error against that repetition; writes the replay's timeline of the last repetition
+    beside the measured one (``timelines``)."""
+    from sim.decisions import DecisionLog, agreement
+    from sim.run import load_policy, run_policy
+    from sim.timeline import chrome_trace
+    from traces.atomic import write_json_atomic
+
+    for p in pending:
+        ms = sorted((x for x in new if x["policy"] == p and x["level"] == "replayed"), key=lambda x: x["repetition"])
+        if not ms:
+            continue
+        errs = []
+        for x in ms:
+            decisions = DecisionLog.load(path.parent / x["decisions"])
+            last = timelines and x is ms[-1]
+            srow, (sobj, slog) = run_policy(prep, load_policy(p), int(cfg.seed), timeline=last, decisions=decisions,
+                                            record=True)
+            if last:
+                write_json_atomic(path.parent / "timelines" / f"{x['config_id']}.replayed.json", chrome_trace(
+                    slog.compute_spans, slog.copy_spans, slog.occupancy, num_experts=sobj.model.num_experts,
+                    moe_layers=sobj.model.moe_layers), indent=None)
+            base = {**{k: x.get(k) for k in ("level", "config_id", "card", "date", "engine", "link", "model", "budget",
+                                             "repetition", "dtype")}, "policy": p, "source": "sim"}
+            s = validation_row(base, srow, gaps_of(slog), decisions=x["decisions"],
+                               replay_unreached=int(srow.get("replay_unreached", 0)),
+                               **agreement(decisions, sobj.recorder.decisions(slog.cycles)))
+            s["tpot_rel_err"] = (s["tpot_s"] - x["tpot_s"]) / x["tpot_s"] if x["tpot_s"] else math.nan
+            errs.append(s["tpot_rel_err"])
+            new.append(s)
+            if s["replay_unreached"]:
+                log(f"  {p} repetition {x['repetition']}: {s['replay_unreached']} logged prefetches at decision points "
+                    "the simulated run never reached")
+        log(f"  {name} b{g['budget']:.2f} {g['link']:>6} {g['engine']:>7} {p:>10}: replayed, TPOT error per repetition "
+            + " ".join(f"{e:+.1%}" for e in errs))
+
+
+def _save_decisions(run: Any, lg: Any, row: dict[str, Any], table_dir: Path, today: str) -> str:
+    """A measured run's decisions to ``decisions/<date>/<config_id>.r<N>.parquet`` under the table's
+    folder; returns that path relative to it (the row's ``decisions`` column). A file there that
+    the table does not reference is a leftover of an interrupted call: it is replaced."""
+    rel = Path("decisions") / today / f"{row['config_id']}.r{int(row['repetition'])}.parquet"
+    run.recorder.decisions(lg.cycles, policy=row["policy"], config_id=row["config_id"],
+                           repetition=int(row["repetition"]), date=today).save(table_dir / rel)
+    return rel.as_posix()
+
+
+def resimulate(cfg: Any, path: Path, hardware: str, log: Any = print) -> Path:
+    """The simulator's rows of every measured config in the table at ``path`` again, under the
+    model as it is now (after a fix of a term, say), with no device: closed from the policy, replayed
+    from each repetition's stored decisions. The measured rows and the new sim rows go to
+    ``resimulated/<UTC time>.parquet`` beside the table (the same columns: ``join`` reads it); the
+    table itself is never changed. Shapes are looked up by name in ``shapes``."""
+    import pandas as pd
+
+    from sim.experiments.validation import join, summary
+    from sim.run import prepare
+    from sim.spec import ModelSpec
+    from traces.atomic import atomic_write
+
+    old, _ = _existing_table(path)
+    if old is None:
+        raise SimError(f"resimulate: no validation table at {path}")
+    shapes = {str(s["name"]): dict(s) for s in cfg.shapes}
+    measured = old[old.source == "measured"]
+    unknown = sorted(set(measured.model) - set(shapes))
+    if unknown:
+        raise SimError(f"resimulate: {path} has model shape(s) {unknown} that shapes= does not name; known: {sorted(shapes)}")
+    rows: list[dict[str, Any]] = []
+    preps: dict[tuple[Any, ...], Any] = {}
+    for (date, cid), ms in measured.groupby(["date", "config_id"], sort=True):
+        first = ms.iloc[0]
+        g = {"shape": shapes[first.model], "budget": float(first.budget), "link": str(first.link),
+             "engine": str(first.engine)}
+        dtype = first.get("dtype")  # the measured run's (tables before this column: the preset's)
+        dtype = [f"dtype={dtype}"] if isinstance(dtype, str) and dtype else []
+        key = (first.model, g["budget"], g["link"], g["engine"], *dtype)
+        if key not in preps:
+            spec = ModelSpec.from_cfg(_compose(overrides(cfg, g, None, hardware)).model)
+            slots = max(spec.top_k, int(round(g["budget"] * spec.num_routed_experts_total)))
+            preps[key] = prepare(_compose(overrides(cfg, g, slots, hardware, [str(first.policy)]) + dtype))
+        new = ms.to_dict("records")
+        pending = {str(first.policy): sorted(set(ms.level))}
+        _add_sim_rows(new, cfg, pending, preps[key], {}, None, path, g, str(first.model), g["engine"], log)
+        _add_replayed_rows(new, cfg, pending, preps[key], path, str(first.model), g, log, timelines=False)
+        rows += new
+    df = pd.DataFrame(rows)
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H%M%S")
+    out = path.parent / "resimulated" / f"{stamp}.parquet"
+    atomic_write(out, lambda tmp: df.to_parquet(tmp, index=False), overwrite=False)
+    before, after = summary(join(old)).set_index("level"), summary(join(df)).set_index("level")
+    for level in after.index:
+        b = before.loc[level] if level in before.index else None
+        a = after.loc[level]
+        log(f"{level}: median |TPOT error| {'' if b is None else f'{b.tpot_median_abs_err:.1%} -> '}"
+            f"{a.tpot_median_abs_err:.1%}, max {'' if b is None else f'{b.tpot_max_abs_err:.1%} -> '}"
+            f"{a.tpot_max_abs_err:.1%} ({int(a.configs)} configs)")
+    log(f"resimulated table: {out} ({len(df)} rows)")
+    return out
+
+
 def run_validate(cfg: Any, log: Any = print) -> Path:
     import pandas as pd
+    from omegaconf import open_dict
 
     from runtime.measure import Session
     from runtime.models import resolve_device
@@ -305,6 +430,8 @@ def run_validate(cfg: Any, log: Any = print) -> Path:
     groups = grid(cfg)  # bad grids fail before any work
     today = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
     path = Path(cfg.out) / card / "validation.parquet"
+    if cfg.resimulate:
+        return resimulate(cfg, path, hardware, log)
     old, done = _existing_table(path)
 
     # ---- the plan: configs and estimated device seconds (the simulator's prediction of each run)
@@ -319,35 +446,42 @@ def run_validate(cfg: Any, log: Any = print) -> Path:
         todo = [g for g in plan if g["shape"]["name"] == name and g["engine"] == engine]  # one session each
         if time.monotonic() > deadline:
             break
-        sess = None
+        sess, built = None, None
         try:
             for g in todo:
                 c = g["cfg"]
-                level = "closed"
                 if time.monotonic() + g["est_s"] > deadline:
                     log(f"{name} {g['budget']} {g['link']}: left for the next call (budget)")
                     continue
-                pending = _pending(cfg, c, engine, level, today, done)
+                pending = _pending(cfg, c, engine, today, done)
                 if not pending:
                     continue
                 if len(pending) < len(cfg.policies):
-                    c = _compose(overrides(cfg, g, g["slots"], hardware, pending))
+                    c = _compose(overrides(cfg, g, g["slots"], hardware, list(pending)))
+                record = any("replayed" in lvs for lvs in pending.values())
                 if sess is None:
                     sess = Session(c, max_slots=max(x["slots"] for x in todo))
+                    built = str(c.dtype)  # the dtype the session built its model in (it writes it into c)
                     if sess.om.device.type == "cuda" and any(x["link"] == "paced" for x in todo):
                         sess.om.backend.calibrate_sleep()  # copy pacing sleeps on the copy stream
+                with open_dict(c):  # every group of the session: the measured run's dtype, in its keys and bytes
+                    c.dtype = built
                 prep = prepare(c)  # the simulator's side: sim.run.prepare (cost model with the engine's host overhead)
                 gaps: dict[str, list[list[float]]] = {}
                 logs: dict[str, Any] = {}
+                decided: dict[tuple[str, int], str] = {}
 
-                def on_run(p, run, lg, row, gaps=gaps, logs=logs):
+                def on_run(p, run, lg, row, gaps=gaps, logs=logs, decided=decided):
                     gaps.setdefault(p.name, []).append(gaps_of(lg))
                     if lg.compute_spans is not None:
                         logs[p.name] = lg
+                    if run.recorder is not None:
+                        decided[(p.name, int(row["repetition"]))] = _save_decisions(run, lg, row, path.parent, today)
 
-                got = sess.measure(c, on_run=on_run, deadline=deadline, timeline=True)
-                new = _measured_rows(got, gaps, g, name, level, info["card"], today, log)
+                got = sess.measure(c, on_run=on_run, deadline=deadline, timeline=True, decisions=record)
+                new = _measured_rows(got, gaps, g, name, pending, decided, info["card"], today, log)
                 _add_sim_rows(new, cfg, pending, prep, logs, sess, path, g, name, engine, log)
+                _add_replayed_rows(new, cfg, pending, prep, path, name, g, log)
                 rows_all += new
                 done |= {(x["level"], x["date"], x["config_id"], x["source"]) for x in new}
                 df = pd.DataFrame(rows_all)

@@ -26,6 +26,7 @@ import simpy
 
 from sim.cache import ExpertCache
 from sim.costmodel import CostModel
+from sim.decisions import DecisionRecorder
 from sim.errors import SimError
 from sim.hardware import HardwareSpec
 from sim.host import HostController, policy_context
@@ -61,6 +62,7 @@ class Simulation:
         progress=None,
         reset: str = "never",
         admission: bool = True,
+        record_decisions: bool = False,
     ) -> None:
         self.schedule = schedule
         self.model, self.hw, self.cost = model, hw, cost
@@ -107,6 +109,8 @@ class Simulation:
         )
         if timeline or host.has_done:
             copy.on_done = host.copy_done
+        # the run's decisions, for a replay (sim.decisions); after the run: recorder.decisions()
+        self.recorder = DecisionRecorder(host) if record_decisions else None
 
     # --------------------------------------------------------------- driver
     def run(self) -> RunLog:

@@ -493,6 +493,34 @@ class RooflineGovernor(Governor):
         return self._decision(best, k_slo, phase, met, costs, p, cands)
 
 
+class PlaybackGovernor(Governor):
+    """The recorded k of each cycle, in run order (``ks``: DecisionLog.ks()). Its predictions are
+    the cycle model's at that k, as the fixed governor's. A run with more cycles than the log is
+    refused; a recorded k above the host's limit (the simulated request has fewer tokens left) is
+    capped and counted in ``capped``."""
+
+    name = "playback"
+
+    def __init__(self, ks: Sequence[int], where: str = "replayed decisions") -> None:
+        super().__init__()
+        self.ks = [int(k) for k in ks]
+        self.where = where
+        self.i = 0
+        self.capped = 0
+
+    def _choose(self, costs: CycleCosts) -> Decision:
+        if self.i >= len(self.ks):
+            raise SimError(f"{self.where}: the simulated run reached cycle {self.i + 1}, the log has {len(self.ks)}")
+        k = self.ks[self.i]
+        self.i += 1
+        if costs.k_limit is not None and k > costs.k_limit:
+            k = int(costs.k_limit)
+            self.capped += 1
+        p = self.tracker.estimates(max(k, 1))
+        (pr,) = self.predict(costs, [k], p)
+        return self._decision(pr, k, "replayed", self._meets(pr), costs, p, [pr])
+
+
 # ---------------------------------------------------------------------------- log analysis
 def cycle_model_error(log: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, float]]:
     """How well each T_cycle reading predicted the observed cycle times, over log entries whose
@@ -564,6 +592,6 @@ def _log_entry(cycle: int, d: Decision | None) -> dict[str, Any]:
 
 __all__ = [
     "ACCEPTANCE_MODELS", "GOVERNORS", "OBJECTIVES", "PCIE_NEW", "SLO_KINDS", "AcceptanceTracker", "CycleCosts",
-    "Decision", "FixedGovernor", "Governor", "GovernorConf", "Prediction", "RooflineGovernor", "build_governor",
-    "cycle_model_error", "expected_accepted",
+    "Decision", "FixedGovernor", "Governor", "GovernorConf", "PlaybackGovernor", "Prediction", "RooflineGovernor",
+    "build_governor", "cycle_model_error", "expected_accepted",
 ]

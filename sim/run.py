@@ -323,14 +323,28 @@ def base_keys(cfg: DictConfig) -> dict[str, Any]:
 
 
 def run_policy(prep: Prepared, pcfg: DictConfig, seed: int, *, timeline: bool = False, governor_cfg: Any = None,
-               trace_cfg: Any = None, plan: MemoryPlan | None = None, progress: bool = False) -> tuple[dict[str, Any], Any]:
-    """One policy on a prepared config: its results row (without config keys) and (sim, log)."""
-    from sim.governor import build_governor
+               trace_cfg: Any = None, plan: MemoryPlan | None = None, progress: bool = False,
+               decisions: Any = None, record: bool = False) -> tuple[dict[str, Any], Any]:
+    """One policy on a prepared config: its results row (without config keys) and (sim, log).
+
+    ``decisions`` (a sim.decisions.DecisionLog): replay a recorded run's decisions instead of the
+    policy's own: its prefetches (sim.policies.replay.ReplayPrefetch) beside the policy's eviction
+    (its recorded victims where the eviction follows the prefetch policy's predictions:
+    ReplayEviction), and, speculative, its k per cycle (sim.governor.PlaybackGovernor).
+    ``record``: record this run's decisions (the simulation's ``recorder``)."""
+    from sim.governor import PlaybackGovernor, build_governor
     from sim.speculative import DraftSource
 
     plan = plan or policy_plan(prep, pcfg)
     eviction = EVICTION.create(pcfg.eviction, **dict(pcfg.eviction_args))
-    prefetch = PREFETCH.create(pcfg.prefetch, **dict(pcfg.prefetch_args))
+    if decisions is not None:
+        from sim.policies.replay import ReplayEviction
+
+        prefetch = PREFETCH.create("replay", decisions=decisions)
+        if getattr(eviction, "follows_prefetch", False):
+            eviction = ReplayEviction(eviction, decisions)
+    else:
+        prefetch = PREFETCH.create(pcfg.prefetch, **dict(pcfg.prefetch_args))
     speculative = pcfg.decoding == "speculative"
     predictor = PREDICTORS.create(pcfg.predictor, **dict(pcfg.predictor_args)) if pcfg.predictor else None
     if speculative and (predictor is not None or pcfg.eviction in ("belady",) or pcfg.prefetch in ("oracle", "history", "lookahead")):
@@ -342,7 +356,10 @@ def run_policy(prep: Prepared, pcfg: DictConfig, seed: int, *, timeline: bool = 
     governor = draft = None
     schedule = prep.schedule
     if speculative:
-        governor = build_governor(governor_cfg if governor_cfg is not None else {"name": "roofline"})
+        if decisions is not None:
+            governor = PlaybackGovernor(decisions.ks())
+        else:
+            governor = build_governor(governor_cfg if governor_cfg is not None else {"name": "roofline"})
         draft = DraftSource(speculative_trace(prep, trace_cfg))
         schedule = Schedule(prep.trace, prep.model, prep.cost, build=False)
     bar = None
@@ -358,7 +375,7 @@ def run_policy(prep: Prepared, pcfg: DictConfig, seed: int, *, timeline: bool = 
         eviction=eviction, prefetch=prefetch, predictor=predictor,
         slots=None if plan.per_layer else plan.slots, per_layer=plan.per_layer,
         seed=seed, timeline=timeline, lookahead_depths=depths, governor=governor, draft=draft, progress=bar,
-        reset=prep.reset, admission=bool(pcfg.get("admission", True)),
+        reset=prep.reset, admission=bool(pcfg.get("admission", True)), record_decisions=record,
     )
     log = sim.run()
     wall = time.perf_counter() - t0
@@ -383,6 +400,11 @@ def run_policy(prep: Prepared, pcfg: DictConfig, seed: int, *, timeline: bool = 
         row["draft_source"] = "trace" if stand_in is None else "stand-in({})".format(
             ", ".join(f"{f}={stand_in[f]:g}" for f in DRAFT_DIALS))
         row["governor"] = governor.name
+        if decisions is not None:
+            row["replay_k_capped"] = governor.capped
+            row["replay_cycles_unreached"] = len(governor.ks) - governor.i
+    if decisions is not None and hasattr(eviction, "fallbacks"):
+        row["replay_eviction_fallbacks"] = eviction.fallbacks
     return row, (sim, log)
 
 

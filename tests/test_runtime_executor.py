@@ -375,6 +375,71 @@ def test_virtual_time_runtime_makes_exactly_the_simulators_decisions(layout):
     assert stall > 0  # the compute stream waits for copies: the copy times matter in this setup
 
 
+@pytest.mark.parametrize("layout", ["cache.slots=6", "cache.per_layer=3"])
+def test_the_runtimes_logged_decisions_replayed_by_the_simulator_give_its_token_times(layout, tmp_path):
+    """Validation level replayed on the virtual-time backend (both sides the same model): the
+    decisions the runtime logged (the prefetches it issued where they were decided, its evictions),
+    written to a decisions file and read back, make the simulator's replay reproduce the runtime's
+    token times (floating-point rounding apart), its copies and its evictions."""
+    from runtime.measure import Session, run_log
+    from sim.decisions import DecisionLog
+    from sim.run import load_policy, run_policy
+
+    cfg = _run_cfg("model=tiny", "trace.requests=3", "trace.prompt_tokens=6", "trace.decode_tokens=16", layout,
+                   "policy=baselines", "cpu_backend=virtual", "hardware.decision_delay_s=2e-5")
+    sess = Session(cfg, max_slots=10**6)
+    prep = sess.prepare(cfg)
+    try:
+        for name in ["lru", "lookahead", "history"]:
+            p = load_policy(name)
+            p.admission = name != "history"  # the tiny preset's link: the admission rule refuses every history guess
+            plan = sess.plan(cfg, p)
+            run = sess.run_config(cfg, p, plan, schedule=prep.schedule, trace=prep.trace, decisions=True)
+            rl = run_log(run)
+            path = run.recorder.decisions(rl.cycles, policy=name).save(tmp_path / f"{name}.parquet")
+            d = DecisionLog.load(path)
+            assert bool(d.prefetches) == (name != "lru"), name
+            assert [x.key for x in d.prefetches] == [k for _, _, k, pf in run.copy_log if pf], name
+            srow, (sim, log) = run_policy(prep, p, 0, timeline=True, plan=plan, decisions=d)
+            assert np.allclose(np.concatenate(rl.token_times), np.concatenate(log.token_times), rtol=1e-9, atol=0), name
+            assert [(k, pf) for _, _, k, pf in run.copy_log] == [(k, pf) for _, _, k, pf in log.copy_spans], name
+            assert run.cache.evictions == log.evictions == len(d.evictions), name
+            assert srow["replay_unreached"] == 0 and srow["replayed_prefetches"] == len(d.prefetches), name
+    finally:
+        sess.close()
+
+
+def test_a_speculative_runs_logged_k_and_elb_prefetches_replay_in_the_simulator():
+    """Speculative replay (mode=replay, the CPU's inline backend, the roofline governor choosing k
+    from measured costs): the run logs the k of each cycle and the ELB policy's prefetches at their
+    draft tokens; the simulator's replay plays the same k back (so the same cycles and acceptance),
+    reaches every logged decision point, and replays MoE-SpeQ's lookahead-aware victims."""
+    from runtime.measure import Session
+    from sim.run import load_policy, run_policy
+
+    cfg = _run_cfg("model=tiny", "policy.suite=[speq,spmoe]", "policy.name=s", "repetitions=1", "warmup_steps=0",
+                   "trace.requests=2", "trace.prompt_tokens=5", "trace.decode_tokens=24", "governor=roofline",
+                   "governor.k_max=5", "governor.warmup_cycles=1", "cache.slots=12", "predict=false")
+    sess = Session(cfg)
+    got = {}
+    try:
+        sess.measure(cfg, decisions=True,
+                     on_run=lambda p, run, lg, row: got.__setitem__(p.name, (run.recorder.decisions(lg.cycles), lg)))
+        prep = sess.prepare(cfg)
+    finally:
+        sess.close()
+    assert set(got) == {"speq", "spmoe"}
+    for name, (d, lg) in got.items():
+        assert d.ks() == [c["k"] for c in lg.cycles] and len(set(d.ks())) > 1, name  # the governor varied k
+        assert any(p.point.hook == "draft_token" for p in d.prefetches), name
+        srow, (_, log) = run_policy(prep, load_policy(name), 0, trace_cfg=cfg.trace, decisions=d)
+        assert [c["k"] for c in log.cycles] == d.ks(), name
+        assert [c["accepted"] for c in log.cycles] == [c["accepted"] for c in lg.cycles], name
+        assert srow["replay_unreached"] == srow["replay_k_capped"] == srow["replay_cycles_unreached"] == 0, name
+        if name == "speq":  # its eviction follows the ELB: the recorded victims, every one evictable in the replay
+            assert d.evictions and srow["replay_eviction_fallbacks"] == 0
+
+
 def test_slot_cache_reuses_the_victims_slot():
     ev = EVICTION.create("lru")
     from sim.policies import PolicyContext

@@ -165,6 +165,34 @@ def test_graphed_logits_equal_eager_on_cuda(fam, grouped):
     assert ids.shape == (1, lm.shape.top_k) and (ids >= 0).all()
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("grouped", [False, True])
+def test_verify_pass_graphs_equal_eager_on_cuda(grouped):
+    """A (k + 1)-token step (the speculative verify pass) through the graphs captured for its length
+    gives the eager segments' logits at every position; one-token graphs still follow it."""
+    lm = load_model("tiny-qwen3_moe", device="cuda", dtype="bfloat16")
+    mods = [h.experts for h in lm.moe_handles]
+    make = (lambda: GroupedExperts(mods)) if grouped else (lambda: None)
+    lean, ref = LeanModel(lm, max_len=32, experts=make()), LeanModel(lm, max_len=32, experts=make(), graphs=False)
+    ids = torch.tensor([[4, 21, 7, 13]], device="cuda")
+    with torch.inference_mode():
+        p = torch.tensor([PROMPT], device="cuda")
+        lean.forward_eager(p, 0, len(PROMPT))
+        ref.forward_eager(p, 0, len(PROMPT))
+        a = lean.forward_graphed(ids, len(PROMPT)).float().clone()
+        ref.all_logits = True
+        b = ref.forward_eager(ids, len(PROMPT), None).float()  # the masked whole window, as the graphs
+        ref.all_logits = False
+        assert a.shape == b.shape == (4, lm.config.vocab_size)
+        assert torch.allclose(a, b, atol=2e-2, rtol=2e-2)
+        nxt = torch.tensor([[9]], device="cuda")
+        c = lean.forward_graphed(nxt, len(PROMPT) + 4).float().clone()
+        d = ref.forward_eager(nxt, len(PROMPT) + 4, None).float()
+        assert torch.allclose(c, d, atol=2e-2, rtol=2e-2)
+        assert sorted(lean._sets) == [1, 4]
+
+
 # ------------------------------------------------------------------------------ the runtime's engine switch
 def _run_cfg(*overrides: str):
     from hydra import compose, initialize_config_dir

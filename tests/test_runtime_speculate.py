@@ -267,8 +267,13 @@ def test_gpu_speculative_benchmark_smoke(tmp_path):
     assert main(["--smoke", "--out", str(tmp_path), "--ks", "2", "--reps", "1"]) == 0
     rows = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
     labels = {r["label"]: r for r in rows}
-    assert {"lru", "lru-same-cache", "speq", "speq-k2", "spec-lru", "spmoe"} <= set(labels)
+    assert {"lru", "lru-same-cache", "lookahead", "lookahead-same-cache", "oracle", "speq", "speq-k2", "spec-lru",
+            "spmoe"} <= set(labels)
+    # live mode: the oracle reads the trace's future, so its rows say why they did not run
+    assert labels["oracle"]["status"] == "unsupported" and "replay" in labels["oracle"]["reason"]
     for r in rows:
+        if r["policy"] == "oracle":
+            continue
         assert r["status"] == "ok", r.get("reason")
         for c in ("card", "model", "engine", "policy", "budget", "k", "tpot_measured_s", "tpot_sim_s",
                   "speedup_measured", "speedup_sim"):

@@ -13,6 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sim.errors import SimError
+from sim.decisions import DecisionLog
 from sim.experiments.validation import COLUMNS, join, ks_statistic, summary
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,5 +136,79 @@ def test_validate_grid_on_the_cpu_is_resumable(tmp_path: Path) -> None:
     assert sim["lru", "eager"] > sim["lru", "graphed"]  # the simulator prices each engine's host overhead
     again = run("runtime.validate", *args)  # same day: nothing left to run
     assert again.returncode == 0 and len(pd.read_parquet(tmp_path / "cpu" / "validation.parquet")) == len(df)
-    bad = run("runtime.validate", *args, "levels=[replayed]")
-    assert bad.returncode == 2 and "replay" in bad.stderr
+    bad = run("runtime.validate", *args, "levels=[replayed,open]")
+    assert bad.returncode == 2 and "levels: unknown level 'open'" in bad.stderr
+
+    # level replayed added on the same day: closed is done, so only the replayed rows are written,
+    # from new measured runs that log their decisions; one replayed sim row per repetition
+    both = run("runtime.validate", *args, "levels=[replayed,closed]")
+    assert both.returncode == 0, both.stderr
+    df2 = pd.read_parquet(tmp_path / "cpu" / "validation.parquet")
+    assert len(df2[df2.level == "closed"]) == len(df)
+    rep = df2[df2.level == "replayed"]
+    assert (rep.source == "measured").sum() == 8 and (rep.source == "sim").sum() == 8
+    assert set(rep.config_id) == set(df.config_id)
+    for _, r in rep.iterrows():  # every replayed row names the decisions file it came from, and it loads
+        assert DecisionLog.load(tmp_path / "cpu" / r["decisions"]).meta["config_id"] == r["config_id"]
+    assert rep.loc[rep.source == "sim", "tpot_rel_err"].notna().all() and (rep.replay_unreached.dropna() == 0).all()
+    j = join(df2)
+    assert set(j.level) == {"closed", "replayed"} and len(j) == 16
+    assert set(summary(j).level) == {"closed", "replayed"}
+    # oracle prefetches: its replayed decisions are not empty
+    oracle = rep[(rep.policy == "oracle") & (rep.source == "measured")].iloc[0]
+    assert DecisionLog.load(tmp_path / "cpu" / oracle["decisions"]).prefetches
+
+    # resimulation (no device): the same model predicts every sim row again, bit for bit, into a
+    # new file beside the table, which is left as it was
+    resim = run("runtime.validate", *args, "levels=[replayed,closed]", "resimulate=true")
+    assert resim.returncode == 0, resim.stderr
+    assert "replayed: median |TPOT error|" in resim.stdout and "closed: median |TPOT error|" in resim.stdout
+    (out,) = (tmp_path / "cpu" / "resimulated").glob("*.parquet")
+    new = pd.read_parquet(out)
+    assert pd.read_parquet(tmp_path / "cpu" / "validation.parquet").equals(df2)
+    key = ["level", "config_id", "source", "repetition"]
+    old_sim, new_sim = (t[t.source == "sim"].set_index(key).sort_index() for t in (df2, new))
+    assert len(new) == len(df2) and new_sim.index.equals(old_sim.index)
+    assert (new_sim.tpot_s == old_sim.tpot_s).all() and (new_sim.tpot_rel_err == old_sim.tpot_rel_err).all()
+    bad = run("runtime.validate", *args, "resimulate=true", "shapes=[{name: other, model: tiny}]")
+    assert bad.returncode == 2 and "shape(s) ['tiny'] that shapes= does not name" in bad.stderr
+    none = run("runtime.validate", *args, "resimulate=true", f"out={tmp_path / 'empty'}")
+    assert none.returncode == 2 and "no validation table" in none.stderr
+
+
+def test_validate_on_the_virtual_time_backend_has_no_error_at_either_level(tmp_path: Path) -> None:
+    """The whole pipeline (measured runs logging their decisions, files written and read back, the
+    replay, the join) where both sides are the same model: the runtime on the deterministic
+    virtual-time backend under the profile the simulator uses. Every error is floating-point
+    rounding, at both levels."""
+    import pandas as pd
+
+    r = run("runtime.validate", "profile=h200", f"out={tmp_path}", "cpu_backend=virtual", "engines=[eager]",
+            "shapes=[{name: tiny, model: tiny, requests: 2, prompt_tokens: 4, decode_tokens: 8}]", "budgets=[0.25]",
+            "links=[pinned]", "policies=[lru,lookahead,oracle]", "repetitions=1", "levels=[replayed,closed]")
+    assert r.returncode == 0, r.stderr
+    df = pd.read_parquet(tmp_path / "cpu" / "validation.parquet")
+    sim = df[df.source == "sim"]
+    assert sorted(sim.level) == ["closed"] * 3 + ["replayed"] * 3
+    assert (sim.tpot_rel_err.abs() < 1e-9).all()
+    rep = sim[sim.level == "replayed"].set_index("policy")
+    assert (rep.replay_eviction_agreement == 1.0).all()  # the replay made the runtime's every eviction
+    assert (rep.loc[["lookahead", "oracle"], "replay_issue_agreement"] == 1.0).all()  # and every prefetch, as timed
+    assert (df[(df.policy == "lru") & (df.source == "measured")].stall_share > 0).all()  # the copies matter here
+    s = summary(join(df)).set_index("level")
+    assert s.loc["replayed", "meets_target"] and s.loc["closed", "meets_target"]
+
+
+def test_a_bad_decisions_file_in_the_table_folder_is_one_line(tmp_path: Path) -> None:
+    """The replay reads each decisions file back from disk: a damaged one stops the call with one
+    line naming it (here: written over by a text file before the replay reads it)."""
+    from runtime.validate import _add_replayed_rows
+
+    (tmp_path / "decisions").mkdir()
+    (tmp_path / "decisions" / "x.r0.parquet").write_text("oops")
+    m = {"level": "replayed", "config_id": "x", "card": "cpu", "date": "d", "engine": "eager", "link": "pinned",
+         "model": "tiny", "budget": 0.5, "repetition": 0, "policy": "lru", "source": "measured", "tpot_s": 0.01,
+         "decisions": "decisions/x.r0.parquet"}
+    with pytest.raises(SimError, match=r"decisions file .*x\.r0\.parquet: not a Parquet file"):
+        _add_replayed_rows([m], None, {"lru": ["replayed"]}, None, tmp_path / "validation.parquet", "tiny",
+                           {"budget": 0.5, "link": "pinned", "engine": "eager"}, print)

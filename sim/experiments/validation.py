@@ -7,8 +7,10 @@ config (same ``config_id``) under the measured profile of the same card. ``level
 (the simulator replays the runtime's decisions) or ``closed`` (each side runs its own policies).
 
 - ``join``: one measured row per (level, card, date, config_id) (repetitions reduced: mean TPOT,
-  TTFT, hit rate, stall share; per-token latencies pooled) beside its sim row; the sim row gets
-  ``tpot_rel_err = (sim - measured) / measured`` and the same for the per-token percentiles.
+  TTFT, hit rate, stall share; per-token latencies pooled) beside one sim row, reduced the same
+  way (level ``replayed`` has a sim row per measured repetition, each replaying that repetition's
+  decisions; ``closed`` one); the sim row gets ``tpot_rel_err = (sim - measured) / measured`` and
+  the same for the per-token percentiles.
 - ``ks_statistic``: the two-sample Kolmogorov-Smirnov statistic of per-token latencies.
 - ``summary``: per level, median and maximum |TPOT error|, the same for p50/p90/p99, the median KS
   statistic, and whether the targets (``TARGETS``) are met.

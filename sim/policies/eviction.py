@@ -127,6 +127,10 @@ class LookaheadAwareEviction(LruEviction):
     optionally ``ctx.extra['predicted_keys']``, the set of keys it predicts (a fast path).
     """
 
+    #: its victims follow the prefetch policy's predictions: a replay of a run replays its victims
+    #: (sim.policies.replay.ReplayEviction)
+    follows_prefetch = True
+
     def victim(self, pool: int, g: int, can_evict: Callable[[int], bool]) -> int | None:
         predicted = self.ctx.extra.get("predicted_next_use")
         if predicted is None:
