@@ -85,6 +85,11 @@ class Backend:
         """The host reads a value produced at ``mark`` (the routing), ``delay_s`` after it exists
         on the device: only a virtual clock needs to be told (real ones block in the read)."""
 
+    def read_ahead(self, mark: Any, delay_s: float) -> None:
+        """The host reads a value produced at ``mark`` (a draft token's ELB row) ``delay_s`` after it
+        exists, while the compute stream runs on: the work enqueued after the read (the next draft
+        token, the verify pass) does not wait for it. Only a virtual clock needs to be told."""
+
     def now_s(self) -> float | None:
         """The host's present in seconds since ``begin``, where the backend's marks share the host's
         clock (None: unknown; every complete mark lies before it)."""
@@ -327,18 +332,22 @@ class VirtualBackend(Backend):
     model gives it (``at``). Host and compute stream each have a clock: an operation on the compute
     stream starts when the stream is free, the host has enqueued it and the copies it waits for have
     landed; the host moves on when it blocks on a mark or reads the routing. A mark is complete once
-    the host's clock has reached it."""
+    the host's clock has reached it. The host may also read a result without holding the compute
+    stream back (``read_ahead``: a speculative cycle's ELB rows): its clock moves on, but what it
+    enqueues next counts as enqueued before that read (``enq``), as the simulator's draft runs on
+    the GPU without waiting for the host."""
 
     name = "cpu-virtual"
 
     def __init__(self) -> None:
         self.device = torch.device("cpu")
         self.host = 0.0  # the host's clock
+        self.enq = 0.0  # when the host enqueued what it enqueues now (its clock, less reads ahead)
         self.free = 0.0  # the compute stream's: when everything enqueued so far is done
         self._wait = 0.0  # the compute stream waits for copies until then (compute_wait)
 
     def _start(self) -> float:
-        t = max(self.free, self.host, self._wait)
+        t = max(self.free, self.enq, self._wait)
         self._wait = 0.0
         return t
 
@@ -364,6 +373,9 @@ class VirtualBackend(Backend):
         self.free = self._start() + duration_s
 
     def host_read(self, mark, delay_s: float) -> None:
+        self.host = self.enq = max(self.host, mark.s + delay_s)
+
+    def read_ahead(self, mark, delay_s: float) -> None:
         self.host = max(self.host, mark.s + delay_s)
 
     def query(self, mark) -> bool:
@@ -372,12 +384,13 @@ class VirtualBackend(Backend):
     def block(self, mark) -> None:
         if mark.s > self.host:
             self.host = mark.s
+        self.enq = self.host
 
     def synchronize(self) -> None:
-        self.host = max(self.host, self.free)
+        self.host = self.enq = max(self.host, self.free)
 
     def begin(self) -> None:
-        self.host = self.free = self._wait = 0.0
+        self.host = self.enq = self.free = self._wait = 0.0
         self.base = Mark(s=0.0)
 
     def now_s(self) -> float:

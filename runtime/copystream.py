@@ -92,13 +92,18 @@ class MarkStream(CopyEngine):
         t = self.clock
         while True:  # copies issued while replaying may be complete already (a zero-time link)
             filled = False
+            prev = -_INF
             for i in range(len(inflight)):
                 end, key = inflight[i]
                 if end == _INF:
                     mk = done[key]
                     if not query(mk):
+                        if i + 1 < len(inflight):
+                            self._check_fifo(key)
                         break
                     end = sec(mk)
+                    if end < prev:
+                        self._out_of_order(inflight[i - 1][1], prev, key, end)
                     if lim is not None and end > lim:
                         break
                     inflight[i] = (end, key)
@@ -109,6 +114,7 @@ class MarkStream(CopyEngine):
                     break
                 if end > t:
                     t = end
+                prev = end
             for i in range(len(holds)):
                 until, keys, mk = holds[i]
                 if until == _INF:
@@ -128,6 +134,24 @@ class MarkStream(CopyEngine):
             self.advance(t)
             if not filled:
                 return t
+
+    def _check_fifo(self, key: int) -> None:
+        """The copy of ``key`` is not complete: on a first-in-first-out stream no copy issued after
+        it is either. The last one is asked, then ``key``'s again (it may have landed meanwhile),
+        so a race between two queries cannot raise; a stream that completes out of issue order does,
+        since the model applies completions in issue order."""
+        last = self.in_flight[-1][1]
+        done, query = self.done_mark, self.backend.query
+        if query(done[last]) and not query(done[key]):
+            raise ExecutorError(
+                f"copy stream: the copy of expert {last} completed before the copy of expert {key}, issued "
+                f"before it: the backend's copy stream is not first-in-first-out (completions are applied in issue order)")
+
+    def _out_of_order(self, first: int, t_first: float, key: int, t: float) -> None:
+        raise ExecutorError(
+            f"copy stream: the copy of expert {key} ended at {t:.9g} s, before the copy of expert {first} "
+            f"issued before it ({t_first:.9g} s): the backend's copy stream is not first-in-first-out "
+            "(completions are applied in issue order)")
 
     def _measured(self, seconds: float) -> None:
         """One observed copy's time (start mark to end mark) into the transfer-time estimate."""

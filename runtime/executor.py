@@ -262,7 +262,7 @@ class Run:
         self.host = host = HostController(
             sch, cache, link, eviction=rc.eviction, prefetch=rc.prefetch, log=self.log,
             decision_delay=float(rc.decision_delay_s), expert_bytes=om.nbytes, transfer_s=rc.transfer_s,
-            live=True, infos=self.infos, admission=rc.admission, measured=not self.virtual, reset=rc.reset)
+            live=True, infos=self.infos, admission=rc.admission, measured=not self.virtual, reset=rc.reset, top_k=k)
         if rc.timeline or host.has_done:
             link.on_done = host.copy_done
         self.recorder = DecisionRecorder(host) if rc.record_decisions else None
@@ -324,10 +324,6 @@ class Run:
 
     def try_issue(self) -> None:
         self.link.try_issue()
-
-    def pump(self) -> None:
-        """Process what the host can see has happened (completions, releases, the issues they allow)."""
-        self.link.observe()
 
     def ensure_issued(self, keys: set[int]) -> None:
         """Block until every key in ``keys`` has its copy issued (the controller's demand wait)."""
@@ -414,6 +410,19 @@ class Run:
             self._req = self._pass.send(value)
         except StopIteration:
             self._req = self._pass = None
+
+    def draft_token(self, request: int, t: int) -> float:
+        """Virtual time (speculative replay): a draft token at trace position ``t`` of ``request``
+        runs on the compute stream for the schedule's draft-token time, and the host reads its ELB
+        row ``decision_delay`` after it ends without holding the stream back (the simulator's rule:
+        the draft and then the verify pass run on without waiting for the host). Returns its time."""
+        if not self.virtual:
+            raise ExecutorError("draft_token: only the virtual backend takes its draft times from the schedule")
+        be = self.backend
+        dt = self.rc.schedule.draft_token_time(request, t)
+        be.elapse(dt)
+        be.read_ahead(be.mark(), float(self.rc.decision_delay_s))
+        return dt
 
     # ------------------------------------------------------------------ per layer
     def layer_start(self, m: int) -> None:

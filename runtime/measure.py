@@ -413,12 +413,16 @@ class Session:
             else:
                 predictor = PREDICTORS.create(pcfg.predictor, **dict(pcfg.predictor_args))
                 predictor.attach(trace, schedule.layer_steps(), tuple(range(1, depth + 1)), int(cfg.seed))
+        if mode == "replay" and pcfg.decoding == "speculative":
+            # speculative replay: target passes are cycles, planned as they are decided (as the simulator)
+            from sim.schedule import Schedule
+
+            schedule = Schedule(schedule.trace, schedule.model, schedule.cost, build=False)
         rc = RunConfig(
             eviction=eviction, prefetch=prefetch, predictor=predictor,
             slots=None if plan.per_layer else plan.slots, per_layer=plan.per_layer,
             copies_in_flight=int(hw.copies_in_flight), decision_delay_s=float(hw.decision_delay_s),
-            # speculative replay: target passes are cycles, not the schedule's steps (ELB-driven policies)
-            schedule=schedule if mode == "replay" and pcfg.decoding != "speculative" else None, seed=int(cfg.seed),
+            schedule=schedule if mode == "replay" else None, seed=int(cfg.seed),
             link_pace_gbps=hw.link_pace_gbps, timeline=timeline, exec_log=exec_log,
             issue_overhead_s=float(hw.copy_issue_overhead_s),
             transfer_s=_transfer_s(schedule, hw, prefetch), admission=bool(pcfg.get("admission", True)),
@@ -427,7 +431,9 @@ class Session:
         run = self.om.start_run(rc)
         try:
             if pcfg.decoding == "speculative":
-                run.spec = self.speculative(cfg, run, hw)
+                from sim.run import policy_governor
+
+                run.spec = self.speculative(cfg, run, hw, governor=policy_governor(cfg, pcfg))
                 if mode == "replay":  # the simulator's draft columns: the trace's own, or its stand-in
                     from sim.run import speculative_trace
                     from sim.speculative import DraftSource
@@ -448,9 +454,10 @@ class Session:
 
     def speculative(self, cfg: Any, run: Any, hw: Any, governor: Any = None) -> Any:
         """The speculative decoder of one run (runtime.speculate): the session's INT4 draft on its
-        engine, the config's governor, costs measured as the run goes (the link's per-expert time
-        measured at the session's start on a GPU, the hardware spec's elsewhere)."""
-        from runtime.speculate import HFEngine, LeanEngine, MeasuredCosts, SpeculativeDecoder
+        engine, the config's governor (or ``governor``), costs measured as the run goes (the link's
+        per-expert time measured at the session's start on a GPU, the hardware spec's elsewhere;
+        on the virtual-time backend the cost model's prices, as the simulator's host has them)."""
+        from runtime.speculate import HFEngine, LeanEngine, MeasuredCosts, ModelledCosts, SpeculativeDecoder
         from sim.governor import build_governor
 
         if self.draft is None:
@@ -460,7 +467,10 @@ class Session:
             self._spec_engine = (LeanEngine(self.om.stepper, fn) if self.engine == "graphed"
                                  else HFEngine(self.om.model, self.om.modules, fn))
         xfer = self.om.copy_s if self.om.copy_s else hw.h2d_time(self.om.nbytes)
-        costs = MeasuredCosts(xfer, copy_latency_s=float(hw.copy_latency_s) + float(hw.decision_delay_s))
+        if run.virtual:
+            costs = ModelledCosts(run.rc.schedule, float(hw.decision_delay_s), run.rc.transfer_s, float(hw.copy_latency_s))
+        else:
+            costs = MeasuredCosts(xfer, copy_latency_s=float(hw.copy_latency_s) + float(hw.decision_delay_s))
         return SpeculativeDecoder(self._spec_engine, build_governor(governor or cfg.governor), num_experts=self.om.E,
                                   top_k=self.om.top_k, run=run, costs=costs, expert_bytes=self.om.nbytes)
 
@@ -527,7 +537,7 @@ class Session:
 
         from runtime.replay import executed_trace, prompt_tokens
         from sim.errors import InfeasibleError
-        from sim.run import base_keys, bound_for, config_id, load_plugins, policy_presets, run_policy
+        from sim.run import base_keys, bound_for, config_id, load_plugins, policy_governor, policy_presets, run_policy
         from traces.errors import MoeOffloadError
 
         check_config(cfg)
@@ -550,8 +560,9 @@ class Session:
         for p in policy_presets(cfg.policy):
             k = {**keys, "policy": p.name, "eviction": p.eviction, "prefetch": p.prefetch, "predictor": p.predictor}
             if p.decoding == "speculative":
-                k["governor"] = cfg.governor.get("name")
-                k["governor_k"] = cfg.governor.get("k")
+                gov = policy_governor(cfg, p)
+                k["governor"] = gov.get("name")
+                k["governor_k"] = gov.get("k")
             cid = config_id(k)
             base = {**k, "config_id": cid}
             try:
@@ -606,7 +617,9 @@ class Session:
                 log = run_log(run, timeline=keep and rep == reps - 1)
                 if spec is not None:
                     log.cycles = spec.sim_cycles()
-                bound = bound_for(prep, prep.schedule, run.cache.pool_of, run.cache.capacity)
+                # speculative replay: the bound of the cycles the run executed (its realized schedule), as the simulator's
+                sched = run.rc.schedule if spec is not None and run.rc.schedule is not None else prep.schedule
+                bound = bound_for(prep, sched, run.cache.pool_of, run.cache.capacity)
                 row = {**base, "source": "measured", "status": "ok", "reason": "", "repetition": rep,
                        **measured_row(log, bound, self.om, run), "wall_s": wall, **env,
                        "peak_host_gb": peak_host_bytes() / 1e9}
@@ -622,7 +635,7 @@ class Session:
                     on_run(p, run, log, row)
             if cfg.get("predict", True) and last is not None:
                 try:
-                    srow, _ = run_policy(prep, p, int(cfg.seed), timeline=False, governor_cfg=cfg.get("governor"),
+                    srow, _ = run_policy(prep, p, int(cfg.seed), timeline=False, governor_cfg=policy_governor(cfg, p),
                                          trace_cfg=cfg.trace, plan=plan)
                     rows.append({**base, "source": "sim", "status": "ok", "reason": "", "repetition": 0, **srow})
                 except MoeOffloadError as e:  # a refused prediction must not lose the measurement (a bug still raises)

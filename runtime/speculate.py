@@ -2,10 +2,14 @@
 
 The draft is the target with its routed experts quantized to INT4 (runtime.quant, symmetric, group
 128), all resident, sharing the embeddings, norms, attention, routers and the KV cache with the
-target (arXiv 2511.14102, Sec. 3.1). One cycle follows the simulator's rule (sim/speculative.py):
-with t the position of the last emitted token x_t, whose keys are not cached yet,
+target (arXiv 2511.14102, Sec. 3.1). One cycle follows the simulator's rule (sim/speculative.py)
+and is the simulator's own: the host controller's cycle methods (sim.host.HostController
+``cycle_begin``, ``draft_token``, ``cycle_end``; docs/host-controller.md) decide and record it, this
+module runs the draft and the target around them. With t the position of the last emitted token
+x_t, whose keys are not cached yet,
 
-1. the governor (sim.governor, the simulator's object) picks k from measured costs;
+1. the governor (sim.governor, the simulator's object) picks k from measured costs (the cost
+   model's on the virtual-time backend: sim.cycle_costs);
 2. the draft processes x_t, d_1, ..., d_{k-1} at positions t..t+k-1 (greedy) and proposes
    d_1..d_k; after each draft token its routers' choice (one ELB row: the experts of every MoE
    layer) goes to the prefetch policy (``on_draft_token``: MoE-SpeQ's scheduler, SP-MoE's cutoff,
@@ -42,9 +46,16 @@ import numpy as np
 import torch
 from torch import nn
 
+from runtime.errors import ExecutorError
 from runtime.routing import experts_call_args
-from sim.governor import CycleCosts
-from sim.policies.base import CycleInfo, PolicyContext, PrefetchPolicy
+from sim.cache import ExpertCache
+from sim.cycle_costs import CycleCostSource, MeasuredCosts, ModelledCosts
+from sim.host import HostController
+from sim.policies.base import PolicyContext, PrefetchPolicy
+from sim.runlog import RunLog
+
+__all__ = ["HFEngine", "LeanEngine", "MeasuredCosts", "ModelledCosts", "SpeculativeDecoder", "draft_experts",
+           "executed_spec_trace"]
 
 DRAFT_IMPLEMENTATION = "moe_spec_draft"
 ExpertsFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -303,165 +314,107 @@ class LeanEngine:
             self.lean.experts = self.lean.experts.inner
 
 
-# =============================================================================== measured costs
-class MeasuredCosts:
-    """What the governor is fed: measured draft-token and verify-pass times (EMA per size), the
-    measured per-expert transfer time, and the causal |E_new(k)| estimate of the simulator's host
-    (distinct experts of the last k + 1 verified positions x the share a verify pass had to fetch)."""
-
-    def __init__(self, expert_transfer_s: float, copy_latency_s: float = 0.0, alpha: float = 0.3) -> None:
-        self.expert_transfer_s = float(expert_transfer_s)
-        self.copy_latency_s = float(copy_latency_s)
-        self.alpha = float(alpha)
-        self.draft_s: float | None = None
-        self.verify: dict[int, float] = {}
-        self.miss_share: float | None = None
-
-    def _ema(self, old: float | None, new: float) -> float:
-        return new if old is None else (1 - self.alpha) * old + self.alpha * new
-
-    def at(self, r: int, t: int, L: int) -> None:
-        """The cycle about to be priced (request, position, request length): measured costs do not
-        depend on it."""
-
-    def observe_draft(self, per_token_s: float) -> None:
-        self.draft_s = self._ema(self.draft_s, per_token_s)
-
-    def observe_verify(self, n: int, s: float) -> None:
-        self.verify[n] = self._ema(self.verify.get(n), s)
-
-    def observe_fetch(self, fetched: int, needed: int) -> None:
-        if needed:
-            self.miss_share = self._ema(self.miss_share, fetched / needed)
-
-    def t_draft(self, k: int) -> float:
-        return k * (self.draft_s if self.draft_s is not None else 0.0)
-
-    def t_verify(self, n: int) -> float:
-        """Measured at n when seen; else linear through the two nearest measured sizes (one: flat)."""
-        if n in self.verify:
-            return self.verify[n]
-        if not self.verify:
-            return 0.0
-        xs = sorted(self.verify, key=lambda x: (abs(x - n), x))[:2]
-        if len(xs) == 1:
-            return self.verify[xs[0]]
-        (a, b) = sorted(xs)
-        slope = (self.verify[b] - self.verify[a]) / (b - a)
-        return max(0.0, self.verify[a] + slope * (n - a))
-
-    def cycle_costs(self, history: np.ndarray, M: int, E: int, top_k: int, t_pcie_init: float, k_limit: int,
-                    expert_bytes: int) -> CycleCosts:
-        """``history``: expert ids [positions, M, k] of the request's verified positions so far."""
-        memo: dict[int, int] = {}
-        share = self.miss_share
-
-        def new_experts(k: int) -> int:
-            if share is None:
-                return min(M * E, (k + 1) * top_k * M)
-            if k not in memo:
-                h = history[-(k + 1):] if len(history) else history
-                if len(h) == 0:
-                    memo[k] = min(M * E, (k + 1) * top_k * M)
-                else:
-                    distinct = sum(len(np.unique(h[:, m])) for m in range(M))
-                    memo[k] = distinct * (k + 1) / len(h)
-            return int(round(share * memo[k]))
-
-        return CycleCosts(t_draft=self.t_draft, t_verify=self.t_verify, t_pcie_init=t_pcie_init,
-                          t_overhead=self.copy_latency_s, expert_transfer_s=self.expert_transfer_s,
-                          new_experts=new_experts, k_limit=k_limit, expert_bytes=expert_bytes)
-
-
-class ModelledCosts(MeasuredCosts):
-    """The simulator's cost model in place of measured times (a virtual-time run): draft and verify
-    priced by the schedule exactly as the simulator's host prices them, so the governor sees the
-    simulator's inputs (tests of identical decisions; what-if runs). Transfers: ``expert_transfer_s``."""
-
-    def __init__(self, schedule: Any, trace: Any, decision_delay_s: float, expert_transfer_s: float,
-                 copy_latency_s: float = 0.0) -> None:
-        super().__init__(expert_transfer_s, copy_latency_s + decision_delay_s)
-        self.schedule, self.trace, self.dd = schedule, trace, float(decision_delay_s)
-        self.r = self.t = self.L = 0
-
-    def at(self, r: int, t: int, L: int) -> None:
-        self.r, self.t, self.L = r, t, L
-
-    def observe_draft(self, per_token_s: float) -> None:
-        pass
-
-    def observe_verify(self, n: int, s: float) -> None:
-        pass
-
-    def t_draft(self, k: int) -> float:
-        r, t, L = self.r, self.t, self.L
-        return sum(self.schedule.draft_token_time(r, t + i) for i in range(min(k, L - 1 - t)))
-
-    def t_verify(self, n: int) -> float:
-        r, t, L = self.r, self.t, self.L
-        return self.schedule.verify_estimate(n, int(self.trace.position[r, min(t + n, L) - 1]) + 1, self.dd)
-
-
 # =============================================================================== the decoder
 @dataclass
 class Cycle:
-    """One draft/verify cycle as measured (the simulator's cycle record, plus live-mode facts)."""
+    """One draft/verify cycle: the host controller's record (sim.metrics reads it; ``rec``) plus the
+    facts only a live run has, and the executor step of its verify pass (its coverage is known
+    once the run has finished)."""
 
-    request: int
-    cycle: int
-    t: int
-    k: int
-    accepted: int
-    draft_s: float
-    verify_s: float
+    rec: dict[str, Any]
     matches: list[bool] = field(default_factory=list)  # d_i == target's token, i = 1..k
     agreement: list[float] = field(default_factory=list)  # per drafted position with the target's input
-    coverage: float = float("nan")
-    elb_hits: int = 0  # experts the verify pass needed that the ELB forecast (per layer)
-    verify_experts: int = 0  # distinct experts the verify pass needed (per layer, summed)
-    fetched: int = 0
-    predicted_cycle_s: float = float("nan")
-    governor_phase: str = ""
+    step: int | None = None  # index into the run's steps
+
+    @property
+    def request(self) -> int:
+        return self.rec["request"]
+
+    @property
+    def k(self) -> int:
+        return self.rec["k"]
+
+    @property
+    def accepted(self) -> int:
+        return self.rec["accepted"]
 
     @property
     def emitted(self) -> int:
-        return self.accepted + 1
+        return self.rec["accepted"] + 1
 
 
-class _NoHost:
-    """The host side when no executor run is attached: the policy's actions are dropped (the
-    experts are resident), its calls still happen (the ELB is filled)."""
+class _Resident:
+    """The copy stream when no executor run is attached: every expert is resident, so the prefetch
+    policy's copies are dropped (its calls still happen: the ELB is filled)."""
 
-    def __init__(self, prefetch: PrefetchPolicy, M: int, E: int, top_k: int) -> None:
-        self.prefetch = prefetch
-        prefetch.attach(PolicyContext(num_moe_layers=M, num_experts=E, top_k=top_k, future=None, num_layer_steps=0,
-                                      next_use=None, cached=lambda key: False, layer_step=None))
+    class _Queue:
+        def apply(self, actions, state) -> None:
+            pass
 
-    def apply(self, actions) -> None:
+        def __len__(self) -> int:
+            return 0
+
+        def queued(self, key: int) -> bool:
+            return False
+
+    def __init__(self) -> None:
+        self.queue = self._Queue()
+        self.in_flight: tuple = ()
+        self.link_free = self.busy_time = 0.0
+        self.copies = 0
+        self.admit = None
+
+    def try_issue(self) -> None:
         pass
+
+    def observe(self, horizon: Any = None) -> float:
+        return 0.0
+
+
+def _resident_host(prefetch: PrefetchPolicy, M: int, E: int, top_k: int, expert_bytes: int) -> HostController:
+    """A host controller for a run without offloading (all experts resident): it hosts the cycle
+    (the governor, the ELB policy's calls, the records) and moves nothing."""
+    from sim.policies import EVICTION
+
+    eviction = EVICTION.create("lru")
+    cache = ExpertCache(M, E, eviction, slots=M * E)
+    copies = _Resident()
+    ctx = PolicyContext(num_moe_layers=M, num_experts=E, top_k=top_k, future=None, num_layer_steps=0,
+                        next_use=None, cached=cache.state.__getitem__, layer_step=None, queued=copies.queue.queued)
+    eviction.attach(ctx, cache.num_pools)
+    prefetch.attach(ctx)
+    return HostController(None, cache, copies, eviction=eviction, prefetch=prefetch, log=RunLog(), decision_delay=0.0,
+                          expert_bytes=expert_bytes, transfer_s=0.0, live=True, infos=[], admission=False, top_k=top_k)
 
 
 class SpeculativeDecoder:
-    """Greedy speculative decoding of prompts on one engine, with the simulator's governor and ELB
-    policy. ``run`` (optional): the executor's ``Run`` (its prefetch policy is the ELB policy; the
-    target's passes are its steps; the policy's copies go to its copy stream). Without a run the
-    experts are resident and ``prefetch`` (default none) only reads the ELB."""
+    """Greedy speculative decoding on one engine. The cycle is the host controller's
+    (sim.host.HostController: ``cycle_begin``, ``draft_token``, ``cycle_end``, with the simulator's
+    governor and ELB policy): this class only runs the draft and the target and times them.
+    ``run`` (optional): the executor's ``Run`` (its controller hosts the cycles, its prefetch policy
+    is the ELB policy, the target's passes are its steps, the policy's copies go to its copy
+    stream). Without a run the experts are resident and ``prefetch`` (default none) only reads the
+    ELB. ``costs``: what cycles are priced with (sim.cycle_costs; default measured)."""
 
     def __init__(self, engine: Any, governor: Any, *, num_experts: int, top_k: int, run: Any = None,
-                 prefetch: PrefetchPolicy | None = None, costs: MeasuredCosts | None = None,
+                 prefetch: PrefetchPolicy | None = None, costs: CycleCostSource | None = None,
                  expert_bytes: int = 0, sync: Callable[[], None] | None = None) -> None:
         self.engine, self.governor, self.run = engine, governor, run
         self.M, self.E, self.top_k = engine.M, int(num_experts), int(top_k)
         if run is not None:
             self.prefetch = run.prefetch
-            self.host = run
+            self.host = run.host
         else:
             from sim.policies import PREFETCH
 
             self.prefetch = prefetch if prefetch is not None else PREFETCH.create("none")
-            self.host = _NoHost(self.prefetch, self.M, self.E, self.top_k)
+            self.host = _resident_host(self.prefetch, self.M, self.E, self.top_k, int(expert_bytes))
         self.costs = costs or MeasuredCosts(0.0)
-        self.expert_bytes = int(expert_bytes)
+        self.host.use_governor(governor, self.costs)
+        # the virtual-time backend: cycles are timed on its clock, drafting takes the schedule's times
+        self.virtual = run is not None and run.virtual
+        if self.virtual and run.rc.schedule is None:
+            raise ExecutorError("speculation on the virtual backend needs the run's schedule (mode=replay)")
         dev = engine.device
         self.sync = sync or ((lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None))
         self.cycles: list[Cycle] = []
@@ -469,29 +422,25 @@ class SpeculativeDecoder:
         self.draft_rows: list[list[tuple[tuple[int, ...], ...] | None]] = []  # per request: draft ids per kept position
         self.draft_match: list[list[bool]] = []
 
-    # ------------------------------------------------------------------ host calls
-    def _issue(self, actions) -> None:
-        self.host.apply(actions)
-        if self.run is not None:
-            self.run.try_issue()
-
-    def _keys(self, row: tuple[tuple[int, ...], ...]) -> tuple[tuple[int, ...], ...]:
-        E = self.E
-        return tuple(tuple(m * E + e for e in ids) for m, ids in enumerate(row))
-
-    def _link_state(self) -> tuple[float, int]:
-        """(link time already committed, queued copies) at a cycle start."""
-        run = self.run
-        if run is None:
-            return 0.0, 0
-        run.pump()
-        busy = (len(run.queue) + len(run.in_flight)) * self.costs.expert_transfer_s
-        return busy, len(run.queue)
-
     # ------------------------------------------------------------------ passes
-    def _target(self, r: int, step: int, ids: list[int], start: int, emitted: int = 1, **replayed: Any) -> torch.Tensor:
+    def _now(self) -> float:
+        """The clock cycles are timed on: the virtual backend's compute stream (the end of what is
+        enqueued), else the host's wall clock after a device sync."""
+        if self.virtual:
+            be = self.run.backend
+            return be.seconds(be.mark())
+        self.sync()
+        return time.perf_counter()
+
+    def _target(self, r: int, step: int, ids: list[int], start: int, *, rows: tuple[int, int] | None = None,
+                emitted: int = 1, draft_s: float = 0.0, **replayed: Any) -> torch.Tensor:
+        """One target pass over ``ids`` at positions start.. (the prefill, step 0, or a verify pass);
+        replay on a schedule plans it first, as the simulator does (trace ``rows`` [a, b))."""
         run = self.run
         if run is not None:
+            sch = run.rc.schedule
+            if sch is not None:
+                sch.add_step(r, rows[0], rows[1], step, 1 if step else 0, emitted=emitted, draft_s=draft_s)
             run.begin_step(r, step, len(ids), emitted=emitted, **replayed)
         x = torch.tensor([ids], dtype=torch.long, device=self.engine.device)
         logits = self.engine.target(x, start)
@@ -500,211 +449,91 @@ class SpeculativeDecoder:
             run.end_step()
         return toks
 
+    def _draft(self, x: int, pos: int) -> tuple[int, tuple[tuple[int, ...], ...]]:
+        eng = self.engine
+        return eng.draft(torch.tensor([[x]], dtype=torch.long, device=eng.device), pos)
+
+    def _keys(self, row: tuple[tuple[int, ...], ...]) -> tuple[tuple[int, ...], ...]:
+        E = self.E
+        return tuple(tuple(m * E + e for e in ids) for m, ids in enumerate(row))
+
+    # ------------------------------------------------------------------ the request loop
+    def _request(self, r: int, src: "_Live | _Replay") -> None:
+        """Prefill, then cycles until the request's last position (``src`` runs the draft and the
+        target: live or replayed); the host controller decides and records each cycle."""
+        eng, run, host = self.engine, self.run, self.host
+        if run is not None:
+            run.request_start(r)
+        else:
+            host.request_start(r)
+        eng.reset()
+        t0 = self._now()
+        src.prefill()
+        host.speculation_start(t_prefill=self._now() - t0)
+        t, L = src.P, src.L
+        while t < L:
+            t0 = self._now()
+            # the compute stream is free (virtual: its clock; else the copy stream's present)
+            cyc = host.cycle_begin(r, t, L, src.history(t), t0 if self.virtual else host.observe())
+            k = cyc.k
+            wall = time.perf_counter()
+            for i in range(k):
+                row = src.draft(t, i)
+                if self.virtual:
+                    dt = run.draft_token(r, t + i)
+                else:
+                    now = time.perf_counter()
+                    dt, wall = now - wall, now
+                host.draft_token(i, row, dt)
+            t1 = self._now()
+            eng.rollback(t)  # the draft's keys and values are dropped, the target writes t..t+k
+            a, needed = src.verify(t, k, cyc.n, t1 - t0)
+            t2 = self._now()
+            eng.rollback(t + a + 1)
+            rec = host.cycle_end(a, t2 - t0, t1 - t0, t2 - t1, needed, float("nan"))
+            self.cycles.append(Cycle(rec, src.matches, src.agreement, len(run.steps) - 1 if run is not None else None))
+            t += a + 1
+        if run is not None:
+            run.request_end(r)
+        else:
+            host.request_end(r)
+
     def generate(self, prompts: Sequence[Sequence[int]], new_tokens: int) -> list[list[int]]:
         """Greedy tokens of each prompt (``new_tokens`` each, the prefill's first included)."""
         out = []
         with torch.inference_mode():
             for r, prompt in enumerate(prompts):
-                out.append(self._request(r, list(prompt), int(new_tokens)))
+                src = _Live(self, r, list(prompt), int(new_tokens))
+                self._request(r, src)
+                self.routing.append(src.routing)
+                self.draft_rows.append(src.drafts)
+                self.draft_match.append(src.match)
+                out.append(src.emitted[:new_tokens])
         return out
 
-    def _request(self, r: int, prompt: list[int], new_tokens: int) -> list[int]:
-        eng, run, gov, costs = self.engine, self.run, self.governor, self.costs
-        if run is not None:
-            run.request_start(r)
-        else:
-            self._issue(self.prefetch.on_request_start(r))
-        eng.reset()
-        P = len(prompt)
-        toks = self._target(r, 0, prompt, 0)
-        routing = [eng.target_routing.position(j) for j in range(P)]
-        drafts: list[Any] = [None] * P
-        match = [False] * P
-        emitted = [int(toks[-1])]
-        t, cycle = P, 0  # t: position of the last emitted token (not cached yet)
-        while len(emitted) < new_tokens:
-            cycle += 1
-            k_limit = new_tokens - len(emitted) - 1  # a cycle emits up to k + 1 tokens
-            busy, queued = self._link_state()
-            hist = np.asarray(routing[P:] or routing[-1:], dtype=np.int64)
-            cc = costs.cycle_costs(hist, self.M, self.E, self.top_k, busy, k_limit, self.expert_bytes)
-            d = gov.decide(cc)
-            k = max(0, min(int(d.k), k_limit))
-            copies0 = run.copies if run is not None else 0
-            self._issue(self.prefetch.on_cycle_start(CycleInfo(
-                request=r, t=t, k=k, t_draft_s=costs.t_draft(k), expert_transfer_s=costs.expert_transfer_s,
-                slots=run.cache.total_slots if run is not None else self.M * self.E, top_k=self.top_k)))
-            # drafting
-            self.sync()
-            t0 = time.perf_counter()
-            draft_toks: list[int] = []
-            rows = []
-            x = emitted[-1]
-            for i in range(k):
-                x, row = eng.draft(torch.tensor([[x]], dtype=torch.long, device=eng.device), t + i)
-                draft_toks.append(x)
-                rows.append(row)
-                if run is not None:
-                    run.pump()
-                left = costs.t_draft(k - i - 1)
-                busy, queued = self._link_state() if run is not None else (0.0, 0)
-                xfer = costs.expert_transfer_s
-                budget = int((left - busy) / xfer) - queued if xfer > 0 else 0
-                self._issue(self.prefetch.on_draft_token(i, self._keys(row), budget))
-            self.sync()
-            t1 = time.perf_counter()
-            # verify: the draft's keys/values are dropped, the target writes t..t+k
-            eng.rollback(t)
-            ver = [emitted[-1]] + draft_toks
-            y = self._target(r, cycle, ver, t).tolist()
-            self.sync()
-            t2 = time.perf_counter()
-            a = 0
-            while a < k and draft_toks[a] == y[a]:
-                a += 1
-            if run is not None:
-                run.steps[-1].emitted = a + 1
-            eng.rollback(t + a + 1)
-            # bookkeeping: routing of the kept positions, the draft's rows there, acceptance
-            vrows = [eng.target_routing.position(j) for j in range(k + 1)]
-            agree = []
-            for j in range(min(a + 1, k)):  # positions where the draft saw the target's input
-                inter = sum(len(set(rows[j][m]) & set(vrows[j][m])) for m in range(self.M))
-                agree.append(inter / (self.M * self.top_k))
-            for j in range(a + 1):
-                routing.append(vrows[j])
-                drafts.append(rows[j] if j < k else None)
-                match.append(j < a or a == k)  # a == k: the bonus position was not drafted (see executed_spec_trace)
-            fetched = (run.copies - copies0) if run is not None else 0
-            need_sets = [{e for j in range(k + 1) for e in vrows[j][m]} for m in range(self.M)]
-            needed = sum(len(x) for x in need_sets)
-            elb_hits = sum(len(need_sets[m] & {e for row in rows for e in row[m]}) for m in range(self.M))
-            if k:
-                costs.observe_draft((t1 - t0) / k)
-            costs.observe_verify(k + 1, t2 - t1)
-            costs.observe_fetch(fetched, needed)
-            gov.observe(k, a, t2 - t0)
-            self.cycles.append(Cycle(
-                request=r, cycle=cycle, t=t, k=k, accepted=a, draft_s=t1 - t0, verify_s=t2 - t1,
-                matches=[draft_toks[i] == y[i] for i in range(k)], agreement=agree,
-                coverage=run.steps[-1].coverage if run is not None else float("nan"), fetched=fetched,
-                elb_hits=elb_hits, verify_experts=needed,
-                predicted_cycle_s=float(getattr(d, "predicted_cycle_s", float("nan"))),
-                governor_phase=str(getattr(d, "phase", ""))))
-            emitted.extend(draft_toks[:a] + [y[a]])
-            t += a + 1
-        if run is not None:
-            run.request_end(r)
-        else:
-            self._issue(self.prefetch.on_request_end(r))
-        self.routing.append(routing)
-        self.draft_rows.append(drafts)
-        self.draft_match.append(match)
-        return emitted[:new_tokens]
-
-    # ------------------------------------------------------------------ replay
     def replay(self, trace: Any, draft: Any, *, seed: int = 0) -> None:
         """Speculative cycles over a trace's requests (mode=replay): the trace's routing is executed
         (every target pass computes exactly the experts of its rows, with their gate weights), the
         ELB rows and the acceptance come from ``draft`` (sim.speculative.DraftSource: the trace's
-        ``draft``/``draft_match`` columns), so the simulator and this run see the same cycles for the
-        same k. The draft model still runs its k tokens (its compute is measured), on random tokens."""
+        ``draft``/``draft_match`` columns), so the simulator and this run see the same cycles. The
+        draft model still runs its k tokens (its compute is measured), on random tokens."""
         rng = np.random.default_rng([seed, 77])
         with torch.inference_mode():
             for r in range(trace.num_requests):
-                self._replay_request(r, trace, draft, rng)
-
-    def _overrides(self, trace: Any, r: int, a: int, b: int) -> dict[str, Any]:
-        k = self.top_k
-        ids_np = trace.expert_ids[r, a:b].astype(np.int64)  # (n, M, k)
-        if trace.gate_weights is not None:
-            w_np = trace.gate_weights[r, a:b].astype(np.float32)
-            w_np = np.where(np.isfinite(w_np), w_np, 1.0 / k)
-        else:
-            w_np = np.full(ids_np.shape, 1.0 / k, dtype=np.float32)
-        dev = self.engine.device
-        ov_ids = torch.from_numpy(np.ascontiguousarray(ids_np.transpose(1, 0, 2))).to(dev)
-        ov_w = torch.from_numpy(np.ascontiguousarray(w_np.transpose(1, 0, 2))).to(dev)
-        E = self.E
-        needed = [tuple(sorted({m * E + int(e) for e in ids_np[:, m].reshape(-1)})) for m in range(self.M)]
-        return {"override": (ov_ids, ov_w, ids_np.transpose(1, 0, 2).tolist()), "needed": needed}
-
-    def _replay_request(self, r: int, trace: Any, draft: Any, rng: np.random.Generator) -> None:
-        eng, run, gov, costs = self.engine, self.run, self.governor, self.costs
-        L = int(trace.lengths[r])
-        P = int((trace.phase[r, :L] == 0).sum())
-        vocab = int(eng.vocab_size)
-        if run is not None:
-            run.request_start(r)
-        else:
-            self._issue(self.prefetch.on_request_start(r))
-        eng.reset()
-        toks = rng.integers(3, max(vocab, 4), size=L).tolist()
-        self._target(r, 0, toks[:P], 0, **self._overrides(trace, r, 0, P))
-        t, cycle = P, 0
-        while t < L:
-            cycle += 1
-            k_limit = L - 1 - t
-            busy, _ = self._link_state()
-            costs.at(r, t, L)
-            hist = trace.expert_ids[r, max(0, t - 64):t].astype(np.int64)  # verified rows (prefill too, as the simulator)
-            d = gov.decide(costs.cycle_costs(hist, self.M, self.E, self.top_k, busy, k_limit, self.expert_bytes))
-            k = max(0, min(int(d.k), k_limit))
-            copies0 = run.copies if run is not None else 0
-            self._issue(self.prefetch.on_cycle_start(CycleInfo(
-                request=r, t=t, k=k, t_draft_s=costs.t_draft(k), expert_transfer_s=costs.expert_transfer_s,
-                slots=run.cache.total_slots if run is not None else self.M * self.E, top_k=self.top_k)))
-            self.sync()
-            t0 = time.perf_counter()
-            x = toks[t]
-            elb: set[int] = set()
-            for i in range(k):
-                x, _ = eng.draft(torch.tensor([[x]], dtype=torch.long, device=eng.device), t + i)
-                if run is not None:
-                    run.pump()
-                busy, queued = self._link_state()
-                xfer = costs.expert_transfer_s
-                budget = int((costs.t_draft(k - i - 1) - busy) / xfer) - queued if xfer > 0 else 0
-                row = draft.elb_row(r, t + i)
-                elb.update(key for keys in row for key in keys)
-                self._issue(self.prefetch.on_draft_token(i, row, budget))
-            self.sync()
-            t1 = time.perf_counter()
-            eng.rollback(t)
-            a = draft.accepted(r, t, k)
-            ov = self._overrides(trace, r, t, t + k + 1)
-            self._target(r, cycle, toks[t:t + k + 1], int(trace.position[r, t]), emitted=a + 1, **ov)
-            self.sync()
-            t2 = time.perf_counter()
-            eng.rollback(t + a + 1)
-            fetched = (run.copies - copies0) if run is not None else 0
-            if k:
-                costs.observe_draft((t1 - t0) / k)
-            costs.observe_verify(k + 1, t2 - t1)
-            costs.observe_fetch(fetched, sum(len(x) for x in ov["needed"]))
-            gov.observe(k, a, t2 - t0)
-            self.cycles.append(Cycle(
-                request=r, cycle=cycle, t=t, k=k, accepted=a, draft_s=t1 - t0, verify_s=t2 - t1,
-                matches=[bool(draft.accepted(r, t + i, 1)) for i in range(k)],
-                coverage=run.steps[-1].coverage if run is not None else float("nan"), fetched=fetched,
-                elb_hits=sum(1 for keys in ov["needed"] for key in keys if key in elb),
-                verify_experts=sum(len(x) for x in ov["needed"]),
-                predicted_cycle_s=float(getattr(d, "predicted_cycle_s", float("nan"))),
-                governor_phase=str(getattr(d, "phase", ""))))
-            t += a + 1
-        if run is not None:
-            run.request_end(r)
-        else:
-            self._issue(self.prefetch.on_request_end(r))
+                self._request(r, _Replay(self, r, trace, draft, rng))
 
     # ------------------------------------------------------------------ reports
     def sim_cycles(self) -> list[dict[str, Any]]:
-        """The cycles in the simulator's record format (sim.metrics.speculative_metrics)."""
-        return [{"request": c.request, "cycle": c.cycle, "t": c.t, "k": c.k, "accepted": c.accepted,
-                 "emitted": c.emitted, "observed_cycle_s": c.draft_s + c.verify_s, "t_draft": c.draft_s,
-                 "t_verify": c.verify_s, "predicted_cycle_s": c.predicted_cycle_s, "governor_phase": c.governor_phase,
-                 "coverage": c.coverage,
-                 **({"elb_hits": c.elb_hits, "verify_experts": c.verify_experts} if c.k else {})} for c in self.cycles]
+        """The cycles in the simulator's record format (sim.metrics.speculative_metrics), each with
+        its verify pass's coverage once the run has finished."""
+        run = self.run
+        out = []
+        for c in self.cycles:
+            rec = dict(c.rec)
+            if run is not None and run.finished and c.step is not None:
+                rec["coverage"] = run.steps[c.step].coverage
+            out.append(rec)
+        return out
 
     def summary(self) -> dict[str, Any]:
         """Acceptance per draft position (P(accepted at i | accepted before i)), mean k, tokens per
@@ -727,6 +556,113 @@ class SpeculativeDecoder:
             "acceptance_by_position": per_pos,
             "draft_agreement": float(np.mean(ag)) if ag else float("nan"),
         }
+
+
+class _Live:
+    """A live request: the draft proposes tokens (greedy), the target's greedy tokens decide the
+    acceptance; the routing of every kept position is recorded (the executed trace)."""
+
+    def __init__(self, dec: SpeculativeDecoder, r: int, prompt: list[int], new_tokens: int) -> None:
+        self.dec, self.r, self.prompt = dec, r, prompt
+        self.P = len(prompt)
+        self.L = self.P + new_tokens - 1  # positions the request's tokens reach (the last is not cached)
+        self.routing: list[tuple[tuple[int, ...], ...]] = []
+        self.drafts: list[Any] = []
+        self.match: list[bool] = []
+        self.emitted: list[int] = []
+        self.matches: list[bool] = []
+        self.agreement: list[float] = []
+        self._toks: list[int] = []
+        self._rows: list[tuple[tuple[int, ...], ...]] = []
+
+    def prefill(self) -> None:
+        dec, P = self.dec, self.P
+        toks = dec._target(self.r, 0, self.prompt, 0)
+        self.routing = [dec.engine.target_routing.position(j) for j in range(P)]
+        self.drafts = [None] * P
+        self.match = [False] * P
+        self.emitted = [int(toks[-1])]
+
+    def history(self, t: int) -> list:
+        return self.routing  # the target's ids of positions 0..t-1
+
+    def draft(self, t: int, i: int) -> tuple[tuple[int, ...], ...]:
+        x, row = self.dec._draft(self._toks[-1] if i else self.emitted[-1], t + i)
+        self._toks.append(x)
+        self._rows.append(row)
+        return self.dec._keys(row)
+
+    def verify(self, t: int, k: int, n: int, draft_s: float) -> tuple[int, list]:
+        dec = self.dec
+        M, E = dec.M, dec.E
+        toks, rows = self._toks, self._rows
+        y = dec._target(self.r, n, [self.emitted[-1]] + toks, t, draft_s=draft_s).tolist()
+        a = 0
+        while a < k and toks[a] == y[a]:
+            a += 1
+        if dec.run is not None:
+            dec.run.steps[-1].emitted = a + 1
+        vrows = [dec.engine.target_routing.position(j) for j in range(k + 1)]
+        self.matches = [toks[i] == y[i] for i in range(k)]
+        self.agreement = [sum(len(set(rows[j][m]) & set(vrows[j][m])) for m in range(M)) / (M * dec.top_k)
+                          for j in range(min(a + 1, k))]  # positions where the draft saw the target's input
+        for j in range(a + 1):
+            self.routing.append(vrows[j])
+            self.drafts.append(rows[j] if j < k else None)
+            self.match.append(j < a or a == k)  # a == k: the bonus position was not drafted (see executed_spec_trace)
+        self.emitted.extend(toks[:a] + [y[a]])
+        self._toks, self._rows = [], []
+        return a, [sorted({m * E + e for j in range(k + 1) for e in vrows[j][m]}) for m in range(M)]
+
+
+class _Replay:
+    """A replayed request: the trace's rows are executed (the router's choice overridden), its
+    ``draft``/``draft_match`` columns give the ELB rows and the acceptance; tokens are random."""
+
+    def __init__(self, dec: SpeculativeDecoder, r: int, trace: Any, source: Any, rng: np.random.Generator) -> None:
+        self.dec, self.r, self.trace, self.source = dec, r, trace, source
+        self.L = int(trace.lengths[r])
+        self.P = int((trace.phase[r, :self.L] == 0).sum())
+        self.toks = rng.integers(3, max(int(dec.engine.vocab_size), 4), size=self.L).tolist()
+        self.matches: list[bool] = []
+        self.agreement: list[float] = []
+        self._x = 0
+
+    def _overrides(self, a: int, b: int) -> dict[str, Any]:
+        trace, dec = self.trace, self.dec
+        k = dec.top_k
+        ids_np = trace.expert_ids[self.r, a:b].astype(np.int64)  # (n, M, k)
+        if trace.gate_weights is not None:
+            w_np = trace.gate_weights[self.r, a:b].astype(np.float32)
+            w_np = np.where(np.isfinite(w_np), w_np, 1.0 / k)
+        else:
+            w_np = np.full(ids_np.shape, 1.0 / k, dtype=np.float32)
+        dev = dec.engine.device
+        ov_ids = torch.from_numpy(np.ascontiguousarray(ids_np.transpose(1, 0, 2))).to(dev)
+        ov_w = torch.from_numpy(np.ascontiguousarray(w_np.transpose(1, 0, 2))).to(dev)
+        E = dec.E
+        needed = [tuple(sorted({m * E + int(e) for e in ids_np[:, m].reshape(-1)})) for m in range(dec.M)]
+        return {"override": (ov_ids, ov_w, ids_np.transpose(1, 0, 2).tolist()), "needed": needed}
+
+    def prefill(self) -> None:
+        P = self.P
+        self.dec._target(self.r, 0, self.toks[:P], 0, rows=(0, P), **self._overrides(0, P))
+
+    def history(self, t: int) -> np.ndarray:
+        return self.trace.expert_ids[self.r, :t]  # the verified rows (prefill too, as the simulator)
+
+    def draft(self, t: int, i: int) -> tuple[tuple[int, ...], ...]:
+        self._x, _ = self.dec._draft(self._x if i else self.toks[t], t + i)
+        return self.source.elb_row(self.r, t + i)
+
+    def verify(self, t: int, k: int, n: int, draft_s: float) -> tuple[int, list]:
+        r, src = self.r, self.source
+        a = src.accepted(r, t, k)
+        ov = self._overrides(t, t + k + 1)
+        self.dec._target(r, n, self.toks[t:t + k + 1], int(self.trace.position[r, t]), rows=(t, t + k + 1),
+                         emitted=a + 1, draft_s=draft_s, **ov)
+        self.matches = [bool(src.accepted(r, t + i, 1)) for i in range(k)]
+        return a, ov["needed"]
 
 
 def executed_spec_trace(dec: SpeculativeDecoder, shape: Any, meta: dict[str, Any]) -> Any:

@@ -35,6 +35,7 @@ from typing import Any, NamedTuple, Sequence
 
 from sim.errors import SimError
 from sim.policies.base import Fetch, PrefetchPolicy
+from sim.policies.replay import Point  # the key the replay policy looks decisions up by
 
 #: the policy hooks a recorded prefetch can come from (the ``hook`` column)
 HOOKS = ("preload", "request_start", "layer_start", "routed", "transfer_done", "cycle_start", "draft_token",
@@ -59,18 +60,6 @@ _WHERE = {
     "cycle_start": ("request", "cycle"),
     "draft_token": ("request", "cycle", "index"),  # draft token ``index`` (0-based) of the cycle
 }
-
-
-class Point(NamedTuple):
-    """Where a policy was asked: the hook and its location (-1 where it does not apply)."""
-
-    hook: str
-    request: int = -1
-    step: int = -1
-    layer: int = -1
-    cycle: int = -1
-    index: int = -1
-    trigger: int = -1
 
 
 class Prefetch(NamedTuple):

@@ -3,7 +3,9 @@
 It owns routing classification (hit, late, miss), the policies' calls, applying their actions to the
 copy queue, completions and releases in timestamp order (through the copy stream, sim/link.py), and
 the demand waits; the speculative cycle (draft k, fill the Expert Lookahead Buffer, verify k + 1,
-acceptance, the governor's calls, the cycle records) too. It has no clock of its own: it is a
+acceptance, the governor's calls, the cycle records) too, as per-cycle methods (``cycle_begin``,
+``draft_token``, ``cycle_end``) that the simulator's ``speculative_request`` and the runtime's
+``runtime.speculate.SpeculativeDecoder`` both drive. It has no clock of its own: it is a
 generator that yields *wait requests* and is resumed with the time at which the wait is over.
 
 - simulator (``live=False``): ``Sleep(dt)``, let ``dt`` seconds pass on the compute stream. The
@@ -32,6 +34,7 @@ import numpy as np
 
 from sim.cache import LOADING, RESIDENT, ExpertCache
 from sim.errors import SimError
+from sim.cycle_costs import ModelledCosts
 from sim.governor import CycleCosts
 from sim.policies.base import DEMAND, CycleInfo, EvictionPolicy, Fetch, PolicyContext, PrefetchPolicy
 from sim.runlog import RunLog
@@ -69,6 +72,20 @@ class Compute(NamedTuple):
     late: tuple
 
 
+class SpecCycle:
+    """The state of one speculative cycle between ``cycle_begin`` and ``cycle_end``: request,
+    position of its last emitted token, its number in the request, k, the governor's decision, the
+    drafting time left, the copy stream's counters at its start and the ELB rows read so far."""
+
+    __slots__ = ("r", "t", "n", "k", "decision", "remaining", "copies0", "busy0", "rows")
+
+    def __init__(self, r: int, t: int, n: int, k: int, decision: Any, remaining: float, copies0: int,
+                 busy0: float) -> None:
+        self.r, self.t, self.n, self.k, self.decision = r, t, n, k, decision
+        self.remaining, self.copies0, self.busy0 = remaining, copies0, busy0
+        self.rows: list = []
+
+
 class Block(NamedTuple):
     """Wait request (runtime): the host blocks until ``mark`` (a copy or a computation) is done;
     resume with None."""
@@ -94,15 +111,19 @@ def policy_context(schedule: Any, cache: ExpertCache, queued: Any, predictor: An
 
 
 def overridden(policy: Any, base: type, name: str) -> bool:
-    """Whether ``policy`` implements hook ``name`` (the host skips calls to the base's no-ops)."""
-    return getattr(type(policy), name) is not getattr(base, name)
+    """Whether ``policy`` implements hook ``name`` (the host skips calls to the base's no-ops); a
+    wrapper that forwards its attributes (``__getattr__``) is asked for every hook."""
+    return getattr(type(policy), name, None) is not getattr(base, name)
 
 
 class HostController:
     """The host of one run: policies, the copy queue and stream, the cache, the counters.
 
     ``copy`` is the copy stream (``sim.link.CopyEngine``: the exact timestamp model). ``drive()`` is
-    the generator of the whole run (every request of the schedule's trace, in order)."""
+    the generator of the whole run (every request of the schedule's trace, in order). Speculative
+    runs: ``governor`` picks each cycle's k, ``costs`` prices cycles (default: the cost model's,
+    ``sim.cycle_costs.ModelledCosts``), ``draft`` gives the simulator's ELB rows and acceptance (the
+    runtime's driver brings its own); the runtime attaches them with ``use_governor``."""
 
     def __init__(
         self,
@@ -119,6 +140,8 @@ class HostController:
         copy_latency_s: float = 0.0,
         governor: Any = None,
         draft: Any = None,
+        costs: Any = None,
+        top_k: int | None = None,
         layer_names: list[str] | None = None,
         progress: Any = None,
         reset: str = "never",
@@ -127,7 +150,7 @@ class HostController:
         admission: bool = True,
         measured: bool = False,
     ) -> None:
-        if (governor is None) != (draft is None):
+        if not live and (governor is None) != (draft is None):
             raise SimError("speculative decoding needs both a governor and a draft source")
         if reset not in ("never", "request"):
             raise SimError(f"cache.reset must be 'never' or 'request', got {reset!r}")
@@ -141,7 +164,13 @@ class HostController:
         self.infos = infos if infos is not None or not (self.has_layer_start or self.has_routed) else schedule.infos
         self.M, self.E = cache.num_layers, cache.num_experts
         self.eviction, self.prefetch = eviction, prefetch
-        self.governor, self.draft = governor, draft
+        self.draft = draft  # the simulator's ELB rows and acceptance (sim.speculative.DraftSource)
+        self.top_k = int(top_k if top_k is not None else schedule.model.top_k)
+        if governor is not None and costs is None:
+            costs = ModelledCosts(schedule, decision_delay, transfer_s, copy_latency_s)
+        self.use_governor(governor, costs)
+        self.cycle: SpecCycle | None = None  # the speculative cycle under way
+        self.speculation_start()
         self.decision_delay = float(decision_delay)
         self.expert_bytes = expert_bytes
         self.transfer_s = transfer_s
@@ -261,20 +290,20 @@ class HostController:
         if self.log.occupancy is not None:
             self.log.occupancy.append((t, self.cache.resident_count()))
 
-    def _observe(self) -> None:
-        """Bring the copy stream to the host's present."""
+    def observe(self) -> float:
+        """Bring the copy stream to the host's present; returns it."""
         if self.live:
-            self.copy.observe()
-        else:
-            self.copy.advance(self.now)
+            return self.copy.observe()
+        self.copy.advance(self.now)
+        return self.now
 
     def request_start(self, r: int) -> None:
-        self._observe()
+        self.observe()
         self.apply(self.prefetch.on_request_start(r))
         self.copy.try_issue()
 
     def request_end(self, r: int) -> None:
-        self._observe()
+        self.observe()
         self.apply(self.prefetch.on_request_end(r))
         self.copy.try_issue()
 
@@ -382,114 +411,156 @@ class HostController:
         log.stall_per_layer = np.asarray(self.stall_layer)
 
     def speculative_request(self, r: int, times: list[float]) -> Iterator[Sleep]:
-        """Prefill, then draft/verify cycles (sim/speculative.py states the replay rule)."""
-        sch, copy, cache, log = self.schedule, self.copy, self.cache, self.log
-        trace, draft, governor, prefetch = sch.trace, self.draft, self.governor, self.prefetch
+        """Prefill, then draft/verify cycles (sim/speculative.py states the replay rule): the
+        simulator's driver of the cycle methods below. The draft runs on the GPU without waiting
+        for the host; the host reads each ELB row ``decision_delay`` after its draft token ends,
+        and the verify pass starts when the draft ends."""
+        sch, log, draft = self.schedule, self.log, self.draft
+        trace = sch.trace
         dd = self.decision_delay
         L = int(trace.lengths[r])
         P = int((trace.phase[r, :L] == 0).sum())
         if P == 0:
             raise SimError(f"request {int(trace.request_ids[r])} has no prefill token")
         yield from self.target_pass(sch.add_step(r, 0, P, 0, 0), times)
-        t_prefill = times[-1] - times[0]  # for a TTFT cap (governor slo="ttft")
-        xfer = self.transfer_s
-        miss_share: float | None = None  # EMA: experts fetched / experts a verify pass needed
-        t, cycle = P, 0
+        self.speculation_start(t_prefill=times[-1] - times[0])
+        ids_r = trace.expert_ids[r]
+        spans = log.compute_spans
+        t = P
         while t < L:
-            cycle += 1
-            gpu0 = self.now + self.carry  # the stream is free: the cycle starts
-            draft_memo: dict[int, float] = {}
-            union_memo: dict[int, float] = {}
-
-            def t_draft(k: int, t=t, memo=draft_memo) -> float:
-                if k not in memo:
-                    memo[k] = sum(sch.draft_token_time(r, t + i) for i in range(min(k, L - 1 - t)))
-                return memo[k]
-
-            def t_verify(n: int, t=t) -> float:
-                # a pass longer than the request (the TTFT cap's offline range) extends its context
-                # past the last position, one key per token
-                kv = int(trace.position[r, min(t + n, L) - 1]) + 1 + max(0, t + n - L)
-                return sch.verify_estimate(n, kv, dd)
-
-            def new_experts(k: int, t=t, memo=union_memo) -> int:
-                """|E_new(k)|, causally: the distinct experts of the last k + 1 positions already
-                verified (how fast this request's union grows with window length), times the share
-                of a verify pass's experts that recent cycles had to fetch (an EMA). Comparing the
-                *previous* ELB with the cache instead would count experts of positions that are
-                verified and cached by now."""
-                if miss_share is None:
-                    return min(sch.M * sch.E, (k + 1) * sch.model.top_k * sch.M)
-                if k not in memo:
-                    lo = max(0, t - (k + 1))
-                    ids = np.sort(trace.expert_ids[r, lo:t].transpose(1, 0, 2).reshape(sch.M, -1), axis=1)
-                    memo[k] = int((np.diff(ids, axis=1) != 0).sum()) + sch.M  # distinct ids per layer
-                    if t - lo < k + 1 and t - lo > 0:  # short history: extrapolate per position
-                        memo[k] = memo[k] * (k + 1) / (t - lo)
-                return int(round(miss_share * memo[k]))
-
-            queued = len(copy.queue) + len(copy.in_flight)
-            costs = CycleCosts(
-                t_draft=t_draft, t_verify=t_verify,
-                t_pcie_init=max(0.0, copy.link_free - gpu0) + len(copy.queue) * xfer if queued else 0.0,
-                t_overhead=self.copy_latency_s + dd, expert_transfer_s=xfer,
-                new_experts=new_experts, k_limit=L - 1 - t, expert_bytes=self.expert_bytes, t_prefill=t_prefill,
-            )
-            decision = governor.decide(costs)
-            k = min(decision.k, L - 1 - t)
-            bytes0, busy0 = copy.copies, copy.busy_time
-            self.apply(prefetch.on_cycle_start(CycleInfo(
-                request=r, t=t, k=k, t_draft_s=t_draft(k), expert_transfer_s=xfer,
-                slots=cache.total_slots, top_k=sch.model.top_k)))
-            copy.try_issue()
-            # drafting: the draft runs on the GPU without waiting for the host; the host reads each
-            # ELB row ``decision_delay`` after its draft token ends
-            rows = []
-            gpu = gpu0
-            remaining = t_draft(k)
+            gpu0 = gpu = self.now + self.carry  # the stream is free: the cycle starts
+            cyc = self.cycle_begin(r, t, L, ids_r[:t], gpu0)
+            k = cyc.k
             for i in range(k):
                 dt = sch.draft_token_time(r, t + i)
-                if log.compute_spans is not None:
-                    log.compute_spans.append((gpu, gpu + dt, f"draft {i + 1}/{k}"))
+                if spans is not None:
+                    spans.append((gpu, gpu + dt, f"draft {i + 1}/{k}"))
                 gpu += dt
-                remaining -= dt
-                self.now = now = yield Sleep(max(0.0, gpu + dd - self.now))
-                copy.advance(now)
-                row = draft.elb_row(r, t + i)
-                rows.append(row)
-                busy = max(0.0, copy.link_free - now) if copy.in_flight else 0.0
-                budget = int((remaining - busy) / xfer) - len(copy.queue) if xfer > 0 else 0
-                self.apply(prefetch.on_draft_token(i, row, budget))
-                copy.try_issue()
+                self.now = yield Sleep(max(0.0, gpu + dd - self.now))
+                self.draft_token(i, draft.elb_row(r, t + i), dt)
             if k:
                 self.carry = gpu - self.now
             a = draft.accepted(r, t, k)
-            s_idx = sch.add_step(r, t, t + k + 1, cycle, 1, emitted=a + 1, draft_s=gpu - gpu0)
+            s_idx = sch.add_step(r, t, t + k + 1, cyc.n, 1, emitted=a + 1, draft_s=gpu - gpu0)
             yield from self.target_pass(s_idx, times)
-            observed = times[-1] - gpu0
-            governor.observe(k, a, observed)
-            log.cycles.append({
-                "request": r, "cycle": cycle, "t": t, "k": k, "accepted": a, "emitted": a + 1,
-                "observed_cycle_s": observed, "predicted_cycle_s": decision.predicted_cycle_s,
-                "predicted_exposed_s": decision.predicted_cycle_exposed_s,
-                "predicted_overlapped_s": decision.predicted_cycle_overlapped_s,
-                "governor_phase": decision.phase, "predicted_new_experts": decision.new_experts,
-                "t_draft": gpu - gpu0, "t_verify": sch.compute_time(s_idx, dd) - (gpu - gpu0),
-                "bytes_moved": (copy.copies - bytes0) * self.expert_bytes, "t_pcie": copy.busy_time - busy0,
-                "coverage": log.coverage[-1],
-            })
             g0 = sch.steps[s_idx].g0
-            union = sum(len(sch.needed[g]) for g in range(g0, g0 + sch.M))
-            # ELB recall: the verify pass's experts that the k drafted rows predicted, per layer
-            elb_hits = 0
-            if rows:
-                for m in range(sch.M):
-                    elb = set().union(*(row[m] for row in rows))
-                    elb_hits += sum(1 for key in sch.needed[g0 + m] if key in elb)
-            log.cycles[-1].update(elb_hits=elb_hits, verify_experts=union)
-            share = (copy.copies - bytes0) / union if union else 0.0
-            miss_share = share if miss_share is None else 0.7 * miss_share + 0.3 * share
+            self.cycle_end(a, times[-1] - gpu0, gpu - gpu0, sch.compute_time(s_idx, dd) - (gpu - gpu0),
+                           sch.needed[g0:g0 + sch.M], log.coverage[-1])
             t += a + 1
+
+    # ------------------------------------------------------------ the speculative cycle
+    def use_governor(self, governor: Any, costs: Any) -> None:
+        """Host speculative cycles: ``governor`` picks k (sim.governor), ``costs`` prices a cycle
+        (sim.cycle_costs: the cost model's prices, or measured ones)."""
+        self.governor, self.costs = governor, costs
+
+    def speculation_start(self, t_prefill: float = 0.0) -> None:
+        """A request's prefill is done (``t_prefill`` seconds: a TTFT cap's input); its cycles
+        follow. The fetched-share estimate of |E_new(k)| starts afresh with each request."""
+        self._t_prefill = t_prefill
+        self._miss_share: float | None = None  # EMA: experts fetched / experts a verify pass needed
+        self._cycle_no = 0
+
+    def cycle_begin(self, r: int, t: int, L: int, history: Any, start: float) -> "SpecCycle":
+        """A cycle of request ``r`` (``L`` tokens) begins with its last emitted token at position
+        ``t``, the compute stream free at ``start`` (the copy stream's clock). ``history``: the
+        expert ids [t, M, top_k] of the request's verified positions (an array, or a list of rows).
+        The governor picks k from the cycle's costs; the prefetch policy learns of the cycle
+        (``on_cycle_start``) and its copies are issued. Returns the cycle's state (``k``, ``n``)."""
+        copy, xfer, costs = self.copy, self.costs.expert_transfer_s, self.costs
+        self._cycle_no += 1
+        costs.at(r, t, L)
+        k_limit = L - 1 - t
+        queued = len(copy.queue) + len(copy.in_flight)
+        decision = self.governor.decide(CycleCosts(
+            t_draft=costs.t_draft, t_verify=costs.t_verify,
+            t_pcie_init=max(0.0, copy.link_free - start) + len(copy.queue) * xfer if queued else 0.0,
+            t_overhead=costs.overhead_s, expert_transfer_s=xfer,
+            new_experts=self._new_experts_fn(history), k_limit=k_limit, expert_bytes=self.expert_bytes,
+            t_prefill=self._t_prefill,
+        ))
+        k = min(decision.k, k_limit)
+        remaining = costs.t_draft(k)
+        cyc = self.cycle = SpecCycle(r, t, self._cycle_no, k, decision, remaining, copy.copies, copy.busy_time)
+        self.apply(self.prefetch.on_cycle_start(CycleInfo(
+            request=r, t=t, k=k, t_draft_s=remaining, expert_transfer_s=xfer,
+            slots=self.cache.total_slots, top_k=self.top_k)))
+        copy.try_issue()
+        return cyc
+
+    def _new_experts_fn(self, history: Any):
+        """|E_new(k)|, causally: the distinct experts of the last k + 1 positions already verified
+        (how fast this request's union grows with window length), times the share of a verify
+        pass's experts that recent cycles had to fetch (an EMA). Comparing the *previous* ELB with
+        the cache instead would count experts of positions that are verified and cached by now."""
+        share, M, E, top_k = self._miss_share, self.M, self.E, self.top_k
+        if share is None:
+            return lambda k: min(M * E, (k + 1) * top_k * M)
+        memo: dict[int, float] = {}
+        n = len(history)
+
+        def new_experts(k: int) -> int:
+            if k not in memo:
+                lo = max(0, n - (k + 1))
+                ids = np.sort(np.asarray(history[lo:]).transpose(1, 0, 2).reshape(M, -1), axis=1)
+                memo[k] = int((np.diff(ids, axis=1) != 0).sum()) + M  # distinct ids per layer
+                if n - lo < k + 1 and n - lo > 0:  # short history: extrapolate per position
+                    memo[k] = memo[k] * (k + 1) / (n - lo)
+            return int(round(share * memo[k]))
+
+        return new_experts
+
+    def draft_token(self, i: int, row: Any, dt: float) -> None:
+        """Draft token ``i`` of the cycle took ``dt`` seconds and the host has read its ELB row
+        ``row`` (the keys the draft's router picked at each MoE layer): the prefetch policy gets it
+        with the number of copies the link can still finish while drafting goes on (the drafting
+        time left, less the link time already committed), and its copies are issued."""
+        cyc, copy = self.cycle, self.copy
+        now = self.observe()
+        cyc.remaining -= dt
+        cyc.rows.append(row)
+        xfer = self.costs.expert_transfer_s
+        busy = max(0.0, copy.link_free - now) if copy.in_flight else 0.0
+        budget = int((cyc.remaining - busy) / xfer) - len(copy.queue) if xfer > 0 else 0
+        self.apply(self.prefetch.on_draft_token(i, row, budget))
+        copy.try_issue()
+
+    def cycle_end(self, accepted: int, observed_s: float, draft_s: float, verify_s: float,
+                  needed: Any, coverage: float) -> dict[str, Any]:
+        """The verify pass is done and ``accepted`` draft tokens matched: the governor learns the
+        cycle (``observed_s``: draft start to verify end), the cost source its measured times, the
+        fetched share its sample; the cycle's record (sim.metrics reads it) goes to the log.
+        ``needed``: the verify pass's keys per MoE layer (distinct); ``coverage``: the share of its
+        experts resident as it started."""
+        cyc, copy = self.cycle, self.copy
+        k, decision = cyc.k, cyc.decision
+        self.governor.observe(k, accepted, observed_s)
+        self.costs.observe(k, draft_s, verify_s)
+        fetched = copy.copies - cyc.copies0
+        rec = {
+            "request": cyc.r, "cycle": cyc.n, "t": cyc.t, "k": k, "accepted": accepted, "emitted": accepted + 1,
+            "observed_cycle_s": observed_s, "predicted_cycle_s": decision.predicted_cycle_s,
+            "predicted_exposed_s": decision.predicted_cycle_exposed_s,
+            "predicted_overlapped_s": decision.predicted_cycle_overlapped_s,
+            "governor_phase": decision.phase, "predicted_new_experts": decision.new_experts,
+            "t_draft": draft_s, "t_verify": verify_s,
+            "bytes_moved": fetched * self.expert_bytes, "t_pcie": copy.busy_time - cyc.busy0,
+            "coverage": coverage,
+        }
+        union = sum(len(keys) for keys in needed)
+        # ELB recall: the verify pass's experts that the k drafted rows predicted, per layer
+        elb_hits = 0
+        rows = cyc.rows
+        if rows:
+            for m in range(self.M):
+                elb = set().union(*(row[m] for row in rows))
+                elb_hits += sum(1 for key in needed[m] if key in elb)
+        rec.update(elb_hits=elb_hits, verify_experts=union)
+        self.log.cycles.append(rec)
+        share = fetched / union if union else 0.0
+        ms = self._miss_share
+        self._miss_share = share if ms is None else 0.7 * ms + 0.3 * share
+        return rec
 
     def target_pass(self, s_idx: int, times: list[float] | None) -> Iterator[Any]:
         """One target pass (prefill, decode step or verify) through every MoE layer: the hot path.

@@ -337,6 +337,13 @@ def run_policy(prep: Prepared, pcfg: DictConfig, seed: int, *, timeline: bool = 
 
     plan = plan or policy_plan(prep, pcfg)
     eviction = EVICTION.create(pcfg.eviction, **dict(pcfg.eviction_args))
+    if decisions is None and pcfg.prefetch == "replay":  # the command line: a decisions file
+        from sim.decisions import DecisionLog
+
+        path = pcfg.prefetch_args.get("decisions")
+        if not path:
+            raise SimError("policy.prefetch=replay needs +policy.prefetch_args.decisions=<decisions file>")
+        decisions = DecisionLog.load(path)
     if decisions is not None:
         from sim.policies.replay import ReplayEviction
 

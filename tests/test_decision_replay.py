@@ -21,7 +21,7 @@ from sim.config import register_configs
 from sim.decisions import META_KEY, CycleK, DecisionLog, Eviction, Point, Prefetch, Refusal, agreement
 from sim.errors import SimError
 from sim.governor import CycleCosts, PlaybackGovernor
-from sim.policies import PREFETCH
+from sim.policies.errors import PolicyError
 from sim.presets import conf_dir
 from sim.run import load_policy, prepare, run_policy
 
@@ -118,7 +118,7 @@ def test_decisions_file_round_trip(tmp_path: Path):
                                                                             d.cycles)
     assert back.meta["policy"] == "x" and back.meta["format"] == 1
     assert back.ks() == [2, 4]  # run order: requests in turn
-    assert PREFETCH.create("replay", decisions=str(tmp_path / "d.parquet")).decisions.prefetches == d.prefetches
+    assert DecisionLog.load(str(tmp_path / "d.parquet")).prefetches == d.prefetches
 
 
 def _write(path: Path, cols: dict, meta: dict | None) -> Path:
@@ -189,7 +189,7 @@ def test_bad_decisions_files_are_refused_in_one_line(tmp_path: Path, case: str, 
 def test_decisions_of_another_model_are_refused_before_the_run(tmp_path: Path):
     prep = prepared("cache.slots=6")
     other = DecisionLog(meta={"num_moe_layers": 3, "num_experts": 8})
-    with pytest.raises(SimError, match="recorded on 3 MoE layers x 8 experts, the simulated model has"):
+    with pytest.raises(PolicyError, match="recorded on 3 MoE layers x 8 experts, the simulated model has"):
         run_policy(prep, load_policy("lookahead"), 0, decisions=other)
 
 

@@ -19,6 +19,7 @@ from sim.costmodel import CostModel
 from sim.engine import Simulation
 from sim.hardware import HardwareSpec
 from sim.host import Block, Compute, HostController, Routing, Sleep
+from sim.cache import LOADING, RESIDENT
 from sim.policies import EVICTION
 from sim.policies.base import Cancel, Fetch, PrefetchPolicy
 from sim.schedule import Schedule
@@ -325,3 +326,57 @@ def test_live_driver_demand_wait_blocks_the_host_then_the_compute_runs():
     assert (host.hits, host.late, host.misses) == (2, 0, 2)
     assert token_end == approx([11.5 * ms, 13 * ms, 24.5 * ms, 26 * ms])
     assert blocks == approx([11 * ms, 24 * ms])  # the host waited for each demand copy to land
+
+
+class _ScriptedCopies(_FakeBackend):
+    """A backend whose copies end at scripted times (in issue order), FIFO or not."""
+
+    def __init__(self, ends: list[float]) -> None:
+        super().__init__(0.0)
+        self.ends = list(ends)
+
+    def copy(self, dst, src, after, pad_s, at=None):
+        return _Mark(0.0), _Mark(self.ends.pop(0))
+
+
+def _two_copies(ends: list[float]):
+    from runtime.executor import SlotCache
+    from sim.policies import PolicyContext
+
+    ev = EVICTION.create("lru")
+    ev.attach(PolicyContext(1, 4, 1, lambda g: (), 0, lambda k, g: 0, lambda k: 0, lambda g: None), 1)
+    cache = SlotCache(1, 4, ev, slots=2)
+    be = _ScriptedCopies(ends)
+    link = MarkStream(cache, be, slot_bytes=[None, None], source=lambda key: None, num_slots=2, nbytes=1,
+                      copies_in_flight=2)
+    for key in (0, 1):
+        link.request(key, 0)
+    link.try_issue()
+    assert [k for _, _, k, _ in link.copy_log] == [0, 1]
+    return link, be, cache
+
+
+def test_copy_completions_are_applied_in_issue_order():
+    """A FIFO stream: copy 0 ends at 1 s, copy 1 at 2 s. At 1.5 s only copy 0 has landed (copy 1
+    still loading); at 3 s both, in issue order."""
+    link, be, cache = _two_copies([1.0, 2.0])
+    be.now = 1.5
+    assert link.observe() == 1.5
+    assert (cache.state[0], cache.state[1]) == (RESIDENT, LOADING)
+    be.now = 3.0
+    link.observe()
+    assert (cache.state[0], cache.state[1]) == (RESIDENT, RESIDENT) and not link.in_flight
+
+
+@pytest.mark.parametrize("now", [1.5, 3.0])
+def test_a_copy_stream_completing_out_of_issue_order_is_refused(now):
+    """Copy 1 (issued second) ends at 1 s, before copy 0 (2 s): at 1.5 s the host sees copy 1
+    complete while copy 0 is not; at 3 s both are complete with their end times reversed. Either
+    way the copy stream refuses (the model applies completions in issue order; applying copy 1
+    first would move its clock backwards) instead of mis-ordering silently."""
+    from runtime.errors import ExecutorError
+
+    link, be, cache = _two_copies([2.0, 1.0])
+    be.now = now
+    with pytest.raises(ExecutorError, match="not first-in-first-out"):
+        link.observe()

@@ -6,13 +6,16 @@ family, both engines where the lean path supports the family); a draft that is o
 changes nothing but the acceptance; after rollback the KV cache equals a non-speculative run's;
 the ELB rows the policy receives are the draft's routing, and MoE-SpeQ's scheduler holds exactly
 their union; the executor's run counts a verify pass as one multi-token step; `python -m runtime`
-measures speculative policies in live mode and prints acceptance, mean k and tokens per cycle.
+measures speculative policies in live mode and prints acceptance, mean k and tokens per cycle; on
+the virtual-time backend the runtime's speculation (hosted by the simulator's controller) makes
+exactly the simulator's decisions for the governor, fixed k, spec-lru and SP-MoE.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -281,44 +284,57 @@ def test_gpu_speculative_benchmark_smoke(tmp_path):
     assert (tmp_path / "summary.md").read_text().count("MoE-SpeQ") >= 2
 
 
-def test_the_governor_decides_as_in_the_simulator_on_the_same_inputs():
-    """Replay with the simulator's cost model as the clock (ModelledCosts): the runtime's host hands
-    the roofline governor the simulator's inputs (draft and verify prices, |E_new(k)| from the same
-    fetch history, the same acceptance), so it picks the same k in every cycle; spec-lru (demand
-    fetches only) then sees the same hits and misses."""
-    from runtime.executor import RunConfig
-    from runtime.measure import Session
-    from runtime.speculate import ModelledCosts
-    from sim.hardware import HardwareSpec
-    from sim.policies import EVICTION
-    from sim.run import load_policy, run_policy, speculative_trace
-    from sim.speculative import DraftSource
+@pytest.mark.parametrize("layout", [["cache.slots=10"], ["cache.per_layer=3"], ["cache.slots=10", "cache.reset=request"]])
+def test_virtual_time_speculation_makes_exactly_the_simulators_decisions(layout):
+    """Speculative replay hosted by the runtime on the deterministic virtual-time backend (compute
+    and drafting take the cost model's times, copies the copy stream model's) makes exactly the
+    simulator's decisions on the same trace, for the roofline governor (MoE-SpeQ), fixed k,
+    on-demand LRU under speculation and SP-MoE's cutoff (one global pool, per-layer pools, a cache
+    emptied at each request): the same k and acceptance in every cycle,
+    the same copies in the same order (demand or prefetch), the same hits, late experts, misses,
+    evictions, refused prefetches and ELB recall; copy and token times equal within rounding (the
+    two sum the same durations in a different order). Both run the same controller methods
+    (sim.host.HostController.cycle_begin / draft_token / cycle_end)."""
+    from runtime.measure import Session, run_log
+    from sim.run import policy_governor, run_policy
 
-    cfg = _compose(["model=tiny", "policy=spec-lru", "repetitions=1", "warmup_steps=0", "trace.requests=2",
-                    "trace.prompt_tokens=5", "trace.decode_tokens=30", "governor=roofline", "governor.k_max=6",
-                    "cache.slots=10", "engine=eager"])
+    cfg = _compose(["model=tiny", "policy.suite=[speq,speq-k4,spec-lru,spmoe]", "policy.name=s", "repetitions=1",
+                    "warmup_steps=0", "trace.requests=2", "trace.prompt_tokens=5", "trace.decode_tokens=40",
+                    "governor=roofline", "governor.k_max=6", "governor.warmup_cycles=2", *layout, "engine=eager",
+                    "cpu_backend=virtual", "hardware.decision_delay_s=2e-5"])
     sess = Session(cfg)
+    prefetches = refused = 0
+    ks: set[int] = set()
     try:
-        p = load_policy("spec-lru")
         prep = sess.prepare(cfg)
-        plan = sess.plan(cfg, p)
-        srow, (_, slog) = run_policy(prep, p, int(cfg.seed), governor_cfg=cfg.governor, trace_cfg=cfg.trace, plan=plan)
-        hw = HardwareSpec.from_cfg(cfg.hardware)
-        run = sess.om.start_run(RunConfig(eviction=EVICTION.create("lru"), prefetch=PREFETCH.create("none"),
-                                          slots=plan.slots, decision_delay_s=float(hw.decision_delay_s)))
-        costs = ModelledCosts(prep.schedule, prep.trace, float(hw.decision_delay_s),
-                              prep.cost.h2d(prep.model.bytes_per_expert()), float(hw.copy_latency_s))
-        eng = HFEngine(sess.om.model, sess.om.modules, sess.draft[0])
-        dec = SpeculativeDecoder(eng, build_governor(cfg.governor), num_experts=sess.om.E, top_k=sess.om.top_k, run=run,
-                                 costs=costs, expert_bytes=prep.model.bytes_per_expert())
-        dtr = speculative_trace(prep, cfg.trace)
-        dec.replay(dtr, DraftSource(dtr), seed=int(cfg.seed))
-        sess.om.end_run()
-        eng.close()
+        for p in cfg.policy.suite:
+            from sim.run import load_policy
+
+            pcfg = load_policy(p)
+            plan = sess.plan(cfg, pcfg)
+            run = sess.run_config(cfg, pcfg, plan, schedule=prep.schedule, trace=prep.trace)
+            row, (sim, log) = run_policy(prep, pcfg, int(cfg.seed), timeline=True, governor_cfg=policy_governor(cfg, pcfg),
+                                         trace_cfg=cfg.trace, plan=plan)
+            cyc = run.spec.sim_cycles()
+            assert [c["k"] for c in cyc] == [c["k"] for c in log.cycles], p
+            assert [c["accepted"] for c in cyc] == [c["accepted"] for c in log.cycles], p
+            assert [c["elb_hits"] for c in cyc] == [c["elb_hits"] for c in log.cycles], p
+            assert [c["governor_phase"] for c in cyc] == [c["governor_phase"] for c in log.cycles], p
+            got = [(k, pf) for _, _, k, pf in run.copy_log]
+            want = [(k, pf) for _, _, k, pf in log.copy_spans]
+            assert got == want, p
+            assert (run.hits, run.late, run.misses, run.cache.evictions) == (log.hits, log.late, log.misses, log.evictions), p
+            assert run.link.refused == sim.copy.refused, p
+            sec = run.backend.seconds
+            assert np.allclose([sec(b) for _, b, _, _ in run.copy_log], [b for _, b, _, _ in log.copy_spans],
+                               rtol=1e-9, atol=0), p
+            rl = run_log(run)
+            assert np.allclose(np.concatenate(rl.token_times), np.concatenate(log.token_times), rtol=1e-9, atol=0), p
+            assert [c["coverage"] for c in cyc] == pytest.approx([c["coverage"] for c in log.cycles], rel=1e-12), p
+            prefetches += sum(pf for _, pf in got)
+            refused += sim.copy.refused
+            ks.update(c["k"] for c in log.cycles if p == "speq")
     finally:
         sess.close()
-    sim_k = [c["k"] for c in slog.cycles]
-    assert len(set(sim_k)) > 1  # the governor moved (warm-up, then its choice): a real comparison
-    assert [c.k for c in dec.cycles] == sim_k
-    assert [c.accepted for c in dec.cycles] == [c["accepted"] for c in slog.cycles]
-    assert (run.hits, run.misses) == (slog.hits, slog.misses)
+    assert prefetches > 0  # the ELB policies' copies are compared, not only demand fetches
+    assert len(ks) > 1  # the governor moved (warm-up, then its choice): a real comparison

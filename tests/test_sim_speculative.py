@@ -213,3 +213,40 @@ def test_ttft_cap_on_requests_shorter_than_k_max():
                                f"governor.latency_budget_ms={budget}", *short))
         assert [r["status"] for r in rows] == ["ok"]
         assert 1 <= rows[0]["mean_k"] <= 7
+
+
+def test_cycle_cost_sources():
+    """What the host prices a cycle with (sim/cycle_costs.py). Modelled: t_draft(k) is the sum of
+    the schedule's draft-token times over positions t..t+k-1, never past the request's last
+    token; t_verify(n) the schedule's estimate at the context of the pass's last position, a pass
+    longer than the request extending it one key per token. Measured: an EMA per verify size,
+    linear between the two nearest measured sizes, flat beyond a single one; nothing before the
+    first cycle."""
+    from sim.cycle_costs import MeasuredCosts, ModelledCosts
+
+    prep = prepare(cfg_of("model=tiny", *SMALL))
+    sch, tr = prep.schedule, prep.trace
+    mc = ModelledCosts(sch, 2e-5, 1e-3, 5e-6)
+    L = int(tr.lengths[0])
+    t = L - 3
+    mc.at(0, t, L)
+    assert mc.overhead_s == 5e-6 + 2e-5 and mc.expert_transfer_s == 1e-3
+    assert mc.t_draft(0) == 0.0
+    assert mc.t_draft(2) == sch.draft_token_time(0, t) + sch.draft_token_time(0, t + 1)
+    assert mc.t_draft(9) == mc.t_draft(2)  # capped: only L - 1 - t tokens can be drafted
+    kv = int(tr.position[0, L - 1]) + 1
+    assert mc.t_verify(3) == sch.verify_estimate(3, kv, 2e-5)
+    assert mc.t_verify(5) == sch.verify_estimate(5, kv + 2, 2e-5)
+    mc.at(0, 4, L)  # a new cycle: nothing memoised from the last one
+    assert mc.t_draft(2) == sch.draft_token_time(0, 4) + sch.draft_token_time(0, 5)
+
+    m = MeasuredCosts(1e-3, 3e-5, alpha=0.5)
+    assert (m.t_draft(4), m.t_verify(5), m.overhead_s) == (0.0, 0.0, 3e-5)
+    m.observe(2, 2e-3, 5e-3)  # k = 2: 1 ms per draft token, 5 ms to verify 3 positions
+    assert m.t_draft(4) == pytest.approx(4e-3) and m.t_verify(7) == 5e-3
+    m.observe(2, 4e-3, 7e-3)  # EMA with alpha 0.5
+    assert m.t_draft(1) == pytest.approx(1.5e-3) and m.t_verify(3) == pytest.approx(6e-3)
+    m.observe(0, 0.0, 2e-3)  # k = 0: no draft token, a 1-position pass
+    assert m.t_draft(1) == pytest.approx(1.5e-3)
+    assert m.t_verify(2) == pytest.approx(4e-3)  # halfway between n = 1 (2 ms) and n = 3 (6 ms)
+    assert m.t_verify(5) == pytest.approx(10e-3)  # extended through the two nearest (n = 3, 1)

@@ -13,25 +13,34 @@ in turn.
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
-from sim import decisions as _decisions  # a module: sim.decisions imports sim.policies.base
-from sim.errors import SimError
 from sim.policies.base import PREFETCH, Action, EvictionPolicy, Fetch, LayerStep, PolicyContext, PrefetchPolicy
+from sim.policies.errors import PolicyError
+
+
+class Point(NamedTuple):
+    """Where a policy was asked: the hook and its location (-1 where it does not apply). Defined
+    here, with the policy that looks decisions up by it; sim.decisions records and stores them."""
+
+    hook: str
+    request: int = -1
+    step: int = -1
+    layer: int = -1
+    cycle: int = -1
+    index: int = -1
+    trigger: int = -1
 
 
 @PREFETCH.register("replay")
 class ReplayPrefetch(PrefetchPolicy):
-    """The recorded prefetches at their recorded decision points (``decisions``: a DecisionLog or
-    the path of a decisions file). Streaming flags (``keeps_cache``, ``host_memory``) are the
+    """The recorded prefetches at their recorded decision points (``decisions``: a loaded
+    sim.decisions.DecisionLog; sim.run loads a ``policy.prefetch_args.decisions`` file). Streaming flags (``keeps_cache``, ``host_memory``) are the
     recorded policy's, and so are the hooks it implements: the host treats a policy that acts at a
     layer's start differently (it acts as the device reaches the layer, which synchronises the
     two), so an instance implements exactly the recorded policy's hooks (``meta["hooks"]``)."""
 
-    def __new__(cls, decisions: "_decisions.DecisionLog | str | Path") -> "ReplayPrefetch":
-        if not isinstance(decisions, _decisions.DecisionLog):
-            decisions = _decisions.DecisionLog.load(decisions)
+    def __new__(cls, decisions: Any) -> "ReplayPrefetch":
         hooks = frozenset(decisions.meta.get("hooks", GATED)) & frozenset(GATED)
         variant = _VARIANTS.get(hooks)
         if variant is None:
@@ -41,7 +50,7 @@ class ReplayPrefetch(PrefetchPolicy):
         obj.decisions = decisions
         return obj
 
-    def __init__(self, decisions: "_decisions.DecisionLog | str | Path") -> None:
+    def __init__(self, decisions: Any) -> None:
         meta = self.decisions.meta  # read by __new__
         self.keeps_cache = bool(meta.get("keeps_cache", True))
         self.host_memory = meta.get("host_memory")
@@ -51,7 +60,7 @@ class ReplayPrefetch(PrefetchPolicy):
         meta = self.decisions.meta
         M, E = meta.get("num_moe_layers"), meta.get("num_experts")
         if (M, E) != (ctx.num_moe_layers, ctx.num_experts):
-            raise SimError(f"replayed decisions were recorded on {M} MoE layers x {E} experts, the simulated model has "
+            raise PolicyError(f"replayed decisions were recorded on {M} MoE layers x {E} experts, the simulated model has "
                            f"{ctx.num_moe_layers} x {ctx.num_experts}")
         self._at: dict[Any, list[Fetch]] = {
             pt: [Fetch(p.key, p.priority) for p in ps] for pt, ps in self.decisions.by_point().items()}
@@ -75,32 +84,32 @@ class ReplayPrefetch(PrefetchPolicy):
         return acts
 
     def preload(self, capacity: Sequence[int]) -> list[int]:
-        return [a.key for a in self._take(_decisions.Point("preload"))]
+        return [a.key for a in self._take(Point("preload"))]
 
     def on_request_start(self, request: int) -> list[Action]:
         self._request, self._cycle = int(request), 0
-        return self._take(_decisions.Point("request_start", request=int(request)))
+        return self._take(Point("request_start", request=int(request)))
 
     def on_layer_start(self, ls: LayerStep) -> list[Action]:
-        return self._take(_decisions.Point("layer_start", ls.request, ls.step, ls.m))
+        return self._take(Point("layer_start", ls.request, ls.step, ls.m))
 
     def on_routed(self, ls: LayerStep, needed: Sequence[int]) -> list[Action]:
-        return self._take(_decisions.Point("routed", ls.request, ls.step, ls.m))
+        return self._take(Point("routed", ls.request, ls.step, ls.m))
 
     def on_transfer_done(self, key: int) -> list[Action]:
         n = self._landings.get(key, 0) + 1
         self._landings[key] = n
-        return self._take(_decisions.Point("transfer_done", index=n, trigger=int(key)))
+        return self._take(Point("transfer_done", index=n, trigger=int(key)))
 
     def on_cycle_start(self, cycle: Any) -> list[Action]:
         self._cycle += 1
-        return self._take(_decisions.Point("cycle_start", request=int(cycle.request), cycle=self._cycle))
+        return self._take(Point("cycle_start", request=int(cycle.request), cycle=self._cycle))
 
     def on_draft_token(self, i: int, row: Sequence[tuple[int, ...]], budget: int) -> list[Action]:
-        return self._take(_decisions.Point("draft_token", request=self._request, cycle=self._cycle, index=int(i)))
+        return self._take(Point("draft_token", request=self._request, cycle=self._cycle, index=int(i)))
 
     def on_request_end(self, request: int) -> list[Action]:
-        return self._take(_decisions.Point("request_end", request=int(request)))
+        return self._take(Point("request_end", request=int(request)))
 
     def admits(self, key: int, victim: int) -> bool:
         """The recorded policy's answer: refused where it refused, the same time it was asked."""
@@ -128,7 +137,7 @@ class ReplayEviction(EvictionPolicy):
     prefetch policy's predictions (which a replay does not make). Where the recorded victim cannot
     be evicted now (the replayed run went another way), ``inner`` chooses; ``fallbacks`` counts it."""
 
-    def __init__(self, inner: EvictionPolicy, decisions: "_decisions.DecisionLog") -> None:
+    def __init__(self, inner: EvictionPolicy, decisions: Any) -> None:
         self.inner, self.decisions = inner, decisions
         self.name = f"replay({inner.name})"
         self.fallbacks = 0
