@@ -12,8 +12,8 @@ can only lower its miss count, so the bound stays a bound for every grouped poli
 from __future__ import annotations
 
 import heapq
-from itertools import chain
 from dataclasses import dataclass
+from itertools import chain
 
 import numpy as np
 

@@ -701,11 +701,11 @@ class HostController:
                                 lates.append(key)
                         else:
                             misses += 1
-                            if direct:  # nothing queued: a key named twice was queued by its first miss
+                            if direct:  # fetched below, in order (named twice: queued by its first miss)
                                 queued += missed is not None and key in missed
-                            elif key in qentry:
-                                queued += 1
-                            if not direct:
+                            else:
+                                if key in qentry:
+                                    queued += 1
                                 push(key, DEMAND)  # absent: queued (or promoted) as a demand fetch
                             if missed is None:
                                 missed = [key]

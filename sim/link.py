@@ -175,8 +175,7 @@ class CopyEngine:
     def try_issue(self) -> None:
         """Issue queued copies at ``self.clock`` while the stream has room and a slot is found.
 
-        The one issue point of both hosts (the simulator's model and the runtime's real copies).
-        The link's busy-until times are locals while issuing (nothing called reads them), stored once."""
+        The one issue point of both hosts (the simulator's model and the runtime's real copies)."""
         queue, inflight = self.queue, self.in_flight
         entry = queue._entry
         cap = self.max_in_flight
@@ -186,50 +185,46 @@ class CopyEngine:
         state, load = cache.state, cache.load
         prefetched, record, g, submit = cache.prefetched, self.record, self.g, self.submit
         admit, target = self.admit, queue.target
-        clock, overhead = self.clock, self.issue_overhead
-        host_free, link_free, copies, busy = self.host_free, self.link_free, self.copies, self.busy_time
         self.blocked = False
-        try:
-            for p, dq in enumerate(queue._buckets):
-                while dq:
-                    seq, key = dq[0]
-                    e = entry.get(key)
-                    if e is None or e[1] != seq:
-                        dq.popleft()  # stale: cancelled or promoted
-                        continue
-                    if state[key]:
-                        dq.popleft()
-                        del entry[key]
-                        continue
-                    host = (clock if clock > host_free else host_free) + overhead
-                    start = host if host > link_free else link_free
-                    end = start + self.duration  # the runtime's submit may re-measure it
-                    if p != DEMAND and target:
-                        tc = target.get(key)
-                        if tc is not None and admit is not None and not admit(tc[0], tc[1], start):
-                            dq.popleft()
-                            del entry[key], target[key]
-                            self.refused += 1
-                            continue
-                    if not load(key, end, g):
-                        self.blocked = True
-                        return
+        for p, dq in enumerate(queue._buckets):
+            while dq:
+                seq, key = dq[0]
+                e = entry.get(key)
+                if e is None or e[1] != seq:
+                    dq.popleft()  # stale: cancelled or promoted
+                    continue
+                if state[key]:
                     dq.popleft()
                     del entry[key]
-                    if target:
-                        target.pop(key, None)
-                    host_free = host
-                    link_free = end
-                    busy += end - start
-                    copies += 1
-                    prefetched[key] = p != DEMAND
-                    inflight.append((end if submit is None else submit(key, p != DEMAND, start, end), key))
-                    if record is not None:
-                        record.append((start, end, key, p != DEMAND))
-                    if len(inflight) >= cap or not entry:
-                        return
-        finally:
-            self.host_free, self.link_free, self.copies, self.busy_time = host_free, link_free, copies, busy
+                    continue
+                clock = self.clock
+                host = (clock if clock > self.host_free else self.host_free) + self.issue_overhead
+                start = host if host > self.link_free else self.link_free
+                end = start + self.duration
+                if p != DEMAND and target:
+                    tc = target.get(key)
+                    if tc is not None and admit is not None and not admit(tc[0], tc[1], start):
+                        dq.popleft()
+                        del entry[key], target[key]
+                        self.refused += 1
+                        continue
+                if not load(key, end, g):
+                    self.blocked = True
+                    return
+                dq.popleft()
+                del entry[key]
+                if target:
+                    target.pop(key, None)
+                self.host_free = host
+                self.link_free = end
+                self.busy_time += end - start
+                self.copies += 1
+                prefetched[key] = p != DEMAND
+                inflight.append((end if submit is None else submit(key, p != DEMAND, start, end), key))
+                if record is not None:
+                    record.append((start, end, key, p != DEMAND))
+                if len(inflight) >= cap or not entry:
+                    return
 
     def fetch_now(self, keys: list[int]) -> None:
         """Demand fetches of the absent ``keys``, in order, with nothing queued: exactly what
@@ -238,8 +233,7 @@ class CopyEngine:
         slot for yet are queued, in order."""
         inflight, cap = self.in_flight, self.max_in_flight
         if len(inflight) >= cap:
-            for key in keys:
-                self.queue.push(key, DEMAND)
+            self._queue_absent(keys)
             return
         cache = self.cache
         state, load, prefetched = cache.state, cache.load, cache.prefetched
@@ -255,8 +249,7 @@ class CopyEngine:
             end = start + self.duration
             if not load(key, end, g):
                 self.blocked = True
-                for rest in keys[i:]:
-                    self.queue.push(rest, DEMAND)
+                self._queue_absent(keys[i:])
                 break
             host_free = host
             link_free = end
@@ -267,10 +260,15 @@ class CopyEngine:
             if record is not None:
                 record.append((start, end, key, False))
             if len(inflight) >= cap:
-                for rest in keys[i + 1:]:
-                    self.queue.push(rest, DEMAND)
+                self._queue_absent(keys[i + 1:])
                 break
         self.host_free, self.link_free, self.copies, self.busy_time = host_free, link_free, copies, busy
+
+    def _queue_absent(self, keys: list[int]) -> None:
+        state, push = self.cache.state, self.queue.push
+        for key in keys:
+            if not state[key]:
+                push(key, DEMAND)
 
     @property
     def bytes_moved(self) -> int:

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from collections import Counter
-from itertools import repeat
 from dataclasses import dataclass
+from itertools import repeat
 from typing import Iterator
 
 import numpy as np
@@ -77,9 +77,7 @@ class Schedule:
         # MoE layers priced by the same memo entries (the cost model's layer classes, with those of
         # the dense layers before them) get the same pre-routing time: computed once per class
         classes: dict[tuple, int] = {}
-        self._pre_class = [
-            classes.setdefault(self._price_class(m), len(classes)) for m in range(M)
-        ]
+        self._pre_class = [classes.setdefault(self._price_class(m), len(classes)) for m in range(M)]
         self._class_reps = [self._pre_class.index(c) for c in range(len(classes))]  # an MoE ordinal per class
         self._one_token_exp: list[float] | None = None
         self._uses: dict[int, list[int]] | None = None
