@@ -301,6 +301,64 @@ def test_copy_queue_demand_first_and_cancel():
     assert q.peek() == (5, 0)
 
 
+def _stream(E: int, slots: int, in_flight: int, resident: list[int], in_use: list[int], loading: list[int]):
+    """A copy stream and cache at 0.5 s: ``resident`` experts (``in_use`` of them held by a
+    computation), ``loading`` copies issued at 0 (1 s each, 0.1 s to issue)."""
+    from sim.cache import ExpertCache
+    from sim.link import CopyEngine
+    from sim.policies import PolicyContext
+
+    ev = EVICTION.create("lru")
+    ev.attach(PolicyContext(1, E, 1, lambda g: (), 0, lambda k, g: 0, lambda k: 0, lambda g: None), 1)
+    cache = ExpertCache(1, E, ev, slots=slots)
+    for key in resident:
+        cache.insert_resident(key, 0)
+    for key in in_use:
+        cache.in_use[key] += 1
+    link = CopyEngine(cache, nbytes=1, transfer_time=1.0, issue_overhead=0.1, copies_in_flight=in_flight)
+    for key in loading:
+        link.request(key, 0)
+    link.try_issue()
+    link.advance(0.5)
+    return cache, link
+
+
+def _stream_state(cache, link) -> tuple:
+    queued = sorted(link.queue._entry, key=lambda key: link.queue._entry[key][1])  # in queue order
+    return (list(cache.state), list(cache.ready_at), list(cache.occupancy), cache.evictions, list(cache.eviction._order[0]),
+            list(link.in_flight), link.copies, link.busy_time, link.host_free, link.link_free, link.blocked, queued)
+
+
+@given(st.data())
+def test_fetch_now_leaves_the_stream_as_queueing_then_try_issue(data):
+    """The host's shortcut for a layer-step's misses when nothing is queued (``fetch_now``) leaves
+    the cache, the stream and the queue exactly as queueing each miss and ``try_issue`` do: with
+    the stream full or not, slots held in use (the rest then queued, in order), a key named twice;
+    and so after the stream has run on."""
+    E = 8
+    slots, in_flight = data.draw(st.integers(1, 5)), data.draw(st.integers(1, 3))
+    resident = data.draw(st.lists(st.integers(0, E - 1), unique=True, max_size=slots))
+    in_use = data.draw(st.lists(st.sampled_from(resident), unique=True)) if resident else []
+    absent = [key for key in range(E) if key not in resident]
+    assume(absent)
+    keys = data.draw(st.lists(st.sampled_from(absent), min_size=1, max_size=6))
+    rest = [key for key in absent if key not in keys]
+    loading = data.draw(st.lists(st.sampled_from(rest), unique=True, max_size=3)) if rest else []
+    cache_a, link_a = _stream(E, slots, in_flight, resident, in_use, loading)
+    cache_b, link_b = _stream(E, slots, in_flight, resident, in_use, loading)
+    assume(not link_a.queue and all(cache_a.state[key] == 0 for key in keys))
+    link_a.fetch_now(keys)
+    for key in keys:
+        link_b.queue.push(key, 0)
+    link_b.try_issue()
+    assert _stream_state(cache_a, link_a) == _stream_state(cache_b, link_b)
+    for cache, link in ((cache_a, link_a), (cache_b, link_b)):
+        for key in in_use:  # the computation ends; the stream runs on
+            cache.in_use[key] -= 1
+        link.advance(10.0)
+    assert _stream_state(cache_a, link_a) == _stream_state(cache_b, link_b)
+
+
 def test_waves_when_prefill_needs_more_experts_than_slots():
     model = make_model(num_layers=1, moe_layers=(0,), E=6, k=2)
     hw = make_hw()
