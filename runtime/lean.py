@@ -525,7 +525,7 @@ class LeanModel:
         pool = torch.cuda.graph_pool_handle()
         self.kv.n = None
         pos.copy_(self._ar[self.S - T:].reshape(1, T))
-        self.all_logits = T > 1  # a verify pass needs every position's logits
+        all_logits, self.all_logits = self.all_logits, T > 1  # a verify pass needs every position's logits
         side = torch.cuda.Stream(dev)
         side.wait_stream(torch.cuda.current_stream(dev))
         try:
@@ -560,7 +560,7 @@ class LeanModel:
                 outs.append(prev_out)
                 prev = seg
         finally:
-            self.all_logits = False
+            self.all_logits = all_logits
         torch.cuda.synchronize(dev)
         return _GraphSet(graphs, egraphs, segs, outs, tok, pos, out_in)
 
