@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass
-from itertools import chain
+from itertools import chain, count
 
 import numpy as np
 
@@ -43,38 +43,46 @@ def belady_misses(needed: list[tuple[int, ...]], pool_of: list[int], capacity: l
     keys = seq.tolist()
     key_of = keys + list(range(num_keys - 1, -1, -1))  # priority -> key
     if len(capacity) == 1:
-        missed = _min_misses(keys, nxt.tolist(), capacity[0], key_of, num_keys)
+        missed = _min_misses(keys, (-nxt).tolist(), capacity[0], key_of, num_keys)
     else:
         pools = np.asarray(pool_of, dtype=np.int64)[seq]
         missed = np.zeros(n, dtype=bool)
         for p, cap in enumerate(capacity):
             at = np.flatnonzero(pools == p)
-            missed[at[_min_misses(seq[at].tolist(), nxt[at].tolist(), cap, key_of, num_keys)]] = True
+            missed[at[_min_misses(seq[at].tolist(), (-nxt[at]).tolist(), cap, key_of, num_keys)]] = True
     owner = np.repeat(np.arange(len(needed)), lens)
     return np.bincount(owner[missed], minlength=len(needed)).astype(np.int64)
 
 
-def _min_misses(keys: list[int], prio: list[int], cap: int, key_of: list[int], num_keys: int) -> list[int]:
-    """Indices of the misses of MIN on one pool of ``cap`` slots (``prio``: each access's next use).
+def _min_misses(keys: list[int], neg_prio: list[int], cap: int, key_of: list[int], num_keys: int) -> list[int]:
+    """Indices of the misses of MIN on one pool of ``cap`` slots (``neg_prio``: each access's next
+    use, negated for the min-heap).
 
-    The heap keeps every priority pushed (negated). A resident key's latest one is a position
-    still ahead (or a never-used-again rank); any other entry is a position already passed, so
-    the heap's top at a miss is always the resident key to evict: no staleness checks."""
+    The heap keeps the priorities pushed since it was last rebuilt. A resident key's latest one is
+    a position still ahead (or a never-used-again rank); any other entry is a position already
+    passed, so the heap's top at a miss is always the resident key to evict: no staleness checks.
+    Passed entries only deepen the heap, so past ``limit`` entries it keeps only those still ahead
+    (the residents' latest: unique, so the top is the same)."""
     resident = bytearray(num_keys)
     heap: list[int] = []
     push, replace = heapq.heappush, heapq.heapreplace
     misses = []
+    miss = misses.append
     size = 0
-    for i, (key, v) in enumerate(zip(keys, prio)):
+    limit = 4 * cap + 64
+    for i, key, v in zip(count(), keys, neg_prio):
         if resident[key]:
-            push(heap, -v)
+            push(heap, v)
+            if len(heap) > limit:
+                heap = [x for x in heap if x < -i]  # priorities (negated) of positions after i
+                heapq.heapify(heap)
             continue
-        misses.append(i)
+        miss(i)
         if size < cap:
             size += 1
-            push(heap, -v)
+            push(heap, v)
         else:
-            resident[key_of[-replace(heap, -v)]] = 0
+            resident[key_of[-replace(heap, v)]] = 0
         resident[key] = 1
     return misses
 
