@@ -71,15 +71,14 @@ class ExpertCache:
         """Start loading ``key`` into a slot of its pool, evicting the policy's victim if the pool
         is full; False (and nothing changes) if every slot is loading or in use."""
         pool = self.pool_of[key]
-        state, evicted, occupancy = self.state, self.evicted, self.occupancy
-        if occupancy[pool] < self.capacity[pool]:
-            occupancy[pool] += 1
+        state, evicted = self.state, self.evicted
+        if self.occupancy[pool] < self.capacity[pool]:
+            self.occupancy[pool] += 1
         else:
             victim = self._victim(pool, g, self._can_evict)
             if victim is None:
                 return False
-            admit = self.admit
-            if admit is not None and not admit(key, victim):
+            if self.admit is not None and not self.admit(key, victim):
                 self.refused += 1
                 return False
             if state[victim] != RESIDENT or self.in_use[victim] or self.pool_of[victim] != pool:
@@ -130,9 +129,8 @@ class ExpertCache:
 
     def vacate(self, key: int, pool: int) -> None:
         """``key`` leaves its slot (evicted, or dropped): what a subclass that tracks slots frees."""
-        prefetched = self.prefetched
-        if prefetched[key]:  # never used: a wasted prefetch
-            prefetched[key] = False
+        if self.prefetched[key]:  # never used: a wasted prefetch
+            self.prefetched[key] = False
             self.wasted_prefetches += 1
         self.state[key] = ABSENT
         self._removed(key, pool)

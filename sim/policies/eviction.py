@@ -44,12 +44,6 @@ class LruEviction(_Ordered):
 
     move_on_access = True
 
-    def accessed(self, key: int, pool: int, g: int) -> None:
-        try:  # one call per use: a used expert is in its pool's order but in odd cases
-            self._order[pool].move_to_end(key)
-        except KeyError:
-            pass
-
 
 @EVICTION.register("fifo")
 class FifoEviction(_Ordered):
