@@ -405,8 +405,6 @@ class LeanModel:
         self._sets: dict[int, _GraphSet] = {}  # captured graphs per step length T
         self._graphs: list[torch.cuda.CUDAGraph] | None = None
         self._egraphs: list[torch.cuda.CUDAGraph | None] = []
-        self._segs: list[_Seg] = []
-        self._exp_out: list[torch.Tensor] = []
         self.step_graph: torch.cuda.CUDAGraph | None = None
         self._step_out: _Seg | None = None
         self.all_logits = False  # eager steps return every position's logits [T, V] (speculative verify)
@@ -491,12 +489,11 @@ class LeanModel:
     def forward_eager(self, ids: torch.Tensor, start: int, n: int | None) -> torch.Tensor:
         """One step over ``ids`` [1, T] at positions start..start+T-1, attending over the first ``n``
         cached positions (n = start + T), or (None) over the whole masked window as the graphs do.
-        Returns the last position's logits [1, V]."""
+        Returns the last position's logits [1, V] (every position's [T, V] with ``all_logits``)."""
         T = ids.shape[1]
         pos_ids = self._set_pos(start, T)
         self.kv.n = None if n is None else int(n)
         prev, prev_out = None, None
-        routing = []
         for s in range(self.M + 1):
             if s < self.M and self.layer_start is not None:
                 self.layer_start(s)
@@ -565,11 +562,11 @@ class LeanModel:
         return _GraphSet(graphs, egraphs, segs, outs, tok, pos, out_in)
 
     def _warm_and_capture(self) -> None:
-        """The one-token decode graphs (``_graphs``, ``_egraphs``, ``_segs``: the kernel-floor and
+        """The one-token decode graphs (``_graphs``, ``_egraphs``: the kernel-floor and
         profile code reads them)."""
         gs = self._capture(1)
         self._sets[1] = gs
-        self._graphs, self._egraphs, self._segs, self._exp_out = gs.graphs, gs.egraphs, gs.segs, gs.outs
+        self._graphs, self._egraphs = gs.graphs, gs.egraphs
 
     def forward_graphed(self, ids: torch.Tensor | None, position: int) -> torch.Tensor:
         """One step of ``ids`` [1, T] at positions position..position+T-1 through the captured graphs
