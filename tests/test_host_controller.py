@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 
 from runtime.copystream import MarkStream
-from sim.costmodel import CostModel
 from sim.engine import Simulation
 from sim.hardware import HardwareSpec
 from sim.host import Block, Compute, HostController, Routing, Sleep
@@ -27,37 +26,7 @@ from sim.spec import ModelSpec
 from traces import Trace
 from traces.trace import empty_arrays
 
-
-class FixedCost(CostModel):
-    """Round numbers, so times can be checked by hand."""
-
-    def __init__(self, model, hw, *, attn=1e-3, expert=0.5e-3, h2d=10e-3):
-        super().__init__(model, hw)
-        self.a, self.e, self.x = attn, expert, h2d
-
-    def _attention(self, layer, n_tokens, kv_len):
-        return self.a
-
-    def _router(self, layer, n_tokens):
-        return 0.0
-
-    def _dense_ffn(self, layer, n_tokens):
-        return self.a
-
-    def _shared_experts(self, layer, n_tokens):
-        return 0.0
-
-    def _expert_ffn(self, layer, n_tokens, dtype):
-        return self.e
-
-    def _embed_and_head(self, n_tokens, logits_tokens):
-        return 0.0
-
-    def _h2d(self, nbytes):
-        return self.x
-
-    def _d2h(self, nbytes):
-        return self.x
+from test_sim_engine import FixedCost  # round numbers, so times can be checked by hand
 
 
 class Scripted(PrefetchPolicy):
