@@ -54,6 +54,7 @@ class ExpertCache:
         state, in_use = self.state, self.in_use
         self._can_evict = lambda key: state[key] == RESIDENT and not in_use[key]  # one call per candidate
         self._victim, self._inserted, self._removed = eviction.victim, eviction.inserted, eviction.removed
+        self._replace = eviction.replace
         # admission (a prefetch policy's ``admits``): (incoming key, victim) -> may it evict?
         self.admit: Callable[[int, int], bool] | None = None
 
@@ -74,13 +75,21 @@ class ExpertCache:
         state, evicted = self.state, self.evicted
         if self.occupancy[pool] < self.capacity[pool]:
             self.occupancy[pool] += 1
+            self._inserted(key, pool, g)
         else:
-            victim = self._victim(pool, g, self._can_evict)
-            if victim is None:
-                return False
-            if self.admit is not None and not self.admit(key, victim):
-                self.refused += 1
-                return False
+            if self.admit is None:  # the policy chooses its victim and puts key in its place
+                victim = self._replace(pool, g, self._can_evict, key)
+                if victim is None:
+                    return False
+            else:
+                victim = self._victim(pool, g, self._can_evict)
+                if victim is None:
+                    return False
+                if not self.admit(key, victim):
+                    self.refused += 1
+                    return False
+                self._removed(victim, pool)
+                self._inserted(key, pool, g)
             if state[victim] != RESIDENT or self.in_use[victim] or self.pool_of[victim] != pool:
                 raise SimError(f"eviction policy {self.eviction.name} chose non-evictable key {victim}")
             self.vacate(victim, pool)  # its slot passes to key: the pool's occupancy stays
@@ -91,7 +100,6 @@ class ExpertCache:
             self.refetches += 1
         state[key] = LOADING
         self.ready_at[key] = ready_at
-        self._inserted(key, pool, g)
         return True
 
     def insert_resident(self, key: int, g: int) -> None:
@@ -124,16 +132,17 @@ class ExpertCache:
     def remove(self, key: int) -> None:
         """Evict (or drop) a resident expert."""
         pool = self.pool_of[key]
+        self._removed(key, pool)
         self.vacate(key, pool)
         self.occupancy[pool] -= 1
 
     def vacate(self, key: int, pool: int) -> None:
-        """``key`` leaves its slot (evicted, or dropped): what a subclass that tracks slots frees."""
+        """``key`` leaves its slot (evicted, or dropped; the eviction policy was told already):
+        what a subclass that tracks slots frees."""
         if self.prefetched[key]:  # never used: a wasted prefetch
             self.prefetched[key] = False
             self.wasted_prefetches += 1
         self.state[key] = ABSENT
-        self._removed(key, pool)
 
     def release(self, keys: tuple[int, ...]) -> None:
         """A computation that used ``keys`` is over: they leave the in-use state."""

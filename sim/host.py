@@ -591,7 +591,7 @@ class HostController:
         caps = cache.capacity
         per_layer = cache.per_layer is not None
         keeps = prefetch.keeps_cache
-        has_start, has_routed = self.has_layer_start, self.has_routed
+        has_start, has_routed, has_done = self.has_layer_start, self.has_routed, self.has_done
         apply = self.apply
         pool_of = cache.pool_of
         accessed = cache.eviction.accessed
@@ -765,7 +765,13 @@ class HostController:
                 if wait:
                     # the stall needs no wait of its own: nothing is decided when the experts
                     # land, so it is carried into the next wait with the compute
-                    t_ready = ready_time(wait)
+                    if direct and not qentry and not has_done:
+                        # every needed copy is in flight and nothing can join the queue before
+                        # they land: the last of them is the wait (ready_time's answer, in one step)
+                        t_ready = max(map(ready_at.__getitem__, wait))
+                        advance(t_ready)
+                    else:
+                        t_ready = ready_time(wait)
                     if missed:
                         for key in missed:  # arrived on demand: count the use now
                             accessed(key, pool_of[key], g)

@@ -14,6 +14,7 @@ from sim.engine import Simulation
 from sim.hardware import HardwareSpec
 from sim.link import CopyQueue
 from sim.policies import EVICTION, PREDICTORS, PREFETCH
+from sim.policies.base import EvictionPolicy
 from sim.run import bound_for, Prepared
 from sim.schedule import Schedule
 from sim.spec import ModelSpec
@@ -233,6 +234,54 @@ def test_determinism_bit_identical():
         _, log = run(trace, model, hw, cost, eviction="lru", prefetch="history", slots=7)
         outs.append((log.token_times, log.hits, log.late, log.misses, log.copy_spans, log.stall))
     assert outs[0] == outs[1]
+
+
+def _sim_with(eviction, trace, model, hw, cost, prefetch, pargs, layout):
+    sch = Schedule(trace, model, cost)
+    sim = Simulation(sch, model, hw, cost, eviction=eviction, prefetch=PREFETCH.create(prefetch, **pargs),
+                     predictor=PREDICTORS.create("recorded") if prefetch == "lookahead" else None,
+                     timeline=True, lookahead_depths=(1,) if prefetch == "lookahead" else (), **layout)
+    log = sim.run()
+    return (log.token_times, log.hits, log.late, log.misses, log.copy_spans, log.stall, sim.cache.evictions)
+
+
+@given(scenarios(), st.sampled_from([("lru", "none", {}), ("fifo", "none", {}), ("lru", "history", {"layers_ahead": 1}),
+                                     ("fifo", "stream", {})]))
+def test_fused_replace_decides_as_victim_removed_inserted(scn, pol):
+    """An eviction policy's one-call ``replace`` (choose, remove, insert) is only a faster way to
+    make the three calls: the same victims, so the same run."""
+    model, trace, hw, cost, layout = scn
+    name, prefetch, pargs = pol
+    if prefetch == "stream":
+        assume(layout.get("per_layer", layout.get("slots", 0)) >= model.num_experts)
+    base_cls = type(EVICTION.create(name))
+    generic = type("Generic", (base_cls,), {"replace": EvictionPolicy.replace})
+    assert base_cls.replace is not EvictionPolicy.replace  # the fused one is what is compared
+    fused = _sim_with(base_cls(), trace, model, hw, cost, prefetch, pargs, layout)
+    assert fused == _sim_with(generic(), trace, model, hw, cost, prefetch, pargs, layout)
+
+
+def test_subclass_that_chooses_its_own_victim_is_obeyed():
+    """A plugin that subclasses LRU and overrides only ``victim`` gets its victims evicted (the
+    parent's fused ``replace`` would bypass them)."""
+
+    class Mru(EVICTION.get("lru")):
+        def victim(self, pool, g, can_evict):
+            for key in reversed(self._order[pool]):
+                if can_evict(key):
+                    return key
+            return None
+
+    assert Mru.replace is EvictionPolicy.replace
+    model = make_model(num_layers=1, moe_layers=(0,), E=3, k=1)
+    trace = make_trace(model, [[[0], [1], [2], [0]]])
+    hw = make_hw()
+    cost = FixedCost(model, hw)
+    sch = Schedule(trace, model, cost)
+    sim = Simulation(sch, model, hw, cost, eviction=Mru(), prefetch=PREFETCH.create("none"), slots=2)
+    log = sim.run()
+    # 0 and 1 fill the slots, 2 evicts the most recent (1), so 0 is still there at the end: a hit
+    assert (log.hits, log.misses) == (1, 3)
 
 
 # --------------------------------------------------------------- golden case

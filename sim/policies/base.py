@@ -117,6 +117,23 @@ class EvictionPolicy:
     def victim(self, pool: int, g: int, can_evict: Callable[[int], bool]) -> int | None:  # pragma: no cover
         raise NotImplementedError
 
+    def replace(self, pool: int, g: int, can_evict: Callable[[int], bool], key: int) -> int | None:
+        """``key`` takes the slot of this policy's victim in ``pool``: the victim is chosen, removed
+        and ``key`` inserted, in one call (the cache's common case; one Python call per copy
+        instead of three). None, and nothing changes, if nothing is evictable."""
+        victim = self.victim(pool, g, can_evict)
+        if victim is not None:
+            self.removed(victim, pool)
+            self.inserted(key, pool, g)
+        return victim
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # a subclass that changes how victims are chosen or tracked, but not ``replace``, gets the
+        # generic ``replace`` built from its own hooks (a parent's fused one would bypass them)
+        super().__init_subclass__(**kwargs)
+        if "replace" not in cls.__dict__ and any(h in cls.__dict__ for h in ("victim", "inserted", "removed")):
+            cls.replace = EvictionPolicy.replace
+
 
 class PrefetchPolicy:
     """Decides what to fetch ahead of need. The default fetches nothing (on-demand)."""

@@ -37,6 +37,15 @@ class _Ordered(EvictionPolicy):
                 return key
         return None
 
+    def replace(self, pool: int, g: int, can_evict: Callable[[int], bool], key: int) -> int | None:
+        od = self._order[pool]
+        for victim in od:
+            if can_evict(victim):
+                del od[victim]
+                od[key] = None
+                return victim
+        return None
+
 
 @EVICTION.register("lru")
 class LruEviction(_Ordered):
