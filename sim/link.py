@@ -231,12 +231,13 @@ class CopyEngine:
         queueing them and ``try_issue`` do, without the queue's bookkeeping (the host's common
         case: every miss of a layer-step, no prefetch waiting). Those the stream has no room or
         slot for yet are queued, in order."""
-        inflight, cap = self.in_flight, self.max_in_flight
-        if len(inflight) >= cap:
+        inflight = self.in_flight
+        room = self.max_in_flight - len(inflight)
+        if room <= 0:
             self._queue_absent(keys)
             return
         cache = self.cache
-        state, load, prefetched = cache.state, cache.load, cache.prefetched
+        state, load = cache.state, cache.load
         record, g, submit = self.record, self.g, self.submit
         clock, overhead = self.clock, self.issue_overhead
         host_free, link_free, copies, busy = self.host_free, self.link_free, self.copies, self.busy_time
@@ -246,8 +247,8 @@ class CopyEngine:
                 continue
             host = (clock if clock > host_free else host_free) + overhead
             start = host if host > link_free else link_free
-            end = start + self.duration
-            if not load(key, end, g):
+            end = start + self.duration  # (the runtime's stream updates it in submit)
+            if not load(key, end, g):  # (an absent key is never marked prefetched: nothing to clear)
                 self.blocked = True
                 self._queue_absent(keys[i:])
                 break
@@ -255,11 +256,11 @@ class CopyEngine:
             link_free = end
             busy += end - start
             copies += 1
-            prefetched[key] = False
             inflight.append((end if submit is None else submit(key, False, start, end), key))
             if record is not None:
                 record.append((start, end, key, False))
-            if len(inflight) >= cap:
+            room -= 1
+            if not room:
                 self._queue_absent(keys[i + 1:])
                 break
         self.host_free, self.link_free, self.copies, self.busy_time = host_free, link_free, copies, busy
