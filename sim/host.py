@@ -595,6 +595,7 @@ class HostController:
         apply = self.apply
         pool_of = cache.pool_of
         accessed = cache.eviction.accessed
+        use_is_insert = cache.eviction.insert_counts_as_use
         advance, try_issue, request, ready_time, hold = copy.advance, copy.try_issue, copy.request, copy.ready_time, copy.hold
         clock = self.now  # the host's time within this pass (the driver catches up at the end)
         hits = late = misses = useful = queued = 0
@@ -679,6 +680,7 @@ class HostController:
             for w, wave in enumerate(waves):
                 wait = None
                 missed = None
+                qw = queued
                 if live:
                     lates = []
                 # nothing queued and no hook before the issue: the misses go out directly, in order
@@ -767,14 +769,18 @@ class HostController:
                     # land, so it is carried into the next wait with the compute
                     if direct and not qentry and not has_done:
                         # every needed copy is in flight and nothing can join the queue before
-                        # they land: the last of them is the wait (ready_time's answer, in one step)
+                        # they land: the last of them is the wait (ready_time's answer, in one
+                        # step), and the eviction policy heard nothing since their loads
                         t_ready = max(map(ready_at.__getitem__, wait))
                         advance(t_ready)
+                        if missed and (queued != qw or not use_is_insert):  # (queued: a key named twice)
+                            for key in missed:  # arrived on demand: count the use now
+                                accessed(key, pool_of[key], g)
                     else:
                         t_ready = ready_time(wait)
-                    if missed:
-                        for key in missed:  # arrived on demand: count the use now
-                            accessed(key, pool_of[key], g)
+                        if missed:
+                            for key in missed:
+                                accessed(key, pool_of[key], g)
                     stall = t_ready - now
                     stall_total += stall
                     stall_layer[m] += stall

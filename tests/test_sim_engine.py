@@ -249,14 +249,15 @@ def _sim_with(eviction, trace, model, hw, cost, prefetch, pargs, layout):
                                      ("fifo", "stream", {})]))
 def test_fused_replace_decides_as_victim_removed_inserted(scn, pol):
     """An eviction policy's one-call ``replace`` (choose, remove, insert) is only a faster way to
-    make the three calls: the same victims, so the same run."""
+    make the three calls, and the uses the host skips after demand loads (``insert_counts_as_use``)
+    would have changed nothing: the same victims, so the same run as with every call made."""
     model, trace, hw, cost, layout = scn
     name, prefetch, pargs = pol
     if prefetch == "stream":
         assume(layout.get("per_layer", layout.get("slots", 0)) >= model.num_experts)
     base_cls = type(EVICTION.create(name))
-    generic = type("Generic", (base_cls,), {"replace": EvictionPolicy.replace})
-    assert base_cls.replace is not EvictionPolicy.replace  # the fused one is what is compared
+    generic = type("Generic", (base_cls,), {"replace": EvictionPolicy.replace, "insert_counts_as_use": False})
+    assert base_cls.replace is not EvictionPolicy.replace and base_cls.insert_counts_as_use  # what is compared
     fused = _sim_with(base_cls(), trace, model, hw, cost, prefetch, pargs, layout)
     assert fused == _sim_with(generic(), trace, model, hw, cost, prefetch, pargs, layout)
 
@@ -272,7 +273,13 @@ def test_subclass_that_chooses_its_own_victim_is_obeyed():
                     return key
             return None
 
-    assert Mru.replace is EvictionPolicy.replace
+    assert Mru.replace is EvictionPolicy.replace and Mru.insert_counts_as_use  # its uses are LRU's
+
+    class CountingLru(EVICTION.get("lru")):
+        def accessed(self, key, pool, g):
+            super().accessed(key, pool, g)
+
+    assert not CountingLru.insert_counts_as_use and not EVICTION.get("lfu").insert_counts_as_use
     model = make_model(num_layers=1, moe_layers=(0,), E=3, k=1)
     trace = make_trace(model, [[[0], [1], [2], [0]]])
     hw = make_hw()

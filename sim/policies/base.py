@@ -94,6 +94,11 @@ class EvictionPolicy:
     """
 
     name = "base"
+    #: inserting a key orders it as a use would: a use of each of a layer-step's demand loads, in
+    #: load order with nothing else told in between, changes nothing, so the host may skip those
+    #: calls (LRU: insertion is the most recent use; FIFO: uses change nothing). A subclass that
+    #: overrides ``inserted`` or ``accessed`` is back to False unless it says so itself.
+    insert_counts_as_use = False
 
     def attach(self, ctx: PolicyContext, num_pools: int) -> None:
         self.ctx = ctx
@@ -129,10 +134,14 @@ class EvictionPolicy:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         # a subclass that changes how victims are chosen or tracked, but not ``replace``, gets the
-        # generic ``replace`` built from its own hooks (a parent's fused one would bypass them)
+        # generic ``replace`` built from its own hooks (a parent's fused one would bypass them);
+        # one that changes insertions or uses loses ``insert_counts_as_use`` unless it restates it
         super().__init_subclass__(**kwargs)
-        if "replace" not in cls.__dict__ and any(h in cls.__dict__ for h in ("victim", "inserted", "removed")):
+        own = cls.__dict__
+        if "replace" not in own and any(h in own for h in ("victim", "inserted", "removed")):
             cls.replace = EvictionPolicy.replace
+        if "insert_counts_as_use" not in own and any(h in own for h in ("inserted", "accessed")):
+            cls.insert_counts_as_use = False
 
 
 class PrefetchPolicy:

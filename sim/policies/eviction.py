@@ -14,6 +14,7 @@ class _Ordered(EvictionPolicy):
     """Per-pool ordered dict; victim = first evictable entry in order."""
 
     move_on_access = False
+    insert_counts_as_use = True  # inserted at the end, where a use moves it
 
     def attach(self, ctx: PolicyContext, num_pools: int) -> None:
         super().attach(ctx, num_pools)
