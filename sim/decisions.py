@@ -22,7 +22,7 @@ exact: a copy goes out when the queue, the link and the slots let it, which is t
 model (on the runtime's deterministic virtual-time backend the replay reproduces the run's token
 times; tests/test_replay.py).
 
-The recorder wraps the host's policy calls, its ``apply`` and the cache's ``load``/``vacate`` of
+The recorder wraps the host's policy calls, its ``apply`` and the cache's ``load`` of
 this one run (instance attributes); runs that do not record are untouched.
 """
 
@@ -337,12 +337,11 @@ class DecisionRecorder:
         # plain tuples while the run goes (host time), named in ``decisions()``
         self.prefetches: list[tuple] = []
         self.evictions: list[tuple] = []
-        self._removed = -1
         self.policy = host.prefetch
         host.prefetch = _Recording(host.prefetch, self)
         queue, cache = host.copy.queue, host.cache
         entry, pending = queue._entry, self.pending
-        apply, load, vacate = host.apply, cache.load, cache.vacate
+        apply, load = host.apply, cache.load
 
         def recorded_apply(actions: Any) -> None:
             point, self.point = self.point, None  # a hook's actions are applied once, right after it
@@ -367,20 +366,15 @@ class DecisionRecorder:
             if not load(key, ready_at, g):
                 return False
             if cache.evictions != evictions:
-                self.evictions.append((g, self._removed, key))
+                self.evictions.append((g, cache.last_victim, key))
             p = pending.pop(key, None)
             if p is not None and e is not None and p[1] == e[1]:
                 (pt, pg), prio = p[0], e[0]
                 self.prefetches.append((pt, key, prio, pg, g))
             return True
 
-        def recorded_vacate(key: int, pool: int) -> None:  # every eviction or drop passes here
-            self._removed = key
-            vacate(key, pool)
-
         host.apply = recorded_apply
         cache.load = recorded_load
-        cache.vacate = recorded_vacate
         self.refusals: list[Refusal] = []
         admit = cache.admit
         if admit is not None:  # the policy's admission of evictions (MoE-SpeQ's admits)
