@@ -771,7 +771,8 @@ class HostController:
                         # every needed copy is in flight and nothing can join the queue before
                         # they land: the last of them is the wait (ready_time's answer, in one
                         # step), and the eviction policy heard nothing since their loads
-                        t_ready = max(map(ready_at.__getitem__, wait))
+                        # (the stream is FIFO: the last copy issued lands last)
+                        t_ready = ready_at[missed[-1]] if missed and queued == qw else max(map(ready_at.__getitem__, wait))
                         advance(t_ready)
                         if missed and (queued != qw or not use_is_insert):  # (queued: a key named twice)
                             for key in missed:  # arrived on demand: count the use now
