@@ -157,6 +157,32 @@ else:
     print("no timelines recorded for this table (runtime.validate writes them beside the validation table)")
 
 # %% [markdown]
+# ## Level 1: per transfer and per layer
+# Every config whose two timelines were recorded: each copy and each layer span of the runtime paired
+# with the simulator's (same expert or layer, same occurrence), the median |relative error| of the
+# paired durations, and the share of measured copies that found a partner (1 where both sides made
+# the same copies; level `replayed` against the replay, `closed` against the simulator's own run).
+
+# %%
+from sim.experiments.validation import level1  # noqa: E402
+
+if tdir is not None and tdir.is_dir() and any(tdir.glob("*.measured.json")):
+    l1 = level1(tdir)
+    cols1 = ["level", "copies_matched_share", "copy_median_abs_err", "copy_p90_abs_err", "attn_router_median_abs_err",
+             "experts_median_abs_err", "stall_total_rel_err"]
+    print(l1.groupby("level")[cols1[1:]].median().to_string(float_format=lambda x: f"{x:.3g}"))
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    long = l1.melt(id_vars=["level"], value_vars=["copy_median_abs_err", "attn_router_median_abs_err",
+                                                   "experts_median_abs_err"], var_name="term", value_name="err")
+    long["term"] = long["term"].str.replace("_median_abs_err", "")
+    sns.stripplot(data=long, x="term", y="err", hue="level", dodge=True, ax=ax)
+    ax.set(ylabel="median |relative error| per config", xlabel="", title="Level 1: per copy and per layer span")
+    fig.tight_layout()
+    fig.savefig(out / "sim_vs_measured_level1.png", dpi=130)
+else:
+    print("no timelines recorded for this table: level 1 needs runtime.validate's timelines/")
+
+# %% [markdown]
 # ## Error table
 
 # %%

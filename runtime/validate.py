@@ -490,7 +490,21 @@ def run_validate(cfg: Any, log: Any = print) -> Path:
             if sess is not None:
                 sess.close()
     log(f"validation table: {path} ({len(rows_all)} rows)")
+    _log_level1(path.parent / "timelines", log)
     return path
+
+
+def _log_level1(tdir: Path, log: Any) -> None:
+    """Level 1 (per copy, per layer span) over the timelines written so far, median per level."""
+    from sim.experiments.validation import level1
+
+    if not tdir.is_dir():
+        return
+    l1 = level1(tdir)
+    for level, g in l1.groupby("level"):
+        log(f"level 1, {level} ({len(g)} configs, medians): copies paired {g.copies_matched_share.median():.0%}, "
+            f"|copy duration error| {g.copy_median_abs_err.median():.1%}, |attn+router error| "
+            f"{g.attn_router_median_abs_err.median():.1%}, |experts error| {g.experts_median_abs_err.median():.1%}")
 
 
 def register_configs() -> None:

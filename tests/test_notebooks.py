@@ -53,7 +53,7 @@ PARAMS = {
 }
 FIGURES = {
     "sim_vs_measured": ["sim_vs_measured_parity.png", "sim_vs_measured_errors.png", "sim_vs_measured_ecdf.png",
-                        "sim_vs_measured_timelines.png"],
+                        "sim_vs_measured_timelines.png", "sim_vs_measured_level1.png"],
     "trace_analysis": ["trace_analysis.png", "trace_draft_agreement.png"],
     "policy_sweep": ["policy_sweep.png", "policy_sweep_speedup.png"],
     "governor": ["governor_roofline.png", "governor_cycle_prediction.png"],

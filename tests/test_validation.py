@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 
 from sim.errors import SimError
 from sim.decisions import DecisionLog
-from sim.experiments.validation import COLUMNS, join, ks_statistic, summary
+from sim.experiments.validation import COLUMNS, join, ks_statistic, level1, summary, timeline_errors
+from sim.timeline import chrome_trace
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -197,6 +198,12 @@ def test_validate_on_the_virtual_time_backend_has_no_error_at_either_level(tmp_p
     assert (df[(df.policy == "lru") & (df.source == "measured")].stall_share > 0).all()  # the copies matter here
     s = summary(join(df)).set_index("level")
     assert s.loc["replayed", "meets_target"] and s.loc["closed", "meets_target"]
+    l1 = level1(tmp_path / "cpu" / "timelines")  # level 1: every copy and layer span has its partner, same length
+    assert sorted(l1.level) == ["closed"] * 3 + ["replayed"] * 3
+    assert (l1.copies_matched_share == 1.0).all() and (l1.copies_measured > 0).any()
+    errs = l1[[c for c in l1.columns if c.endswith("_abs_err") or c.endswith("_rel_err")]]
+    assert (errs.abs().fillna(0.0) < 1e-6).all().all(), errs.to_string()
+    assert (l1.experts_spans > 0).all()
 
 
 def test_a_bad_decisions_file_in_the_table_folder_is_one_line(tmp_path: Path) -> None:
@@ -212,3 +219,40 @@ def test_a_bad_decisions_file_in_the_table_folder_is_one_line(tmp_path: Path) ->
     with pytest.raises(SimError, match=r"decisions file .*x\.r0\.parquet: not a Parquet file"):
         _add_replayed_rows([m], None, {"lru": ["replayed"]}, None, tmp_path / "validation.parquet", "tiny",
                            {"budget": 0.5, "link": "pinned", "engine": "eager"}, print)
+
+
+def _timeline(copies, compute):
+    return chrome_trace(compute, copies, [], num_experts=4, moe_layers=(0, 1))
+
+
+def test_level1_pairs_copies_and_spans_by_name_and_occurrence() -> None:
+    """Hand-made timelines: the simulator's copies 10% longer, one measured copy without partner,
+    its expert spans 20% shorter, attention exact, and 1 ms of stall against 2 ms measured."""
+    meas = _timeline(
+        copies=[(0.0, 1.0, 0, False), (1.0, 2.0, 5, True), (3.0, 4.0, 0, False), (4.0, 5.0, 3, False)],
+        compute=[(0.0, 0.5, "attn+router L0"), (0.5, 2.5, "stall L0"), (2.5, 3.5, "experts L0"),
+                 (3.5, 4.0, "verify attn+router L1"), (4.0, 5.0, "verify experts L1")])
+    sim = _timeline(
+        copies=[(0.0, 1.1, 0, False), (1.1, 2.2, 5, True), (3.0, 4.1, 0, False)],
+        compute=[(0.0, 0.5, "attn+router L0"), (0.5, 1.5, "stall L0"), (1.5, 2.3, "experts L0"),
+                 (3.5, 4.0, "verify attn+router L1"), (4.0, 4.8, "verify experts L1")])
+    e = timeline_errors(meas, sim)
+    assert (e["copies_measured"], e["copies_sim"]) == (4, 3)
+    assert e["copies_matched_share"] == pytest.approx(0.75)  # L1.E3 has no partner
+    assert e["copy_median_abs_err"] == pytest.approx(0.1) and e["copy_mean_rel_err"] == pytest.approx(0.1)
+    assert e["experts_spans"] == 2 and e["experts_median_abs_err"] == pytest.approx(0.2)
+    assert e["experts_total_rel_err"] == pytest.approx(-0.2)
+    assert e["attn_router_median_abs_err"] == pytest.approx(0.0) and e["attn_router_spans"] == 2
+    assert e["stall_total_rel_err"] == pytest.approx(-0.5)
+
+
+def test_level1_refuses_a_damaged_timeline(tmp_path: Path) -> None:
+    (tmp_path / "x.measured.json").write_text('{"traceEvents": [{"ph": "X", "pid": 2, "name": "L0.E1"}]}')
+    (tmp_path / "x.sim.json").write_text('{"traceEvents": []}')
+    with pytest.raises(SimError, match=r"x.measured.json: event 0 lacks a numeric ts/dur"):
+        level1(tmp_path)
+    (tmp_path / "x.measured.json").write_text("not json")
+    with pytest.raises(SimError, match="x.measured.json: cannot read the timeline"):
+        level1(tmp_path)
+    with pytest.raises(SimError, match="no timeline folder"):
+        level1(tmp_path / "missing")

@@ -14,11 +14,19 @@ config (same ``config_id``) under the measured profile of the same card. ``level
 - ``ks_statistic``: the two-sample Kolmogorov-Smirnov statistic of per-token latencies.
 - ``summary``: per level, median and maximum |TPOT error|, the same for p50/p90/p99, the median KS
   statistic, and whether the targets (``TARGETS``) are met.
+- ``timeline_errors`` / ``level1``: level 1, per transfer and per layer, from the two timelines of
+  a config (``timelines/<config_id>.measured.json`` against ``.replayed.json`` or ``.sim.json``):
+  each copy and each compute span matched by name and occurrence (the n-th copy of expert L3.E5 on
+  both sides; the n-th ``experts L3``), the relative error of each matched duration, and how many
+  found a partner.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+import json
+import math
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -153,3 +161,118 @@ def from_results(df: Any, *, card: str, date: str, engine: str = "eager", level:
     })
     out["token_gaps_s"] = [[] for _ in range(len(out))]
     return out.reset_index(drop=True)
+
+
+# ------------------------------------------------------------------ level 1: per transfer, per layer
+#: compute spans compared one by one (a stall has no partner by name: one side may not stall at all,
+#: so stalls are compared in total)
+SPAN_KINDS = ("attn+router", "experts")
+#: timeline file suffix of the simulated side per level (runtime.validate writes them)
+TIMELINE_SIDE = {"replayed": "replayed", "closed": "sim"}
+
+
+def _timeline_spans(trace: Mapping[str, Any], where: str) -> tuple[dict[str, list[float]], dict[str, list[float]], float]:
+    """(copies, compute, stall seconds): durations per span name in time order (seconds)."""
+    from sim.timeline import PID_GPU, PID_LINK
+
+    events = trace.get("traceEvents") if isinstance(trace, Mapping) else None
+    if not isinstance(events, list):
+        raise SimError(f"{where}: not a trace-event timeline (no 'traceEvents' list)")
+    copies: dict[str, list[float]] = {}
+    compute: dict[str, list[float]] = {}
+    stall = 0.0
+    spans = []
+    for i, ev in enumerate(events):
+        if not isinstance(ev, Mapping) or ev.get("ph") != "X":
+            continue
+        try:
+            spans.append((float(ev["ts"]), int(ev["pid"]), str(ev["name"]), float(ev["dur"]) / 1e6))
+        except (KeyError, TypeError, ValueError):
+            raise SimError(f"{where}: event {i} lacks a numeric ts/dur, a pid or a name: {dict(ev)}") from None
+    for _, pid, name, dur in sorted(spans, key=lambda x: x[0]):
+        if pid == PID_LINK:
+            copies.setdefault(name, []).append(dur)
+        elif pid == PID_GPU:
+            if name.startswith("stall"):
+                stall += dur
+            else:
+                compute.setdefault(name, []).append(dur)
+    return copies, compute, stall
+
+
+def _matched(a: Mapping[str, list[float]], b: Mapping[str, list[float]], keep=lambda name: True) -> tuple[np.ndarray, np.ndarray]:
+    """Durations paired by (name, occurrence): the n-th span of a name on both sides."""
+    xa, xb = [], []
+    for name, da in a.items():
+        db = b.get(name)
+        if db and keep(name):
+            n = min(len(da), len(db))
+            xa += da[:n]
+            xb += db[:n]
+    return np.asarray(xa, dtype=np.float64), np.asarray(xb, dtype=np.float64)
+
+
+def _abs_rel(sim: np.ndarray, measured: np.ndarray) -> np.ndarray:
+    ok = measured > 0
+    return np.abs(sim[ok] - measured[ok]) / measured[ok]
+
+
+def _kind(name: str) -> str:
+    """'verify experts L3' -> 'experts' (the span's kind, without the pass kind and the layer)."""
+    return name.removeprefix("verify ").rsplit(" ", 1)[0]
+
+
+def timeline_errors(measured: Mapping[str, Any], simulated: Mapping[str, Any], *,
+                    names: tuple[str, str] = ("measured timeline", "simulated timeline")) -> dict[str, float]:
+    """Level 1 of one config: the simulator's copies and layer spans against the runtime's.
+
+    Copies: counts on both sides, the share of measured copies with a partner (same expert, same
+    occurrence), the median and p90 |relative error| of the matched durations and the error of the
+    mean copy duration. Per span kind (``SPAN_KINDS``): the median |relative error| of the matched
+    spans and the relative error of their total; stalls: the relative error of the total stall."""
+    mc, mk, ms = _timeline_spans(measured, names[0])
+    sc, sk, ss = _timeline_spans(simulated, names[1])
+    n_meas = sum(map(len, mc.values()))
+    out: dict[str, float] = {"copies_measured": float(n_meas), "copies_sim": float(sum(map(len, sc.values())))}
+    a, b = _matched(mc, sc)
+    err = _abs_rel(b, a)
+    out["copies_matched_share"] = len(a) / n_meas if n_meas else math.nan
+    out["copy_median_abs_err"] = float(np.median(err)) if err.size else math.nan
+    out["copy_p90_abs_err"] = float(np.quantile(err, 0.9)) if err.size else math.nan
+    out["copy_mean_rel_err"] = rel_err(float(b.mean()), float(a.mean())) if a.size else math.nan
+    for kind in SPAN_KINDS:
+        a, b = _matched(mk, sk, keep=lambda name, kind=kind: _kind(name) == kind)
+        err = _abs_rel(b, a)
+        col = kind.replace("+", "_")
+        out[f"{col}_spans"] = float(len(a))
+        out[f"{col}_median_abs_err"] = float(np.median(err)) if err.size else math.nan
+        out[f"{col}_total_rel_err"] = rel_err(float(b.sum()), float(a.sum())) if a.size else math.nan
+    out["stall_total_s_measured"], out["stall_total_s_sim"] = ms, ss
+    out["stall_total_rel_err"] = rel_err(ss, ms)
+    return out
+
+
+def _read_timeline(path: Path) -> Mapping[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise SimError(f"{path}: cannot read the timeline ({e})") from None
+
+
+def level1(timeline_dir: str | Path) -> Any:
+    """Level 1 of every config with both timelines in ``timeline_dir`` (runtime.validate's
+    ``timelines/`` beside the table): one row per (config_id, level)."""
+    import pandas as pd
+
+    tdir = Path(timeline_dir)
+    if not tdir.is_dir():
+        raise SimError(f"{tdir}: no timeline folder (runtime.validate writes timelines/ beside the table)")
+    rows = []
+    for mpath in sorted(tdir.glob("*.measured.json")):
+        cid = mpath.name.removesuffix(".measured.json")
+        for level, side in TIMELINE_SIDE.items():
+            spath = tdir / f"{cid}.{side}.json"
+            if spath.is_file():
+                rows.append({"config_id": cid, "level": level, **timeline_errors(
+                    _read_timeline(mpath), _read_timeline(spath), names=(str(mpath), str(spath)))})
+    return pd.DataFrame(rows)
