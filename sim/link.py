@@ -247,7 +247,7 @@ class CopyEngine:
                 continue
             host = (clock if clock > host_free else host_free) + overhead
             start = host if host > link_free else link_free
-            end = start + self.duration  # (the runtime's stream updates it in submit)
+            end = start + self.duration
             if not load(key, end, g):  # (an absent key is never marked prefetched: nothing to clear)
                 self.blocked = True
                 self._queue_absent(keys[i:])
