@@ -371,8 +371,10 @@ class Run:
         for m in range(self.M):
             self.infos.append(LayerInfo(g0 + m, request, step, m))
         rec = StepRecord(request, step, g0, n_tokens, emitted=emitted)
+        decode = step > 0  # step 0 is the prefill (the trace's convention)
         if sch is not None:
             rec.s_idx = sch.g_step[g0]
+            decode = sch.steps[rec.s_idx].phase != 0
         rec.start = self.backend.mark()
         if needed is not None:
             state, link = self.cache.state, self.link
@@ -389,7 +391,7 @@ class Run:
         self._override = override
         self.steps.append(rec)
         self.requests[-1][1].append(len(self.steps) - 1)
-        self._pass = self.host.target_pass(g0, None)
+        self._pass = self.host.target_pass(g0, None, decode=decode)
         self._req = next(self._pass)
         return rec
 

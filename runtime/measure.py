@@ -129,6 +129,9 @@ def run_log(run: Run, *, timeline: bool = True) -> RunLog:
     log.useful_prefetch_bytes = run.useful * om.nbytes
     log.wasted_prefetch_bytes = (run.cache.wasted_prefetches + sum(run.cache.prefetched)) * om.nbytes
     log.evictions = run.cache.evictions
+    hlog = run.log  # the host controller's counts: layer coverage of decode passes, prefill copies
+    log.coverage_ready_sum, log.coverage_requested_sum = hlog.coverage_ready_sum, hlog.coverage_requested_sum
+    log.coverage_layers, log.prefill_copies = hlog.coverage_layers, hlog.prefill_copies
     if timeline:
         log.compute_spans = sorted(spans or [], key=lambda x: x[0])
         log.copy_spans = copy_spans

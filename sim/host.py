@@ -562,7 +562,7 @@ class HostController:
         self._miss_share = share if ms is None else 0.7 * ms + 0.3 * share
         return rec
 
-    def target_pass(self, s_idx: int, times: list[float] | None) -> Iterator[Any]:
+    def target_pass(self, s_idx: int, times: list[float] | None, *, decode: bool = True) -> Iterator[Any]:
         """One target pass (prefill, decode step or verify) through every MoE layer: the hot path.
 
         Simulator: the copy stream is an exact lazy model (sim/link.py), so within a pass the
@@ -571,7 +571,9 @@ class HostController:
         next decision point; a carried computation's experts stay in use until it ends (the copy
         stream releases them then, in order). Counters are locals, added at the end.
 
-        Runtime (``live``; ``s_idx`` is then the pass's first layer-step and ``times`` None): the
+        Runtime (``live``; ``s_idx`` is then the pass's first layer-step, ``times`` None and
+        ``decode`` whether the pass decodes or verifies, not a prefill, as the simulator reads it
+        from the schedule: the layer coverage counts those, the prefill's copies apart): the
         same decisions, the routing, launches and host waits requested from the executor. The
         demand wait blocks the host until every needed copy is issued, the launch waits for the
         copies on the device, and the host then waits for the last of them to land, so that the
@@ -608,7 +610,7 @@ class HostController:
         fresh = lates = None
         if live:
             g0 = s_idx
-            track = False  # coverage comes from the executor's marks
+            track = decode  # (the per-step coverage comes from the executor's marks)
             observe, blocker = copy.observe, copy.blocker
         else:
             sch = self.schedule
@@ -816,6 +818,7 @@ class HostController:
             c[1] += late
             c[2] += misses
             c[3] += useful
+            self._pass_done(track, cov_ready, cov_requested, copies0)
             return
         if step.tail:
             if spans is not None:
@@ -836,9 +839,14 @@ class HostController:
         c[3] += useful
         c[4] += late_wait
         c[5] += stall_total
-        if track:
+        self._pass_done(track, cov_ready, cov_requested, copies0)
+
+    def _pass_done(self, decode: bool, cov_ready: float, cov_requested: float, copies0: int) -> None:
+        """A pass's layer coverage (decode and verify passes) or its copies (a prefill's) into the log."""
+        log = self.log
+        if decode:
             log.coverage_ready_sum += cov_ready
             log.coverage_requested_sum += cov_requested
-            log.coverage_layers += M
+            log.coverage_layers += self.M
         else:
-            log.prefill_copies += copy.copies - copies0
+            log.prefill_copies += self.copy.copies - copies0

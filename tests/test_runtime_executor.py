@@ -369,6 +369,10 @@ def test_virtual_time_runtime_makes_exactly_the_simulators_decisions(layout):
             assert np.allclose([sec(b) for _, b, _, _ in run.copy_log], [b for _, b, _, _ in log.copy_spans],
                                rtol=1e-9, atol=0), name
             assert rl.coverage == pytest.approx(log.coverage, rel=1e-12), name
+            # the layer coverage of decode passes and the prefill's copies, counted by the same host
+            assert (rl.coverage_layers, rl.prefill_copies) == (log.coverage_layers, log.prefill_copies), name
+            assert (rl.coverage_ready_sum, rl.coverage_requested_sum) == pytest.approx(
+                (log.coverage_ready_sum, log.coverage_requested_sum), rel=1e-12), name
             stall += log.stall
     finally:
         sess.close()
