@@ -31,6 +31,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from sim.errors import SimError
+from sim.timeline import PID_GPU, PID_LINK
 
 LEVELS = ("replayed", "closed")
 SOURCES = ("measured", "sim")
@@ -173,8 +174,6 @@ TIMELINE_SIDE = {"replayed": "replayed", "closed": "sim"}
 
 def _timeline_spans(trace: Mapping[str, Any], where: str) -> tuple[dict[str, list[float]], dict[str, list[float]], float]:
     """(copies, compute, stall seconds): durations per span name in time order (seconds)."""
-    from sim.timeline import PID_GPU, PID_LINK
-
     events = trace.get("traceEvents") if isinstance(trace, Mapping) else None
     if not isinstance(events, list):
         raise SimError(f"{where}: not a trace-event timeline (no 'traceEvents' list)")
