@@ -107,18 +107,21 @@ def grid(cfg: Any) -> list[dict[str, Any]]:
                            "model of pageable copies blocking the host)")
     if not cfg.shapes:
         raise SimError("shapes: empty grid")
-    groups = [{"shape": dict(s), "budget": float(b), "link": ln, "engine": e}
-              for s in cfg.shapes for b in cfg.budgets for ln in cfg.links for e in cfg.engines]
+    cells = [(dict(s), float(b)) for s in cfg.shapes for b in cfg.budgets]
+    combos = [(ln, e) for ln in cfg.links for e in cfg.engines]
+    # cell c's j-th group takes the (link, engine) combination c + j (mod their number): a fraction
+    # keeps the first layers j of every cell, so the combinations rotate over shapes and budgets
+    # (a Latin square at fraction 1 / combinations) instead of falling on one of them
+    ranked = sorted(((j, c, {"shape": shape, "budget": b, "link": combos[(c + j) % len(combos)][0],
+                             "engine": combos[(c + j) % len(combos)][1]})
+                     for c, (shape, b) in enumerate(cells) for j in range(len(combos))), key=lambda x: (x[0], x[1]))
+    groups = [g for _, _, g in ranked]
     f = float(cfg.fraction)
     if not 0 < f <= 1:
         raise SimError(f"fraction must be in (0, 1], got {f}")
     if f < 1:
-        # a Latin-square-like selection: group i is kept when its index in the product, spread over
-        # the factors, falls on the stride; every level of every factor keeps at least one group
-        n = max(1, math.ceil(len(groups) * f))
-        step = len(groups) / n
-        keep = sorted({int(i * step) for i in range(n)})
-        chosen = [groups[i] for i in keep]
+        # every level of every factor keeps at least one group
+        chosen = groups[:max(1, math.ceil(len(groups) * f))]
         for factor in ("budget", "link", "engine"):
             for v in {str(g[factor]) for g in groups} - {str(g[factor]) for g in chosen}:
                 chosen.append(next(g for g in groups if str(g[factor]) == v))

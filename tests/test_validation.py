@@ -256,3 +256,27 @@ def test_level1_refuses_a_damaged_timeline(tmp_path: Path) -> None:
         level1(tmp_path)
     with pytest.raises(SimError, match="no timeline folder"):
         level1(tmp_path / "missing")
+
+
+def test_a_grid_fraction_rotates_link_and_engine_over_shapes_and_budgets() -> None:
+    """fraction=0.25 of 3 shapes x 3 budgets x 2 links x 2 engines: one group per (shape, budget),
+    the four (link, engine) pairs rotating over them (none left out, none taking every cell);
+    fraction=1: the whole product, each group once."""
+    from collections import Counter
+
+    from omegaconf import OmegaConf
+
+    from runtime.validate import grid
+
+    cfg = OmegaConf.create({"engines": ["graphed", "eager"], "levels": ["closed"], "links": ["pinned", "paced"],
+                            "shapes": [{"name": n, "model": n} for n in ("a", "b", "c")],
+                            "budgets": [0.25, 0.5, 0.75], "fraction": 0.25})
+    g = grid(cfg)
+    assert len(g) == 9
+    assert Counter((x["shape"]["name"], x["budget"]) for x in g) == Counter(
+        {(n, b): 1 for n in "abc" for b in (0.25, 0.5, 0.75)})
+    pairs = Counter((x["link"], x["engine"]) for x in g)
+    assert len(pairs) == 4 and min(pairs.values()) >= 2
+    cfg.fraction = 1.0
+    full = grid(cfg)
+    assert len({(x["shape"]["name"], x["budget"], x["link"], x["engine"]) for x in full}) == len(full) == 36
