@@ -18,7 +18,8 @@
 # (sim/experiments/roofline.py; docs/governor.md): throughput against tokens per byte moved over the host link, an
 # I/O roof (the link's bandwidth) and one compute roof per k. This notebook draws the roofline of a
 # MoE-SpeQ run with its operating points (the governor's run and fixed-k runs), and the governor's
-# predicted cycle time against the observed one.
+# predicted cycle time against the observed one; and, once `benchmarks/gpu_speculative.py` has run on a
+# GPU, each measured speculative config's speed-up over LRU against the simulator's prediction.
 #
 # **What the cycles are.** The runtime does not run speculative decoding on the GPU yet, so there are no
 # measured cycles: the runs below are the *simulator's* under the card's measured profile
@@ -32,6 +33,7 @@ budget = 0.25  # share of routed experts the cache holds
 fixed_k = [1, 2, 4, 8]
 requests, prompt_tokens, decode_tokens = 2, 16, 128
 cycles = None  # a measured run's cycles.parquet (speculation on the GPU); None: simulate
+speculative = None  # benchmarks/gpu_speculative.py's results.parquet; None: the newest committed one, if any
 figures = "notebooks/figures"
 
 # %%
@@ -112,3 +114,46 @@ fig.tight_layout()
 fig.savefig(out / "governor_cycle_prediction.png", dpi=130)
 err = (d.predicted_cycle_s - d.observed_cycle_s) / d.observed_cycle_s
 print(f"cycle-time prediction error: median {err.median():+.1%}, |error| p90 {err.abs().quantile(0.9):.1%} over {len(d)} cycles")
+
+# %% [markdown]
+# ## Measured speculative runs: speed-up over LRU, simulated against measured
+# The rows of `benchmarks/gpu_speculative.py` (docs: benchmarks/gpu_speculative.md): each speculative
+# config's speed-up over on-demand LRU at the same GPU memory, measured on the card and predicted by
+# the simulator for the same config. The targets: within 10% of each other (the band), and
+# the governor within 5% of the best fixed k.
+
+# %%
+if speculative is None:
+    found = sorted((ROOT / "benchmarks" / "results").glob("gpu_speculative*/results.parquet"), key=lambda p: p.stat().st_mtime)
+    speculative = found[-1] if found else None
+if speculative is None:
+    print("no measured speculative runs committed yet (benchmarks/gpu_speculative.py on the lent GPU writes them)")
+else:
+    sr = pd.read_parquet(ROOT / speculative)
+    ok = sr[(sr.status == "ok") & sr.speedup_measured.notna() & sr.speedup_sim.notna() & (sr.label != "lru")].copy()
+    ok["run"] = ok.label.astype(str)
+    fig, ax = plt.subplots(figsize=(5.8, 4.6))
+    sns.scatterplot(data=ok, x="speedup_sim", y="speedup_measured", hue="model", style="engine", s=45, ax=ax)
+    lo = 0.95 * min(ok.speedup_sim.min(), ok.speedup_measured.min())
+    hi = 1.05 * max(ok.speedup_sim.max(), ok.speedup_measured.max())
+    for f, ls in ((1.0, "-"), (1.1, ":"), (0.9, ":")):
+        ax.plot([lo, hi], [lo * f, hi * f], color="black", lw=1, ls=ls)
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set(xlim=(lo, hi), ylim=(lo, hi), xlabel="speed-up over LRU, simulated", ylabel="speed-up over LRU, measured",
+           title=f"{speculative}")
+    fig.tight_layout()
+    fig.savefig(out / "governor_speculative_parity.png", dpi=130)
+    ok["speedup_err"] = ok.speedup_measured / ok.speedup_sim - 1
+    cols = [c for c in ("model", "engine", "run", "k", "speedup_measured", "speedup_sim", "speedup_err", "link_util",
+                        "acceptance", "mean_k") if c in ok]
+    print(ok[cols].to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+    print(f"|speed-up error| median {ok.speedup_err.abs().median():.1%}, max {ok.speedup_err.abs().max():.1%} "
+          f"over {len(ok)} configs (target: each within 10%)")
+    for (m, e), g in ok.groupby(["model", "engine"]):
+        gov = g[(g.policy == "speq") & (g.k.astype(str) == "governor")]
+        fixed_rows = g[(g.policy == "speq") & (g.k.astype(str) != "governor")]
+        if len(gov) and len(fixed_rows):
+            best = fixed_rows.loc[fixed_rows.tpot_measured_s.idxmin()]
+            print(f"{m} ({e}): governor {gov.tpot_measured_s.iloc[0] * 1e3:.2f} ms vs best fixed k = {best.k} "
+                  f"{best.tpot_measured_s * 1e3:.2f} ms ({gov.tpot_measured_s.iloc[0] / best.tpot_measured_s - 1:+.1%}; "
+                  "target within 5%)")

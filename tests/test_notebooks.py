@@ -12,6 +12,20 @@ jupytext = pytest.importorskip("jupytext")
 nbclient = pytest.importorskip("nbclient")
 
 
+def tiny_speculative(tmp: Path) -> Path:
+    """The rows benchmarks/gpu_speculative.py writes, for one shape and engine (made-up values)."""
+    import pandas as pd
+
+    rows = [dict(model="toy-L2", engine="graphed", label=label, policy=policy, k=k, status="ok",
+                 tpot_measured_s=t, speedup_measured=0.010 / t, speedup_sim=s, link_util=0.9, acceptance=0.8, mean_k=2.0)
+            for label, policy, k, t, s in (("lru", "lru", "-", 0.010, 1.0), ("speq", "speq", "governor", 0.008, 1.3),
+                                           ("speq-k2", "speq", 2, 0.0085, 1.2), ("spec-lru", "spec-lru", "governor", 0.012, 0.8))]
+    path = tmp / "gs" / "results.parquet"
+    path.parent.mkdir(parents=True)
+    pd.DataFrame(rows).astype({"k": str}).to_parquet(path)  # as the script writes it
+    return path
+
+
 def tiny_validation(tmp: Path) -> Path:
     """A two-config validation table with per-token latencies and both timelines of one config."""
     import pandas as pd
@@ -49,14 +63,14 @@ PARAMS = {
                                  "policies": ["lru", "speq"], "link_gbps": [16.0], "host_per_layer_s": [0.0, 1e-4],
                                  "requests": 1, "prompt_tokens": 4, "decode_tokens": 24},
     "governor": lambda tmp: {"model": "tiny", "layers": 2, "fixed_k": [1, 2], "requests": 1, "prompt_tokens": 4,
-                             "decode_tokens": 16},
+                             "decode_tokens": 16, "speculative": str(tiny_speculative(tmp))},
 }
 FIGURES = {
     "sim_vs_measured": ["sim_vs_measured_parity.png", "sim_vs_measured_errors.png", "sim_vs_measured_ecdf.png",
                         "sim_vs_measured_timelines.png", "sim_vs_measured_level1.png"],
     "trace_analysis": ["trace_analysis.png", "trace_draft_agreement.png"],
     "policy_sweep": ["policy_sweep.png", "policy_sweep_speedup.png"],
-    "governor": ["governor_roofline.png", "governor_cycle_prediction.png"],
+    "governor": ["governor_roofline.png", "governor_cycle_prediction.png", "governor_speculative_parity.png"],
 }
 
 
