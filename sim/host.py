@@ -776,14 +776,13 @@ class HostController:
                         # (the stream is FIFO: the last copy issued lands last)
                         t_ready = ready_at[missed[-1]] if missed and queued == qw else max(map(ready_at.__getitem__, wait))
                         advance(t_ready)
-                        if missed and (queued != qw or not use_is_insert):  # (queued: a key named twice)
-                            for key in missed:  # arrived on demand: count the use now
-                                accessed(key, pool_of[key], g)
+                        uses_told = use_is_insert and queued == qw  # (queued: a key named twice)
                     else:
                         t_ready = ready_time(wait)
-                        if missed:
-                            for key in missed:
-                                accessed(key, pool_of[key], g)
+                        uses_told = False
+                    if missed and not uses_told:
+                        for key in missed:  # arrived on demand: count the use now
+                            accessed(key, pool_of[key], g)
                     stall = t_ready - now
                     stall_total += stall
                     stall_layer[m] += stall
