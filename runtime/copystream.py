@@ -60,6 +60,8 @@ class MarkStream(CopyEngine):
         s, e = self.backend.copy(self.slot_bytes[slot], self.source(key), after, self.pad_s, (self.clock, start, end))
         self.done_mark[key] = e
         self.start_mark[key] = s
+        if self.host_sync:  # a pageable copy returns once it has landed (sim.link.host_synchronous)
+            self.backend.block(e)
         self.copy_log.append((s, e, key, is_prefetch))
         end = _known(e)
         if self.measure and end != _INF:  # a backend whose times are known at once

@@ -37,6 +37,7 @@ from runtime.routing import lookahead_route, sort_by_weight
 from sim.cache import LOADING, RESIDENT, ExpertCache
 from sim.decisions import DecisionRecorder
 from sim.host import Block, Compute, HostController, LayerStart, Routing, policy_context
+from sim.link import host_synchronous
 from sim.policies.base import EvictionPolicy, PolicyContext, PrefetchPolicy
 from sim.runlog import RunLog
 
@@ -233,12 +234,14 @@ class Run:
         if rc.link_pace_gbps:
             paced = om.nbytes / (float(rc.link_pace_gbps) * 1e9)
             pad_s = max(0.0, paced - (om.copy_s or 0.0))
+        sync = host_synchronous(getattr(rc.prefetch, "host_memory", None), om.store.host_memory)
         self.link = link = MarkStream(
             cache, be, slot_bytes=om.slot_bytes, source=om.store.expert, num_slots=om.num_slots, nbytes=om.nbytes,
             transfer_time=rc.transfer_s, issue_overhead=rc.issue_overhead_s,
-            # a policy that copies from pageable memory (whole-layer streaming) copies one at a time
-            copies_in_flight=1 if getattr(rc.prefetch, "host_memory", None) == "pageable" else rc.copies_in_flight,
+            # copies from pageable memory (the store's, or a policy's own) hold the host: one at a time
+            copies_in_flight=1 if sync else rc.copies_in_flight,
             pad_s=pad_s)
+        link.host_sync = sync
         self.queue, self.in_flight, self.copy_log = link.queue, link.in_flight, link.copy_log
         link.measure = not self.virtual  # the admission rule's link: measured on real backends
         self.infos: list[LayerInfo] = []

@@ -54,6 +54,9 @@ class ShapeConf:
     decode_tokens: int = setting(24, "synthetic trace: decoded tokens per request")
 
 
+#: the grid's links: pinned copies, pinned copies paced to ``pace_gbps``, copies from pageable memory
+LINKS = ("pinned", "paced", "pageable")
+
 #: the default grid's shapes: depth-reduced and shape-faithful
 GRID = [ShapeConf("mixtral-8x7b-L4", "mixtral-8x7b", 4), ShapeConf("phi-3.5-moe-L4", "phi-3.5-moe", 4),
         ShapeConf("qwen3-30b-a3b-L8", "qwen3-30b-a3b", 8)]
@@ -70,7 +73,8 @@ class ValidateConf:
     budgets: list[float] = setting([0.25, 0.5, 0.75], "share of all routed experts the slot pool holds")
     policies: list[str] = setting(["lru", "lookahead", "history", "oracle"], "policy presets run together per config")
     links: list[str] = setting(["pinned", "paced"], "paced: pinned copies paced to pace_gbps (a slower link on the "
-                                                    "same machine)")
+                                                    "same machine); pageable: copies from pageable host memory, "
+                                                    "which hold the host until they land")
     pace_gbps: float = setting(16.0, "the paced link's bandwidth (link_pace_gbps)")
     engines: list[str] = setting(["graphed", "eager"], "runtime.lean's CUDA graphs between routing reads | "
                                                        "transformers' forward")
@@ -102,9 +106,8 @@ def grid(cfg: Any) -> list[dict[str, Any]]:
         if lv not in ("closed", "replayed"):
             raise SimError(f"levels: unknown level {lv!r}; known: replayed, closed")
     for ln in cfg.links:
-        if ln not in ("pinned", "paced"):
-            raise SimError(f"links: unknown link {ln!r}; known: pinned, paced (pageable rows wait for the simulator's "
-                           "model of pageable copies blocking the host)")
+        if ln not in LINKS:
+            raise SimError(f"links: unknown link {ln!r}; known: {', '.join(LINKS)}")
     if not cfg.shapes:
         raise SimError("shapes: empty grid")
     cells = [(dict(s), float(b)) for s in cfg.shapes for b in cfg.budgets]
@@ -146,6 +149,8 @@ def overrides(cfg: Any, g: dict[str, Any], slots: int | None, hardware: str, pol
                  f"trace.decode_tokens={int(s['decode_tokens'])}"]
     if g["link"] == "paced":
         over.append(f"link_pace_gbps={float(cfg.pace_gbps)}")
+    elif g["link"] == "pageable":
+        over.append("host_memory=pageable")
     if slots is not None:
         over.append(f"cache.slots={slots}")
     return over
@@ -445,8 +450,10 @@ def run_validate(cfg: Any, log: Any = print) -> Path:
 
     deadline = time.monotonic() + float(cfg.budget_s)
     rows_all = [] if old is None else old.to_dict("records")
-    for name, engine in sorted({(g["shape"]["name"], g["engine"]) for g in plan}):
-        todo = [g for g in plan if g["shape"]["name"] == name and g["engine"] == engine]  # one session each
+    # one session per shape, engine and host memory (the session's store is pinned or pageable)
+    for name, engine, pageable in sorted({(g["shape"]["name"], g["engine"], g["link"] == "pageable") for g in plan}):
+        todo = [g for g in plan if g["shape"]["name"] == name and g["engine"] == engine
+                and (g["link"] == "pageable") == pageable]
         if time.monotonic() > deadline:
             break
         sess, built = None, None

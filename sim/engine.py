@@ -30,7 +30,7 @@ from sim.decisions import DecisionRecorder
 from sim.errors import SimError
 from sim.hardware import HardwareSpec
 from sim.host import HostController, policy_context
-from sim.link import CopyEngine
+from sim.link import CopyEngine, host_synchronous
 from sim.policies.base import EvictionPolicy, PrefetchPolicy
 from sim.runlog import RunLog
 from sim.schedule import Schedule
@@ -81,9 +81,9 @@ class Simulation:
         if timeline:
             log.compute_spans, log.copy_spans, log.occupancy = [], [], []
         transfer_s = cost.h2d(self.expert_bytes)
-        # a policy that copies from pageable memory (whole-layer streaming) copies host-synchronously:
-        # one copy at a time, the host blocked (the host controller waits for them)
-        sync = getattr(prefetch, "host_memory", None) == "pageable"
+        # copies from pageable memory (hardware.host_memory, or a policy's own: whole-layer streaming)
+        # hold the host until they land: one copy at a time, the host controller blocked meanwhile
+        sync = host_synchronous(getattr(prefetch, "host_memory", None), hw.host_memory)
         self.copy = copy = CopyEngine(
             cache,
             nbytes=self.expert_bytes,
@@ -92,6 +92,7 @@ class Simulation:
             copies_in_flight=1 if sync else int(hw.copies_in_flight),
             record=log.copy_spans,
         )
+        copy.host_sync = sync
         if predictor is not None:
             predictor.attach(sch.trace, sch.layer_steps(), lookahead_depths, seed)
         self.ctx = ctx = policy_context(sch, cache, copy.queue.queued, predictor, model.top_k)

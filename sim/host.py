@@ -182,6 +182,8 @@ class HostController:
         self.g = 0
         self.now = 0.0  # the compute stream's time when the controller was last resumed
         self.carry = 0.0  # compute committed on the stream but not waited for (relative to now)
+        self.host_blocked = 0.0  # simulator: pageable copies hold the host until then (see _held)
+        self._copies_held = 0
         self.counts = [0, 0, 0, 0, 0.0, 0.0]  # hits, late, misses, useful, late_wait, stall
         self.stall_layer = [0.0] * self.M
         self.reset = reset
@@ -301,11 +303,23 @@ class HostController:
         self.observe()
         self.apply(self.prefetch.on_request_start(r))
         self.copy.try_issue()
+        self._held()
 
     def request_end(self, r: int) -> None:
         self.observe()
         self.apply(self.prefetch.on_request_end(r))
         self.copy.try_issue()
+        self._held()
+
+    def _held(self) -> None:
+        """Simulator: copies from pageable memory hold the host until the last one issued lands
+        (sim.link.host_synchronous); the runtime's backend blocks on them instead."""
+        copy = self.copy
+        if not self.live and copy.host_sync and copy.copies != self._copies_held:
+            self._copies_held = copy.copies  # (the host is held from its present on, at least)
+            t = copy.host_free if copy.host_free > self.now else self.now
+            if t > self.host_blocked:
+                self.host_blocked = t
 
     @property
     def hits(self) -> int:
@@ -324,9 +338,13 @@ class HostController:
         return self.counts[3]
 
     def _settle(self) -> Iterator[Sleep]:
-        """Wait for the compute already committed to the stream."""
-        if self.carry > 0:
-            self.now = yield Sleep(self.carry)
+        """Wait for the compute already committed to the stream (and for the host, while pageable
+        copies hold it)."""
+        wait = self.carry
+        if self.host_blocked - self.now > wait:
+            wait = self.host_blocked - self.now
+        if wait > 0:
+            self.now = yield Sleep(wait)
         self.carry = 0.0
 
     def forget(self) -> None:
@@ -429,9 +447,13 @@ class HostController:
         t = P
         while t < L:
             gpu0 = gpu = self.now + self.carry  # the stream is free: the cycle starts
+            if self.host_blocked > gpu:  # (or the host, once pageable copies let it go)
+                gpu0 = gpu = self.host_blocked
             cyc = self.cycle_begin(r, t, L, ids_r[:t], gpu0)
             k = cyc.k
             for i in range(k):
+                if self.host_blocked > gpu:  # pageable copies hold the host: it launches the token late
+                    gpu = self.host_blocked
                 dt = sch.draft_token_time(r, t + i)
                 if spans is not None:
                     spans.append((gpu, gpu + dt, f"draft {i + 1}/{k}"))
@@ -486,6 +508,7 @@ class HostController:
             request=r, t=t, k=k, t_draft_s=remaining, expert_transfer_s=xfer,
             slots=self.cache.total_slots, top_k=self.top_k)))
         copy.try_issue()
+        self._held()
         return cyc
 
     def _new_experts_fn(self, history: Any):
@@ -524,6 +547,7 @@ class HostController:
         budget = int((cyc.remaining - busy) / xfer) - len(copy.queue) if xfer > 0 else 0
         self.apply(self.prefetch.on_draft_token(i, row, budget))
         copy.try_issue()
+        self._held()
 
     def cycle_end(self, accepted: int, observed_s: float, draft_s: float, verify_s: float,
                   needed: Any, coverage: float) -> dict[str, Any]:
@@ -578,7 +602,11 @@ class HostController:
         demand wait blocks the host until every needed copy is issued, the launch waits for the
         copies on the device, and the host then waits for the last of them to land, so that the
         copy stream's events until then are processed in this layer-step, before the next
-        layer's, as the model does."""
+        layer's, as the model does.
+
+        Pageable copies (``copy.host_sync``) hold the host until they land: the simulator keeps
+        that time (``hb``) and launches nothing before it, the runtime's backend blocks instead
+        (docs/host-controller.md)."""
         cache, copy, log = self.cache, self.copy, self.log
         prefetch = self.prefetch
         live = self.live
@@ -606,6 +634,10 @@ class HostController:
         qentry = copy.queue._entry  # a miss whose key is queued as a prefetch was requested in time
         push, fetch_now, holds = copy.queue.push, copy.fetch_now, copy.holds
         plain = not live and keeps and not has_routed
+        # pageable copies hold the host until they land (sim.link.host_synchronous): the host can
+        # launch nothing before hb; the runtime's backend blocks on each such copy it issues
+        sync = not live and copy.host_sync
+        hb = self.host_blocked
         copies0 = copy.copies
         fresh = lates = None
         if live:
@@ -620,6 +652,8 @@ class HostController:
             track = step.phase != 0  # coverage is over decode and verify passes
             # per-step coverage: share of the step's needed experts resident as it starts
             t_start = clock + carry
+            if sync and hb > t_start:
+                t_start = hb
             keys = list(chain.from_iterable(needed_all[g0:g0 + M]))
             states = list(map(state.__getitem__, keys))
             hit0 = states.count(RESIDENT)
@@ -645,10 +679,19 @@ class HostController:
                 now = observe()
                 self._layer_time(now)
             else:
+                # the layer's attn+router span starts where the stream's last work ended (the
+                # pass's first: where the host, held by pageable copies, let it start), as the
+                # runtime measures it: time the host is held falls into it
+                t0 = None
                 if has_start:
                     if carry > 0:
                         clock += carry
                     carry = 0.0
+                    t0 = clock
+                    if sync and hb > clock:
+                        clock = hb
+                        if m == 0:
+                            t0 = hb
                     advance(clock)
                     acts = prefetch.on_layer_start(infos[g])
                     apply(acts)
@@ -664,13 +707,19 @@ class HostController:
                         stall_layer[m] += t_ready - clock
                         if spans is not None:
                             spans.append((clock, t_ready, f"pageable copy {layer_names[m]}"))
-                        clock = t_ready
+                        clock = t0 = t_ready
+                    if sync and copy.host_free > hb:
+                        hb = copy.host_free
                 t = clock + carry
+                if t0 is None:
+                    t0 = hb if m == 0 and sync and hb > t else t
+                if sync and hb > t:  # pageable copies hold the host: it launches the layer late
+                    t = hb
                 clock = now = t + pre[g] + dd
                 carry = 0.0
                 advance(now)
                 if spans is not None:
-                    spans.append((t, now, f"{kind}attn+router {layer_names[m]}"))
+                    spans.append((t0, now, f"{kind}attn+router {layer_names[m]}"))
                 needed = needed_all[g]
             cap = caps[m if per_layer else 0]
             if len(needed) <= cap:
@@ -766,6 +815,10 @@ class HostController:
                         observe(done)
                     continue
                 stall = 0.0
+                if sync:
+                    if copy.host_free > hb:  # copies issued at the routing hold the host
+                        hb = copy.host_free
+                    hb_issue = hb
                 if wait:
                     # the stall needs no wait of its own: nothing is decided when the experts
                     # land, so it is carried into the next wait with the compute
@@ -789,10 +842,29 @@ class HostController:
                     if spans is not None:
                         spans.append((now, t_ready, f"stall {layer_names[m]}"))
                     now = t_ready
+                if sync and hb_issue > now:  # the host, held by a pageable copy, launches the experts late
+                    stall += hb_issue - now
+                    stall_total += hb_issue - now
+                    stall_layer[m] += hb_issue - now
+                    if spans is not None:
+                        spans.append((now, hb_issue, f"stall {layer_names[m]}"))
+                    now = hb_issue
                 dur = exp[g] if last == 0 else exp[g] * len(wave) / len(needed)
                 if spans is not None:
                     spans.append((now, now + dur, f"{kind}experts {layer_names[m]}"))
                 holds.append((now + dur, held))  # copy.hold, inlined
+                if sync:
+                    # the runtime's host, once the experts are launched, sees the copies that landed
+                    # by its present (it is held past the copies issued as they land)
+                    if copy.host_free > hb:
+                        hb = copy.host_free
+                    if w < last or m < M - 1:
+                        h = now + dur if w < last or hb > now + dur else (hb if hb > now else now)
+                        if w == last:  # (what it issues now belongs to the next layer-step)
+                            copy.g = g + 1
+                        advance(h)
+                        if copy.host_free > hb:
+                            hb = copy.host_free
                 if w < last:
                     clock = now = now + dur
                     advance(now)
@@ -819,9 +891,12 @@ class HostController:
             c[3] += useful
             self._pass_done(track, cov_ready, cov_requested, copies0)
             return
+        t0 = clock + carry
+        if sync and hb > t0:  # pageable copies hold the host: it launches the head late
+            carry = hb - clock
         if step.tail:
             if spans is not None:
-                spans.append((clock + carry, clock + carry + step.tail, "head"))
+                spans.append((t0, clock + carry + step.tail, "head"))
             carry += step.tail
         end = clock + carry
         prev = times[-1]
@@ -831,6 +906,7 @@ class HostController:
         if clock > self.now:
             self.now = yield Sleep(clock - self.now)
         self.carry = carry  # relative to clock, which the driver's clock now equals
+        self.host_blocked = hb
         c = self.counts
         c[0] += hits
         c[1] += late

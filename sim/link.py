@@ -19,6 +19,16 @@ from sim.policies.base import DEMAND, Cancel
 _INF = float("inf")
 
 
+def host_synchronous(policy_memory: str | None, host_memory: str) -> bool:
+    """Whether copies hold the host until they land: those from pageable host memory do
+    (``cudaMemcpyAsync`` from pageable memory returns only once the data is staged for the DMA,
+    CUDA Runtime API, "API synchronization behavior"), so the host issues one copy at a time and
+    can decide or launch nothing while it lasts. A policy may copy from its own kind of memory
+    (``policy_memory``: whole-layer streaming is pageable, as accelerate's offload); else the
+    store's (``host_memory``: ``hardware.host_memory``)."""
+    return (policy_memory or host_memory) == "pageable"
+
+
 class CopyQueue:
     """Host-side priority queue of expert keys: FIFO within a priority, lower priorities first,
     cancel and promote in O(1) (stale bucket entries are skipped lazily).
@@ -157,6 +167,9 @@ class CopyEngine:
         # admit(for_g, confidence, start) -> issue it now? (None: every prefetch goes out)
         self.admit: Callable[[int, float, float], bool] | None = None
         self.refused = 0  # prefetches the admission rule dropped
+        # copies from pageable host memory hold the host until they land (see host_synchronous):
+        # then host_free is the landing of the last copy issued, and one copy is in flight at a time
+        self.host_sync = False
         self.holds: deque[tuple[float, tuple[int, ...]]] = deque()  # (until, experts in use), compute order
 
     # ------------------------------------------------------------ host side
@@ -215,7 +228,7 @@ class CopyEngine:
                 del entry[key]
                 if target:
                     target.pop(key, None)
-                self.host_free = host
+                self.host_free = end if self.host_sync else host
                 self.link_free = end
                 self.busy_time += end - start
                 self.copies += 1
@@ -252,7 +265,7 @@ class CopyEngine:
                 self.blocked = True
                 self._queue_absent(keys[i:])
                 break
-            host_free = host
+            host_free = end if self.host_sync else host
             link_free = end
             busy += end - start
             copies += 1

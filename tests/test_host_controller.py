@@ -70,13 +70,13 @@ def make_trace(model: ModelSpec, tokens: list[list[int]], prefill: int = 1) -> T
     return Trace(shape=model.shape_only(), request_ids=np.arange(1), lengths=np.array([T], dtype=np.int32), **a)
 
 
-def drive(tokens, *, M, h2d, slots, policy, copies_in_flight=2, resident=()):
+def drive(tokens, *, M, h2d, slots, policy, copies_in_flight=2, resident=(), host_memory="pinned"):
     """Run the host controller's generator by hand; return (sim, log, the copies that reached the
     stream in issue order, the compute stream's final time)."""
     model = make_model(M)
     hw = HardwareSpec(name="test", memory_gb=10, flops_bf16=1e14, hbm_bandwidth=1e12, launch_overhead_s=0.0,
                       workspace_gb=0.0, h2d_gbps=10, d2h_gbps=10, pageable_h2d_gbps=5, pageable_d2h_gbps=5,
-                      copies_in_flight=copies_in_flight)
+                      copies_in_flight=copies_in_flight, host_memory=host_memory)
     cost = FixedCost(model, hw, h2d=h2d)
     sch = Schedule(make_trace(model, tokens), model, cost)
     sim = Simulation(sch, model, hw, cost, eviction=EVICTION.create("lru"), prefetch=policy, slots=slots,
@@ -134,6 +134,26 @@ def test_completions_in_timestamp_order_and_landing_at_the_decision_is_a_hit():
         assert log.stall == 0 and log.late_wait == 0
         assert log.token_times[0] == approx([3.0 * ms, 6.0 * ms])
         assert end == approx(6.0 * ms)
+
+
+def test_a_pageable_prefetch_holds_the_host_instead_of_overlapping():
+    """One token, two MoE layers: L0.e0 (resident), L1.e1 (key 5). At L0's routing the policy
+    prefetches key 5; transfer 1.5 ms (the same time from either memory: the fixed cost model).
+
+      pinned: key 5 issued at 1.0 (L0's routing), lands 2.5; L0's expert 1.0-1.5; L1 attn 1.5-2.5,
+              routed at 2.5: hit; expert 2.5-3.0 -> token at 3.0. The copy hid behind compute.
+      pageable: the copy holds the host from 1.0 to 2.5, so L0's expert is launched at 2.5 (a
+              stall of 1.5 ms, routing to expert start), 2.5-3.0; L1 attn 3.0-4.0, routed 4.0:
+              hit; expert 4.0-4.5 -> token at 4.5."""
+    for memory, token, stall in (("pinned", 3.0 * ms, 0.0), ("pageable", 4.5 * ms, 1.5 * ms)):
+        pol = Scripted(routed={0: [Fetch(5, 1)]})
+        sim, log, stream, end = drive([[0, 1]], M=2, h2d=1.5 * ms, slots=8, policy=pol, resident=(0,),
+                                      host_memory=memory)
+        assert [(k, p, s, e) for k, p, s, e in stream] == [(5, True, approx(1.0 * ms), approx(2.5 * ms))], memory
+        assert (log.hits, log.late, log.misses) == (2, 0, 0), memory
+        assert log.token_times[0] == approx([token]), memory
+        assert log.stall == approx(stall, abs=1e-12), memory
+        assert log.stall_per_layer[0] == approx(stall, abs=1e-12), memory
 
 
 def test_a_copy_landing_after_the_decision_is_late_and_waited_for():

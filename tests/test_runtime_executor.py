@@ -330,18 +330,22 @@ def test_same_policy_objects_same_decisions_in_simulator_and_runtime(layout):
         sess.close()
 
 
+@pytest.mark.parametrize("memory", ["pinned", "pageable"])
 @pytest.mark.parametrize("layout", ["cache.slots=6", "cache.per_layer=3"])
-def test_virtual_time_runtime_makes_exactly_the_simulators_decisions(layout):
+def test_virtual_time_runtime_makes_exactly_the_simulators_decisions(layout, memory):
     """With non-zero copy and compute times (the tiny preset's link, the cost model's durations),
     the runtime on the deterministic virtual-time backend and the simulator make the same decisions
     for every autoregressive policy: the same copies in the same order, demand or prefetch, the
     same hits, late experts, misses, evictions and useful prefetches; and the same token times
-    (within floating-point rounding: the two sum the same durations in a different order)."""
+    (within floating-point rounding: the two sum the same durations in a different order). Also
+    with copies from pageable host memory, which hold the host until they land (the runtime's
+    backend blocks on each, the simulator's host keeps the time it is held)."""
     from runtime.measure import Session, run_log
     from sim.run import load_policy, run_policy
 
     cfg = _run_cfg("model=tiny", "trace.requests=2", "trace.prompt_tokens=6", "trace.decode_tokens=16", layout,
-                   "policy=baselines", "cpu_backend=virtual", "hardware.decision_delay_s=2e-5")
+                   "policy=baselines", "cpu_backend=virtual", "hardware.decision_delay_s=2e-5",
+                   f"hardware.host_memory={memory}")
     sess = Session(cfg, max_slots=10**6)
     prep = sess.prepare(cfg)
     names = ["lru", "lfu", "fifo", "belady", "lookahead", "history", "oracle"]

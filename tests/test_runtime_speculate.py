@@ -284,13 +284,14 @@ def test_gpu_speculative_benchmark_smoke(tmp_path):
     assert (tmp_path / "summary.md").read_text().count("MoE-SpeQ") >= 2
 
 
-@pytest.mark.parametrize("layout", [["cache.slots=10"], ["cache.per_layer=3"], ["cache.slots=10", "cache.reset=request"]])
+@pytest.mark.parametrize("layout", [["cache.slots=10"], ["cache.per_layer=3"], ["cache.slots=10", "cache.reset=request"],
+                                    ["cache.slots=10", "hardware.host_memory=pageable"]])
 def test_virtual_time_speculation_makes_exactly_the_simulators_decisions(layout):
     """Speculative replay hosted by the runtime on the deterministic virtual-time backend (compute
     and drafting take the cost model's times, copies the copy stream model's) makes exactly the
     simulator's decisions on the same trace, for the roofline governor (MoE-SpeQ), fixed k,
     on-demand LRU under speculation and SP-MoE's cutoff (one global pool, per-layer pools, a cache
-    emptied at each request): the same k and acceptance in every cycle,
+    emptied at each request, copies from pageable memory that hold the host): the same k and acceptance in every cycle,
     the same copies in the same order (demand or prefetch), the same hits, late experts, misses,
     evictions, refused prefetches and ELB recall; copy and token times equal within rounding (the
     two sum the same durations in a different order). Both run the same controller methods

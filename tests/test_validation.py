@@ -177,16 +177,17 @@ def test_validate_grid_on_the_cpu_is_resumable(tmp_path: Path) -> None:
     assert none.returncode == 2 and "no validation table" in none.stderr
 
 
-def test_validate_on_the_virtual_time_backend_has_no_error_at_either_level(tmp_path: Path) -> None:
+@pytest.mark.parametrize("link", ["pinned", "pageable"])
+def test_validate_on_the_virtual_time_backend_has_no_error_at_either_level(tmp_path: Path, link: str) -> None:
     """The whole pipeline (measured runs logging their decisions, files written and read back, the
     replay, the join) where both sides are the same model: the runtime on the deterministic
     virtual-time backend under the profile the simulator uses. Every error is floating-point
-    rounding, at both levels."""
+    rounding, at both levels, also where pageable copies hold the host."""
     import pandas as pd
 
     r = run("runtime.validate", "profile=h200", f"out={tmp_path}", "cpu_backend=virtual", "engines=[eager]",
             "shapes=[{name: tiny, model: tiny, requests: 2, prompt_tokens: 4, decode_tokens: 8}]", "budgets=[0.25]",
-            "links=[pinned]", "policies=[lru,lookahead,oracle]", "repetitions=1", "levels=[replayed,closed]")
+            f"links=[{link}]", "policies=[lru,lookahead,oracle]", "repetitions=1", "levels=[replayed,closed]")
     assert r.returncode == 0, r.stderr
     df = pd.read_parquet(tmp_path / "cpu" / "validation.parquet")
     sim = df[df.source == "sim"]
