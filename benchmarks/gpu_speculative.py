@@ -43,9 +43,9 @@ from pathlib import Path
 from typing import Any
 
 if __package__:  # imported as benchmarks.<script> (the tests)
-    from .card import identify, measured_models  # noqa: F401
+    from .card import identify  # noqa: F401
 else:  # run as a script: benchmarks/ is on sys.path
-    from card import identify, measured_models  # noqa: F401 (benchmarks/card.py)
+    from card import identify  # noqa: F401 (benchmarks/card.py)
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -317,10 +317,15 @@ def main(argv: list[str] | None = None) -> int:
     code = identify(meta, args.smoke, args.hardware)
     if code:
         return code
-    done = measured_models(rows_path, meta["card"])
-    todo = [s for s in shapes if s["name"] not in done]
+    # resumable per (shape, engine): a rerun measures only the engines a shape has no rows for yet
+    have = set()
+    if rows_path.is_file():
+        have = {(r["model"], r.get("engine")) for r in map(json.loads, rows_path.read_text().splitlines())
+                if r.get("card") == meta["card"]}
+    engines_left = {s["name"]: [e for e in (args.engines or s["engines"]) if (s["name"], e) not in have] for s in shapes}
+    todo = [s for s in shapes if engines_left[s["name"]]]
     log(f"card {meta['card']} -> hardware={meta['hardware']}; planned: ~{sum(s['est_s'] for s in todo)} s for "
-        f"{[s['name'] for s in todo]} (skipping {sorted(done)}: rows exist)")
+        f"{[(s['name'], engines_left[s['name']]) for s in todo]} (skipping {sorted(have)}: rows exist)")
     t_start = time.monotonic()
     for sh in todo:
         left = args.budget_s - (time.monotonic() - t_start)
@@ -329,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         cmd = [sys.executable, str(Path(__file__).resolve()), "--job", sh["name"], "--out", str(out),
                "--meta", json.dumps(meta), "--budget", str(args.budget), "--ks", ",".join(map(str, args.ks)),
-               "--reps", str(args.reps), "--decode-tokens", str(args.decode_tokens), "--engines", ",".join(args.engines),
+               "--reps", str(args.reps), "--decode-tokens", str(args.decode_tokens), "--engines", ",".join(engines_left[sh["name"]]),
                "--shape-budget-s", str(min(args.shape_budget_s, max(30.0, left - 40)))]
         if args.smoke:
             cmd.append("--smoke")

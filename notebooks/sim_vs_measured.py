@@ -32,7 +32,6 @@ config = None  # config_id shown in the ECDF and the timelines; None: the config
 figures = "notebooks/figures"  # where the PNGs go
 
 # %%
-import json
 import sys
 from pathlib import Path
 
@@ -43,7 +42,7 @@ import seaborn as sns
 
 ROOT = next(p for p in [Path.cwd(), *Path.cwd().parents] if (p / "pyproject.toml").is_file())
 sys.path.insert(0, str(ROOT))
-from sim.experiments.validation import TARGETS, from_results, join, summary  # noqa: E402
+from sim.experiments.validation import TARGETS, from_results, join, read_timeline, summary, timeline_path  # noqa: E402
 
 out = ROOT / figures
 out.mkdir(parents=True, exist_ok=True)
@@ -140,11 +139,11 @@ COL = {"attn+router": "#4C72B0", "stall": "#C44E52", "experts": "#55A868", "head
        "demand": "#DD8452", "prefetch": "#8172B3"}
 tdir = (ROOT / validation).parent / "timelines" if validation is not None else None
 sim_side = "sim" if pick.level == "closed" else "replayed"  # level replayed: the simulator's replay
-files = {s: tdir / f"{cid}.{s}.json" for s in ("measured", sim_side)} if tdir is not None else {}
-if files and all(p.is_file() for p in files.values()):
+files = {s: timeline_path(tdir, f"{cid}.{s}") for s in ("measured", sim_side)} if tdir is not None else {}
+if files and all(p is not None for p in files.values()):
     fig, axes = plt.subplots(2, 1, figsize=(11, 3.8), sharex=True)
     for ax, (src, p) in zip(axes, files.items()):
-        comp, copy = spans(json.loads(p.read_text()))
+        comp, copy = spans(read_timeline(p))
         for t0, d, name in comp:
             ax.broken_barh([(t0, d)], (1, 0.8), color=COL.get(name.replace("verify ", "").split(" ")[0], "#999999"))
         for t0, d, cat in copy:
@@ -166,7 +165,7 @@ else:
 # %%
 from sim.experiments.validation import level1  # noqa: E402
 
-if tdir is not None and tdir.is_dir() and any(tdir.glob("*.measured.json")):
+if tdir is not None and tdir.is_dir() and any(tdir.glob("*.measured.json*")):
     l1 = level1(tdir)
     cols1 = ["level", "copies_matched_share", "copy_median_abs_err", "copy_p90_abs_err", "attn_router_median_abs_err",
              "experts_median_abs_err", "stall_total_rel_err"]

@@ -251,11 +251,25 @@ def timeline_errors(measured: Mapping[str, Any], simulated: Mapping[str, Any], *
     return out
 
 
-def _read_timeline(path: Path) -> Mapping[str, Any]:
+def read_timeline(path: Path) -> Mapping[str, Any]:
+    """A Chrome-trace timeline, plain or gzipped (``.json.gz``: how the repository keeps them)."""
     try:
+        if path.suffix == ".gz":
+            import gzip
+
+            with gzip.open(path, "rt") as f:
+                return json.load(f)
         return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, EOFError) as e:
         raise SimError(f"{path}: cannot read the timeline ({e})") from None
+
+
+def timeline_path(tdir: Path, stem: str) -> Path | None:
+    """``<stem>.json`` (as runtime.validate writes it), else ``<stem>.json.gz``."""
+    for name in (f"{stem}.json", f"{stem}.json.gz"):
+        if (tdir / name).is_file():
+            return tdir / name
+    return None
 
 
 def level1(timeline_dir: str | Path) -> Any:
@@ -267,11 +281,12 @@ def level1(timeline_dir: str | Path) -> Any:
     if not tdir.is_dir():
         raise SimError(f"{tdir}: no timeline folder (runtime.validate writes timelines/ beside the table)")
     rows = []
-    for mpath in sorted(tdir.glob("*.measured.json")):
-        cid = mpath.name.removesuffix(".measured.json")
+    ids = sorted({p.name.split(".measured.json")[0] for p in tdir.glob("*.measured.json*")})
+    for cid in ids:
+        mpath = timeline_path(tdir, f"{cid}.measured")
         for level, side in TIMELINE_SIDE.items():
-            spath = tdir / f"{cid}.{side}.json"
-            if spath.is_file():
+            spath = timeline_path(tdir, f"{cid}.{side}")
+            if mpath is not None and spath is not None:
                 rows.append({"config_id": cid, "level": level, **timeline_errors(
-                    _read_timeline(mpath), _read_timeline(spath), names=(str(mpath), str(spath)))})
+                    read_timeline(mpath), read_timeline(spath), names=(str(mpath), str(spath)))})
     return pd.DataFrame(rows)
