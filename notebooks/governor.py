@@ -139,8 +139,8 @@ else:
     for f, ls in ((1.0, "-"), (1.1, ":"), (0.9, ":")):
         ax.plot([lo, hi], [lo * f, hi * f], color="black", lw=1, ls=ls)
     ax.axhline(1.0, color="grey", lw=0.8)
-    ax.set(xlim=(lo, hi), ylim=(lo, hi), xlabel="speed-up over LRU, simulated", ylabel="speed-up over LRU, measured",
-           title=f"{speculative}")
+    ax.set(xlim=(lo, hi), ylim=(lo, hi), xlabel="speed-up over LRU, simulated", ylabel="speed-up over LRU, measured")
+    ax.set_title(f"{sr.card.iloc[0]}\n{Path(speculative).parent.name}", fontsize=9)
     fig.tight_layout()
     fig.savefig(out / "governor_speculative_parity.png", dpi=130)
     ok["speedup_err"] = ok.speedup_measured / ok.speedup_sim - 1

@@ -25,7 +25,8 @@
 # `hardware=h200`, no measured profile, no per-token latencies), and says so below.
 
 # %% tags=["parameters"]
-validation = None  # a validation.parquet; None: the newest under benchmarks/validation/, else `fallback`
+validation = None  # a validation.parquet; None: the newest under benchmarks/validation/ (a card's newest
+#                   resimulated/ table when it has one: its measured rows, predicted by today's simulator), else `fallback`
 fallback = "benchmarks/results/gpu_runtime-h200-2026-11-28.parquet"
 fallback_card, fallback_date = "NVIDIA H200", "2026-11-28"
 config = None  # config_id shown in the ECDF and the timelines; None: the config with the median |error|
@@ -50,7 +51,9 @@ sns.set_theme(style="whitegrid", context="notebook")
 
 if validation is None:
     found = sorted((ROOT / "benchmarks" / "validation").glob("*/validation.parquet"), key=lambda p: p.stat().st_mtime)
-    validation = found[-1] if found else None
+    if found:
+        resim = sorted((found[-1].parent / "resimulated").glob("*.parquet"))
+        validation = (resim or found)[-1]
 if validation is not None:
     table, source_note = pd.read_parquet(ROOT / validation), f"validation table {validation}"
 else:
@@ -68,15 +71,23 @@ print(f"{len(sim)} configs; cards {sorted(sim.card.unique())}; levels {sorted(si
 # ## Parity: simulated against measured TPOT
 
 # %%
+from matplotlib.ticker import NullFormatter, ScalarFormatter  # noqa: E402
+
 fig, ax = plt.subplots(figsize=(6.2, 5.6))
-sns.scatterplot(data=sim, x="measured_tpot_s", y="tpot_s", hue="model", style="policy", s=70, ax=ax)
-lo = 0.8 * min(sim.measured_tpot_s.min(), sim.tpot_s.min())
-hi = 1.25 * max(sim.measured_tpot_s.max(), sim.tpot_s.max())
+par = sim.assign(measured_ms=sim.measured_tpot_s * 1e3, sim_ms=sim.tpot_s * 1e3)
+sns.scatterplot(data=par, x="measured_ms", y="sim_ms", hue="model", style="engine", s=70, ax=ax)
+lo = 0.8 * min(par.measured_ms.min(), par.sim_ms.min())
+hi = 1.25 * max(par.measured_ms.max(), par.sim_ms.max())
 xs = np.geomspace(lo, hi, 50)
 ax.plot(xs, xs, color="black", lw=1, label="simulated = measured")
 ax.fill_between(xs, xs * 0.9, xs * 1.1, color="grey", alpha=0.15, label="+-10%")
-ax.set(xscale="log", yscale="log", xlim=(lo, hi), ylim=(lo, hi), xlabel="measured TPOT (s)", ylabel="simulated TPOT (s)",
+ax.set(xscale="log", yscale="log", xlim=(lo, hi), ylim=(lo, hi), xlabel="measured TPOT (ms)", ylabel="simulated TPOT (ms)",
        title=f"TPOT per config ({sim.card.iloc[0]})")
+ticks = [t for t in (0.1, 0.2, 0.5, 1, 2, 3, 5, 10, 20, 30, 50, 100, 200, 500, 1000) if lo <= t <= hi]
+for axis in (ax.xaxis, ax.yaxis):
+    axis.set_ticks(ticks)
+    axis.set_major_formatter(ScalarFormatter())
+    axis.set_minor_formatter(NullFormatter())
 ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
 fig.tight_layout()
 fig.savefig(out / "sim_vs_measured_parity.png", dpi=130)
@@ -137,7 +148,9 @@ def spans(trace: dict) -> tuple[list, list]:
 
 COL = {"attn+router": "#4C72B0", "stall": "#C44E52", "experts": "#55A868", "head": "#8C8C8C",
        "demand": "#DD8452", "prefetch": "#8172B3"}
-tdir = (ROOT / validation).parent / "timelines" if validation is not None else None
+# the timelines sit beside the table (a resimulated table: beside the table it was made from)
+tdir = next((d / "timelines" for d in (ROOT / validation).parents if (d / "timelines").is_dir()), None) \
+    if validation is not None else None
 sim_side = "sim" if pick.level == "closed" else "replayed"  # level replayed: the simulator's replay
 files = {s: timeline_path(tdir, f"{cid}.{s}") for s in ("measured", sim_side)} if tdir is not None else {}
 if files and all(p is not None for p in files.values()):
