@@ -18,8 +18,10 @@ def hardware_of(name: str) -> str | None:
     return next((hw for key, hw in CARDS.items() if key in name), None)
 
 
-def identify(meta: dict[str, Any], smoke: bool, hardware: str | None) -> int:
-    """Fill ``meta["card"]`` and ``meta["hardware"]``; 0, or 2 after saying why the run cannot start."""
+def identify(meta: dict[str, Any], smoke: bool, hardware: str | None, prefer_measured: bool = False) -> int:
+    """Fill ``meta["card"]`` and ``meta["hardware"]``; 0, or 2 after saying why the run cannot start.
+    ``prefer_measured``: the card's measured profile (``measured/<preset>``, runtime.profile) where one
+    is committed, else its preset."""
     if smoke:
         meta.update(card="cpu", hardware=hardware or "h200")
         return 0
@@ -33,6 +35,9 @@ def identify(meta: dict[str, Any], smoke: bool, hardware: str | None) -> int:
     if meta["hardware"] is None:
         print(f"card {meta['card']!r} has no hardware preset here (known: {CARDS}); pass --hardware", file=sys.stderr)
         return 2
+    measured = Path(__file__).resolve().parents[1] / "conf" / "hardware" / "measured" / f"{meta['hardware']}.yaml"
+    if hardware is None and prefer_measured and measured.is_file():
+        meta["hardware"] = f"measured/{meta['hardware']}"
     return 0
 
 

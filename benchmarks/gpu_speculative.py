@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=os.environ.get("OUT", "gpu_speculative_out"))
     ap.add_argument("--smoke", action="store_true", help="the tiny preset on the CPU, about a minute")
     ap.add_argument("--shapes", default="", help="comma list of shape names (default: all)")
-    ap.add_argument("--hardware", default=None, help="hardware preset (default: from the card's name)")
+    ap.add_argument("--hardware", default=None, help="hardware preset (default: the card's measured profile, measured/NAME, if committed, else its preset)")
     ap.add_argument("--budget", type=float, default=0.5, help="slot pool as a share of all routed experts")
     ap.add_argument("--ks", default="1,2,4,8,16", help="fixed draft lengths")
     ap.add_argument("--reps", type=int, default=3, help="repetitions of the governor and lru runs")
@@ -314,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
                             "host": platform.node(), "torch": torch.__version__, "transformers": transformers.__version__,
                             "command": " ".join(["python3", "benchmarks/gpu_speculative.py",
                                                  *(argv if argv is not None else sys.argv[1:])])}
-    code = identify(meta, args.smoke, args.hardware)
+    code = identify(meta, args.smoke, args.hardware, prefer_measured=True)  # targets judged under the card's profile
     if code:
         return code
     # resumable per (shape, engine): a rerun measures only the engines a shape has no rows for yet
