@@ -16,7 +16,7 @@ def tiny_speculative(tmp: Path) -> Path:
     """The rows benchmarks/gpu_speculative.py writes, for one shape and engine (made-up values)."""
     import pandas as pd
 
-    rows = [dict(model="toy-L2", engine="graphed", label=label, policy=policy, k=k, status="ok",
+    rows = [dict(card="toy card", model="toy-L2", engine="graphed", label=label, policy=policy, k=k, status="ok",
                  tpot_measured_s=t, speedup_measured=0.010 / t, speedup_sim=s, link_util=0.9, acceptance=0.8, mean_k=2.0)
             for label, policy, k, t, s in (("lru", "lru", "-", 0.010, 1.0), ("speq", "speq", "governor", 0.008, 1.3),
                                            ("speq-k2", "speq", 2, 0.0085, 1.2), ("spec-lru", "spec-lru", "governor", 0.012, 0.8))]
