@@ -122,7 +122,8 @@ class HardwareSpec:
         ((1.0, 1.0),), "pinned bandwidth vs copy size: [bytes, fraction of the plateau] points")
     pageable_curve: tuple[tuple[float, float], ...] = setting(
         ((1.0, 1.0),), "pageable bandwidth vs copy size: [bytes, fraction of the plateau] points")
-    host_memory: str = setting("pinned", "pinned | pageable: the host memory the experts are copied from")
+    host_memory: str = setting("pinned", "pinned | pageable: the host memory the experts are copied from (pageable copies "
+                                         "are slower and hold the host until they land)")
     link_pace_gbps: Optional[float] = setting(None, "copies paced to at most this bandwidth, GB/s; null: unpaced")
     copy_latency_s: float = setting(0.0, "fixed link time per copy, s")
     copy_issue_overhead_s: float = setting(0.0, "host time to issue one copy, s")
