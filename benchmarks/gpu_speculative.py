@@ -257,6 +257,64 @@ def summary(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# =============================================================================== resimulation
+def resimulate(out: Path, hardware: str) -> int:
+    """No device: the simulator predicts every replay-mode row of ``out``'s results again under
+    ``hardware`` (e.g. the card's measured profile, committed after the run), from the same config
+    (shape, engine, policy, governor or k, slots, trace); writes ``resimulated-<hardware>.parquet``
+    and ``.md`` beside the results and prints the speed-up errors before and after. Live rows keep
+    their prediction (it needs the routing the GPU executed, which is not stored)."""
+    import pandas as pd
+
+    from sim.experiments.search import compose_sim
+    from sim.run import simulate
+
+    src = out / "results.jsonl"
+    if not src.is_file():
+        print(f"{src}: no results to resimulate", file=sys.stderr)
+        return 2
+    rows = [json.loads(x) for x in src.read_text().splitlines()]
+    shapes = {s["name"]: s for s in SHAPES + SMOKE}
+    new = []
+    for r in rows:
+        r = dict(r)
+        sh = shapes.get(r["model"])
+        if r.get("status") == "ok" and sh is not None and r.get("mode") == "replay":
+            over = [f"model={sh['model']}", f"hardware={hardware}", f"engine={r['engine']}", "trace.requests=1",
+                    "trace.prompt_tokens=32", f"trace.decode_tokens={int(r['decode_tokens'])}",
+                    f"cache.slots={int(r['slots'])}", f"policy={r['policy']}", "progress=false"]
+            if sh.get("layers"):
+                over.append(f"model.layers={sh['layers']}")
+            if r["policy"] in ("speq", "spec-lru", "spmoe"):
+                over += ["governor=roofline"] if str(r["k"]) == "governor" else ["governor=fixed", f"governor.k={r['k']}"]
+            got = [x for x in simulate(compose_sim(over)) if x.get("status") == "ok"]
+            if got:
+                r["tpot_sim_before_s"] = r.get("tpot_sim_s")
+                r["tpot_sim_s"] = float(got[0]["tpot_ms"]) / 1e3
+                r["sim_mean_k"] = got[0].get("mean_k", r.get("sim_mean_k"))
+                r["sim_acceptance"] = got[0].get("acceptance_rate", r.get("sim_acceptance"))
+        r["hardware"] = hardware if r.get("mode") == "replay" else r.get("hardware")
+        new.append(r)
+    for r in new:  # speed-ups over lru at the same memory, per (model, engine)
+        ref = next((x for x in new if x["model"] == r["model"] and x["engine"] == r["engine"] and x.get("label") == "lru"
+                    and x.get("status") == "ok"), None)
+        if ref is not None and r.get("status") == "ok":
+            r["speedup_sim"] = ref["tpot_sim_s"] / r["tpot_sim_s"]
+    name = hardware.replace("/", "-")
+    meta = json.loads((out / "meta.json").read_text()) if (out / "meta.json").is_file() else {}
+    meta = meta.get("graphed", meta) if isinstance(meta, dict) else {}
+    meta = {**meta, "hardware": f"{hardware} (resimulated; live rows: their own prediction)",
+            "command": f"python benchmarks/gpu_speculative.py --resimulate {out} --hardware {hardware}"}
+    meta.setdefault("card", new[0].get("card") if new else "?")
+    meta.setdefault("date", new[0].get("date") if new else "?")
+    meta.setdefault("torch", "?")
+    text = summary(new, meta)
+    (out / f"resimulated-{name}.md").write_text(text)
+    pd.DataFrame(new).astype({"k": str}).to_parquet(out / f"resimulated-{name}.parquet")
+    print(text)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "gpu_speculative_out"))
@@ -271,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--decode-tokens", type=int, default=256)
     ap.add_argument("--budget-s", type=float, default=390.0, help="stop starting shapes after this many seconds")
     ap.add_argument("--shape-budget-s", type=float, default=150.0, help="stop starting configs of a shape after this")
+    ap.add_argument("--resimulate", default=None, metavar="DIR",
+                    help="no device: predict DIR's replay-mode rows again under --hardware (e.g. measured/h100-sxm)")
     ap.add_argument("--job", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--meta", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -286,6 +346,11 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 < args.budget <= 1:
         print(f"--budget {args.budget}: must be in (0, 1]", file=sys.stderr)
         return 2
+    if args.resimulate:
+        if not args.hardware:
+            print("--resimulate needs --hardware (the profile to predict under)", file=sys.stderr)
+            return 2
+        return resimulate(Path(args.resimulate), args.hardware)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows_path = out / "results.jsonl"

@@ -339,3 +339,31 @@ def test_virtual_time_speculation_makes_exactly_the_simulators_decisions(layout)
         sess.close()
     assert prefetches > 0  # the ELB policies' copies are compared, not only demand fetches
     assert len(ks) > 1  # the governor moved (warm-up, then its choice): a real comparison
+
+
+def test_gpu_speculative_resimulates_replay_rows_under_another_profile(tmp_path):
+    """``--resimulate DIR --hardware H``: each replay-mode row is predicted again from its own config
+    (policy, governor or fixed k, slots, engine), the speed-ups over lru recomputed; live rows keep
+    their prediction; without --hardware it refuses."""
+    import json
+
+    import pandas as pd
+
+    from benchmarks.gpu_speculative import main
+
+    def row(label, policy, k, slots, mode="replay"):
+        return {"card": "cpu", "date": "d", "hardware": "h200", "model": "tiny", "engine": "eager", "mode": mode,
+                "decode_tokens": 14, "label": label, "policy": policy, "k": k, "slots": slots, "status": "ok",
+                "tpot_measured_s": 0.01, "tpot_sim_s": 1.0}
+
+    rows = [row("lru", "lru", None, 22), row("speq", "speq", "governor", 16), row("speq-k2", "speq", 2, 16),
+            row("speq-live", "speq", "governor", 16, mode="live")]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["--resimulate", str(tmp_path)]) == 2
+    assert main(["--resimulate", str(tmp_path), "--hardware", "h100-pcie5"]) == 0
+    df = pd.read_parquet(tmp_path / "resimulated-h100-pcie5.parquet").set_index("label")
+    assert (df.loc[["lru", "speq", "speq-k2"], "tpot_sim_s"] < 1.0).all()  # predicted again (not the 1 s placeholder)
+    assert df.loc["speq-live", "tpot_sim_s"] == 1.0  # live: the routing the GPU executed is not stored
+    assert df.loc["speq-k2", "sim_mean_k"] <= 2 and df.loc["speq", "k"] == "governor"
+    assert df.loc["speq", "speedup_sim"] == df.loc["lru", "tpot_sim_s"] / df.loc["speq", "tpot_sim_s"]
+    assert (tmp_path / "resimulated-h100-pcie5.md").read_text().count("MoE-SpeQ") == 1
