@@ -366,4 +366,4 @@ def test_gpu_speculative_resimulates_replay_rows_under_another_profile(tmp_path)
     assert df.loc["speq-live", "tpot_sim_s"] == 1.0  # live: the routing the GPU executed is not stored
     assert df.loc["speq-k2", "sim_mean_k"] <= 2 and df.loc["speq", "k"] == "governor"
     assert df.loc["speq", "speedup_sim"] == df.loc["lru", "tpot_sim_s"] / df.loc["speq", "tpot_sim_s"]
-    assert (tmp_path / "resimulated-h100-pcie5.md").read_text().count("MoE-SpeQ") == 1
+    assert (tmp_path / "resimulated-h100-pcie5").with_suffix(".md").read_text().count("MoE-SpeQ") == 1
