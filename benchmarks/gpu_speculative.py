@@ -301,13 +301,9 @@ def resimulate(out: Path, hardware: str) -> int:
         if ref is not None and r.get("status") == "ok":
             r["speedup_sim"] = ref["tpot_sim_s"] / r["tpot_sim_s"]
     name = hardware.replace("/", "-")
-    meta = json.loads((out / "meta.json").read_text()) if (out / "meta.json").is_file() else {}
-    meta = meta.get("graphed", meta) if isinstance(meta, dict) else {}
-    meta = {**meta, "hardware": f"{hardware} (resimulated; live rows: their own prediction)",
+    meta = {"card": new[0].get("card") if new else "?", "date": new[0].get("date") if new else "?",
+            "hardware": f"{hardware} (resimulated; live rows: their own prediction)", "torch": "(none: no device)",
             "command": f"python benchmarks/gpu_speculative.py --resimulate {out} --hardware {hardware}"}
-    meta.setdefault("card", new[0].get("card") if new else "?")
-    meta.setdefault("date", new[0].get("date") if new else "?")
-    meta.setdefault("torch", "?")
     text = summary(new, meta)
     (out / f"resimulated-{name}.md").write_text(text)
     pd.DataFrame(new).astype({"k": str}).to_parquet(out / f"resimulated-{name}.parquet")

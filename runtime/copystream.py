@@ -35,9 +35,9 @@ class MarkStream(CopyEngine):
 
     def __init__(self, cache: ExpertCache, backend: Backend, *, slot_bytes: list, source: Callable[[int], Any],
                  num_slots: int, nbytes: int, transfer_time: float = 0.0, issue_overhead: float = 0.0,
-                 copies_in_flight: int = 4, pad_s: float = 0.0, on_done=None) -> None:
+                 copies_in_flight: int = 4, pad_s: float = 0.0, on_done=None, host_sync: bool = False) -> None:
         super().__init__(cache, nbytes=nbytes, transfer_time=transfer_time, issue_overhead=issue_overhead,
-                         copies_in_flight=copies_in_flight, on_done=on_done, submit=self._submit)
+                         copies_in_flight=copies_in_flight, on_done=on_done, submit=self._submit, host_sync=host_sync)
         self.backend = backend
         self.slot_bytes, self.source = slot_bytes, source
         self.pad_s = pad_s

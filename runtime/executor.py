@@ -234,14 +234,12 @@ class Run:
         if rc.link_pace_gbps:
             paced = om.nbytes / (float(rc.link_pace_gbps) * 1e9)
             pad_s = max(0.0, paced - (om.copy_s or 0.0))
-        sync = host_synchronous(getattr(rc.prefetch, "host_memory", None), om.store.host_memory)
         self.link = link = MarkStream(
             cache, be, slot_bytes=om.slot_bytes, source=om.store.expert, num_slots=om.num_slots, nbytes=om.nbytes,
-            transfer_time=rc.transfer_s, issue_overhead=rc.issue_overhead_s,
+            transfer_time=rc.transfer_s, issue_overhead=rc.issue_overhead_s, copies_in_flight=rc.copies_in_flight,
+            pad_s=pad_s,
             # copies from pageable memory (the store's, or a policy's own) hold the host: one at a time
-            copies_in_flight=1 if sync else rc.copies_in_flight,
-            pad_s=pad_s)
-        link.host_sync = sync
+            host_sync=host_synchronous(getattr(rc.prefetch, "host_memory", None), om.store.host_memory))
         self.queue, self.in_flight, self.copy_log = link.queue, link.in_flight, link.copy_log
         link.measure = not self.virtual  # the admission rule's link: measured on real backends
         self.infos: list[LayerInfo] = []

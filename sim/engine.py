@@ -81,18 +81,17 @@ class Simulation:
         if timeline:
             log.compute_spans, log.copy_spans, log.occupancy = [], [], []
         transfer_s = cost.h2d(self.expert_bytes)
-        # copies from pageable memory (hardware.host_memory, or a policy's own: whole-layer streaming)
-        # hold the host until they land: one copy at a time, the host controller blocked meanwhile
-        sync = host_synchronous(getattr(prefetch, "host_memory", None), hw.host_memory)
         self.copy = copy = CopyEngine(
             cache,
             nbytes=self.expert_bytes,
             transfer_time=transfer_s,
             issue_overhead=float(hw.copy_issue_overhead_s),
-            copies_in_flight=1 if sync else int(hw.copies_in_flight),
+            copies_in_flight=int(hw.copies_in_flight),
             record=log.copy_spans,
+            # copies from pageable memory (hardware.host_memory, or a policy's own: whole-layer
+            # streaming) hold the host until they land: one at a time, the host controller held
+            host_sync=host_synchronous(getattr(prefetch, "host_memory", None), hw.host_memory),
         )
-        copy.host_sync = sync
         if predictor is not None:
             predictor.attach(sch.trace, sch.layer_steps(), lookahead_depths, seed)
         self.ctx = ctx = policy_context(sch, cache, copy.queue.queued, predictor, model.top_k)

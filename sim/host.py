@@ -854,15 +854,14 @@ class HostController:
                     spans.append((now, now + dur, f"{kind}experts {layer_names[m]}"))
                 holds.append((now + dur, held))  # copy.hold, inlined
                 if sync:
-                    # the runtime's host, once the experts are launched, sees the copies that landed
-                    # by its present (it is held past the copies issued as they land)
-                    if copy.host_free > hb:
+                    if copy.host_free > hb:  # copies issued as the needed ones landed hold it too
                         hb = copy.host_free
-                    if w < last or m < M - 1:
-                        h = now + dur if w < last or hb > now + dur else (hb if hb > now else now)
-                        if w == last:  # (what it issues now belongs to the next layer-step)
-                            copy.g = g + 1
-                        advance(h)
+                    if w == last and m < M - 1:
+                        # the runtime's host, once the layer's experts are launched, observes the copy
+                        # stream up to its present, at most their end (between waves: their end, below);
+                        # what it issues then belongs to the next layer-step
+                        copy.g = g + 1
+                        advance(min(max(hb, now), now + dur))
                         if copy.host_free > hb:
                             hb = copy.host_free
                 if w < last:

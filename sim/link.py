@@ -143,13 +143,17 @@ class CopyEngine:
         on_done: Callable[[int, float], None] | None = None,
         record: list | None = None,
         submit: Callable[[int, bool, float, float], float] | None = None,
+        host_sync: bool = False,
     ) -> None:
         self.cache = cache
         self.queue = CopyQueue()
         self.nbytes = nbytes
         self.duration = transfer_time  # latency + bytes / bandwidth(bytes), one expert
         self.issue_overhead = issue_overhead
-        self.max_in_flight = max(1, int(copies_in_flight))
+        # copies from pageable host memory hold the host until they land (see host_synchronous):
+        # one copy is in flight at a time, and host_free is the landing of the last copy issued
+        self.host_sync = bool(host_sync)
+        self.max_in_flight = 1 if host_sync else max(1, int(copies_in_flight))
         self.in_flight: deque[tuple[float, int]] = deque()  # (end, key), in issue (= completion) order
         self.clock = 0.0  # the stream's state is exact up to this time
         self.link_free = 0.0
@@ -167,9 +171,6 @@ class CopyEngine:
         # admit(for_g, confidence, start) -> issue it now? (None: every prefetch goes out)
         self.admit: Callable[[int, float, float], bool] | None = None
         self.refused = 0  # prefetches the admission rule dropped
-        # copies from pageable host memory hold the host until they land (see host_synchronous):
-        # then host_free is the landing of the last copy issued, and one copy is in flight at a time
-        self.host_sync = False
         self.holds: deque[tuple[float, tuple[int, ...]]] = deque()  # (until, experts in use), compute order
 
     # ------------------------------------------------------------ host side
@@ -254,6 +255,7 @@ class CopyEngine:
         record, g, submit = self.record, self.g, self.submit
         clock, overhead = self.clock, self.issue_overhead
         host_free, link_free, copies, busy = self.host_free, self.link_free, self.copies, self.busy_time
+        sync = self.host_sync
         self.blocked = False
         for i, key in enumerate(keys):
             if state[key]:  # already on its way (a key named twice)
@@ -265,7 +267,7 @@ class CopyEngine:
                 self.blocked = True
                 self._queue_absent(keys[i:])
                 break
-            host_free = end if self.host_sync else host
+            host_free = end if sync else host
             link_free = end
             busy += end - start
             copies += 1
