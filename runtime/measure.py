@@ -220,6 +220,16 @@ def model_source(cfg: Any) -> tuple[str, int | None]:
     return str(conf_dir() / "model" / m.hf_config), m.get("layers")
 
 
+def model_overrides(cfg: Any) -> dict[str, Any]:
+    """transformers config values a preset's ``model.*`` overrides change in the built model (random
+    weights only): ``model.top_k`` -> ``num_experts_per_tok``, so ``model.top_k=2`` runs a top-8
+    preset's shape at top-2 on both sides. A checkpoint (``source=``) keeps its own routing."""
+    m = cfg.get("model")
+    if cfg.get("source") or m is None or not m.get("hf_config") or m.get("top_k") is None:
+        return {}
+    return {"num_experts_per_tok": int(m.top_k)}
+
+
 def ExecutorError_(msg: str):  # noqa: N802 - a constructor-like helper
     from runtime.errors import ExecutorError
 
@@ -279,7 +289,7 @@ class Session:
         check_config(cfg)
         source, layers = model_source(cfg)
         self.loaded = load_model(source, layers=layers, dtype=cfg.get("dtype", "auto"), device=cfg.get("device", "auto"),
-                                 seed=int(cfg.seed))
+                                 seed=int(cfg.seed), config_overrides=model_overrides(cfg))
         if cfg.get("source"):
             spec = self.loaded.spec
             with open_dict(cfg):

@@ -18,8 +18,9 @@ beside it (the measured op times ``sim.costmodel.ProfileTables`` reads; the YAML
 - the achieved GEMM rate, device-memory bandwidth and per-kernel time in a graph (the roofline's
   ``flops_bf16``, ``hbm_bandwidth``, ``launch_overhead_s``), the memory the card has;
 - host overhead per decode path (``engine.graphed`` / ``engine.eager``: ``host_per_layer_s``,
-  ``draft_host_per_layer_s``, ``host_per_launch_s``), by microbenchmarks on ``engine_shape``, a shape
-  the validation grid does not use (never from a validation run's TPOT).
+  ``draft_host_per_layer_s``, ``host_per_launch_s``, ``host_per_expert_s``), by microbenchmarks on
+  ``engine_shape``, a shape the validation grid does not use (never from a validation run's TPOT):
+  the per-layer part from two depths, the per-expert part from two top-k values at one depth.
 
 Nothing is fitted: every number is a median of repeated measurements. ``smoke=true`` runs the same
 code at tiny sizes (the CPU: seconds; the test suite runs it).
@@ -42,6 +43,7 @@ import torch.nn.functional as F
 
 from sim.costmodel import op_shape
 from sim.errors import SimError
+from sim.hardware import ENGINE_KEYS
 from sim.presets import setting
 from sim.spec import ModelSpec
 
@@ -61,6 +63,8 @@ class ProfileConf:
     shapes: list[str] = setting(list(GRID_SHAPES), "compute grid: the validation grid's shapes")
     engine_shape: str = setting("olmoe-1b-7b", "host overhead per decode path: a shape the validation grid does not use")
     engine_layers: list[int] = setting([1, 3], "two depths: host time per layer is the slope between them")
+    engine_top_k_low: int = setting(2, "a second top-k of the engine shape at the deeper depth: host time per routed "
+                                       "expert is the slope between it and the shape's own top-k")
     reps: int = setting(7, "timed repetitions (median)")
     seed: int = setting(0, "seed of random weights and inputs")
 
@@ -363,6 +367,7 @@ def measure_link(clock: Clock, sizes: list[int], extra: list[int]) -> tuple[list
     dbuf = torch.empty(top, dtype=torch.uint8, device=dev)
     rows: list[dict[str, Any]] = []
     scal: dict[str, Any] = {}
+    side = torch.cuda.Stream(dev) if clock.cuda else None
     for mem in ("pinned", "pageable"):
         hbuf = torch.empty(top, dtype=torch.uint8, pin_memory=(mem == "pinned" and clock.cuda))
         hbuf.fill_(1)
@@ -371,8 +376,10 @@ def measure_link(clock: Clock, sizes: list[int], extra: list[int]) -> tuple[list
                 src, dst = (hbuf[:n], dbuf[:n]) if d == "h2d" else (dbuf[:n], hbuf[:n])
                 if mem == "pinned" and clock.cuda:
                     sec, method = _event_copy(clock, dst, src), "events"
-                else:  # pageable copies block the host: time them on the host clock
-                    sec, method = clock.host(lambda: (dst.copy_(src), clock.sync())), "host-clock"
+                elif clock.cuda:  # pageable copies block the host: the host's time, issued as the runtime does
+                    sec, method = clock.host(lambda: _side_copy(side, dst, src)), "host-clock"
+                else:
+                    sec, method = clock.host(lambda: dst.copy_(src)), "host-clock"
                 rows.append({"op": d, "shape": "", "model": "", "layer": -1, "nbytes": n, "host_memory": mem,
                              "seconds": sec, "method": method})
         del hbuf
@@ -427,6 +434,17 @@ def _events(clock: Clock, fn: Callable[[], Any]) -> float:
         b.synchronize()
         ts.append(a.elapsed_time(b) / 1e3)
     return statistics.median(ts)
+
+
+def _side_copy(side: Any, dst: torch.Tensor, src: torch.Tensor) -> None:
+    """One copy as the runtime's copy stream issues it (runtime.backends: ``copy_(non_blocking=True)``
+    on a side stream, then the host waits for its end event): for pageable memory the host's time of
+    this call is what a pageable copy holds the host for."""
+    with torch.cuda.stream(side):
+        dst.copy_(src, non_blocking=True)
+        end = torch.cuda.Event()
+        end.record(side)
+    end.synchronize()
 
 
 def _event_copy(clock: Clock, dst: torch.Tensor, src: torch.Tensor) -> float:
@@ -496,22 +514,25 @@ def _decode_wall(step: Callable[[Any, int], Any], n: int, clock: Clock, prompt: 
     return statistics.median(ts)
 
 
-def engine_at_depth(name: str, layers: int, cfg: Any, clock: Clock) -> dict[str, float]:
+def engine_at_depth(name: str, layers: int, cfg: Any, clock: Clock, top_k: int | None = None,
+                    executor_only: bool = False) -> dict[str, float]:
     """One depth of the engine shape, every expert resident: the kernels' own time of a decode step
     (runtime.lean's whole-step CUDA graph, grouped experts), the wall time per step of the runtime's
     executor on each decode path (``engine=graphed``: runtime.lean's graph per layer segment, routing
     read through pinned memory + event; ``engine=eager``: transformers' layers), of runtime.lean with
     grouped resident experts (no executor), the draft's one-graph INT4 step (host time of the launch
-    call) and transformers' own forward (the eager draft's layers)."""
+    call) and transformers' own forward (the eager draft's layers). ``top_k``: build the shape at
+    that top-k; ``executor_only``: only the kernels' floor and the two executor paths."""
     from runtime.lean import GroupedExperts, Int4Experts, LeanModel
     from runtime.models import load_model
     from runtime.replay import _forward_kwargs, forward_step, new_cache
 
     n = 6 if cfg.smoke else 24
     max_len = 64
-    lm = load_model(name, layers=layers, device=clock.device.type, seed=int(cfg.seed), attn_implementation="sdpa")
+    lm = load_model(name, layers=layers, device=clock.device.type, seed=int(cfg.seed), attn_implementation="sdpa",
+                    config_overrides={"num_experts_per_tok": int(top_k)} if top_k else None)
     mods = [h.experts for h in lm.moe_handles]
-    out: dict[str, float] = {"moe_layers": float(lm.shape.num_moe_layers)}
+    out: dict[str, float] = {"moe_layers": float(lm.shape.num_moe_layers), "top_k": float(lm.shape.top_k)}
     lean = LeanModel(lm, max_len=max_len, experts=GroupedExperts(mods, "grouped_mm" if hasattr(torch, "_grouped_mm")
                                                                   else "gather_bmm"), graphs=clock.cuda)
     out["lean_grouped_step_s"] = _decode_wall(lean.forward, n, clock)
@@ -524,6 +545,11 @@ def engine_at_depth(name: str, layers: int, cfg: Any, clock: Clock) -> dict[str,
         out["floor_step_s"] = out["lean_grouped_step_s"]
         out["graph_launch_host_s"] = 0.0
     del lean
+    if executor_only:
+        del lm
+        for engine in ("graphed", "eager"):
+            out[f"executor_{engine}_step_s"] = _resident_tpot(name, layers, cfg, clock, engine, top_k)
+        return out
     try:
         draft = LeanModel(lm, max_len=max_len, experts=Int4Experts(mods), graphs=clock.cuda)
         if clock.cuda:
@@ -556,60 +582,81 @@ def engine_at_depth(name: str, layers: int, cfg: Any, clock: Clock) -> dict[str,
 
 
 def engine_values(name: str, cfg: Any, clock: Clock, eager_launch_host_s: float,
-                  log: Callable[[str], None]) -> tuple[dict[str, dict[str, float]], dict[int, dict[str, float]]]:
-    """Host overhead per decode path on the engine shape, from two depths (module docstring):
-    per MoE layer, slope over depth of the path's wall time per step minus the slope of the
-    kernels' own time (so embedding, head and per-step constants cancel)."""
+                  log: Callable[[str], None]) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
+    """Host overhead per decode path on the engine shape (module docstring): per MoE layer, the
+    slope over depth of the path's wall time per step minus the slope of the kernels' own time (so
+    embedding, head and per-step constants cancel); per routed expert, the same difference between
+    two top-k values at the deeper depth. Returns the values per path and the raw measurements by
+    label (``L1``, ``L3``, ``L3 top-2``)."""
     l1, l2 = sorted(int(x) for x in cfg.engine_layers)[:2]
     if l2 <= l1:
         raise SimError(f"engine_layers must hold two different depths, got {list(cfg.engine_layers)}")
+    spec = ModelSpec.from_preset(name)
+    k_low = int(cfg.engine_top_k_low)  # in [1, top_k) (_check_request)
     at = {L: engine_at_depth(name, L, cfg, clock) for L in (l1, l2)}
-    dm = at[l2]["moe_layers"] - at[l1]["moe_layers"]
-
-    def slope(key: str) -> float:
-        return (at[l2][key] - at[l1][key]) / dm
-
-    for L, v in at.items():
-        log(f"engine shape {name} L{L}: kernels {v['floor_step_s'] * 1e3:.3f} ms/step; executor graphed "
-            f"{v['executor_graphed_step_s'] * 1e3:.3f}, eager {v['executor_eager_step_s'] * 1e3:.3f}; lean grouped "
-            f"{v['lean_grouped_step_s'] * 1e3:.3f}; transformers {v['transformers_step_s'] * 1e3:.3f} ms/step")
-    return derive_engine(at, ModelSpec.from_preset(name), eager_launch_host_s), at
+    low = engine_at_depth(name, l2, cfg, clock, top_k=k_low, executor_only=True)
+    raw = {**{f"L{L}": v for L, v in at.items()}, f"L{l2} top-{k_low}": low}
+    for label, v in raw.items():
+        log(f"engine shape {name} {label}: kernels {v['floor_step_s'] * 1e3:.3f} ms/step; executor graphed "
+            f"{v['executor_graphed_step_s'] * 1e3:.3f}, eager {v['executor_eager_step_s'] * 1e3:.3f} ms/step")
+    return derive_engine(at, spec, eager_launch_host_s, low), raw
 
 
-def derive_engine(at: dict[int, dict[str, float]], spec: ModelSpec, eager_launch_host_s: float) -> dict[str, dict[str, float]]:
-    """The engine keys from the per-depth measurements, in the simulator's terms (docs/engine.md:
-    host(layer) = host_per_layer_s + host_per_launch_s x the layer's kernel launches):
+def derive_engine(at: dict[int, dict[str, float]], spec: ModelSpec, eager_launch_host_s: float,
+                  low: dict[str, float] | None = None) -> dict[str, dict[str, float]]:
+    """The engine keys from the per-depth measurements (``at``, at the shape's own top-k) and, when
+    given, the deeper depth at a lower top-k (``low``), in the simulator's terms (docs/engine.md:
+    host(layer) = host_per_layer_s + host_per_launch_s x launches + host_per_expert_s x experts):
 
     - total host time per MoE layer of a path = slope over depth of its wall time per step minus the
       slope of the kernels' own time (embedding, head and per-step constants cancel);
-    - eager: every kernel is launched by the host, so ``host_per_launch_s`` = one eager launch and
-      ``host_per_layer_s`` = total - launches of the engine shape's layer (attention, router, top-k
-      experts: sim.costmodel.KERNELS) x that, for the target and the draft alike;
+    - per routed expert: at the deeper depth, the path's host time per step (wall - kernels) at the
+      shape's top-k minus that at the lower top-k, over (MoE layers x the top-k difference);
+    - eager: every kernel is launched by the host, so ``host_per_launch_s`` = one eager launch;
+      ``host_per_expert_s`` = the per-expert time beyond its launches (sim.costmodel.KERNELS);
+      ``host_per_layer_s`` = total - the layer's launches x that - top-k x ``host_per_expert_s``
+      (the draft, transformers' own forward: total - launches);
     - graphed: kernels inside graphs cost the host nothing per launch (``host_per_launch_s`` = 0);
-      the whole total is ``host_per_layer_s`` (it includes the executor's expert dispatch of the
-      engine shape's top-k). The draft is one graph launch per token: its per-layer term is the slope
-      of that call's host time over depth (~0).
+      ``host_per_expert_s`` = the whole per-expert time (the executor dispatches each expert
+      eagerly); ``host_per_layer_s`` = total - top-k x it. The draft is one graph launch per token:
+      its per-layer term is the slope of that call's host time over depth (~0).
+
+    Without ``low`` (or where the per-expert slope is not positive), ``host_per_expert_s`` is 0 and
+    the per-layer value holds the engine shape's experts, as profiles before the per-expert term did.
     """
-    from sim.costmodel import RooflineCostModel
+    from sim.costmodel import KERNELS, RooflineCostModel
     from sim.hardware import HardwareSpec
 
     l1, l2 = sorted(at)[:2]
     dm = at[l2]["moe_layers"] - at[l1]["moe_layers"]
+    k = spec.top_k
 
     def slope(key: str) -> float:
         return (at[l2][key] - at[l1][key]) / dm
 
+    def per_expert(path: str) -> float:
+        if low is None or not low["top_k"] < k:
+            return 0.0
+        key = f"executor_{path}_step_s"
+        hi_host = at[l2][key] - at[l2]["floor_step_s"]
+        lo_host = low[key] - low["floor_step_s"]
+        return (hi_host - lo_host) / (at[l2]["moe_layers"] * (k - low["top_k"]))
+
     floor = slope("floor_step_s")
     # kernel launches of one of the engine shape's MoE layers (the count needs no hardware numbers)
-    launches = RooflineCostModel(spec, HardwareSpec.from_preset("h200")).layer_launches(spec.moe_layers[0], spec.top_k)
+    launches = RooflineCostModel(spec, HardwareSpec.from_preset("h200")).layer_launches(spec.moe_layers[0], k)
     per_launch = eager_launch_host_s * launches
     draft_graphed = max(0.0, slope("draft_call_host_s")) if all("draft_call_host_s" in v for v in at.values()) else 0.0
+    g_total = max(0.0, slope("executor_graphed_step_s") - floor)
+    g_exp = min(max(0.0, per_expert("graphed")), g_total / k)
+    e_total = max(0.0, slope("executor_eager_step_s") - floor - per_launch)
+    e_exp = min(max(0.0, per_expert("eager") - eager_launch_host_s * KERNELS["expert_ffn"]), e_total / k)
     return {
-        "graphed": {"host_per_layer_s": max(0.0, slope("executor_graphed_step_s") - floor),
-                    "draft_host_per_layer_s": draft_graphed, "host_per_launch_s": 0.0},
-        "eager": {"host_per_layer_s": max(0.0, slope("executor_eager_step_s") - floor - per_launch),
+        "graphed": {"host_per_layer_s": g_total - k * g_exp, "draft_host_per_layer_s": draft_graphed,
+                    "host_per_launch_s": 0.0, "host_per_expert_s": g_exp},
+        "eager": {"host_per_layer_s": e_total - k * e_exp,
                   "draft_host_per_layer_s": max(0.0, slope("transformers_step_s") - floor - per_launch),
-                  "host_per_launch_s": eager_launch_host_s},
+                  "host_per_launch_s": eager_launch_host_s, "host_per_expert_s": e_exp},
     }
 
 
@@ -641,9 +688,9 @@ def _compose_run(overrides: list[str]) -> Any:
         return compose(config_name="run", overrides=overrides)
 
 
-def _resident_tpot(name: str, layers: int, cfg: Any, clock: Clock, engine: str) -> float:
+def _resident_tpot(name: str, layers: int, cfg: Any, clock: Clock, engine: str, top_k: int | None = None) -> float:
     """Decode TPOT of the runtime's executor on decode path ``engine`` with every expert resident
-    (no transfers)."""
+    (no transfers); ``top_k``: the shape built at that top-k (``model.top_k``)."""
     import numpy as np
 
     from runtime.executor import RunConfig
@@ -654,7 +701,8 @@ def _resident_tpot(name: str, layers: int, cfg: Any, clock: Clock, engine: str) 
     tokens = (4, 8) if cfg.smoke else (8, 32)
     rcfg = _compose_run([f"model={name}", f"model.layers={layers}", f"device={clock.device.type}", "trace=synth",
                          "trace.requests=1", f"trace.prompt_tokens={tokens[0]}", f"trace.decode_tokens={tokens[1]}",
-                         "repetitions=1", "policy=lru", "cache.slots=1", f"seed={int(cfg.seed)}", f"engine={engine}"])
+                         "repetitions=1", "policy=lru", "cache.slots=1", f"seed={int(cfg.seed)}", f"engine={engine}",
+                         *([f"model.top_k={int(top_k)}"] if top_k else [])])
     spec = ModelSpec.from_cfg(rcfg.model)
     total = spec.num_routed_experts_total
     sess = Session(rcfg, max_slots=total)
@@ -726,6 +774,10 @@ def _check_request(cfg: Any, device: torch.device) -> tuple[list[str], dict[str,
                        f"({preset_config_path(cfg.engine_shape)} not found)")
     shapes += [] if cfg.engine_shape in shapes else [cfg.engine_shape]
     specs = {s: ModelSpec.from_preset(s) for s in shapes}  # bad names fail before any work
+    k = specs[cfg.engine_shape].top_k
+    if not 1 <= int(cfg.engine_top_k_low) < k:
+        raise SimError(f"engine_top_k_low={cfg.engine_top_k_low}: must be in [1, {k - 1}], below the top-{k} of "
+                       f"engine_shape '{cfg.engine_shape}'")
     info = card_info(device)
     name = cfg.name or (card_name(info["card"]) if device.type == "cuda" else "cpu-smoke")
     if not re.fullmatch(r"[a-z0-9][a-z0-9._-]*", name):
@@ -771,7 +823,7 @@ def _measure_ops(cfg: Any, shapes: list[str], specs: dict[str, ModelSpec], clock
 
 
 def _measure_engine(cfg: Any, clock: Clock, roof: dict[str, float], failed: list[str],
-                    log: Callable[[str], None]) -> tuple[dict[str, dict[str, float]], dict[int, dict[str, float]]]:
+                    log: Callable[[str], None]) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
     """Stage 5: each decode path's host overheads on the engine shape (values per path, raw values per
     depth). A failure is appended to ``failed`` and leaves them empty; in a smoke run it raises."""
     try:
@@ -786,7 +838,8 @@ def _measure_engine(cfg: Any, clock: Clock, roof: dict[str, float], failed: list
         engine, at = {}, {}
     for path, e in engine.items():
         log(f"engine {path}: host/layer {e['host_per_layer_s'] * 1e6:.1f} us, draft host/layer "
-            f"{e['draft_host_per_layer_s'] * 1e6:.1f} us, host/launch {e['host_per_launch_s'] * 1e6:.2f} us")
+            f"{e['draft_host_per_layer_s'] * 1e6:.1f} us, host/launch {e['host_per_launch_s'] * 1e6:.2f} us, host/expert "
+            f"{e['host_per_expert_s'] * 1e6:.1f} us")
     return engine, at
 
 
@@ -795,10 +848,12 @@ def _notes(cfg: Any, ek: ModelSpec, scal: dict[str, Any], failed: list[str], int
     provenance (a reader must know what the simulator is being fed)."""
     notes = [
         "Compute rows: plain-torch ops on random weights, captured in CUDA graphs (kernel time, no host gaps).",
-        f"Engine values measured on {cfg.engine_shape} (top-{ek.top_k}; depths {list(cfg.engine_layers)}), a shape "
-        f"outside the validation grid {GRID_SHAPES}, every expert resident: host_per_layer_s = slope over MoE layers "
-        "of the path's wall time per decode step minus the slope of the kernels' own time (runtime.lean's "
-        "whole-step CUDA graph), so it includes dispatching that shape's experts and reading its routing.",
+        f"Engine values measured on {cfg.engine_shape} (top-{ek.top_k} and top-{cfg.engine_top_k_low}; depths "
+        f"{list(cfg.engine_layers)}), a shape outside the validation grid {GRID_SHAPES}, every expert resident: the "
+        "host time per MoE layer = slope over MoE layers of the path's wall time per decode step minus the slope of "
+        "the kernels' own time (runtime.lean's whole-step CUDA graph); host_per_expert_s = at the deeper depth, the "
+        "host time per step (wall - kernels) at the two top-k values, its difference over MoE layers x the top-k "
+        "difference; host_per_layer_s = the per-layer total less top-k experts at it (and, eager, less the launches).",
         "graphed: runtime.executor with engine=graphed (runtime.lean: one CUDA graph per layer segment, the routing "
         "read through pinned memory + event, the executor's expert compute); draft = slope over depth of the host "
         "time of the INT4 draft's one-graph step call (runtime.lean, Int4Experts; the call itself, per token, is "
@@ -820,7 +875,7 @@ def _notes(cfg: Any, ek: ModelSpec, scal: dict[str, Any], failed: list[str], int
 
 def _hardware_dict(cfg: Any, name: str, device: torch.device, shapes: list[str], info: dict[str, str],
                    roof: dict[str, float], link: dict[str, Any], scal: dict[str, Any],
-                   engine: dict[str, dict[str, float]], at: dict[int, dict[str, float]], notes: list[str],
+                   engine: dict[str, dict[str, float]], at: dict[str, dict[str, float]], notes: list[str],
                    now: _dt.datetime, t_start: float) -> dict[str, Any]:
     """Stage 6b: the hardware profile as the simulator's hardware schema reads it, numbers rounded to
     4 significant digits, with its provenance (card, driver, command, date, notes, raw values)."""
@@ -843,8 +898,7 @@ def _hardware_dict(cfg: Any, name: str, device: torch.device, shapes: list[str],
         "copies_in_flight": 4,
         "decision_delay_s": float(f"{scal['decision_delay_s']:.4g}"),
         "profile_table": f"{name}.parquet",
-        "engine": {p: {k: float(f"{e[k]:.4g}") for k in ("host_per_layer_s", "draft_host_per_layer_s", "host_per_launch_s")}
-                   for p, e in engine.items()} or None,
+        "engine": {p: {k: float(f"{e[k]:.4g}") for k in ENGINE_KEYS} for p, e in engine.items()} or None,
         "provenance": {
             "card": info["card"], "driver": info["driver"], "torch": info["torch"], "cuda": info.get("cuda", ""),
             "nvidia_smi": info.get("nvidia_smi", ""), "date": now.strftime("%Y-%m-%d %H:%M UTC"),
@@ -852,7 +906,7 @@ def _hardware_dict(cfg: Any, name: str, device: torch.device, shapes: list[str],
             "shapes": ", ".join(shapes[:-1] if shapes[-1] == cfg.engine_shape and cfg.engine_shape not in cfg.shapes else shapes), "engine_shape": cfg.engine_shape, "smoke": str(bool(cfg.smoke)),
             "duration_s": f"{time.perf_counter() - t_start:.0f}",
             "notes": " ".join(notes),
-            "engine_raw": "; ".join(f"L{L}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+            "engine_raw": "; ".join(f"{L}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                                           for k, v in d.items()) for L, d in at.items()),
             "queued_copy_gbps": f"{scal['queued_gbps']:.2f}",
         },

@@ -77,21 +77,25 @@ def causal_pairs(n_tokens: int, kv_len: int, window: int | None = None) -> int:
     return (a + window) * (window - a + 1) // 2 + (b - window) * window
 
 
-ENGINE_FIELDS = ("host_per_layer_s", "draft_host_per_layer_s", "host_per_launch_s")
+ENGINE_FIELDS = ("host_per_layer_s", "draft_host_per_layer_s", "host_per_launch_s", "host_per_expert_s")
 
 
 @dataclass(frozen=True)
 class HostOverhead:
     """Host overhead of a decode path (docs/engine.md), added to the GPU time of every decoder layer:
     ``host_per_layer_s`` (target) or ``draft_host_per_layer_s`` (draft) + ``host_per_launch_s`` x
-    the layer's kernel launches (the ``KERNELS`` table). Additive, not overlapped: a layer's
-    dispatch waits for the previous MoE layer's routing on the host, so the host cannot run ahead
-    of the GPU across a routing decision. ``ideal``: all zero."""
+    the layer's kernel launches (the ``KERNELS`` table) + ``host_per_expert_s`` x the routed experts
+    a target layer runs (the executor dispatches each one from the host after the routing read, so
+    this part grows with top-k and with the union of a verify pass; the draft's experts run inside
+    its graph or transformers' loop, priced by its per-layer term). Additive, not overlapped: a
+    layer's dispatch waits for the previous MoE layer's routing on the host, so the host cannot run
+    ahead of the GPU across a routing decision. ``ideal``: all zero."""
 
     name: str = "ideal"
     host_per_layer_s: float = 0.0
     draft_host_per_layer_s: float = 0.0
     host_per_launch_s: float = 0.0
+    host_per_expert_s: float = 0.0
     source: str = "config"  # config | hardware (values of a measured hardware profile)
 
     def __post_init__(self) -> None:
@@ -103,10 +107,10 @@ class HostOverhead:
 
     @property
     def zero(self) -> bool:
-        return not (self.host_per_layer_s or self.draft_host_per_layer_s or self.host_per_launch_s)
+        return not any(getattr(self, f) for f in ENGINE_FIELDS)
 
     def columns(self) -> dict[str, Any]:
-        """The results columns: ``engine`` and the three values in use."""
+        """The results columns: ``engine`` and the values in use."""
         return {"engine": self.name, **{f: getattr(self, f) for f in ENGINE_FIELDS}}
 
     @classmethod
@@ -120,7 +124,7 @@ class HostOverhead:
         vals = {f: get(f, 0.0) for f in ENGINE_FIELDS}
         source = "config"
         measured = hw.engine_values(name) if hw is not None and get("from_hardware", False) else None
-        if measured:  # validated by HardwareSpec (known paths, all three keys, seconds >= 0)
+        if measured:  # validated by HardwareSpec (known paths and keys, seconds >= 0)
             vals.update(measured)
             source = "hardware"
         return cls(name, source=source, **vals)
@@ -284,8 +288,10 @@ class CostModel(ABC):
         h = self.host
         if h.zero:
             return 0.0
-        per = h.draft_host_per_layer_s if draft else h.host_per_layer_s
-        return per + h.host_per_launch_s * self.layer_launches(layer, experts)
+        if draft:
+            return h.draft_host_per_layer_s + h.host_per_launch_s * self.layer_launches(layer, experts)
+        experts_host = h.host_per_expert_s * experts if self.model.is_moe_layer(layer) else 0.0
+        return h.host_per_layer_s + h.host_per_launch_s * self.layer_launches(layer, experts) + experts_host
 
     def host_head(self) -> float:
         """Host overhead of the embedding and LM head (their launches; no layer term)."""

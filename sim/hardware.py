@@ -21,8 +21,8 @@ pointing at a Parquet table of measured times (``profile_table``) that
 ``sim.costmodel.cost_model_for`` uses in place of the roofline. A measured profile may also carry
 the host overhead of each decode path,
 
-    engine: {graphed: {host_per_layer_s: ..., draft_host_per_layer_s: ..., host_per_launch_s: ...},
-             eager: {...}}
+    engine: {graphed: {host_per_layer_s: ..., draft_host_per_layer_s: ..., host_per_launch_s: ...,
+                       host_per_expert_s: ...}, eager: {...}}
 
 which ``engine=graphed|eager`` takes in place of its placeholders (``engine_values``), and a
 ``provenance`` mapping (card, driver, torch version, date, command, notes) that nothing computes with.
@@ -41,7 +41,9 @@ from sim.presets import conf_dir, hydra_schema, load_preset, setting, spec_from_
 
 HOST_MEMORY = ("pinned", "pageable")
 ENGINE_PATHS = ("graphed", "eager")  # decode paths a measured profile may carry host overheads for
-ENGINE_KEYS = ("host_per_layer_s", "draft_host_per_layer_s", "host_per_launch_s")
+ENGINE_KEYS = ("host_per_layer_s", "draft_host_per_layer_s", "host_per_launch_s", "host_per_expert_s")
+# keys a profile may leave out (profiles written before the key existed): they read as 0
+ENGINE_OPTIONAL = ("host_per_expert_s",)
 GB = 1e9
 GIB = 2**30
 
@@ -79,12 +81,12 @@ def _engine(d: Any, where: str) -> tuple[tuple[str, tuple[tuple[str, float], ...
         unknown = sorted(set(vals) - set(ENGINE_KEYS))
         if unknown:
             raise SimError(f"{where}: engine.{path}: unknown key(s) {unknown}; known: {', '.join(ENGINE_KEYS)}")
-        missing = [k for k in ENGINE_KEYS if k not in vals]
+        missing = [k for k in ENGINE_KEYS if k not in vals and k not in ENGINE_OPTIONAL]
         if missing:
             raise SimError(f"{where}: engine.{path}: missing key(s) {missing}")
         items = []
         for k in ENGINE_KEYS:
-            v = vals[k]
+            v = vals.get(k, 0.0)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0 or not math.isfinite(v):
                 raise SimError(f"{where}: engine.{path}.{k} must be a number >= 0 (seconds), got {v!r}")
             items.append((k, float(v)))
@@ -134,7 +136,8 @@ class HardwareSpec:
     memory_gib: Optional[float] = setting(
         None, "the budget in GiB (2^30 bytes) instead of memory_gb (GB, 1e9 bytes); when set it wins")
     engine: Any = setting(None, "measured profiles: host overhead per decode path, "
-                                "{graphed|eager: {host_per_layer_s, draft_host_per_layer_s, host_per_launch_s}} "
+                                "{graphed|eager: {host_per_layer_s, draft_host_per_layer_s, host_per_launch_s, "
+                                "host_per_expert_s (optional, 0)}} "
                                 "(docs/engine.md)")
     provenance: Any = setting(None, "measured profiles: card, driver, torch, date, command, notes")
 

@@ -218,3 +218,17 @@ def test_command_line(tmp_path):
                           "trace.path=/nonexistent.parquet"], capture_output=True, text=True, timeout=300, env=_env(),
                          cwd=tmp_path)
     assert bad.returncode == 2 and "error:" in bad.stderr
+
+
+def test_model_top_k_override_builds_that_routing():
+    """``model.top_k=3`` on a top-2 preset builds a top-3 transformers model (random weights), so
+    the runtime and the simulator run the same what-if shape; the trace is top-3 too."""
+    cfg = run_cfg("model=tiny", *SMALL, "model.top_k=3")
+    sess = Session(cfg)
+    try:
+        assert sess.loaded.shape.top_k == 3 and sess.spec.top_k == 3
+        prep = sess.prepare(cfg)
+        assert prep.trace.shape.top_k == 3
+        assert {len(set(row)) for row in prep.trace.expert_ids[0, : int(prep.trace.lengths[0]), 0].tolist()} == {3}
+    finally:
+        sess.close()

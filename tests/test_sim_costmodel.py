@@ -342,6 +342,18 @@ def test_host_overhead_by_hand() -> None:
     assert ideal.host_layer(1, 2) == 0.0 and ideal.host_head() == 0.0
 
 
+def test_host_overhead_per_expert_by_hand() -> None:
+    """``host_per_expert_s`` prices each routed expert a target MoE layer runs: top-k in a decode
+    step, the union of a verify pass; nothing on dense layers or draft layers."""
+    h = HostOverhead("graphed", host_per_layer_s=100e-6, draft_host_per_layer_s=20e-6, host_per_expert_s=50e-6)
+    cm = RooflineCostModel(TOY, GPU, host=h)
+    assert cm.host_layer(0) == pytest.approx(100e-6)  # dense: no experts
+    assert cm.host_layer(1, 2) == pytest.approx(100e-6 + 2 * 50e-6)  # 200 us
+    assert cm.host_layer(1, 5) == pytest.approx(100e-6 + 5 * 50e-6)  # a verify pass's union of 5: 350 us
+    assert cm.host_layer(1, 2, draft=True) == pytest.approx(20e-6)
+    assert not h.zero and h.columns()["host_per_expert_s"] == 50e-6
+
+
 def test_host_overhead_enters_the_schedule_by_hand() -> None:
     """One decode step of TOY: the MoE layer's pre-routing time carries the dense layer's and its
     own host overhead (228 + 284 us), the tail the head's launches (32 us); a draft token the

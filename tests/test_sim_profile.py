@@ -23,7 +23,9 @@ GPU = HardwareSpec(
     name="toy", memory_gb=10, flops_bf16=1e12, hbm_bandwidth=1e11, launch_overhead_s=1e-6, workspace_gb=1,
     h2d_gbps=10, d2h_gbps=5, pageable_h2d_gbps=2, pageable_d2h_gbps=1, copy_latency_s=2e-6,
 )
-ENGINE = {"graphed": {"host_per_layer_s": 3e-5, "draft_host_per_layer_s": 1e-6, "host_per_launch_s": 4e-6},
+# graphed as profiles write it now; eager as profiles written before host_per_expert_s existed
+ENGINE = {"graphed": {"host_per_layer_s": 3e-5, "draft_host_per_layer_s": 1e-6, "host_per_launch_s": 4e-6,
+                      "host_per_expert_s": 6e-5},
           "eager": {"host_per_layer_s": 1.2e-3, "draft_host_per_layer_s": 9e-4, "host_per_launch_s": 7e-6}}
 
 
@@ -83,8 +85,8 @@ def test_bad_rows_are_named(row: dict, match: str) -> None:
 
 def test_engine_values_per_decode_path() -> None:
     hw = GPU.replace(engine=ENGINE, provenance={"card": "toy card", "date": "2026-12-07"})
-    assert hw.engine_values("eager") == ENGINE["eager"]
-    assert hw.engine_values("graphed")["host_per_layer_s"] == 3e-5
+    assert hw.engine_values("eager") == {**ENGINE["eager"], "host_per_expert_s": 0.0}  # absent: 0
+    assert hw.engine_values("graphed") == ENGINE["graphed"]
     assert GPU.engine_values("eager") is None  # presets carry none: the engine group's placeholders apply
     assert hw.replace(name="again").engine == hw.engine  # survives to_dict/replace
     assert dict(hw.provenance)["card"] == "toy card"

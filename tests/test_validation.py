@@ -96,12 +96,15 @@ def test_profiler_smoke_writes_a_profile_the_simulator_loads(tmp_path: Path) -> 
     from sim.hardware import HardwareSpec
 
     out = tmp_path / "hardware" / "measured"
-    r = run("runtime.profile", "smoke=true", f"out={out}", "shapes=[tiny]", "engine_shape=tiny", "name=smoke")
+    r = run("runtime.profile", "smoke=true", f"out={out}", "shapes=[tiny]", "engine_shape=tiny", "engine_top_k_low=1",
+            "name=smoke")
     assert r.returncode == 0, r.stderr
     hw = HardwareSpec.from_preset("measured/smoke", root=tmp_path)
     assert Path(hw.profile_table) == (out / "smoke.parquet").resolve()
     for path in ("graphed", "eager"):
-        assert set(hw.engine_values(path)) == {"host_per_layer_s", "draft_host_per_layer_s", "host_per_launch_s"}
+        assert set(hw.engine_values(path)) == {"host_per_layer_s", "draft_host_per_layer_s", "host_per_launch_s",
+                                               "host_per_expert_s"}
+    assert "L3 top-1" in dict(hw.provenance)["engine_raw"]  # the executor measured at a second top-k
     prov = dict(hw.provenance)
     assert {"card", "driver", "torch", "date", "notes"} <= set(prov)
     df = pd.read_parquet(out / "smoke.parquet")
@@ -110,10 +113,48 @@ def test_profiler_smoke_writes_a_profile_the_simulator_loads(tmp_path: Path) -> 
     assert {"card", "driver", "torch", "date"} <= set(df.columns)
     # never overwritten without overwrite=true; a grid shape is refused as the engine shape
     before = (out / "smoke.yaml").read_text()
-    again = run("runtime.profile", "smoke=true", f"out={out}", "shapes=[tiny]", "engine_shape=tiny", "name=smoke")
+    again = run("runtime.profile", "smoke=true", f"out={out}", "shapes=[tiny]", "engine_shape=tiny", "engine_top_k_low=1",
+                "name=smoke")
     assert again.returncode == 2 and "exists" in again.stderr and (out / "smoke.yaml").read_text() == before
     bad = run("runtime.profile", "smoke=true", f"out={tmp_path / 'x'}", "engine_shape=mixtral-8x7b")
     assert bad.returncode == 2 and "validation-grid shape" in bad.stderr and not (tmp_path / "x").exists()
+    bad = run("runtime.profile", "smoke=true", f"out={tmp_path / 'x'}", "shapes=[tiny]", "engine_shape=tiny")
+    assert bad.returncode == 2 and "engine_top_k_low=2" in bad.stderr and not (tmp_path / "x").exists()
+
+
+def test_engine_values_split_per_layer_and_per_expert_by_hand() -> None:
+    """derive_engine on measurements made from known values (OLMoE, top-8, low top-2 at 3 layers):
+    graphed 100 us per layer + 50 us per expert; eager 200 us per layer + 5 us per launch + 20 us
+    per expert beyond its 5 launches. The split is recovered exactly; without the low top-k the
+    per-layer value holds the top-8 experts, as profiles before the per-expert term had it."""
+    from runtime.profile import derive_engine
+    from sim.costmodel import RooflineCostModel
+    from sim.hardware import HardwareSpec
+    from sim.spec import ModelSpec
+
+    spec = ModelSpec.from_preset("olmoe-1b-7b")
+    launches = RooflineCostModel(spec, HardwareSpec.from_preset("h200")).layer_launches
+    lay = spec.moe_layers[0]
+
+    def point(L: int, k: int, with_draft: bool = True) -> dict[str, float]:
+        floor = 200e-6 + (40e-6 + 10e-6 * k) * L
+        v = {"moe_layers": float(L), "top_k": float(k), "floor_step_s": floor,
+             "executor_graphed_step_s": floor + 50e-6 + (100e-6 + 50e-6 * k) * L,
+             "executor_eager_step_s": floor + 80e-6 + (200e-6 + 5e-6 * launches(lay, k) + 20e-6 * k) * L}
+        if with_draft:
+            v |= {"transformers_step_s": floor + 90e-6 + (150e-6 + 5e-6 * launches(lay, k)) * L,
+                  "draft_call_host_s": 30e-6 + 1e-6 * L}
+        return v
+
+    at = {1: point(1, 8), 3: point(3, 8)}
+    got = derive_engine(at, spec, 5e-6, point(3, 2, with_draft=False))
+    assert got["graphed"] == pytest.approx({"host_per_layer_s": 100e-6, "draft_host_per_layer_s": 1e-6,
+                                            "host_per_launch_s": 0.0, "host_per_expert_s": 50e-6})
+    assert got["eager"] == pytest.approx({"host_per_layer_s": 200e-6, "draft_host_per_layer_s": 150e-6,
+                                          "host_per_launch_s": 5e-6, "host_per_expert_s": 20e-6})
+    old = derive_engine(at, spec, 5e-6)
+    assert old["graphed"]["host_per_expert_s"] == 0.0
+    assert old["graphed"]["host_per_layer_s"] == pytest.approx(100e-6 + 8 * 50e-6)
 
 
 def test_validate_grid_on_the_cpu_is_resumable(tmp_path: Path) -> None:
