@@ -242,5 +242,5 @@ def draw(ax: Any, pts: pd.DataFrame, norm: Any) -> None:
                    marker=marker.get(r["engine"], "D"), s=70, edgecolors="black", linewidths=1.2, zorder=6,
                    clip_on=False)
         ax.annotate(f"{r['shape']} {r['engine']}\nmeasured {r['speedup_measured']:.2f}x / sim {r['speedup_map']:.2f}x",
-                    (r["x"], r["y_ms"]), xytext=(-95, 10 + 22 * i), textcoords="offset points", fontsize=6,
+                    (r["x"], r["y_ms"]), xytext=(0.03, 0.05 + 0.2 * i), textcoords="axes fraction", fontsize=6,
                     arrowprops=dict(arrowstyle="-", lw=0.5), bbox=dict(boxstyle="round", fc="white", alpha=0.8, lw=0.3))

@@ -446,8 +446,14 @@ def figure(df: pd.DataFrame, spec: MapSpec, own: dict[str, Any] | None, path: Pa
     row_order = list(dict.fromkeys(ok.sort_values(["model", "budget", "agreement"])["facet"]))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # tight_layout and a tall grid
-        g = sns.FacetGrid(mean, row="facet", col="link", row_order=row_order, col_order=list(spec.links),
-                          height=2.4, aspect=1.3, margin_titles=False, sharex=True, sharey=True)
+        if len(spec.links) == 1:  # one link (a measured card): the facets wrap two a row
+            g = sns.FacetGrid(mean, col="facet", col_wrap=min(2, len(row_order)), col_order=row_order,
+                              height=2.6, aspect=1.3, sharex=True, sharey=True)
+        else:
+            g = sns.FacetGrid(mean, row="facet", col="link", row_order=row_order, col_order=list(spec.links),
+                              height=2.4, aspect=1.3, margin_titles=False, sharex=True, sharey=True)
+    link1 = next(iter(spec.links))
+    axes = {(k, link1) if isinstance(k, str) else k: ax for k, ax in g.axes_dict.items()}  # (facet, link) -> ax
 
     def draw(data: pd.DataFrame, **_: Any) -> None:
         ax = plt.gca()
@@ -463,7 +469,7 @@ def figure(df: pd.DataFrame, spec: MapSpec, own: dict[str, Any] | None, path: Pa
 
     g.map_dataframe(draw)
     if own is not None:
-        for (facet, link), ax in g.axes_dict.items():
+        for (facet, link), ax in axes.items():
             if facet.startswith(own["nearest"] + " ") and facet.endswith(f"agreement {own['agreement_row']:g}"):
                 ax.plot([own["acceptance"]], [0.0], marker="*", markersize=12, color="gold", markeredgecolor="black",
                         clip_on=False, zorder=5)
@@ -475,10 +481,10 @@ def figure(df: pd.DataFrame, spec: MapSpec, own: dict[str, Any] | None, path: Pa
         where = [facet_name(m, b, g, a) for m, b, g, a in
                  zip(points["model"], points["budget"], points["memory_gib"], points["agreement_row"])]
         for (facet, link), pts in points.assign(facet=where).groupby(["facet", "link"], sort=False):
-            if (facet, link) in g.axes_dict:
-                draw(g.axes_dict[(facet, link)], pts, norm)
+            if (facet, link) in axes:
+                draw(axes[(facet, link)], pts, norm)
     g.set_axis_labels("draft acceptance", "host overhead per layer (ms)")
-    g.set_titles(template="{row_name} · {col_name}", size=6)
+    g.set_titles(template=f"{{col_name}} · {link1}" if len(spec.links) == 1 else "{row_name} · {col_name}", size=6)
     fig = g.figure
     fig.subplots_adjust(right=0.86, top=1 - 0.75 / fig.get_figheight(), hspace=0.4)
     cax = fig.add_axes([0.89, 0.25, 0.015, 0.5])
