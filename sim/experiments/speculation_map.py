@@ -484,7 +484,11 @@ def figure(df: pd.DataFrame, spec: MapSpec, own: dict[str, Any] | None, path: Pa
             if (facet, link) in axes:
                 draw(axes[(facet, link)], pts, norm)
     g.set_axis_labels("draft acceptance", "host overhead per layer (ms)")
-    g.set_titles(template=f"{{col_name}} · {link1}" if len(spec.links) == 1 else "{row_name} · {col_name}", size=6)
+    if len(spec.links) == 1:
+        for facet, ax in g.axes_dict.items():
+            ax.set_title(f"{facet} · {link1}".replace(" · agreement", "\nagreement"), size=6)
+    else:
+        g.set_titles(template="{row_name} · {col_name}", size=6)
     fig = g.figure
     fig.subplots_adjust(right=0.86, top=1 - 0.75 / fig.get_figheight(), hspace=0.4)
     cax = fig.add_axes([0.89, 0.25, 0.015, 0.5])
