@@ -200,7 +200,7 @@ def test_measured_points_are_placed_and_run(tmp_path):
     assert pts.loc["graphed", "speedup_measured"] == 0.6
     assert (pts["difference"] == pts["speedup_measured"] - pts["speedup_map"]).all()
     assert (tmp_path / "out" / "speculation_map_measured.parquet").is_file()
-    assert "| phi-3.5-moe-L4 | eager |" in res.summary and "0.30x" in res.summary
+    assert "| phi-3.5-moe-L4 | eager (profile) |" in res.summary and "0.30x" in res.summary
 
     # the point's map value is the plain run of MoE-SpeQ and LRU at exactly (x, y) and the facet's memory
     from hydra import compose, initialize_config_dir
@@ -238,7 +238,8 @@ def test_bad_measured_rows_are_refused_before_work(tmp_path, change, msg):
 
 @pytest.mark.parametrize("change, msg", [
     ({"measured_shapes": {"phi-3.5-moe-L4": "phi-3.5-moe"}}, "map to no model of experiment.map.models"),
-    ({"measured_shapes": {"phi-3.5-moe-L4": "phi-3.5-moe@4"}}, r"measured \(the table\) is not"),
+    ({"measured_shapes": {"phi-3.5-moe-L4": "phi-3.5-moe@4"}}, "go together: set both or neither"),
+    ({"measured": "results.parquet"}, "go together: set both or neither"),
 ])
 def test_bad_measured_options_are_refused(change, msg):
     with pytest.raises(SimError, match=msg):

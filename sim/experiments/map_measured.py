@@ -30,7 +30,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import numpy as np
 import pandas as pd
 
 from sim.errors import SimError
@@ -164,6 +163,11 @@ def point_cells(spec: Any, points: list[MeasuredPoint], memory: Mapping[tuple[st
                 ) -> list[tuple[MeasuredPoint, dict[str, Any]]]:
     """Each point's map cells (one per link facet and seed): its model's budget with MoE-SpeQ at
     the run's slots, the link facet at the hardware's own link; refused where the map has neither."""
+    own = spec.hardware_spec().h2d_gbps
+    links = [name for name, v in spec.links.items() if v is None or v == own]
+    if points and not links:
+        raise SimError(f"experiment.map.measured: the points were measured on {spec.hardware}'s own link "
+                       f"({own:g} GB/s); experiment.map.links {dict(spec.links)} has no facet for it (add NAME: null)")
     out = []
     for p in points:
         budgets = [b for b in spec.budgets[p.model] if memory[(p.model, b)]["speq_slots"] == p.slots]
@@ -172,12 +176,6 @@ def point_cells(spec: Any, points: list[MeasuredPoint], memory: Mapping[tuple[st
             raise SimError(f"experiment.map.measured: {p.shape} ({p.engine}) ran MoE-SpeQ with {p.slots} slots, but "
                            f"no budget of '{p.model}' gives it that many (MoE-SpeQ slots per budget: {have}); add "
                            f"{{speq_slots: {p.slots}}}")
-        own = spec.hardware_spec().h2d_gbps
-        links = [name for name, v in spec.links.items() if v is None or v == own]
-        if not links:
-            raise SimError(f"experiment.map.measured: the points were measured on {spec.hardware}'s own link "
-                           f"({own:g} GB/s); experiment.map.links {dict(spec.links)} has no facet for it (add "
-                           "NAME: null)")
         b = budgets[0]
         out += [(p, dict(model=p.model, link=link, h2d_gbps=own, budget=b, memory_gib=memory[(p.model, b)]["memory_gib"],
                          host_per_layer_ms=p.y_ms, seed=seed)) for link in links for seed in spec.seeds]
@@ -216,16 +214,19 @@ def points_md(df: pd.DataFrame, spec: Any, others: list[str]) -> list[str]:
              f"{spec.hardware} per target layer (host_layer at top-k experts, averaged over layers, + the head's "
              "launches / layers); map = the map's cell run at exactly (x, y) in the facet of the run's MoE-SpeQ "
              "slots and the nearest agreement row; run sim = the run's own simulated speed-up (its engine's full "
-             "host model, its own trace).", "",
+             "host model, its own trace). Engine (profile): the hardware profile's measured engine values; "
+             "(preset): conf/engine's placeholders, the profile has none for it.", "",
              "| shape | engine | facet | x (rate) | y ms (layer + head) | agreement (row) | slots MoE-SpeQ / LRU: "
              "run, map | measured | map | measured - map | run sim |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for _, r in df.iterrows():
         rel = r["speedup_measured"] / r["speedup_map"] - 1 if r["speedup_map"] else math.nan
         lru = "-" if pd.isna(r["lru_slots"]) else f"{int(r['lru_slots'])}"
+        source = "profile" if r["host_source"] == "hardware" else "preset"
         lines.append(
-            f"| {r['shape']} | {r['engine']} | {r['model']} · {r['budget']} {r['memory_gib']:.4g} GiB · {r['link']} | "
-            f"{r['x']:.3f} ({r['acceptance_rate']:.3f}) | {r['y_ms']:.3f} ({r['y_layer_ms']:.3f} + {r['y_head_ms']:.3f}) | "
+            f"| {r['shape']} | {r['engine']} ({source}) | {r['model']} · {r['budget']} {r['memory_gib']:.4g} GiB · "
+            f"{r['link']} | {r['x']:.3f} ({r['acceptance_rate']:.3f}) | "
+            f"{r['y_ms']:.3f} ({r['y_layer_ms']:.3f} + {r['y_head_ms']:.3f}) | "
             f"{r['agreement']:.3f} {r['agreement_source']} ({r['agreement_row']:g}) | {r['slots']} / {lru}, "
             f"{int(r['speq_slots_sim'])} / {int(r['lru_slots_sim'])} | {r['speedup_measured']:.2f}x | "
             f"{r['speedup_map']:.2f}x | {r['difference']:+.2f}x ({rel:+.0%}) | {r['speedup_run_sim']:.2f}x |")

@@ -3,7 +3,13 @@ LRU **at the same GPU memory**, over draft acceptance (x) and host overhead per 
 by model x host link, with draft set agreement and the memory budget as further rows.
 
 ``python -m sim.sweep experiment=speculation-map [experiment.scale=smoke]`` (conf/experiment/
-speculation-map.yaml holds the grid). One *cell* is (model, link, budget, host overhead, seed):
+speculation-map.yaml holds the grid; speculation-map-measured.yaml the same map at a measured GPU's
+setting). A map model is a preset or ``PRESET@N`` (its first N layers); a budget is GiB or
+``{speq_slots: N}`` (the memory at which MoE-SpeQ holds N slots; LRU gets the same memory); a link
+of ``null`` is the hardware preset's own; ``measured`` + ``measured_shapes`` draw a GPU run's
+MoE-SpeQ governor rows on the map (sim/experiments/map_measured.py).
+
+One *cell* is (model, link, budget, host overhead, seed):
 its trace is synthesised once and LRU runs once; MoE-SpeQ then runs at every (set agreement,
 acceptance), the draft columns redrawn from the same routing by the generator's own draft stage
 (``traces.synth.with_draft``), so a point equals ``python -m sim policy=speq trace.acceptance=...``
@@ -15,9 +21,11 @@ to y's values to see a draft that pays as much as the target).
 Writes into the run dir: ``speculation_map.parquet`` / ``.csv`` (one row per point: the keys,
 both TPOTs, the speed-up, speq's mean k, acceptance rate, hit rates), ``speculation_map.png`` (a
 seaborn FacetGrid, filled contours of the speed-up and the speed-up = 1 contour drawn with
-matplotlib ``contour``; the project's own captured model as a marked point) and
-``speculation_map.md`` (per facet: the acceptance where the speed-up first reaches 1 at each host
-overhead, the best speed-up, and the run time). docs/speculation.md reads the map.
+matplotlib ``contour``; the project's own captured model and any measured points marked) and
+``speculation_map.md`` (the command, date and CPU; per facet: the acceptance where the speed-up
+first reaches 1 at each host overhead, the best speed-up, and the run time; each measured point with
+the map's value there), with measured points also ``speculation_map_measured.parquet``.
+docs/speculation.md reads the map (section 6: the measured setting).
 """
 
 from __future__ import annotations
@@ -27,12 +35,16 @@ import math
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
 from sim.errors import SimError
+
+if TYPE_CHECKING:
+    from sim.hardware import HardwareSpec
+    from sim.spec import ModelSpec
 
 SCALES = ("full", "smoke")
 
@@ -54,7 +66,7 @@ def model_entry(entry: str) -> tuple[str, int | None]:
     return name, n
 
 
-def model_spec(entry: str) -> Any:
+def model_spec(entry: str) -> "ModelSpec":
     """The ModelSpec of a map model entry (preset and depth checked; the SimError names the entry)."""
     from sim.spec import ModelSpec
 
@@ -159,10 +171,11 @@ class MapSpec:
         if bad:
             raise SimError(f"experiment.map.measured_shapes: {bad} map to no model of experiment.map.models "
                            f"{list(self.models)}")
-        if self.measured_shapes and not self.measured:
-            raise SimError("experiment.map.measured_shapes is set but experiment.map.measured (the table) is not")
+        if bool(self.measured_shapes) != bool(self.measured):
+            raise SimError("experiment.map.measured (a gpu_speculative results table) and experiment.map.measured_shapes "
+                           "(its shape names -> map models) go together: set both or neither")
 
-    def hardware_spec(self) -> Any:
+    def hardware_spec(self) -> "HardwareSpec":
         from sim.hardware import HardwareSpec
 
         return HardwareSpec.from_preset(self.hardware)
