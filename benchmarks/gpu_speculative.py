@@ -24,7 +24,9 @@ Rows (results.jsonl, then results.parquet; summary.md) carry card, model, engine
 k (or ``governor``), tpot_measured_s, tpot_sim_s, speedup_measured, speedup_sim (over on-demand
 LRU at the same GPU memory), tpot_bound_s, acceptance, mean k, tokens per cycle, the draft's routing
 agreement, acceptance per draft position, and token_mismatch_share (tokens of the speculative
-output that differ from lru's non-speculative greedy output, in the card's bf16). A rerun with the
+output that differ from lru's non-speculative greedy output, in the card's bf16). cycles.jsonl, then
+cycles.parquet: every measured draft/verify cycle (model, engine, label, repetition, k, accepted, the
+governor's predicted cycle time and the observed one; notebooks/governor.py). A rerun with the
 same --out skips shapes whose rows exist (resumable). ``--smoke``: the tiny preset on the CPU.
 """
 
@@ -159,6 +161,7 @@ def run_engine(sh: dict[str, Any], engine: str, args: argparse.Namespace, rows_p
     runs = plan_runs(sh["matrix"], args.ks, args.reps, slots, same_mem)
     tokens: dict[str, list[list[int]]] = {}
     out: list[dict[str, Any]] = []
+    cyc: list[dict[str, Any]] = []
     try:
         for x in runs:
             if time.monotonic() > deadline:
@@ -171,6 +174,10 @@ def run_engine(sh: dict[str, Any], engine: str, args: argparse.Namespace, rows_p
 
             def on_run(p, run, lg, row, label=x["label"]):
                 tokens[label] = (getattr(run, "live_out", None) or {}).get("tokens")  # live mode only
+                # the measured cycles (the governor's predicted cycle time beside the observed one)
+                cyc.extend({"model": sh["name"], "engine": sess.engine, "label": label, "policy": p.name,
+                            "repetition": int(row.get("repetition", 0)), "link_bytes_per_s": sess.h2d_gbps * 1e9, **c}
+                           for c in lg.cycles)
 
             t1 = time.perf_counter()
             got = sess.measure(cfg, on_run=on_run)
@@ -203,6 +210,9 @@ def run_engine(sh: dict[str, Any], engine: str, args: argparse.Namespace, rows_p
                 f"{out[-1]['tpot_sim_s'] * 1e3:.2f} ms simulated ({time.perf_counter() - t1:.1f} s)")
     finally:
         sess.close()
+    with (rows_path.parent / "cycles.jsonl").open("a") as f:
+        for c in cyc:
+            f.write(json.dumps({"card": meta["card"], "date": meta["date"], **c}, default=str) + "\n")
     ref = next((r for r in out if r.get("label") == "lru" and r["status"] == "ok"), None)
     ref_tok = tokens.get("lru")
     with rows_path.open("a") as f:
@@ -419,6 +429,9 @@ def main(argv: list[str] | None = None) -> int:
 
         if rows:
             pd.DataFrame(rows).astype({"k": str}).to_parquet(out / "results.parquet")
+        cyc_path = out / "cycles.jsonl"
+        if cyc_path.is_file():  # python -m sim.roofline reads the columns it knows; notebooks/governor.py draws them
+            pd.DataFrame([json.loads(x) for x in cyc_path.read_text().splitlines()]).to_parquet(out / "cycles.parquet")
     except Exception as e:  # noqa: BLE001
         log(f"parquet: {e}")
     print(text)

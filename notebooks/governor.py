@@ -18,13 +18,15 @@
 # (sim/experiments/roofline.py; docs/governor.md): throughput against tokens per byte moved over the host link, an
 # I/O roof (the link's bandwidth) and one compute roof per k. This notebook draws the roofline of a
 # MoE-SpeQ run with its operating points (the governor's run and fixed-k runs), and the governor's
-# predicted cycle time against the observed one; and, once `benchmarks/gpu_speculative.py` has run on a
-# GPU, each measured speculative config's speed-up over LRU against the simulator's prediction.
+# predicted cycle time against the observed one; and each measured speculative config's speed-up over
+# LRU against the simulator's prediction (`benchmarks/gpu_speculative.py` on a GPU).
 #
-# **What the cycles are.** The runtime does not run speculative decoding on the GPU yet, so there are no
-# measured cycles: the runs below are the *simulator's* under the card's measured profile
-# (`hardware=measured/<card>`, when one is committed; otherwise the `h200` preset), and "observed" is the
-# simulated cycle time. When measured speculative runs land, point `cycles` at their cycles.parquet.
+# **What the cycles are.** Measured, where `benchmarks/gpu_speculative.py` committed the cycles of the
+# shape `{model}-L{layers}` (`{model}` when `layers` is None) on decode path `engine` (its `cycles.parquet`: every draft/verify cycle the
+# GPU ran, the governor's predicted cycle time beside the observed wall time); otherwise, or with
+# `cycles = "simulate"`, the *simulator's* cycles under the card's measured profile
+# (`hardware=measured/<card>`, when one is committed; else the `h200` preset), where "observed" is the
+# simulated cycle time. The title of each figure says which.
 
 # %% tags=["parameters"]
 model, layers = "phi-3.5-moe", 4
@@ -32,7 +34,8 @@ hardware = None  # None: the first measured profile under conf/hardware/measured
 budget = 0.25  # share of routed experts the cache holds
 fixed_k = [1, 2, 4, 8]
 requests, prompt_tokens, decode_tokens = 2, 16, 128
-cycles = None  # a measured run's cycles.parquet (speculation on the GPU); None: simulate
+engine = "graphed"  # the decode path of the measured cycles
+cycles = None  # a cycles.parquet (runtime or gpu_speculative); None: the newest committed measured one; "simulate"
 speculative = None  # benchmarks/gpu_speculative.py's results.parquet; None: the newest committed one, if any
 figures = "notebooks/figures"
 
@@ -78,14 +81,39 @@ def run(governor: list[str]) -> pd.DataFrame:
     return df
 
 
+def measured_cycles(path) -> tuple[pd.DataFrame, pd.DataFrame] | None:
+    """The governor's cycles and the fixed-k ones of this shape and engine in a measured cycles table."""
+    c = pd.read_parquet(ROOT / path)
+    if "label" in c:  # gpu_speculative: every config of every shape
+        c = c[(c.model == (f"{model}-L{layers}" if layers else model)) & (c.engine == engine) & (c.policy == "speq")]
+        if c.empty:
+            return None
+        g, f = c[c.label == "speq"].copy(), c[c.label.str.fullmatch(r"speq-k\d+")].copy()
+        g["run"], f["run"] = "roofline", f.label.str.replace("speq-k", "fixed k=", regex=False)
+        return g, f
+    return c.assign(run=c.get("policy", "measured")), c.iloc[0:0]
+
+
+got = None
 if cycles is None:
+    found = sorted((ROOT / "benchmarks" / "results").glob("gpu_speculative*/cycles.parquet"), key=lambda p: p.stat().st_mtime)
+    for path in reversed(found):
+        got = measured_cycles(path)
+        if got is not None:
+            cycles = path.relative_to(ROOT)
+            break
+elif cycles != "simulate":
+    got = measured_cycles(cycles)
+if got is None:
     source = f"simulated under {hardware}"
     gov = run(["governor=roofline"])
     fixed = pd.concat([run(["governor=fixed", f"governor.k={k}"]) for k in fixed_k], ignore_index=True)
 else:
-    source = f"measured ({cycles})"
-    gov = pd.read_parquet(ROOT / cycles)
-    fixed = gov.iloc[0:0]
+    gov, fixed = got
+    source = f"measured on the GPU, {engine} ({cycles})"
+    if gov.get("link_bytes_per_s") is not None and gov.link_bytes_per_s.notna().any():
+        link = float(gov.link_bytes_per_s.median())  # the link the runtime measured at its start
+    print(f"{source}: {len(gov)} governor cycles, {len(fixed)} fixed-k cycles")
 
 # %% [markdown]
 # ## The roofline, with the governor's cycles and the fixed-k operating points

@@ -81,12 +81,12 @@ def run_app(cfg: Any, out_dir: Path) -> list[dict[str, Any]]:
     from runtime.errors import OffloadRuntimeError
     from runtime.measure import Session, check_config, timeline_json
     from runtime.memcheck import check_run
-    from sim.report import ResultsWriter, format_table, reasons
+    from sim.report import ResultsWriter, format_table, reasons, write_results
     from traces.atomic import check_output_file, write_json_atomic
     from traces.cli import Interrupted
     from traces.io import write_trace
 
-    timelines = []
+    timelines, cycles = [], []
     results = ResultsWriter(out_dir, cfg.results_name)  # refuses another run's directory, before the work
     if cfg.timeline_out:
         check_output_file(cfg.timeline_out, "timeline_out")
@@ -102,6 +102,11 @@ def run_app(cfg: Any, out_dir: Path) -> list[dict[str, Any]]:
     def on_run(p, run, log, row):
         if cfg.timeline_out and log.compute_spans is not None:
             timelines.append((p.name, log))
+        # speculative runs: the measured cycles (the governor's prediction beside the observed time), as
+        # the simulator writes them: python -m sim.roofline RUN_DIR draws either
+        link = float(sess.h2d_gbps) * 1e9
+        cycles.extend({"policy": p.name, "repetition": int(row.get("repetition", 0)), "link_bytes_per_s": link, **c}
+                      for c in log.cycles)
         results.add(row)  # an interrupted suite keeps its measured rows
         progress(f"{p.name}: repetition {int(row.get('repetition', 0)) + 1}/{reps} measured in {row.get('wall_s', 0):.1f} s")
 
@@ -113,6 +118,8 @@ def run_app(cfg: Any, out_dir: Path) -> list[dict[str, Any]]:
             raise Interrupted(results.where()) from None
         results.rows = list(rows)  # every row: measured, predicted (source=sim) and refused ones
         results.write()
+        if cycles:
+            write_results(cycles, out_dir, "cycles")
         if getattr(sess, "executed", None) is not None:
             write_trace(sess.executed, out_dir / "executed_trace.parquet")
         names = list(dict.fromkeys(n for n, _ in timelines))

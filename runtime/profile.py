@@ -605,24 +605,26 @@ def engine_values(name: str, cfg: Any, clock: Clock, eager_launch_host_s: float,
 def derive_engine(at: dict[int, dict[str, float]], spec: ModelSpec, eager_launch_host_s: float,
                   low: dict[str, float] | None = None) -> dict[str, dict[str, float]]:
     """The engine keys from the per-depth measurements (``at``, at the shape's own top-k) and, when
-    given, the deeper depth at a lower top-k (``low``), in the simulator's terms (docs/engine.md:
-    host(layer) = host_per_layer_s + host_per_launch_s x launches + host_per_expert_s x experts):
+    given, the deeper depth at a lower top-k (``low``), in the simulator's terms (docs/engine.md):
+    a MoE layer costs host_per_layer_s + host_per_launch_s x launches before its routing, then an
+    experts phase lasting max(k x c, k x host_per_expert_s), c = one expert's kernels.
 
-    - total host time per MoE layer of a path = slope over depth of its wall time per step minus the
-      slope of the kernels' own time (embedding, head and per-step constants cancel);
-    - per routed expert: at the deeper depth, the path's host time per step (wall - kernels) at the
-      shape's top-k minus that at the lower top-k, over (MoE layers x the top-k difference);
-    - eager: every kernel is launched by the host, so ``host_per_launch_s`` = one eager launch;
-      ``host_per_expert_s`` = the per-expert time beyond its launches (sim.costmodel.KERNELS);
-      ``host_per_layer_s`` = total - the layer's launches x that - top-k x ``host_per_expert_s``
-      (the draft, transformers' own forward: total - launches);
+    - per layer, of a path: slope over depth of its wall time per step (embedding, head and per-step
+      constants cancel), and of the kernels' own time;
+    - per expert: at the deeper depth, the wall time's difference between the two top-k values over
+      (MoE layers x the top-k difference) is the longer of c and the host's time per expert (plus,
+      eager, the expert's launches); c is the same difference of the kernels' own time;
     - graphed: kernels inside graphs cost the host nothing per launch (``host_per_launch_s`` = 0);
-      ``host_per_expert_s`` = the whole per-expert time (the executor dispatches each expert
-      eagerly); ``host_per_layer_s`` = total - top-k x it. The draft is one graph launch per token:
-      its per-layer term is the slope of that call's host time over depth (~0).
+      ``host_per_expert_s`` = the wall slope per expert; ``host_per_layer_s`` = wall slope - kernel
+      slope - k x (host_per_expert_s - c). The draft is one graph launch per token: its per-layer
+      term is the slope of that call's host time over depth (~0);
+    - eager: ``host_per_launch_s`` = one eager launch; ``host_per_expert_s`` = the wall slope per
+      expert less its launches (sim.costmodel.KERNELS); ``host_per_layer_s`` likewise less the
+      layer's launches; the draft (transformers' own forward) = its slope - kernel slope - launches.
 
-    Without ``low`` (or where the per-expert slope is not positive), ``host_per_expert_s`` is 0 and
-    the per-layer value holds the engine shape's experts, as profiles before the per-expert term did.
+    Where the host is faster than an expert's kernels the per-expert value comes out as c (the
+    phase is the kernels' either way). Without ``low``, ``host_per_expert_s`` is 0 and the per-layer
+    value holds the engine shape's experts, as profiles before the per-expert term did.
     """
     from sim.costmodel import KERNELS, RooflineCostModel
     from sim.hardware import HardwareSpec
@@ -634,27 +636,26 @@ def derive_engine(at: dict[int, dict[str, float]], spec: ModelSpec, eager_launch
     def slope(key: str) -> float:
         return (at[l2][key] - at[l1][key]) / dm
 
-    def per_expert(path: str) -> float:
-        if low is None or not low["top_k"] < k:
-            return 0.0
-        key = f"executor_{path}_step_s"
-        hi_host = at[l2][key] - at[l2]["floor_step_s"]
-        lo_host = low[key] - low["floor_step_s"]
-        return (hi_host - lo_host) / (at[l2]["moe_layers"] * (k - low["top_k"]))
+    def per_expert(key: str) -> float:
+        return (at[l2][key] - low[key]) / (at[l2]["moe_layers"] * (k - low["top_k"]))
 
     floor = slope("floor_step_s")
     # kernel launches of one of the engine shape's MoE layers (the count needs no hardware numbers)
     launches = RooflineCostModel(spec, HardwareSpec.from_preset("h200")).layer_launches(spec.moe_layers[0], k)
     per_launch = eager_launch_host_s * launches
     draft_graphed = max(0.0, slope("draft_call_host_s")) if all("draft_call_host_s" in v for v in at.values()) else 0.0
-    g_total = max(0.0, slope("executor_graphed_step_s") - floor)
-    g_exp = min(max(0.0, per_expert("graphed")), g_total / k)
-    e_total = max(0.0, slope("executor_eager_step_s") - floor - per_launch)
-    e_exp = min(max(0.0, per_expert("eager") - eager_launch_host_s * KERNELS["expert_ffn"]), e_total / k)
+    g_exp = e_exp = c = 0.0
+    if low is not None and low["top_k"] < k:
+        c = max(0.0, per_expert("floor_step_s"))
+        g_exp = max(0.0, per_expert("executor_graphed_step_s"))
+        e_exp = max(0.0, per_expert("executor_eager_step_s") - eager_launch_host_s * KERNELS["expert_ffn"])
+    # the experts phase beyond the kernels' own time that the per-expert term prices (0 without it)
+    g_phase = k * (max(g_exp, c) - c) if g_exp else 0.0
+    e_phase = k * (max(e_exp, c) - c) if e_exp else 0.0
     return {
-        "graphed": {"host_per_layer_s": g_total - k * g_exp, "draft_host_per_layer_s": draft_graphed,
-                    "host_per_launch_s": 0.0, "host_per_expert_s": g_exp},
-        "eager": {"host_per_layer_s": e_total - k * e_exp,
+        "graphed": {"host_per_layer_s": max(0.0, slope("executor_graphed_step_s") - floor - g_phase),
+                    "draft_host_per_layer_s": draft_graphed, "host_per_launch_s": 0.0, "host_per_expert_s": g_exp},
+        "eager": {"host_per_layer_s": max(0.0, slope("executor_eager_step_s") - floor - per_launch - e_phase),
                   "draft_host_per_layer_s": max(0.0, slope("transformers_step_s") - floor - per_launch),
                   "host_per_launch_s": eager_launch_host_s, "host_per_expert_s": e_exp},
     }
@@ -852,8 +853,9 @@ def _notes(cfg: Any, ek: ModelSpec, scal: dict[str, Any], failed: list[str], int
         f"{list(cfg.engine_layers)}), a shape outside the validation grid {GRID_SHAPES}, every expert resident: the "
         "host time per MoE layer = slope over MoE layers of the path's wall time per decode step minus the slope of "
         "the kernels' own time (runtime.lean's whole-step CUDA graph); host_per_expert_s = at the deeper depth, the "
-        "host time per step (wall - kernels) at the two top-k values, its difference over MoE layers x the top-k "
-        "difference; host_per_layer_s = the per-layer total less top-k experts at it (and, eager, less the launches).",
+        "wall time's difference between the two top-k values over MoE layers x the top-k difference (eager: less "
+        "an expert's launches); host_per_layer_s = the per-layer total less what the experts phase takes beyond "
+        "the kernels at that per-expert time (and, eager, less the launches). runtime.profile.derive_engine.",
         "graphed: runtime.executor with engine=graphed (runtime.lean: one CUDA graph per layer segment, the routing "
         "read through pinned memory + event, the executor's expert compute); draft = slope over depth of the host "
         "time of the INT4 draft's one-graph step call (runtime.lean, Int4Experts; the call itself, per token, is "

@@ -84,12 +84,13 @@ ENGINE_FIELDS = ("host_per_layer_s", "draft_host_per_layer_s", "host_per_launch_
 class HostOverhead:
     """Host overhead of a decode path (docs/engine.md), added to the GPU time of every decoder layer:
     ``host_per_layer_s`` (target) or ``draft_host_per_layer_s`` (draft) + ``host_per_launch_s`` x
-    the layer's kernel launches (the ``KERNELS`` table) + ``host_per_expert_s`` x the routed experts
-    a target layer runs (the executor dispatches each one from the host after the routing read, so
-    this part grows with top-k and with the union of a verify pass; the draft's experts run inside
-    its graph or transformers' loop, priced by its per-layer term). Additive, not overlapped: a
-    layer's dispatch waits for the previous MoE layer's routing on the host, so the host cannot run
-    ahead of the GPU across a routing decision. ``ideal``: all zero."""
+    the layer's kernel launches (the ``KERNELS`` table), before the layer's routing. Additive, not
+    overlapped: a layer's dispatch waits for the previous MoE layer's routing on the host, so the
+    host cannot run ahead of the GPU across a routing decision. ``host_per_expert_s``: the host's
+    time per routed expert a target layer runs, after the routing read (the executor dispatches each
+    one), overlapping the experts' kernels (``host_experts``); it grows with top-k and with the
+    union of a verify pass. The draft's experts run inside its graph or transformers' loop, priced
+    by its per-layer term. ``ideal``: all zero."""
 
     name: str = "ideal"
     host_per_layer_s: float = 0.0
@@ -288,10 +289,16 @@ class CostModel(ABC):
         h = self.host
         if h.zero:
             return 0.0
-        if draft:
-            return h.draft_host_per_layer_s + h.host_per_launch_s * self.layer_launches(layer, experts)
-        experts_host = h.host_per_expert_s * experts if self.model.is_moe_layer(layer) else 0.0
-        return h.host_per_layer_s + h.host_per_launch_s * self.layer_launches(layer, experts) + experts_host
+        per = h.draft_host_per_layer_s if draft else h.host_per_layer_s
+        return per + h.host_per_launch_s * self.layer_launches(layer, experts)
+
+    def host_experts(self, layer: int, experts: int) -> float:
+        """Host time dispatching ``experts`` routed experts of target MoE layer ``layer`` after its
+        routing read (``host_per_expert_s``). The GPU runs each expert as the host launches it, so
+        the experts phase lasts the longer of this and the experts' kernels (sim.schedule)."""
+        if not experts or not self.model.is_moe_layer(layer):
+            return 0.0
+        return self.host.host_per_expert_s * experts
 
     def host_head(self) -> float:
         """Host overhead of the embedding and LM head (their launches; no layer term)."""

@@ -139,8 +139,10 @@ class Schedule:
         if n == 1:  # one token (autoregressive decode): every layer runs its top_k experts once
             k = keys_all.shape[1]
             if self._one_token_exp is None:
+                # the experts phase: the longer of their kernels and the host dispatching them
                 self._one_token_exp = [
-                    k * cost.expert_ffn(layer, 1) + (cost.shared_experts(layer, 1) if model.num_shared_experts else 0.0)
+                    max(k * cost.expert_ffn(layer, 1) + (cost.shared_experts(layer, 1) if model.num_shared_experts else 0.0),
+                        cost.host_experts(layer, k))
                     for layer in moe]
             # host work before a layer's experts can run (the same for every MoE layer of a class)
             pre_c = [base[c] + cost.host_layer(moe[m], k) for c, m in enumerate(self._class_reps)]
@@ -157,7 +159,7 @@ class Schedule:
                     exp += cost.shared_experts(layer, n)
                 self.needed.append(keys)
                 self.pre.append(base[self._pre_class[m]] + cost.host_layer(layer, len(keys)))
-                self.exp.append(exp)
+                self.exp.append(max(exp, cost.host_experts(layer, len(keys))))
         self.g_step.extend([s_idx] * M)
         if self._infos is not None:
             self._infos.extend(self._step_infos(s_idx))
@@ -208,9 +210,12 @@ class Schedule:
         for layer, count, moe in self._layer_groups:
             one = cost.attention(layer, n, kv) + cost.host_layer(layer, distinct if moe else 0)
             if moe:
-                one += cost.router(layer, n) + distinct * cost.expert_ffn(layer, per)
+                kernels = distinct * cost.expert_ffn(layer, per)
+                one += cost.router(layer, n) + kernels
                 if model.num_shared_experts:
+                    kernels += cost.shared_experts(layer, n)
                     one += cost.shared_experts(layer, n)
+                one += max(0.0, cost.host_experts(layer, distinct) - kernels)
             else:
                 one += cost.dense_ffn(layer, n)
             total += count * one

@@ -93,6 +93,24 @@ def test_notebook_runs_with_tiny_parameters(name: str, tmp_path: Path, monkeypat
         assert (tmp_path / "figures" / fig).stat().st_size > 1000, fig
 
 
+def test_governor_notebook_draws_measured_cycles(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a gpu_speculative cycles table (here the script's CPU smoke run: real cycles of the tiny
+    model, eager), the governor notebook draws the measured cycles, not the simulator's."""
+    from benchmarks.gpu_speculative import main
+
+    assert main(["--smoke", "--out", str(tmp_path / "gs"), "--ks", "2", "--reps", "1"]) == 0
+    nb = jupytext.read(ROOT / "notebooks" / "governor.py")
+    idx = [i for i, c in enumerate(nb.cells) if "parameters" in c.get("metadata", {}).get("tags", [])][0]
+    params = {"model": "tiny", "layers": None, "engine": "eager", "cycles": str(tmp_path / "gs" / "cycles.parquet"),
+              "speculative": str(tmp_path / "gs" / "results.parquet"), "figures": str(tmp_path / "figures")}
+    nb.cells.insert(idx + 1, nbformat_cell("\n".join(f"{k} = {v!r}" for k, v in params.items())))
+    nb.cells.append(nbformat_cell("assert source.startswith('measured on the GPU'), source\n"
+                                  "assert len(gov) and set(fixed.run) == {'fixed k=2', 'fixed k=4'}, (len(gov), set(fixed.run))"))
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    nbclient.NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
+    assert (tmp_path / "figures" / "governor_cycle_prediction.png").stat().st_size > 1000
+
+
 #: appended to each notebook: every figure it drew has data in every visible panel
 EVERY_PANEL_HAS_DATA = """
 import matplotlib.pyplot as plt

@@ -282,6 +282,12 @@ def test_gpu_speculative_benchmark_smoke(tmp_path):
     assert labels["speq"]["k"] == "governor" and labels["speq-k2"]["mean_k"] <= 2
     assert labels["speq"]["token_mismatch_share"] == 0.0  # fp32 on the CPU: the target's greedy output
     assert (tmp_path / "summary.md").read_text().count("MoE-SpeQ") >= 2
+    import pandas as pd
+
+    cyc = pd.read_parquet(tmp_path / "cycles.parquet")  # every speculative config's measured cycles
+    assert {"speq", "speq-k2", "spec-lru", "spmoe"} <= set(cyc["label"]) and "lru" not in set(cyc["label"])
+    assert cyc["observed_cycle_s"].gt(0).all() and cyc["predicted_cycle_s"].notna().all()
+    assert cyc.loc[cyc.label == "speq-k2", "k"].le(2).all()
 
 
 @pytest.mark.parametrize("layout", [["cache.slots=10"], ["cache.per_layer=3"], ["cache.slots=10", "cache.reset=request"],

@@ -343,13 +343,15 @@ def test_host_overhead_by_hand() -> None:
 
 
 def test_host_overhead_per_expert_by_hand() -> None:
-    """``host_per_expert_s`` prices each routed expert a target MoE layer runs: top-k in a decode
-    step, the union of a verify pass; nothing on dense layers or draft layers."""
+    """``host_per_expert_s`` prices each routed expert a target MoE layer runs, after its routing
+    (``host_experts``): top-k in a decode step, the union of a verify pass; nothing on dense layers,
+    nothing in the per-layer term before the routing."""
     h = HostOverhead("graphed", host_per_layer_s=100e-6, draft_host_per_layer_s=20e-6, host_per_expert_s=50e-6)
     cm = RooflineCostModel(TOY, GPU, host=h)
-    assert cm.host_layer(0) == pytest.approx(100e-6)  # dense: no experts
-    assert cm.host_layer(1, 2) == pytest.approx(100e-6 + 2 * 50e-6)  # 200 us
-    assert cm.host_layer(1, 5) == pytest.approx(100e-6 + 5 * 50e-6)  # a verify pass's union of 5: 350 us
+    assert cm.host_layer(0) == cm.host_layer(1, 2) == pytest.approx(100e-6)
+    assert cm.host_experts(0, 2) == 0.0  # dense layer
+    assert cm.host_experts(1, 2) == pytest.approx(2 * 50e-6)
+    assert cm.host_experts(1, 5) == pytest.approx(5 * 50e-6)  # a verify pass's union of 5
     assert cm.host_layer(1, 2, draft=True) == pytest.approx(20e-6)
     assert not h.zero and h.columns()["host_per_expert_s"] == 50e-6
 
@@ -372,6 +374,27 @@ def test_host_overhead_enters_the_schedule_by_hand() -> None:
     assert eager.steps[s].tail - ideal.steps[s].tail == pytest.approx(32e-6)
     assert eager.exp[g] == ideal.exp[g]
     assert eager.draft_token_time(0, 3) - ideal.draft_token_time(0, 3) == pytest.approx(464e-6)
+
+
+def test_per_expert_host_time_overlaps_the_experts_kernels() -> None:
+    """The experts phase of a layer-step lasts the longer of its kernels and the host dispatching
+    its experts: a per-expert time below the kernels changes nothing, one above sets the phase to
+    experts x it; the time before the routing is untouched either way."""
+    from sim.schedule import Schedule
+    from traces.synth import synth_params_for, synthesize
+
+    tr = synthesize(dataclasses.replace(synth_params_for("tiny"), requests=1, prompt_tokens=2, decode_tokens=3),
+                    0, shape=TOY.shape_only())
+    ideal = Schedule(tr, TOY, RooflineCostModel(TOY, GPU))
+    g = ideal.steps[1].g0
+    kernels = ideal.exp[g]
+    for per in (0.25 * kernels / 2, 3 * kernels / 2):
+        sch = Schedule(tr, TOY, RooflineCostModel(TOY, GPU, host=HostOverhead("graphed", host_per_expert_s=per)))
+        assert sch.pre == ideal.pre
+        assert sch.exp[g] == pytest.approx(max(kernels, 2 * per))
+    prompt = ideal.steps[0].g0  # the prompt pass: the union of its tokens' experts
+    sch = Schedule(tr, TOY, RooflineCostModel(TOY, GPU, host=HostOverhead("graphed", host_per_expert_s=1.0)))
+    assert sch.exp[prompt] == pytest.approx(len(sch.needed[prompt]) * 1.0)
 
 
 def test_engine_values_from_a_measured_hardware_profile() -> None:

@@ -123,10 +123,11 @@ def test_profiler_smoke_writes_a_profile_the_simulator_loads(tmp_path: Path) -> 
 
 
 def test_engine_values_split_per_layer_and_per_expert_by_hand() -> None:
-    """derive_engine on measurements made from known values (OLMoE, top-8, low top-2 at 3 layers):
-    graphed 100 us per layer + 50 us per expert; eager 200 us per layer + 5 us per launch + 20 us
-    per expert beyond its 5 launches. The split is recovered exactly; without the low top-k the
-    per-layer value holds the top-8 experts, as profiles before the per-expert term had it."""
+    """derive_engine on measurements made from the simulator's model with known values (OLMoE,
+    top-8, a low top-2 at 3 layers; one expert's kernels 10 us): graphed 100 us per layer and 50 us
+    per expert; eager 200 us per layer, 5 us per launch and 20 us per expert beyond its 5 launches.
+    The split is recovered exactly; without the low top-k the per-layer value holds the top-8
+    experts' phase beyond their kernels, as profiles before the per-expert term had it."""
     from runtime.profile import derive_engine
     from sim.costmodel import RooflineCostModel
     from sim.hardware import HardwareSpec
@@ -134,15 +135,14 @@ def test_engine_values_split_per_layer_and_per_expert_by_hand() -> None:
 
     spec = ModelSpec.from_preset("olmoe-1b-7b")
     launches = RooflineCostModel(spec, HardwareSpec.from_preset("h200")).layer_launches
-    lay = spec.moe_layers[0]
+    lay, c = spec.moe_layers[0], 10e-6
 
     def point(L: int, k: int, with_draft: bool = True) -> dict[str, float]:
-        floor = 200e-6 + (40e-6 + 10e-6 * k) * L
-        v = {"moe_layers": float(L), "top_k": float(k), "floor_step_s": floor,
-             "executor_graphed_step_s": floor + 50e-6 + (100e-6 + 50e-6 * k) * L,
-             "executor_eager_step_s": floor + 80e-6 + (200e-6 + 5e-6 * launches(lay, k) + 20e-6 * k) * L}
+        v = {"moe_layers": float(L), "top_k": float(k), "floor_step_s": 200e-6 + (40e-6 + c * k) * L,
+             "executor_graphed_step_s": 250e-6 + (40e-6 + 100e-6 + max(c, 50e-6) * k) * L,
+             "executor_eager_step_s": 280e-6 + (40e-6 + 200e-6 + 5e-6 * launches(lay, k) + max(c, 20e-6) * k) * L}
         if with_draft:
-            v |= {"transformers_step_s": floor + 90e-6 + (150e-6 + 5e-6 * launches(lay, k)) * L,
+            v |= {"transformers_step_s": 290e-6 + (40e-6 + c * k + 150e-6 + 5e-6 * launches(lay, k)) * L,
                   "draft_call_host_s": 30e-6 + 1e-6 * L}
         return v
 
@@ -154,7 +154,7 @@ def test_engine_values_split_per_layer_and_per_expert_by_hand() -> None:
                                           "host_per_launch_s": 5e-6, "host_per_expert_s": 20e-6})
     old = derive_engine(at, spec, 5e-6)
     assert old["graphed"]["host_per_expert_s"] == 0.0
-    assert old["graphed"]["host_per_layer_s"] == pytest.approx(100e-6 + 8 * 50e-6)
+    assert old["graphed"]["host_per_layer_s"] == pytest.approx(100e-6 + 8 * (50e-6 - c))
 
 
 def test_validate_grid_on_the_cpu_is_resumable(tmp_path: Path) -> None:
