@@ -166,13 +166,37 @@ def _table(path: Path, **row) -> Path:
 
 def _engine_ms(engine: str) -> float:
     """By hand: the profile's engine values, Phi-3.5-MoE's decode layer (GQA attention 9 kernels,
-    router 4, top-2 experts x 5) and head (4 kernels) over its 4 layers."""
+    router 4, top-2 experts x 5) and head (4 kernels) over its 4 layers (this profile has no
+    per-expert host time)."""
     from sim.hardware import HardwareSpec
 
     v = HardwareSpec.from_preset("measured/h100-sxm").engine_values(engine)
+    assert v.get("host_per_expert_s", 0.0) == 0.0
     launches = 9 + 4 + 2 * 5
-    per_layer = v["host_per_layer_s"] + v["host_per_launch_s"] * launches + v.get("host_per_expert_s", 0.0) * 2
+    per_layer = v["host_per_layer_s"] + v["host_per_launch_s"] * launches
     return (per_layer + v["host_per_launch_s"] * 4 / 4) * 1e3
+
+
+@pytest.mark.parametrize("per_expert_s", [1e-3, 1e-9])
+def test_y_folds_the_experts_host_dispatch_beyond_their_kernels(per_expert_s):
+    """A profile with a host time per routed expert: y gains what the top-2 experts' dispatch takes
+    beyond their kernels (the schedule overlaps the two), nothing when the kernels hide it."""
+    from dataclasses import replace
+
+    from sim.costmodel import HostOverhead, cost_model_for
+    from sim.experiments.map_measured import host_y
+    from sim.experiments.speculation_map import model_spec
+    from sim.hardware import HardwareSpec
+
+    model = model_spec("phi-3.5-moe@4")
+    vals = {"host_per_layer_s": 5e-4, "draft_host_per_layer_s": 0.0, "host_per_launch_s": 0.0,
+            "host_per_expert_s": per_expert_s}
+    hw = replace(HardwareSpec.from_preset("measured/h100-sxm"), engine={"graphed": vals})
+    layer, experts, head, source = host_y(model, hw, "graphed")
+    kernels = 2 * cost_model_for(model, hw, host=HostOverhead()).expert_ffn(0, 1)
+    assert source == "hardware" and layer == 5e-4 and head == 0.0
+    assert experts == pytest.approx(max(0.0, 2 * per_expert_s - kernels), rel=1e-12)
+    assert (experts > 0) == (per_expert_s == 1e-3)
 
 
 def test_measured_points_are_placed_and_run(tmp_path):

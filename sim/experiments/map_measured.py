@@ -8,9 +8,9 @@ for the shapes ``experiment.map.measured_shapes`` maps to map models, placed at
   drafted tokens, which a cycle's stop at its first rejection pulls far below it at large k (Phi
   at k = 8: 0.56 for a draft whose tokens are accepted 88% of the time), so it is not the axis;
 - y = the host overhead the simulator charges a decode step of the row's engine on the map's
-  hardware, per target layer: the cost model's ``host_layer(layer, top_k)`` averaged over the decoder
-  layers (per-layer, per-launch and per-expert terms at a decode step's top-k experts) plus
-  ``host_head()`` (the embedding and head's launches) / layers. The map charges y per layer and
+  hardware, per target layer (``host_y``): the cost model's ``host_layer(layer, top_k)`` (per-layer
+  and per-launch terms) and the top-k experts' host dispatch (``host_experts``) beyond the kernels
+  it overlaps, averaged over the decoder layers, plus ``host_head()`` (the head's launches) / layers. The map charges y per layer and
   nothing per launch or expert, so a verify pass's larger expert union costs its launches more
   on the GPU engine than at the point, and the draft pays the map's ``draft_host_per_layer_ms``,
   not the engine's;
@@ -46,8 +46,9 @@ class MeasuredPoint:
     engine: str
     x: float  # acceptance_by_position[0]
     acceptance_rate: float  # the row's accepted / drafted
-    y_ms: float  # y_layer_ms + y_head_ms
+    y_ms: float  # y_layer_ms + y_expert_ms + y_head_ms
     y_layer_ms: float  # mean over layers of host_layer(layer, top_k)
+    y_expert_ms: float  # the top-k experts' host dispatch beyond their kernels, per layer
     y_head_ms: float  # host_head() / layers
     host_source: str  # hardware (the profile's measured engine values) | config (the engine preset's)
     agreement: float
@@ -95,18 +96,25 @@ def _first_position(v: Any, where: str) -> float:
     return vals[0]
 
 
-def host_y(model: Any, hw: Any, engine: str) -> tuple[float, float, str]:
-    """(per-layer part, head part, source) of y in seconds: the cost model's host overhead of one
-    decode step of ``engine`` (conf/engine/ENGINE.yaml, the hardware profile's measured values
-    where it has them), per target decoder layer."""
+def host_y(model: Any, hw: Any, engine: str) -> tuple[float, float, float, str]:
+    """(per-layer part, per-expert part, head part, source) of y in seconds: the host time the cost
+    model adds to one decode step of ``engine`` (conf/engine/ENGINE.yaml, the hardware profile's
+    measured values where it has them), per target decoder layer. Per layer: ``host_layer(layer,
+    top_k)`` (the layer's term and its launches); per expert: what the host's dispatch of the top-k
+    experts (``host_experts``) takes beyond their kernels, which it overlaps (sim.schedule); the
+    head's launches (``host_head``) spread over the layers."""
     from sim.config import load_group_file
     from sim.costmodel import HostOverhead, cost_model_for
 
     host = HostOverhead.from_cfg(load_group_file("engine", engine), hw)
     cost = cost_model_for(model, hw, host=host)
-    layers = model.num_layers
-    per_layer = sum(cost.host_layer(layer, model.top_k) for layer in range(layers)) / layers
-    return per_layer, cost.host_head() / layers, host.source
+    k, layers = model.top_k, model.num_layers
+    per_layer = sum(cost.host_layer(layer, k) for layer in range(layers)) / layers
+    per_expert = 0.0
+    for layer in model.moe_layers:
+        kernels = k * cost.expert_ffn(layer, 1) + (cost.shared_experts(layer, 1) if model.num_shared_experts else 0.0)
+        per_expert += max(0.0, cost.host_experts(layer, k) - kernels)
+    return per_layer, per_expert / layers, cost.host_head() / layers, host.source
 
 
 def measured_points(spec: Any) -> tuple[list[MeasuredPoint], list[str]]:
@@ -140,14 +148,15 @@ def measured_points(spec: Any) -> tuple[list[MeasuredPoint], list[str]]:
                 agreement, source = float(synth_params_for(model_entry(entry)[0]).draft_agreement), "replay dial"
             else:
                 raise SimError(f"experiment.map.measured: {what} has no draft_agreement and is not a replay run")
-            y_layer, y_head, host_source = host_y(model, hw, str(r["engine"]))
+            y_layer, y_expert, y_head, host_source = host_y(model, hw, str(r["engine"]))
             lru = df[(df["model"] == shape) & (df["engine"] == r["engine"]) & (df["policy"] == "lru")
                      & (df.get("memory", pd.Series("same_memory", index=df.index)) == "same_memory")
                      & (df["status"] == "ok")]
             points.append(MeasuredPoint(
                 shape=shape, model=entry, engine=str(r["engine"]),
                 x=_first_position(r["acceptance_by_position"], what), acceptance_rate=float(r["acceptance"]),
-                y_ms=(y_layer + y_head) * 1e3, y_layer_ms=y_layer * 1e3, y_head_ms=y_head * 1e3,
+                y_ms=(y_layer + y_expert + y_head) * 1e3, y_layer_ms=y_layer * 1e3, y_expert_ms=y_expert * 1e3,
+                y_head_ms=y_head * 1e3,
                 host_source=host_source, agreement=agreement, agreement_source=source,
                 agreement_row=min(spec.agreement, key=lambda a: abs(a - agreement)),
                 slots=int(r["slots"]), lru_slots=float(lru["slots"].iloc[0]) if len(lru) else math.nan,
@@ -211,12 +220,12 @@ def points_md(df: pd.DataFrame, spec: Any, others: list[str]) -> list[str]:
     lines = ["", f"## Measured points ({spec.measured})", "",
              "x = the draft's measured per-token acceptance (acceptance_by_position[0]; the run's accepted / drafted "
              "beside it), y = the host overhead the simulator charges a decode step of the row's engine on "
-             f"{spec.hardware} per target layer (host_layer at top-k experts, averaged over layers, + the head's "
-             "launches / layers); map = the map's cell run at exactly (x, y) in the facet of the run's MoE-SpeQ "
+             f"{spec.hardware} per target layer (host_layer at top-k experts + the experts' host dispatch beyond "
+             "their kernels, averaged over layers, + the head's launches / layers); map = the map's cell run at exactly (x, y) in the facet of the run's MoE-SpeQ "
              "slots and the nearest agreement row; run sim = the run's own simulated speed-up (its engine's full "
              "host model, its own trace). Engine (profile): the hardware profile's measured engine values; "
              "(preset): conf/engine's placeholders, the profile has none for it.", "",
-             "| shape | engine | facet | x (rate) | y ms (layer + head) | agreement (row) | slots MoE-SpeQ / LRU: "
+             "| shape | engine | facet | x (rate) | y ms (layer + experts + head) | agreement (row) | slots MoE-SpeQ / LRU: "
              "run, map | measured | map | measured - map | run sim |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for _, r in df.iterrows():
@@ -226,7 +235,7 @@ def points_md(df: pd.DataFrame, spec: Any, others: list[str]) -> list[str]:
         lines.append(
             f"| {r['shape']} | {r['engine']} ({source}) | {r['model']} · {r['budget']} {r['memory_gib']:.4g} GiB · "
             f"{r['link']} | {r['x']:.3f} ({r['acceptance_rate']:.3f}) | "
-            f"{r['y_ms']:.3f} ({r['y_layer_ms']:.3f} + {r['y_head_ms']:.3f}) | "
+            f"{r['y_ms']:.3f} ({r['y_layer_ms']:.3f} + {r['y_expert_ms']:.3f} + {r['y_head_ms']:.3f}) | "
             f"{r['agreement']:.3f} {r['agreement_source']} ({r['agreement_row']:g}) | {r['slots']} / {lru}, "
             f"{int(r['speq_slots_sim'])} / {int(r['lru_slots_sim'])} | {r['speedup_measured']:.2f}x | "
             f"{r['speedup_map']:.2f}x | {r['difference']:+.2f}x ({rel:+.0%}) | {r['speedup_run_sim']:.2f}x |")
