@@ -121,6 +121,22 @@ def plan_memory(
     return MemoryPlan(*fixed, n, None, "global", n >= model.num_routed_experts_total, ctx)
 
 
+def budget_for_slots(model: ModelSpec, hw: HardwareSpec, *, max_context_tokens: int, slots: int,
+                     draft_resident: bool = True) -> int:
+    """The budget in bytes at which ``plan_memory`` gives exactly ``slots`` slots in one global pool:
+    non-expert weights + KV cache + workspace (``hw``'s) + the INT4 draft (when resident) + the slots,
+    nothing left over. The inverse of ``plan_memory``, so that a measured run's cache size (a
+    speculative policy's slots) becomes a GPU memory every other policy can be given; at that budget
+    an autoregressive policy gets ``slots + draft bytes // slot bytes`` slots (capped at every routed
+    expert). A SimError for a slot count outside [top_k, every routed expert]."""
+    n, k, total = int(slots), model.top_k, model.num_routed_experts_total
+    if not k <= n <= total:
+        raise SimError(f"{model.name}: a budget of {slots} slots must be in [top_k={k}, every routed expert={total}]")
+    draft = model.routed_expert_bytes_total("int4") if draft_resident else 0
+    return (model.non_expert_bytes + model.kv_bytes(int(max_context_tokens)) + hw.workspace_bytes + draft
+            + n * model.bytes_per_expert())
+
+
 class _Split(NamedTuple):
     budget: int
     non_expert: int

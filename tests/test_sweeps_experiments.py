@@ -54,11 +54,11 @@ def test_experiment_composes_and_names_existing_presets(name):
         agg = cfg.hydra.callbacks.aggregate
         assert agg.table and agg.figure
     elif cfg.experiment.get("map") is not None:  # speculation-map: its own grid, checked by MapSpec
-        from sim.experiments.speculation_map import MapSpec
+        from sim.experiments.speculation_map import MapSpec, model_entry
         from traces.presets import PRESETS
 
         spec = MapSpec.from_cfg(dict(cfg.experiment))
-        assert set(spec.models) <= set(PRESETS) and (conf_dir() / "hardware" / f"{spec.hardware}.yaml").is_file()
+        assert {model_entry(m)[0] for m in spec.models} <= set(PRESETS) and (conf_dir() / "hardware" / f"{spec.hardware}.yaml").is_file()
     else:
         space = parse_space(cfg.experiment.search.params)
         for p in space:

@@ -198,7 +198,7 @@ def _map_task(cfg: DictConfig, overrides: list[str], out: Path, multirun: bool) 
         raise UsageError("experiment=speculation-map runs its own grid; do not combine it with a multirun (-m)")
     base = [o for o in overrides if not o.lstrip("+~").startswith("experiment")]
     spec = MapSpec.from_cfg(OmegaConf.to_container(cfg.experiment, resolve=True))
-    res = run_map(base, spec, out)
+    res = run_map(base, spec, out, command=" ".join(["python -m sim.sweep", *sys.argv[1:]]))
     print(res.summary)
     print(f"speculation map: {out / 'speculation_map.png'} (table: speculation_map.parquet)")
     ok = res.table[res.table["status"] == "ok"]
