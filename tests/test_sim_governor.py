@@ -413,3 +413,20 @@ def test_governor_imports_nothing_heavy() -> None:
     code = ("import sys, sim.governor; bad = [m for m in ('simpy', 'torch', 'matplotlib', 'pandas') "
             "if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parent.parent)
+
+
+def test_governor_choice_benchmark_runs_and_refuses_to_overwrite(tmp_path) -> None:
+    """benchmarks/governor_choice.py: every shape, engine and variant has a row, the table names the
+    best fixed k of each, and a second run into the same folder is refused (nothing overwritten)."""
+    import pandas as pd
+
+    from benchmarks.governor_choice import SHAPES, VARIANTS, main
+
+    assert main(["--ks", "1,2", "--decode-tokens", "12", "--hardware", "h100-sxm", "--out", str(tmp_path)]) == 0
+    df = pd.read_parquet(tmp_path / "governor_choice.parquet")
+    assert len(df) == len(SHAPES) * 2 * (len(VARIANTS) + 2) and df.tpot_ms.gt(0).all()
+    md = (tmp_path / "governor_choice.md").read_text()
+    assert md.count("| k=") == len(SHAPES) * 2 and all(s in md for s in SHAPES)  # one best k per shape, engine
+    before = md
+    assert main(["--ks", "1", "--out", str(tmp_path)]) == 2
+    assert (tmp_path / "governor_choice.md").read_text() == before
