@@ -58,7 +58,9 @@ def test_experiment_composes_and_names_existing_presets(name):
         from traces.presets import PRESETS
 
         spec = MapSpec.from_cfg(dict(cfg.experiment))
-        assert {model_entry(m)[0] for m in spec.models} <= set(PRESETS) and (conf_dir() / "hardware" / f"{spec.hardware}.yaml").is_file()
+        models = {model_entry(m)[0] for m in spec.models}
+        assert all(m in PRESETS or (conf_dir() / "model" / f"{m}.yaml").is_file() for m in models), models
+        assert (conf_dir() / "hardware" / f"{spec.hardware}.yaml").is_file()
     else:
         space = parse_space(cfg.experiment.search.params)
         for p in space:
