@@ -90,8 +90,8 @@ class EngineConf:
     draft_host_per_layer_s: float = setting(0.0, "host time the GPU waits for per draft decoder layer, s")
     host_per_launch_s: float = setting(0.0, "host time per kernel launch (target and draft), s")
     host_per_expert_s: float = setting(
-        0.0, "host time per routed expert a target layer runs, beyond its kernel launches (the executor's "
-             "per-expert dispatch after the routing read), s")
+        0.0, "host time per routed expert a target layer runs, after the routing read (the executor's "
+             "per-expert dispatch); the experts phase lasts the longer of their kernels and this x experts, s")
     from_hardware: bool = setting(
         False, "take the four values from the hardware profile's engine.<name> where it has them (measured)")
 
