@@ -26,7 +26,8 @@ LRU at the same GPU memory), tpot_bound_s, acceptance, mean k, tokens per cycle,
 agreement, acceptance per draft position, and token_mismatch_share (tokens of the speculative
 output that differ from lru's non-speculative greedy output, in the card's bf16). cycles.jsonl, then
 cycles.parquet: every measured draft/verify cycle (model, engine, label, repetition, k, accepted, the
-governor's predicted cycle time and the observed one; notebooks/governor.py). A rerun with the
+governor's predicted cycle time and the observed one; notebooks/governor.py). Live mode: each
+config's executed routing, traces/<shape>-<engine>-<label>.parquet (``--resimulate`` replays it). A rerun with the
 same --out skips shapes whose rows exist (resumable). ``--smoke``: the tiny preset on the CPU.
 """
 
@@ -131,6 +132,7 @@ def run_engine(sh: dict[str, Any], engine: str, args: argparse.Namespace, rows_p
                deadline: float) -> None:
     from runtime.measure import Session
     from sim.spec import ModelSpec
+    from traces.io import write_trace
 
     dev = "cpu" if args.smoke else "cuda"
     R, P, D = (1, 6, 14) if args.smoke else (1, 32, args.decode_tokens)
@@ -174,6 +176,8 @@ def run_engine(sh: dict[str, Any], engine: str, args: argparse.Namespace, rows_p
 
             def on_run(p, run, lg, row, label=x["label"]):
                 tokens[label] = (getattr(run, "live_out", None) or {}).get("tokens")  # live mode only
+                if sh["mode"] == "live" and int(row.get("repetition", 0)) == 0:  # the routing the GPU executed
+                    write_trace(sess.live_trace, rows_path.parent / "traces" / f"{sh['name']}-{sess.engine}-{label}.parquet")
                 # the measured cycles (the governor's predicted cycle time beside the observed one)
                 cyc.extend({"model": sh["name"], "engine": sess.engine, "label": label, "policy": p.name,
                             "repetition": int(row.get("repetition", 0)), "link_bytes_per_s": sess.h2d_gbps * 1e9, **c}
@@ -219,7 +223,8 @@ def run_engine(sh: dict[str, Any], engine: str, args: argparse.Namespace, rows_p
         for r in out:
             row = {"card": meta["card"], "hardware": meta["hardware"], "date": meta["date"], "model": sh["name"],
                    "engine": sess.engine, "mode": sh["mode"], "budget": args.budget, "budget_slots": slots, "draft_bytes": draft_bytes,
-                   "expert_bytes": sess.om.nbytes, "h2d_gbps_measured": sess.h2d_gbps, "decode_tokens": D, **r}
+                   "expert_bytes": sess.om.nbytes, "h2d_gbps_measured": sess.h2d_gbps, "decode_tokens": D,
+                   "dtype": "fp32" if args.smoke else "bf16", **r}
             if r["status"] == "ok" and ref is not None:
                 row["speedup_measured"] = ref["tpot_measured_s"] / r["tpot_measured_s"]
                 row["speedup_sim"] = ref["tpot_sim_s"] / r["tpot_sim_s"]
@@ -269,11 +274,12 @@ def summary(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
 
 # =============================================================================== resimulation
 def resimulate(out: Path, hardware: str) -> int:
-    """No device: the simulator predicts every replay-mode row of ``out``'s results again under
-    ``hardware`` (e.g. the card's measured profile, committed after the run), from the same config
-    (shape, engine, policy, governor or k, slots, trace); writes ``resimulated-<hardware>.parquet``
-    and ``.md`` beside the results and prints the speed-up errors before and after. Live rows keep
-    their prediction (it needs the routing the GPU executed, which is not stored)."""
+    """No device: the simulator predicts every row of ``out``'s results again under ``hardware``
+    (e.g. the card's measured profile, committed after the run), from the same config (shape,
+    engine, policy, governor or k, slots, trace: replay rows the shape's synthetic trace, live rows
+    the routing the GPU executed, ``traces/<shape>-<engine>-<label>.parquet``); writes
+    ``resimulated-<hardware>.parquet`` and ``.md`` beside the results and prints the speed-up errors
+    before and after. Live rows of runs that stored no executed trace keep their prediction."""
     import pandas as pd
 
     from sim.experiments.search import compose_sim
@@ -289,10 +295,13 @@ def resimulate(out: Path, hardware: str) -> int:
     for r in rows:
         r = dict(r)
         sh = shapes.get(r["model"])
-        if r.get("status") == "ok" and sh is not None and r.get("mode") == "replay":
-            over = [f"model={sh['model']}", f"hardware={hardware}", f"engine={r['engine']}", "trace.requests=1",
-                    "trace.prompt_tokens=32", f"trace.decode_tokens={int(r['decode_tokens'])}",
-                    f"cache.slots={int(r['slots'])}", f"policy={r['policy']}", "progress=false"]
+        live = out / "traces" / f"{r['model']}-{r.get('engine')}-{r.get('label')}.parquet"
+        if r.get("status") == "ok" and sh is not None and (r.get("mode") == "replay" or live.is_file()):
+            trace = ([f"trace.path={live}"] if r.get("mode") == "live" else
+                     ["trace.requests=1", "trace.prompt_tokens=32", f"trace.decode_tokens={int(r['decode_tokens'])}"])
+            over = [f"model={sh['model']}", f"hardware={hardware}", f"engine={r['engine']}", *trace,
+                    f"cache.slots={int(r['slots'])}", f"policy={r['policy']}", "progress=false",
+                    *([f"dtype={r['dtype']}"] if r.get("dtype") else [])]
             if sh.get("layers"):
                 over.append(f"model.layers={sh['layers']}")
             if r["policy"] in ("speq", "spec-lru", "spmoe"):
@@ -303,7 +312,7 @@ def resimulate(out: Path, hardware: str) -> int:
                 r["tpot_sim_s"] = float(got[0]["tpot_ms"]) / 1e3
                 r["sim_mean_k"] = got[0].get("mean_k", r.get("sim_mean_k"))
                 r["sim_acceptance"] = got[0].get("acceptance_rate", r.get("sim_acceptance"))
-        r["hardware"] = hardware if r.get("mode") == "replay" else r.get("hardware")
+        r["hardware"] = hardware if r.get("mode") == "replay" or live.is_file() else r.get("hardware")
         new.append(r)
     for r in new:  # speed-ups over lru at the same memory, per (model, engine)
         ref = next((x for x in new if x["model"] == r["model"] and x["engine"] == r["engine"] and x.get("label") == "lru"
@@ -312,7 +321,8 @@ def resimulate(out: Path, hardware: str) -> int:
             r["speedup_sim"] = ref["tpot_sim_s"] / r["tpot_sim_s"]
     name = hardware.replace("/", "-")
     meta = {"card": new[0].get("card") if new else "?", "date": new[0].get("date") if new else "?",
-            "hardware": f"{hardware} (resimulated; live rows: their own prediction)", "torch": "(none: no device)",
+            "hardware": f"{hardware} (resimulated; live rows without a stored trace: their own prediction)",
+            "torch": "(none: no device)",
             "command": f"python benchmarks/gpu_speculative.py --resimulate {out} --hardware {hardware}"}
     text = summary(new, meta)
     (out / f"resimulated-{name}.md").write_text(text)

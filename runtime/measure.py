@@ -625,6 +625,7 @@ class Session:
                     else:
                         tr = executed_trace(run, self.spec.shape_only(), prompts, meta, predictor=run.rc.predictor)
                     prep = self.prepare(cfg, tr)
+                    self.live_trace = tr  # this policy's executed routing (a later resimulation replays it)
                     if getattr(self, "executed", None) is None or tr.lookahead_depths:
                         self.executed = tr
                 log = run_log(run, timeline=keep and rep == reps - 1)
