@@ -178,10 +178,8 @@ def run_engine(sh: dict[str, Any], engine: str, args: argparse.Namespace, rows_p
                 tokens[label] = (getattr(run, "live_out", None) or {}).get("tokens")  # live mode only
                 if sh["mode"] == "live" and int(row.get("repetition", 0)) == 0:  # the routing the GPU executed
                     write_trace(sess.live_trace, rows_path.parent / "traces" / f"{sh['name']}-{sess.engine}-{label}.parquet")
-                # the measured cycles (the governor's predicted cycle time beside the observed one)
-                cyc.extend({"model": sh["name"], "engine": sess.engine, "label": label, "policy": p.name,
-                            "repetition": int(row.get("repetition", 0)), "link_bytes_per_s": sess.h2d_gbps * 1e9, **c}
-                           for c in lg.cycles)
+                cyc.extend({"model": sh["name"], "engine": sess.engine, "label": label, **c}
+                           for c in sess.cycle_records(p.name, row, lg))
 
             t1 = time.perf_counter()
             got = sess.measure(cfg, on_run=on_run)

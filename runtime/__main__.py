@@ -102,11 +102,7 @@ def run_app(cfg: Any, out_dir: Path) -> list[dict[str, Any]]:
     def on_run(p, run, log, row):
         if cfg.timeline_out and log.compute_spans is not None:
             timelines.append((p.name, log))
-        # speculative runs: the measured cycles (the governor's prediction beside the observed time), as
-        # the simulator writes them: python -m sim.roofline RUN_DIR draws either
-        link = float(sess.h2d_gbps) * 1e9
-        cycles.extend({"policy": p.name, "repetition": int(row.get("repetition", 0)), "link_bytes_per_s": link, **c}
-                      for c in log.cycles)
+        cycles.extend(sess.cycle_records(p.name, row, log))  # speculative runs: python -m sim.roofline RUN_DIR
         results.add(row)  # an interrupted suite keeps its measured rows
         progress(f"{p.name}: repetition {int(row.get('repetition', 0)) + 1}/{reps} measured in {row.get('wall_s', 0):.1f} s")
 

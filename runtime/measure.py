@@ -657,5 +657,12 @@ class Session:
                                  "repetition": 0})
         return rows
 
+    def cycle_records(self, policy: str, row: dict[str, Any], log: Any) -> list[dict[str, Any]]:
+        """A measured speculative run's cycles as the simulator writes them (cycles.parquet: the
+        governor's predicted cycle time beside the observed one), with the link measured at start."""
+        link = float(self.h2d_gbps) * 1e9
+        rep = int(row.get("repetition", 0))
+        return [{"policy": policy, "repetition": rep, "link_bytes_per_s": link, **c} for c in log.cycles]
+
     def close(self) -> None:
         self.om.close()

@@ -292,6 +292,11 @@ class CostModel(ABC):
         per = h.draft_host_per_layer_s if draft else h.host_per_layer_s
         return per + h.host_per_launch_s * self.layer_launches(layer, experts)
 
+    def decode_experts(self, layer: int, k: int) -> float:
+        """GPU time of a one-token decode step's experts at MoE layer ``layer``: ``k`` routed experts
+        on one token, then the shared experts."""
+        return k * self.expert_ffn(layer, 1) + (self.shared_experts(layer, 1) if self.model.num_shared_experts else 0.0)
+
     def host_experts(self, layer: int, experts: int) -> float:
         """Host time dispatching ``experts`` routed experts of target MoE layer ``layer`` after its
         routing read (``host_per_expert_s``). The GPU runs each expert as the host launches it, so

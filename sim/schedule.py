@@ -140,10 +140,7 @@ class Schedule:
             k = keys_all.shape[1]
             if self._one_token_exp is None:
                 # the experts phase: the longer of their kernels and the host dispatching them
-                self._one_token_exp = [
-                    max(k * cost.expert_ffn(layer, 1) + (cost.shared_experts(layer, 1) if model.num_shared_experts else 0.0),
-                        cost.host_experts(layer, k))
-                    for layer in moe]
+                self._one_token_exp = [max(cost.decode_experts(layer, k), cost.host_experts(layer, k)) for layer in moe]
             # host work before a layer's experts can run (the same for every MoE layer of a class)
             pre_c = [base[c] + cost.host_layer(moe[m], k) for c, m in enumerate(self._class_reps)]
             self.needed.extend(map(tuple, keys_all.tolist()))
@@ -213,8 +210,9 @@ class Schedule:
                 kernels = distinct * cost.expert_ffn(layer, per)
                 one += cost.router(layer, n) + kernels
                 if model.num_shared_experts:
-                    kernels += cost.shared_experts(layer, n)
-                    one += cost.shared_experts(layer, n)
+                    shared = cost.shared_experts(layer, n)
+                    kernels += shared
+                    one += shared
                 one += max(0.0, cost.host_experts(layer, distinct) - kernels)
             else:
                 one += cost.dense_ffn(layer, n)

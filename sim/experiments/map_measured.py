@@ -112,8 +112,7 @@ def host_y(model: Any, hw: Any, engine: str) -> tuple[float, float, float, str]:
     per_layer = sum(cost.host_layer(layer, k) for layer in range(layers)) / layers
     per_expert = 0.0
     for layer in model.moe_layers:
-        kernels = k * cost.expert_ffn(layer, 1) + (cost.shared_experts(layer, 1) if model.num_shared_experts else 0.0)
-        per_expert += max(0.0, cost.host_experts(layer, k) - kernels)
+        per_expert += max(0.0, cost.host_experts(layer, k) - cost.decode_experts(layer, k))
     return per_layer, per_expert / layers, cost.host_head() / layers, host.source
 
 
